@@ -1,0 +1,1 @@
+"""Name resolution for meshlink: host store, static rules and zeroconf registries."""
