@@ -1,0 +1,204 @@
+"""The one interface every disk backend implements, and the few helpers they share.
+
+Theory of operation
+-------------------
+A backend is a plain synchronous object: a byte range of fixed ``size`` with
+``read``/``write``/``flush``/``discard``/``write_zeroes``/``extents``/``cache``.
+Front ends (the NBD server, later the blk ring) translate wire requests into
+these calls and advertise *only* what :attr:`Backend.capabilities` declares, so
+a backend may assume that a flag it never declared never reaches it (for
+example ``fua=True`` on a backend with ``can_fua=False``).
+
+Front ends validate ranges before calling: ``0 <= offset`` and
+``offset + length <= size`` hold on every call, and writes never reach a
+read-only backend.  Backends still raise :class:`meshlink.DiskError` (carrying
+an errno that becomes the wire error) when the medium fails.
+
+Threading: the NBD server runs each connection's transmission loop in its own
+worker thread, so a backend must tolerate calls from several threads at once
+for *non-overlapping* ranges.  Overlapping concurrent requests have no defined
+result in NBD either, so backends need not order them.
+
+Aliasing: :meth:`Backend.read` may return a view of the backend's own memory
+(zero-copy).  Such a view is valid until the next modifying call on that range;
+callers that queue replies must send them before issuing the next write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, TypeAlias, runtime_checkable
+
+#: What ``read`` returns and ``write`` accepts (``collections.abc.Buffer`` needs 3.12).
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+#: ``extents`` flag: the range is not allocated (NBD ``NBD_STATE_HOLE``).
+STATE_HOLE = 1
+#: ``extents`` flag: the range reads as zeroes (NBD ``NBD_STATE_ZERO``).
+STATE_ZERO = 2
+
+#: One extent: ``(length, flags)`` with flags from :data:`STATE_HOLE` / :data:`STATE_ZERO`.
+Extent = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; the front end advertises exactly this and nothing more.
+
+    Attributes:
+        can_flush: ``flush`` persists data (otherwise it is a deliberate no-op).
+        can_fua: writes honour ``fua=True`` (persisted before returning).
+        can_trim: ``discard`` may free space.
+        can_zero: ``write_zeroes`` is implemented better than writing a buffer.
+        can_fast_zero: ``write_zeroes(fast=True)`` either succeeds quickly or
+            raises ``DiskError(errno=ENOTSUP)`` without touching data.
+        can_multi_conn: several connections sharing this object see each
+            other's flushed writes (true when all share one process's object).
+        can_cache: ``cache`` does something (prefetch); otherwise a no-op.
+        can_extents: ``extents`` reports real allocation (otherwise one data extent).
+    """
+
+    can_flush: bool = True
+    can_fua: bool = True
+    can_trim: bool = True
+    can_zero: bool = True
+    can_fast_zero: bool = True
+    can_multi_conn: bool = True
+    can_cache: bool = False
+    can_extents: bool = True
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A fixed-size random-access byte store (see the module docstring for the contract)."""
+
+    @property
+    def size(self) -> int:
+        """Size in bytes; constant for the backend's lifetime."""
+        ...
+
+    @property
+    def sector_size(self) -> int:
+        """Smallest efficient I/O unit (a power of two, 1..65536); advisory."""
+        ...
+
+    @property
+    def read_only(self) -> bool:
+        """True when writes, discards and zeroing are refused."""
+        ...
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The declared capabilities."""
+        ...
+
+    def read(self, offset: int, length: int) -> Buffer:
+        """Return exactly ``length`` bytes starting at ``offset``.
+
+        The result may alias backend memory (see module docstring).
+
+        Raises:
+            DiskError: the medium failed.
+        """
+        ...
+
+    def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        """Write all of ``data`` at ``offset``; with ``fua`` persist before returning.
+
+        Raises:
+            DiskError: the medium failed (ENOSPC, EIO...).
+        """
+        ...
+
+    def flush(self) -> None:
+        """Persist every write that has returned so far.
+
+        Raises:
+            DiskError: the medium failed.
+        """
+        ...
+
+    def discard(self, offset: int, length: int, fua: bool = False) -> None:
+        """Hint that the range is no longer needed; it reads back as zeroes afterwards.
+
+        Raises:
+            DiskError: the medium failed.
+        """
+        ...
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        """Make the range read as zeroes.
+
+        Args:
+            offset: first byte.
+            length: number of bytes.
+            may_trim: the range may be deallocated (NBD: NO_HOLE was *not* set).
+            fast: fail with ENOTSUP unless this is faster than writing zeroes.
+            fua: persist before returning.
+
+        Raises:
+            DiskError: ENOTSUP for a ``fast`` request that would be slow, or
+                the medium failed.
+        """
+        ...
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Describe allocation from ``offset``: consecutive ``(length, flags)`` pairs.
+
+        The lengths are non-zero and sum to at least 1 byte and at most
+        ``size - offset``; they may cover less than ``length`` (the caller asks again).
+
+        Raises:
+            DiskError: the medium failed.
+        """
+        ...
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch hint; a no-op unless ``can_cache``."""
+        ...
+
+    def close(self) -> None:
+        """Release resources.  Idempotent."""
+        ...
+
+
+def check_range(size: int, offset: int, length: int) -> None:
+    """Assert a front end honoured the range contract (cheap, for backends' own use).
+
+    Raises:
+        ValueError: ``offset``/``length`` fall outside ``0..size``.
+    """
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"range {offset}+{length} outside 0..{size}")
+
+
+def coalesce(extents: list[Extent]) -> list[Extent]:
+    """Merge neighbouring extents with equal flags (pure helper).
+
+    Returns:
+        A new list with no two consecutive entries sharing flags.
+    """
+    out: list[Extent] = []
+    for length, flags in extents:
+        if length <= 0:
+            continue
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + length, flags)
+        else:
+            out.append((length, flags))
+    return out
+
+
+def is_zero(data: Buffer) -> bool:
+    """True when every byte of ``data`` is zero (compared in C, 64 KiB at a time)."""
+    mv = memoryview(data).cast("B")
+    step = 1 << 16
+    zeros = bytes(min(step, len(mv)))
+    for start in range(0, len(mv), step):
+        part = mv[start : start + step]
+        if part != zeros[: len(part)]:
+            return False
+    return True

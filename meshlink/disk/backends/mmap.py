@@ -1,0 +1,155 @@
+"""``mmap``: a file mapped MAP_SHARED; reads and writes are memory copies.
+
+Reads return views into the mapping (zero-copy); flush is ``msync`` then
+``fsync``; FUA msyncs just the written pages.  Discard and zeroing punch holes
+in the file, which the shared mapping sees at once, falling back to storing
+zeroes.  All connections share one mapping, so multi-conn is safe.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+from ..._errors import DiskError
+from ._base import Buffer, Capabilities, Extent
+from ._fileops import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    disk_error,
+    fallocate,
+    file_extents,
+)
+
+
+class MmapBackend:
+    """A disk stored in the regular file at ``path``, accessed through a shared mapping.
+
+    Args:
+        path: file to map.
+        read_only: map PROT_READ and refuse writes.
+        size: if given (and not read-only), create the file if missing and set
+            its length to ``size``.
+
+    Raises:
+        DiskError: the file cannot be opened or mapped.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
+                 size: int | None = None) -> None:
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if size is not None and not read_only:
+            flags |= os.O_CREAT
+        try:
+            self._fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise disk_error(f"open {os.fspath(path)!r}", exc) from exc
+        try:
+            if size is not None and not read_only:
+                os.ftruncate(self._fd, size)
+            self._size = os.fstat(self._fd).st_size
+            self._map: mmap.mmap | None = None
+            if self._size:
+                prot = mmap.PROT_READ | (0 if read_only else mmap.PROT_WRITE)
+                self._map = mmap.mmap(self._fd, self._size, mmap.MAP_SHARED, prot)
+        except (OSError, ValueError) as exc:
+            os.close(self._fd)
+            if isinstance(exc, OSError):
+                raise disk_error(f"map {os.fspath(path)!r}", exc) from exc
+            raise DiskError(f"map {os.fspath(path)!r}: {exc}", errno.EINVAL) from exc
+        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+        self._read_only = read_only
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def sector_size(self) -> int:
+        return 512
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(can_cache=True)
+
+    def read(self, offset: int, length: int) -> Buffer:
+        return self._view[offset : offset + length]
+
+    def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        src = memoryview(data).cast("B")
+        self._view[offset : offset + len(src)] = src
+        if fua:
+            self._sync(offset, len(src))
+
+    def _sync(self, offset: int, length: int) -> None:
+        assert self._map is not None
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            self._map.flush(start, offset + length - start)
+        except OSError as exc:
+            raise disk_error("msync", exc) from exc
+
+    def flush(self) -> None:
+        if self._map is None:
+            return
+        try:
+            self._map.flush()
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise disk_error("flush", exc) from exc
+
+    def discard(self, offset: int, length: int, fua: bool = False) -> None:
+        self.write_zeroes(offset, length, fua=fua)
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        # Dirty pages of the mapping in this range are dropped by the punch, and
+        # the range reads back as zeroes through the mapping; that is what we want.
+        if may_trim and fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                  offset, length):
+            return
+        if fast and not may_trim:
+            # NO_HOLE + FAST_ZERO: storing zeroes is a memset, no faster than a write.
+            raise DiskError("provisioned zeroing is a plain memset here", errno.ENOTSUP)
+        if fast and may_trim:
+            raise DiskError("cannot punch holes on this filesystem", errno.ENOTSUP)
+        zero = memoryview(bytes(min(length, 1 << 20)))
+        pos = 0
+        while pos < length:
+            n = min(len(zero), length - pos)
+            self._view[offset + pos : offset + pos + n] = zero[:n]
+            pos += n
+        if fua:
+            self._sync(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return file_extents(self._fd, offset, length, self._size)
+
+    def cache(self, offset: int, length: int) -> None:
+        if self._map is None:
+            return
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            self._map.madvise(mmap.MADV_WILLNEED, start, offset + length - start)
+        except OSError as exc:
+            raise disk_error("cache", exc) from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._view.release()
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a reader still holds a view; the mapping goes with the last one
+        os.close(self._fd)

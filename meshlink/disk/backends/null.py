@@ -1,0 +1,73 @@
+"""``null``: reads return zeroes, writes are accepted and dropped.
+
+Useful as a sink (``nbdcopy src nbd://.../null``) and to measure the front end
+alone.  Every operation is a deliberate no-op; nothing is ever stored.
+"""
+
+from __future__ import annotations
+
+from ._base import STATE_HOLE, STATE_ZERO, Buffer, Capabilities, Extent
+
+_ZERO_PAGE = bytes(1 << 20)
+
+
+class NullBackend:
+    """A disk of ``size`` bytes that stores nothing.
+
+    Args:
+        size: advertised size in bytes.
+        read_only: refuse writes at the front end.
+    """
+
+    def __init__(self, size: int, *, read_only: bool = False) -> None:
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        self._size = size
+        self._read_only = read_only
+        self._zero = memoryview(_ZERO_PAGE)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def sector_size(self) -> int:
+        return 512
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # Nothing is volatile, so flush/FUA are honest no-ops; zeroing is free.
+        return Capabilities(can_cache=True)
+
+    def read(self, offset: int, length: int) -> Buffer:
+        if length <= len(self._zero):
+            return self._zero[:length]  # read-only view of one shared zero page
+        return bytes(length)
+
+    def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        pass  # deliberate: data is dropped
+
+    def flush(self) -> None:
+        pass  # deliberate: nothing to persist
+
+    def discard(self, offset: int, length: int, fua: bool = False) -> None:
+        pass  # deliberate: already reads as zeroes
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        pass  # deliberate: already reads as zeroes (and that is fast)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return [(self._size - offset, STATE_HOLE | STATE_ZERO)]
+
+    def cache(self, offset: int, length: int) -> None:
+        pass  # deliberate: nothing to prefetch
+
+    def close(self) -> None:
+        pass
