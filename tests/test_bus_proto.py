@@ -1,0 +1,329 @@
+"""The sans-io bus core: table tests fed whole, byte by byte and with trailing bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from meshlink import LocalProtocolError, RemoteProtocolError
+from meshlink.bus import ExtCodec, PeerClosedError, VersionMismatch
+from meshlink.bus._proto import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    BusProtocol,
+    Cancel,
+    Channel,
+    Close,
+    ConnectionClosed,
+    Credit,
+    Error,
+    Event,
+    Hello,
+    Notify,
+    Ping,
+    Pong,
+    Publish,
+    Reply,
+    Request,
+    StreamData,
+    StreamEnd,
+    StreamOpen,
+    StreamReset,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+)
+
+
+def hello(name: str = "x", version: int = PROTOCOL_VERSION, **kw: Any) -> Hello:
+    args: dict[str, Any] = dict(
+        version=version,
+        features=["rpc"],
+        name=name,
+        max_concurrency=4,
+        notify_window=4096,
+        stream_window=4096,
+        max_frame_size=4096,
+    )
+    args.update(kw)
+    return Hello(**args)
+
+
+def pair(**kw: Any) -> tuple[BusProtocol, BusProtocol, bytes, bytes]:
+    """Two cores; returns them plus each one's hello bytes (not yet delivered)."""
+    a = BusProtocol(hello("a", **kw))
+    b = BusProtocol(hello("b", **kw))
+    return a, b, a.send(a.our_hello), b.send(b.our_hello)
+
+
+def drain(p: BusProtocol) -> list[Event]:
+    out: list[Event] = []
+    while (ev := p.next_event()) is not NEED_DATA:
+        assert not isinstance(ev, type(NEED_DATA))
+        out.append(ev)
+        if isinstance(ev, ConnectionClosed):
+            break
+    return out
+
+
+def opened() -> tuple[BusProtocol, BusProtocol]:
+    a, b, ha, hb = pair()
+    b.receive_data(ha)
+    a.receive_data(hb)
+    assert drain(a) == [b.our_hello] and drain(b) == [a.our_hello]
+    return a, b
+
+
+# Frames the sender may emit without prior state, and the event the receiver sees.
+TABLE: list[Event] = [
+    Notify("m", [1, "two", b"3", [4.5, None, True], {"k": "v"}]),
+    Subscribe(3, "topic.", 4096),
+    Subscribed(3),
+    Unsubscribe(3),
+    StreamOpen(7, "upload", ["name"]),
+    StreamEnd(7, True),
+    StreamReset(7, False, "ValueError", "boom"),
+    StreamReset(8, True),
+    Credit(Channel.STREAM, 100, 7, True),
+    Credit(Channel.NOTIFY, 5),
+    Ping(99),
+    Pong(99),
+    Close(),
+]
+
+
+@pytest.mark.parametrize("event", TABLE, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("mode", ["whole", "bytewise", "trailing"])
+def test_roundtrip(event: Event, mode: str) -> None:
+    a, b = opened()
+    data = a.send(event)
+    if mode == "whole":
+        b.receive_data(data)
+    elif mode == "bytewise":
+        for i in range(len(data) - 1):
+            b.receive_data(data[i : i + 1])
+            assert b.next_event() is NEED_DATA
+        b.receive_data(data[-1:])
+    else:
+        b.receive_data(data + a.send(Ping(1))[:3])
+    got = b.next_event()
+    assert got == event or (hasattr(got, "size") and type(got) is type(event))
+    assert b.next_event() is NEED_DATA
+
+
+def test_sized_events_report_wire_size() -> None:
+    a, b = opened()
+    for ev in (Notify("m", [b"x" * 100]), StreamData(1, True, b"y" * 50), Publish(0, "t", 1)):
+        data = a.send(ev)
+        b.receive_data(data)
+        got = b.next_event()
+        assert getattr(got, "size") == len(data)  # noqa: B009
+
+
+def test_request_reply_accounting() -> None:
+    a, b = opened()
+    b.receive_data(a.send(Request(1, "f", [1])))
+    assert b.next_event() == Request(1, "f", [1])
+    assert b.requests_in_flight == 1
+    a.receive_data(b.send(Reply(1, "ok")))
+    assert a.next_event() == Reply(1, "ok")
+    with pytest.raises(LocalProtocolError):
+        b.send(Reply(1, "again"))  # answered already
+
+
+def test_error_and_cancel_frames() -> None:
+    a, b = opened()
+    b.receive_data(a.send(Request(5, "f", [])) + a.send(Cancel(5)))
+    assert drain(b) == [Request(5, "f", []), Cancel(5)]
+    a.receive_data(b.send(Error(5, "Cancelled", "x")))
+    assert a.next_event() == Error(5, "Cancelled", "x")
+
+
+def test_reply_to_unknown_request_is_remote_error() -> None:
+    a, b = opened()
+    a.receive_data(b.send(Cancel(1)))  # harmless
+    assert a.next_event() == Cancel(1)
+    raw = msgpack.packb({"k": 2, "i": 42, "r": None})
+    a.receive_data(raw)
+    with pytest.raises(RemoteProtocolError, match="unknown request"):
+        a.next_event()
+    with pytest.raises(RemoteProtocolError):  # ERROR state sticks
+        a.next_event()
+
+
+def test_concurrency_limit_enforced() -> None:
+    a, b = opened()
+    for i in range(4):
+        b.receive_data(a.send(Request(i, "f", [])))
+    assert len(drain(b)) == 4
+    b.receive_data(a.send(Request(4, "f", [])))
+    with pytest.raises(RemoteProtocolError, match="concurrency"):
+        b.next_event()
+
+
+def test_duplicate_request_id() -> None:
+    a, b = opened()
+    raw = msgpack.packb({"k": 1, "i": 1, "m": "f", "a": []})
+    b.receive_data(raw + raw)
+    b.next_event()
+    with pytest.raises(RemoteProtocolError, match="already in flight"):
+        b.next_event()
+
+
+def test_version_mismatch_on_both_sides() -> None:
+    a = BusProtocol(hello("a"))
+    b = BusProtocol(hello("b", version=PROTOCOL_VERSION + 1))
+    a.receive_data(b.send(b.our_hello))
+    b.receive_data(a.send(a.our_hello))
+    with pytest.raises(VersionMismatch) as ia:
+        a.next_event()
+    with pytest.raises(VersionMismatch) as ib:
+        b.next_event()
+    assert ia.value.peer_version == PROTOCOL_VERSION + 1
+    assert ib.value.peer_version == PROTOCOL_VERSION
+    assert "version mismatch" in str(ia.value)
+
+
+def test_first_frame_must_be_hello() -> None:
+    a, b, ha, hb = pair()
+    a.receive_data(msgpack.packb({"k": 15, "i": 1}))
+    with pytest.raises(RemoteProtocolError, match="first frame"):
+        a.next_event()
+    with pytest.raises(LocalProtocolError, match="must be a hello"):
+        BusProtocol(hello()).send(Ping(1))
+
+
+def test_second_hello_rejected() -> None:
+    a, b = opened()
+    a.receive_data(
+        msgpack.packb(
+            {"k": 0, "v": PROTOCOL_VERSION, "f": [], "n": "", "c": 1, "nw": 1, "sw": 1, "x": 2048}
+        )
+    )
+    with pytest.raises(RemoteProtocolError, match="second hello"):
+        a.next_event()
+
+
+BAD_FRAMES: list[tuple[str, bytes]] = [
+    ("not a map", msgpack.packb([1, 2])),
+    ("no kind", msgpack.packb({"i": 1})),
+    ("unknown kind", msgpack.packb({"k": 99})),
+    ("kind not int", msgpack.packb({"k": "1"})),
+    ("missing field", msgpack.packb({"k": 5, "m": "x"})),
+    ("wrong type", msgpack.packb({"k": 5, "m": 1, "a": []})),
+    ("negative id", msgpack.packb({"k": 4, "i": -1})),
+    ("huge id", msgpack.packb({"k": 4, "i": 2**64 - 1})),
+    ("bool id", msgpack.packb({"k": 4, "i": True})),
+    ("bad credit channel", msgpack.packb({"k": 14, "c": 9, "n": 1})),
+    ("int map key", msgpack.packb({1: 2})),
+    ("ext type", msgpack.packb({"k": 5, "m": "x", "a": [msgpack.ExtType(5, b"abc")]})),
+    ("timestamp ext", msgpack.packb({"k": 5, "m": "x", "a": [msgpack.Timestamp(1, 0)]})),
+    ("invalid utf-8", b"\x81\xa1k\xa2\xff\xfe"),
+    ("reserved byte", b"\xc1"),
+    ("array too long", b"\xdd\xff\xff\xff\xff"),
+]
+
+
+@pytest.mark.parametrize("data", [d for _, d in BAD_FRAMES], ids=[n for n, _ in BAD_FRAMES])
+def test_malformed_frames(data: bytes) -> None:
+    a, b = opened()
+    a.receive_data(data)
+    with pytest.raises(RemoteProtocolError):
+        for _ in range(3):
+            if a.next_event() is NEED_DATA:
+                a.receive_data(b"")
+
+
+def test_frame_size_limit() -> None:
+    a, b = opened()
+    a.receive_data(msgpack.packb({"k": 5, "m": "x", "a": [b"z" * 5000]}))
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        a.next_event()
+
+
+def test_oversized_partial_frame_hits_buffer_limit() -> None:
+    a, b = opened()
+    header = b"\xc6" + (1 << 30).to_bytes(4, "big")  # bin32 of 1 GiB
+    with pytest.raises(RemoteProtocolError):
+        a.receive_data(msgpack.packb({"k": 5, "m": "x"})[: -0 or None] + header)
+        for _ in range(2000):
+            a.receive_data(b"\0" * 65536)
+            assert a.next_event() is NEED_DATA
+
+
+def test_container_limit() -> None:
+    a = BusProtocol(hello(), max_container_len=10)
+    b = BusProtocol(hello())
+    a.send(a.our_hello)
+    a.receive_data(b.send(b.our_hello))
+    a.next_event()
+    a.receive_data(b.send(Notify("m", list(range(11)))))
+    with pytest.raises(RemoteProtocolError):
+        a.next_event()
+
+
+def test_eof_inside_frame_and_at_boundary() -> None:
+    a, b = opened()
+    data = a.send(Ping(1))
+    b.receive_data(data + data[:1])
+    b.receive_data(b"")
+    assert b.next_event() == Ping(1)
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        b.next_event()
+    a2, b2 = opened()
+    b2.receive_data(b"")
+    assert isinstance(b2.next_event(), ConnectionClosed)
+    assert b2.state == "closed"
+
+
+def test_close_with_error_names_it() -> None:
+    a, b = opened()
+    b.receive_data(a.send(Close("RemoteProtocolError", "you sent junk")))
+    with pytest.raises(PeerClosedError, match="you sent junk"):
+        b.next_event()
+
+
+def test_pack_failure_leaves_connection_usable() -> None:
+    a, b = opened()
+    with pytest.raises(LocalProtocolError):
+        a.send(Notify("m", [object()]))
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        a.send(Notify("m", [b"x" * 5000]))
+    b.receive_data(a.send(Ping(3)))
+    assert b.next_event() == Ping(3)
+
+
+def test_registered_ext_type_roundtrip() -> None:
+    class Point:
+        def __init__(self, x: int, y: int) -> None:
+            self.x, self.y = x, y
+
+    codec = ExtCodec(
+        1,
+        Point,
+        lambda p: bytes([p.x, p.y]),
+        lambda d: Point(d[0], d[1]),
+    )
+    a = BusProtocol(hello(), ext_types=[codec])
+    b = BusProtocol(hello(), ext_types=[codec])
+    a.receive_data(b.send(b.our_hello))
+    b.receive_data(a.send(a.our_hello))
+    a.next_event()
+    b.next_event()
+    b.receive_data(a.send(Notify("m", [Point(3, 4)])))
+    ev = b.next_event()
+    assert isinstance(ev, Notify)
+    assert (ev.args[0].x, ev.args[0].y) == (3, 4)
+    b.receive_data(msgpack.packb({"k": 5, "m": "x", "a": [msgpack.ExtType(2, b"")]}))
+    with pytest.raises(RemoteProtocolError, match="not registered"):
+        b.next_event()
+
+
+def test_many_frames_in_one_chunk() -> None:
+    a, b = opened()
+    data = b"".join(a.send(Notify("n", [i])) for i in range(1000))
+    b.receive_data(data)
+    events = drain(b)
+    assert [e.args[0] for e in events if isinstance(e, Notify)] == list(range(1000))
