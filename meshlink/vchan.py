@@ -1,0 +1,634 @@
+"""vchan as a trio stream: shared-memory rings between processes on one host.
+
+Theory of operation
+-------------------
+The bytes move through two rings in shared memory laid out exactly as Xen's
+libxenvchan lays them out (``native/``, DESIGN.md section 2).  This module
+adds what a trio stream needs on top:
+
+*Rendezvous.*  A server claims its service name in the host store
+(:mod:`meshlink.hoststore`) and listens on a Unix socket there.  A client
+connects and sends a small JSON hello with the ring sizes it wants; the server
+checks the client's credentials (``SO_PEERCRED``) against its allow list --
+the local analogue of a grant table naming the one domain that may map a
+page -- picks the ring orders, and answers with the orders and, by
+``SCM_RIGHTS``, the sealed memfd holding the pages and the two eventfds.  The
+client validates and maps the pages itself (a hostile server cannot make it
+map more than it checked).
+
+*Liveness.*  The Unix socket stays open for the life of the channel and
+carries nothing more: EOF on it means the peer process is gone.  This is how
+a peer killed with SIGKILL is noticed (Xen uses unmap-notify for the same).
+A peer that closes cleanly clears its live byte first, so "live byte 0" is a
+clean EOF and "socket gone, live byte still 1" is a crash
+(:class:`~meshlink.ConnectionLost`).
+
+*Waiting.*  C never blocks.  To wait, a task arms the notify bit in the
+peer's byte, re-checks the ring, and only then sleeps on an epoll set holding
+our eventfd and the liveness socket, via ``trio.lowlevel.wait_readable``.
+Before arming, a reader or writer spins cooperatively for a few tens of
+microseconds (each turn yields to trio), because waking a sleeping process
+costs far more than that; this is what makes small round trips fast.  A
+reader and a writer may wait at once on the single event: one task sleeps
+on the fd, the other parks on a :class:`trio.lowlevel.ParkingLot`, and every
+wakeup releases all of them to re-check their own condition.
+
+*Half-close.*  ``send_eof`` clears our live byte; the peer drains what we
+wrote and then reads EOF, while the other direction keeps working.  Unlike
+libxenvchan, everything written before a close is delivered.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from ._errors import (
+    AuthError,
+    ConnectionLost,
+    HandshakeError,
+    LocalProtocolError,
+    ServiceNotFound,
+)
+from ._ring import VchanRing, choose_orders
+from .hoststore import HostStore, Publication
+
+__all__ = [
+    "DEFAULT_RING_SIZE",
+    "PeerCredentials",
+    "VchanListener",
+    "VchanStream",
+    "connect_vchan",
+    "open_vchan_listener",
+]
+
+#: Default size of each ring (bytes).  bench/bench_vchan.py measured 64 KiB
+#: writes: 256 KiB rings reach most of the bulk rate of 1 MiB ones; see README.
+DEFAULT_RING_SIZE = 1 << 18
+MAX_RING_SIZE = 1 << 20
+PROTOCOL_VERSION = 1
+HANDSHAKE_TIMEOUT = 5.0
+_MAX_HELLO = 4096
+#: How long a reader/writer polls cooperatively before arming and sleeping.
+SPIN_SECONDS = 50e-6
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """The peer process as the kernel reports it (``SO_PEERCRED``)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def _peer_credentials(sock: socket.socket) -> PeerCredentials:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+def _encode(msg: dict[str, object]) -> bytes:
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def _decode(body: bytes) -> dict[str, object]:
+    try:
+        msg = json.loads(body)
+    except ValueError as exc:
+        raise HandshakeError(f"malformed vchan handshake message: {exc}") from exc
+    if not isinstance(msg, dict):
+        raise HandshakeError("malformed vchan handshake message: not an object")
+    return msg
+
+
+async def _recv_exact(sock: trio.socket.SocketType, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await sock.recv(n - len(buf))
+        if not chunk:
+            raise HandshakeError("peer closed the connection during the vchan handshake")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _recv_msg(sock: trio.socket.SocketType) -> dict[str, object]:
+    (length,) = struct.unpack(">I", await _recv_exact(sock, 4))
+    if length > _MAX_HELLO:
+        raise HandshakeError(f"vchan handshake message too long ({length} bytes)")
+    return _decode(await _recv_exact(sock, length))
+
+
+def _int_field(msg: dict[str, object], key: str, lo: int, hi: int) -> int:
+    v = msg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise HandshakeError(f"vchan handshake: {key} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _new_eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+class VchanStream(trio.abc.HalfCloseableStream):
+    """One end of a vchan connection, as a trio stream.
+
+    Made by :func:`connect_vchan` or :meth:`VchanListener.accept`; do not
+    construct directly.
+
+    Attributes:
+        peer: credentials of the peer process.
+        read_size: size in bytes of the ring we read from.
+        write_size: size in bytes of the ring we write to.
+    """
+
+    def __init__(
+        self,
+        ring: VchanRing,
+        own_evfd: int,
+        peer_evfd: int,
+        liveness: socket.socket,
+        peer: PeerCredentials,
+    ) -> None:
+        self._ring = ring
+        self._own_evfd = own_evfd
+        self._peer_evfd = peer_evfd
+        self._sock = liveness
+        self._sock.setblocking(False)
+        self.peer = peer
+        self.read_size = ring.read_size
+        self.write_size = ring.write_size
+        self._epoll = select.epoll()
+        self._epoll.register(own_evfd, select.EPOLLIN)
+        self._epoll.register(liveness.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        self._closed = False
+        self._eof_sent = False
+        self._peer_dead = False
+        self._sending = False
+        self._receiving = False
+        self._polling = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    # -- waiting -------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this vchan stream was closed")
+
+    def _drain_events(self) -> None:
+        try:
+            os.read(self._own_evfd, 8)
+        except BlockingIOError:
+            pass
+        if not self._peer_dead:
+            try:
+                gone = self._sock.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                gone = False
+            except OSError:
+                gone = True
+            self._peer_dead = gone
+
+    async def _sleep(self) -> None:
+        """Sleep until the peer signals (or dies).  Callers armed and re-checked."""
+        if self._polling:
+            await self._lot.park()
+            return
+        self._polling = True
+        try:
+            await trio.lowlevel.wait_readable(self._epoll.fileno())
+        finally:
+            self._polling = False
+            self._lot.unpark_all()
+        self._check_open()
+        self._drain_events()
+
+    async def _spin(self, ready: object) -> bool:
+        """Poll cooperatively for a short while; True if ``ready()`` came true."""
+        deadline = time.perf_counter() + SPIN_SECONDS
+        while time.perf_counter() < deadline:
+            await trio.lowlevel.checkpoint()
+            self._check_open()
+            if ready():  # type: ignore[operator]
+                return True
+        return False
+
+    # -- receiving -----------------------------------------------------------
+
+    def _readable_now(self) -> bool:
+        return self._ring.data_ready() > 0 or self._ring.peer_live() != 1
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Receive at least one byte, or ``b""`` at end of stream.
+
+        Args:
+            max_bytes: upper bound on the bytes returned (default: one ring).
+
+        Returns:
+            The bytes, or an empty ``bytearray`` once the peer sent EOF and
+            everything it wrote has been read.
+
+        Raises:
+            trio.BusyResourceError: another task is already receiving.
+            trio.ClosedResourceError: this stream was closed.
+            ConnectionLost: the peer process died without closing.
+            RingCorruptError: the peer corrupted the shared page.
+
+        Cancellation: safe; no data is lost when a waiting receive is cancelled.
+        """
+        if max_bytes is None:
+            max_bytes = self.read_size
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        buf = bytearray(min(max_bytes, self.read_size))
+        n = await self.receive_into(buf)
+        del buf[n:]
+        return buf
+
+    async def receive_into(self, buf: bytearray | memoryview) -> int:
+        """Receive into ``buf``; returns the byte count, 0 at end of stream.
+
+        The zero-copy-friendly form of :meth:`receive_some` (one copy, from
+        the ring into ``buf``).  Same errors and cancellation behaviour.
+        """
+        if len(buf) < 1:
+            raise ValueError("buffer must not be empty")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+            ring = self._ring
+            while True:
+                self._check_open()
+                n = ring.read_into(buf)
+                if n:
+                    return n
+                live = ring.peer_live()
+                if live == 0:
+                    # Clean EOF, but only after everything written before it:
+                    # the live byte was read (acquire) after the ring was empty,
+                    # so one more look sees any data published before the close.
+                    n = ring.read_into(buf)
+                    return n
+                if self._peer_dead:
+                    raise ConnectionLost("vchan peer process died without closing")
+                if await self._spin(self._readable_now):
+                    continue
+                if ring.arm_read() or ring.peer_live() != 1:
+                    continue
+                await self._sleep()
+        finally:
+            self._receiving = False
+
+    # -- sending -------------------------------------------------------------
+
+    def _check_can_send(self) -> None:
+        self._check_open()
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof() was called on this vchan stream")
+        if self._peer_dead:
+            raise ConnectionLost("vchan peer process is gone")
+
+    def _writable_now(self) -> bool:
+        return self._ring.buffer_space() > 0 or self._peer_dead
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` into the ring, waiting for space as needed.
+
+        Raises:
+            trio.BusyResourceError: another task is already sending.
+            trio.ClosedResourceError: this stream was closed, or send_eof() called.
+            ConnectionLost: the peer process is gone.
+            RingCorruptError: the peer corrupted the shared page.
+
+        Cancellation: if cancelled, some prefix of ``data`` may have been sent
+        and the stream is still usable, as with any trio stream.
+
+        Backpressure: waits while the ring (``write_size`` bytes) is full.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            ring = self._ring
+            with memoryview(data) as mv, mv.cast("B") as view:
+                while True:
+                    self._check_can_send()
+                    if view:
+                        n = ring.write(view)
+                        view = view[n:]
+                        if n:
+                            continue
+                    else:
+                        return
+                    await self._wait_space()
+        finally:
+            self._sending = False
+
+    async def _wait_space(self) -> None:
+        if await self._spin(self._writable_now):
+            return
+        if self._ring.arm_write() > 0:
+            return
+        await self._sleep()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Return when the ring has room (or the stream is broken or closed).
+
+        Cancellation: safe.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                self._check_open()
+                if self._peer_dead or self._ring.buffer_space() > 0:
+                    return
+                await self._wait_space()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        """Tell the peer we will send nothing more; it reads EOF after our data.
+
+        Idempotent.  The other direction keeps working.
+
+        Raises:
+            trio.BusyResourceError: a send_all is in progress.
+            trio.ClosedResourceError: this stream was closed.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        if not self._eof_sent:
+            self._eof_sent = True
+            self._ring.close()
+
+    async def aclose(self) -> None:
+        """Close both directions and release the shared memory.
+
+        The peer still receives everything we wrote, then EOF.  Tasks blocked
+        in this stream's methods get :class:`trio.ClosedResourceError`.
+        """
+        if not self._closed:
+            self._closed = True
+            self._ring.close()
+            trio.lowlevel.notify_closing(self._epoll.fileno())
+            self._lot.unpark_all()
+            self._epoll.close()
+            self._sock.close()
+            self._ring.free()
+            os.close(self._own_evfd)
+            os.close(self._peer_evfd)
+        await trio.lowlevel.checkpoint()
+
+
+class VchanListener(trio.abc.Listener[VchanStream]):
+    """Accepts vchan connections for one service of a host store.
+
+    Made by :func:`open_vchan_listener`.
+
+    Attributes:
+        service: the service name.
+        store: the :class:`~meshlink.hoststore.HostStore` it is published in.
+    """
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        publication: Publication,
+        store: HostStore,
+        allow_uids: frozenset[int],
+        read_min: int,
+        write_min: int,
+    ) -> None:
+        self._sock = sock
+        self._publication = publication
+        self.store = store
+        self.service = publication.service
+        self._allow_uids = allow_uids
+        self._read_min = read_min
+        self._write_min = write_min
+        self._closed = False
+
+    async def accept(self) -> VchanStream:
+        """Wait for a client and complete its handshake.
+
+        Clients that fail the handshake (not allowed, malformed hello, too
+        slow) are answered with an error and dropped; ``accept`` keeps
+        waiting for the next one.
+
+        Raises:
+            trio.ClosedResourceError: the listener was closed.
+        """
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("listener closed")
+            try:
+                conn, _ = await self._sock.accept()
+            except OSError as exc:
+                if self._closed:
+                    raise trio.ClosedResourceError("listener closed") from exc
+                raise
+            stream: VchanStream | None = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                try:
+                    stream = await self._handshake(conn)
+                except (HandshakeError, OSError):
+                    pass
+            if stream is not None:
+                return stream
+            conn.close()
+
+    async def _refuse(self, conn: trio.socket.SocketType, why: str, code: str) -> None:
+        try:
+            await conn.send(_encode({"ok": False, "code": code, "error": why}))
+        except OSError:
+            pass
+        raise HandshakeError(why)
+
+    async def _handshake(self, conn: trio.socket.SocketType) -> VchanStream:
+        creds = _peer_credentials(conn)  # type: ignore[arg-type]
+        if creds.uid not in self._allow_uids:
+            await self._refuse(
+                conn, f"uid {creds.uid} is not allowed to connect to {self.service!r}", "auth"
+            )
+        hello = await _recv_msg(conn)
+        if hello.get("meshlink") != "vchan" or hello.get("version") != PROTOCOL_VERSION:
+            await self._refuse(conn, f"unsupported vchan hello (want version {PROTOCOL_VERSION})",
+                               "version")
+        cli_read = _int_field(hello, "read_min", 0, MAX_RING_SIZE)
+        cli_write = _int_field(hello, "write_min", 0, MAX_RING_SIZE)
+        # Left ring: client -> server; right ring: server -> client.
+        left, right = choose_orders(max(self._read_min, cli_write), max(self._write_min, cli_read))
+        own = _new_eventfd()
+        peer = _new_eventfd()
+        try:
+            ring = VchanRing.server(left, right, own, peer)
+        except BaseException:
+            os.close(own)
+            os.close(peer)
+            raise
+        try:
+            reply = _encode(
+                {"ok": True, "version": PROTOCOL_VERSION, "ctrl_ref": 0,
+                 "left_order": left, "right_order": right}
+            )
+            fds = array.array("i", [ring.memfd, peer, own])
+            await conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except BaseException:
+            ring.free()
+            os.close(own)
+            os.close(peer)
+            raise
+        raw = socket.socket(fileno=conn.detach())
+        return VchanStream(ring, own, peer, raw, creds)
+
+    async def aclose(self) -> None:
+        """Stop listening and withdraw the service from the host store."""
+        if not self._closed:
+            self._closed = True
+            self._sock.close()
+            self._publication.withdraw()
+        await trio.lowlevel.checkpoint()
+
+
+async def open_vchan_listener(
+    service: str,
+    *,
+    host_store: HostStore | str | os.PathLike[str] | None = None,
+    allow_uids: Collection[int] | None = None,
+    read_min: int = DEFAULT_RING_SIZE,
+    write_min: int = DEFAULT_RING_SIZE,
+    backlog: int = 128,
+) -> VchanListener:
+    """Publish ``service`` in the host store and listen for vchan clients.
+
+    Args:
+        service: the service name (see :func:`~meshlink.hoststore.validate_service_name`).
+        host_store: a :class:`HostStore` or its directory (default: see
+            :mod:`meshlink.hoststore`).
+        allow_uids: user ids allowed to connect (default: only our own uid).
+        read_min: minimum size of the ring this server reads (<= 1 MiB).
+        write_min: minimum size of the ring this server writes (<= 1 MiB).
+        backlog: listen backlog of the rendezvous socket.
+
+    Returns:
+        A :class:`VchanListener`; close it to withdraw the service.
+
+    Raises:
+        AddressInUse: a live server already publishes ``service``.
+        LocalProtocolError: bad name or ring size.
+    """
+    for what, size in (("read_min", read_min), ("write_min", write_min)):
+        if not 0 <= size <= MAX_RING_SIZE:
+            raise LocalProtocolError(f"{what} must be in [0, {MAX_RING_SIZE}], got {size}")
+    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+    pub = store.claim(service)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(pub.socket_path))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        pub.withdraw()
+        raise
+    uids = frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
+    return VchanListener(sock, pub, store, uids, read_min, write_min)
+
+
+async def connect_vchan(
+    service: str,
+    *,
+    host_store: HostStore | str | os.PathLike[str] | None = None,
+    read_min: int = DEFAULT_RING_SIZE,
+    write_min: int = DEFAULT_RING_SIZE,
+) -> VchanStream:
+    """Connect to ``service`` over vchan through the host store.
+
+    Args:
+        service: the service name.
+        host_store: a :class:`HostStore` or its directory.
+        read_min: minimum size of the ring we read (the server may choose more).
+        write_min: minimum size of the ring we write.
+
+    Returns:
+        A connected :class:`VchanStream`.
+
+    Raises:
+        ServiceNotFound: no live server publishes ``service`` (a socket left
+            by a crashed server counts as none).
+        AuthError: the server refused us (for example, our uid is not allowed).
+        HandshakeError: the handshake failed.
+        RingCorruptError: the server's shared pages are not acceptable.
+
+    Cancellation: safe; nothing is left behind.
+    """
+    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+    path: Path = store.socket_path(service)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            await sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ServiceNotFound(
+                errno.ENOENT, f"no live vchan service {service!r} in {store.path}"
+            ) from exc
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await sock.send(_encode({"meshlink": "vchan", "version": PROTOCOL_VERSION,
+                                     "read_min": read_min, "write_min": write_min}))
+            data, ancdata, _flags, _addr = await sock.recvmsg(
+                _MAX_HELLO + 4, socket.CMSG_SPACE(3 * 4)
+            )
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
+                fds.extend(a)
+        try:
+            if len(data) < 4:
+                raise HandshakeError("server closed the connection during the vchan handshake")
+            (length,) = struct.unpack(">I", data[:4])
+            body = data[4:]
+            if length > _MAX_HELLO:
+                raise HandshakeError("vchan handshake reply too long")
+            if len(body) < length:
+                body += await _recv_exact(sock, length - len(body))
+            reply = _decode(body[:length])
+            if reply.get("ok") is not True:
+                why = str(reply.get("error", "refused"))
+                cls = AuthError if reply.get("code") == "auth" else HandshakeError
+                raise cls(f"vchan server {service!r} refused the connection: {why}")
+            if len(fds) != 3:
+                raise HandshakeError(f"vchan handshake carried {len(fds)} fds, expected 3")
+            ctrl_ref = _int_field(reply, "ctrl_ref", 0, 2**32 - 1)
+            memfd, own, peer = fds
+            ring = VchanRing.client(memfd, ctrl_ref, own, peer)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        os.close(memfd)  # the mapping keeps the pages alive
+        creds = _peer_credentials(sock)  # type: ignore[arg-type]
+        raw = socket.socket(fileno=sock.detach())
+        return VchanStream(ring, own, peer, raw, creds)
+    finally:
+        sock.close()

@@ -1,0 +1,144 @@
+"""VchanStream / VchanListener: trio's stream conformance, auth, stale entries."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from meshlink import AddressInUse, AuthError, LocalProtocolError, ServiceNotFound
+from meshlink.hoststore import HostStore
+from meshlink.vchan import VchanStream, connect_vchan, open_vchan_listener
+
+from .conftest import Peer
+
+_names = itertools.count()
+
+
+async def vchan_pair(
+    store: Path, server_sizes: dict[str, int] | None = None, **sizes: int
+) -> tuple[VchanStream, VchanStream]:
+    """A connected (client, server) pair through a real host store."""
+    name = f"pair{next(_names)}"
+    listener = await open_vchan_listener(name, host_store=store, **(server_sizes or sizes))
+    accepted: list[VchanStream] = []
+    async with trio.open_nursery() as nursery:
+
+        async def accept() -> None:
+            accepted.append(await listener.accept())
+
+        nursery.start_soon(accept)
+        client = await connect_vchan(name, host_store=store, **sizes)
+    await listener.aclose()
+    return client, accepted[0]
+
+
+async def test_half_closeable_stream_conformance(store: Path) -> None:
+    async def maker() -> tuple[VchanStream, VchanStream]:
+        return await vchan_pair(store)
+
+    async def flipped() -> tuple[VchanStream, VchanStream]:
+        c, s = await vchan_pair(store)
+        return s, c
+
+    await trio.testing.check_half_closeable_stream(maker, None)
+    await trio.testing.check_half_closeable_stream(flipped, None)
+
+
+async def test_conformance_with_tiny_rings(store: Path) -> None:
+    async def maker() -> tuple[VchanStream, VchanStream]:
+        return await vchan_pair(store, read_min=1024, write_min=2048)
+
+    await trio.testing.check_half_closeable_stream(maker, None)
+
+
+async def test_sizes_negotiated(store: Path) -> None:
+    none = {"read_min": 0, "write_min": 0}
+    client, server = await vchan_pair(store, none, read_min=1 << 16, write_min=1 << 12)
+    assert (client.read_size, client.write_size) == (1 << 16, 1 << 12)
+    assert (server.read_size, server.write_size) == (1 << 12, 1 << 16)
+    assert server.peer.pid == os.getpid() and server.peer.uid == os.getuid()
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_uid_not_allowed_is_refused(store: Path) -> None:
+    listener = await open_vchan_listener("guarded", host_store=store,
+                                         allow_uids={os.getuid() + 4242})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listener.accept)
+        with pytest.raises(AuthError, match=f"uid {os.getuid()} is not allowed"):
+            await connect_vchan("guarded", host_store=store)
+        nursery.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_missing_service(store: Path) -> None:
+    with pytest.raises(ServiceNotFound):
+        await connect_vchan("nobody-home", host_store=store)
+
+
+async def test_bad_names_and_sizes(store: Path) -> None:
+    with pytest.raises(LocalProtocolError):
+        await open_vchan_listener("../escape", host_store=store)
+    with pytest.raises(LocalProtocolError):
+        await open_vchan_listener("ok", host_store=store, read_min=(1 << 20) + 1)
+
+
+async def test_second_live_server_is_refused(store: Path) -> None:
+    listener = await open_vchan_listener("solo", host_store=store)
+    with pytest.raises(AddressInUse):
+        await open_vchan_listener("solo", host_store=store)
+    await listener.aclose()
+    # Withdrawn cleanly: the name is free again and the files are gone.
+    assert list(store.iterdir()) == []
+    again = await open_vchan_listener("solo", host_store=store)
+    await again.aclose()
+
+
+async def test_stale_socket_of_killed_server_is_replaced(store: Path, peers: list[Peer]) -> None:
+    server = Peer("vchan_peer.py", "serve", str(store), "phoenix")
+    peers.append(server)
+    await trio.to_thread.run_sync(server.expect, "ready")
+    hs = HostStore(store)
+    assert hs.is_live("phoenix")
+    server.kill()  # SIGKILL: leaves phoenix.sock and phoenix.lock behind
+    assert (store / "phoenix.sock").exists()
+    assert not hs.is_live("phoenix")
+    assert list(hs.services()) == [("phoenix", False)]
+    with pytest.raises(ServiceNotFound):
+        await connect_vchan("phoenix", host_store=store)
+    # A new server claims the name, replacing (not reusing) the stale socket.
+    listener = await open_vchan_listener("phoenix", host_store=store)
+    assert hs.is_live("phoenix")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listener.accept)
+        client = await connect_vchan("phoenix", host_store=store)
+        nursery.cancel_scope.cancel()
+    await client.aclose()
+    await listener.aclose()
+
+
+def test_default_store_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MESHLINK_HOST_STORE", str(tmp_path / "env-store"))
+    assert HostStore().path == tmp_path / "env-store"
+    monkeypatch.delenv("MESHLINK_HOST_STORE")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert HostStore().path == tmp_path / "meshlink"
+    assert (tmp_path / "meshlink").stat().st_mode & 0o777 == 0o700
+    assert HostStore(tmp_path / "explicit").path == tmp_path / "explicit"
+
+
+def test_default_store_must_be_private(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from meshlink import TransportError
+
+    monkeypatch.delenv("MESHLINK_HOST_STORE", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / "meshlink").mkdir(mode=0o777)
+    os.chmod(tmp_path / "meshlink", 0o777)
+    with pytest.raises(TransportError, match="not private"):
+        HostStore()
