@@ -51,6 +51,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
 
@@ -448,10 +449,10 @@ class Connection:
                     task_status.started()
                     async with trio.open_nursery() as work:
                         self._work = work
-                        work.start_soon(self._reader)
-                        work.start_soon(self._notify_runner)
+                        work.start_soon(self._guard, self._reader)
+                        work.start_soon(self._guard, self._notify_runner)
                         if self._cfg.heartbeat_interval is not None:
-                            work.start_soon(self._heartbeat)
+                            work.start_soon(self._guard, self._heartbeat)
                         await self._shutdown.wait()
                         work.cancel_scope.cancel()
                     # Graceful end: let the writer flush what is queued (the close
@@ -471,6 +472,17 @@ class Connection:
             self._closed.set()
         if handshake_error is not None:
             self._raise_handshake_error(handshake_error)
+
+    async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a background task; a bug in it fails this connection, not the nursery
+        of a server that also serves other connections."""
+        try:
+            await fn()
+        except Exception as exc:
+            logger.exception("internal error in bus connection %r", self.name)
+            lost = ConnectionLost(f"internal error: {exc!r}")
+            lost.__cause__ = exc
+            self._fail(lost)
 
     def _raise_handshake_error(self, exc: BaseException) -> None:
         if isinstance(exc, trio.TooSlowError):
@@ -731,7 +743,7 @@ class Connection:
             elif t is Request:
                 assert isinstance(event, Request)
                 assert self._work is not None
-                self._work.start_soon(self._handle_request, event)
+                self._work.start_soon(self._guard, partial(self._handle_request, event))
             elif t is StreamData:
                 assert isinstance(event, StreamData)
                 stream = self._find_stream(event.id, event.opened_by_sender)
@@ -840,7 +852,7 @@ class Connection:
             if now >= deadline:
                 self._fail(ConnectionLost(f"no data from the peer for {timeout} s (heartbeat)"))
                 return
-            if now >= next_ping:
+            if now >= next_ping and self._error is None:
                 self._append(self._proto.send(Ping(nonce)))
                 nonce += 1
                 next_ping = now + interval
@@ -1145,7 +1157,7 @@ class Connection:
         self._streams[(False, event.id)] = stream
         self._peer_streams += 1
         assert self._work is not None
-        self._work.start_soon(self._handle_stream, stream, fn, event.args)
+        self._work.start_soon(self._guard, partial(self._handle_stream, stream, fn, event.args))
 
     async def _handle_stream(
         self, stream: MessageStream, fn: StreamHandler, args: list[Any]

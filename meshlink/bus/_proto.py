@@ -786,15 +786,18 @@ class BusProtocol:
     def send(self, event: Event) -> bytes:
         """Return the bytes that carry ``event`` to the peer.
 
+        After a protocol error only :class:`Close` may still be sent.
+
         Raises:
             LocalProtocolError: the event is out of order (not hello first, an
                 answer to a request the peer never made, after close), a value
                 cannot be packed, or the frame exceeds the peer's size limit.  The
                 last two leave the connection usable: nothing was emitted.
         """
-        if self._state is _State.ERROR:
-            raise LocalProtocolError("connection already failed with a protocol error")
         t = type(event)
+        if self._state is _State.ERROR and t is not Close:
+            # A close frame naming the error is the one thing still worth sending.
+            raise LocalProtocolError("connection already failed with a protocol error")
         if not self._hello_sent:
             if t is not Hello:
                 raise LocalProtocolError("the first frame must be a hello")
