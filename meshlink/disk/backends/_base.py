@@ -22,6 +22,12 @@ result in NBD either, so backends need not order them.
 Aliasing: :meth:`Backend.read` may return a view of the backend's own memory
 (zero-copy).  Such a view is valid until the next modifying call on that range;
 callers that queue replies must send them before issuing the next write.
+
+Optional extension: a backend may also define
+``read_vectored(offset, length) -> list[Buffer]`` returning views whose
+concatenation is the data (same aliasing rule).  Front ends use it, when
+present, for large reads so the bytes go from backend memory to the socket
+with one kernel copy.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ class Capabilities:
             other's flushed writes (true when all share one process's object).
         can_cache: ``cache`` does something (prefetch); otherwise a no-op.
         can_extents: ``extents`` reports real allocation (otherwise one data extent).
+        blocking: calls may block on I/O (disk, page faults); an async front
+            end should run them in a worker thread rather than inline.
     """
 
     can_flush: bool = True
@@ -66,6 +74,7 @@ class Capabilities:
     can_multi_conn: bool = True
     can_cache: bool = False
     can_extents: bool = True
+    blocking: bool = False
 
 
 @runtime_checkable

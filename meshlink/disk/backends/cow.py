@@ -82,7 +82,7 @@ class CowBackend:
     @property
     def capabilities(self) -> Capabilities:
         # Zeroing only marks blocks (partial edges aside), so FAST_ZERO is honest.
-        return Capabilities(can_cache=False, can_multi_conn=True)
+        return Capabilities(can_cache=False, can_multi_conn=True, blocking=True)
 
     @property
     def lower(self) -> Backend:

@@ -78,7 +78,7 @@ class FileBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(can_cache=True, can_extents=self._regular)
+        return Capabilities(can_cache=True, can_extents=self._regular, blocking=True)
 
     def fileno(self) -> int:
         """The open file descriptor (owned by this object)."""

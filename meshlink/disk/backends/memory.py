@@ -73,6 +73,23 @@ class MemoryBackend:
             pos += n
         return out
 
+    def read_vectored(self, offset: int, length: int) -> list[Buffer]:
+        """Like :meth:`read` but as a list of views, one per chunk (no copy at all).
+
+        The optional zero-copy extension front ends use for large reads.
+        """
+        out: list[Buffer] = []
+        pos = 0
+        chunks = self._chunks
+        zero = self._zero
+        while pos < length:
+            index, start = divmod(offset + pos, CHUNK)
+            n = min(CHUNK - start, length - pos)
+            chunk = chunks.get(index)
+            out.append(zero[:n] if chunk is None else memoryview(chunk)[start : start + n])
+            pos += n
+        return out
+
     def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         # fua: deliberate no-op, RAM is as durable as this disk gets.
         src = memoryview(data).cast("B")

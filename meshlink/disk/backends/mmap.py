@@ -76,7 +76,7 @@ class MmapBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(can_cache=True)
+        return Capabilities(can_cache=True, blocking=True)
 
     def read(self, offset: int, length: int) -> Buffer:
         return self._view[offset : offset + length]

@@ -1,0 +1,126 @@
+"""NBD wire constants (NetworkBlockDevice/nbd ``doc/proto.md``); big-endian on the wire.
+
+Plain ints rather than enums: the transmission hot path compares them per request.
+"""
+
+from __future__ import annotations
+
+import struct
+
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OPTION_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# handshake flags (server) and client flags
+FLAG_FIXED_NEWSTYLE = 1
+FLAG_NO_ZEROES = 2
+FLAG_C_FIXED_NEWSTYLE = 1
+FLAG_C_NO_ZEROES = 2
+
+# options
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
+
+# option replies
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_META_CONTEXT = 4
+REP_FLAG_ERROR = 1 << 31
+REP_ERR_UNSUP = REP_FLAG_ERROR + 1
+REP_ERR_POLICY = REP_FLAG_ERROR + 2
+REP_ERR_INVALID = REP_FLAG_ERROR + 3
+REP_ERR_PLATFORM = REP_FLAG_ERROR + 4
+REP_ERR_TLS_REQD = REP_FLAG_ERROR + 5
+REP_ERR_UNKNOWN = REP_FLAG_ERROR + 6
+REP_ERR_SHUTDOWN = REP_FLAG_ERROR + 7
+REP_ERR_BLOCK_SIZE_REQD = REP_FLAG_ERROR + 8
+REP_ERR_TOO_BIG = REP_FLAG_ERROR + 9
+
+# NBD_INFO types
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
+INFO_BLOCK_SIZE = 3
+
+# transmission flags
+TF_HAS_FLAGS = 1 << 0
+TF_READ_ONLY = 1 << 1
+TF_SEND_FLUSH = 1 << 2
+TF_SEND_FUA = 1 << 3
+TF_ROTATIONAL = 1 << 4
+TF_SEND_TRIM = 1 << 5
+TF_SEND_WRITE_ZEROES = 1 << 6
+TF_SEND_DF = 1 << 7
+TF_CAN_MULTI_CONN = 1 << 8
+TF_SEND_CACHE = 1 << 10
+TF_SEND_FAST_ZERO = 1 << 11
+
+# commands
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_CACHE = 5
+CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
+CMD_NAMES = {0: "READ", 1: "WRITE", 2: "DISC", 3: "FLUSH", 4: "TRIM", 5: "CACHE",
+             6: "WRITE_ZEROES", 7: "BLOCK_STATUS"}
+
+# command flags
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
+CMD_FLAG_FAST_ZERO = 1 << 4
+
+# structured reply
+REPLY_FLAG_DONE = 1
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+
+# errors (NBD_E*)
+EPERM = 1
+EIO = 5
+ENOMEM = 12
+EINVAL = 22
+ENOSPC = 28
+EOVERFLOW = 75
+ENOTSUP = 95
+ESHUTDOWN = 108
+
+# base:allocation
+STATE_HOLE = 1
+STATE_ZERO = 2
+BASE_ALLOCATION = "base:allocation"
+
+# fixed-size records
+GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
+CLIENT_FLAGS = struct.Struct(">I")
+OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
+OPTION_REPLY_HEADER = struct.Struct(">QIII")  # magic, option, type, length
+REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+DATA_CHUNK_HEADER = struct.Struct(">IHHQIQ")  # chunk header + offset
+EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags
+
+#: Longest string the NBD document allows (names, messages).
+MAX_STRING = 4096
+#: Largest READ/WRITE/CACHE we accept (the spec's "never call this DoS" bound).
+MAX_REQUEST = 32 * 1024 * 1024
