@@ -118,3 +118,139 @@ def random_image(path: Path, size: int, *, seed: bytes = b"img", holes: bool = T
             f.write(hashlib.shake_256(seed + off.to_bytes(8, "big")).digest(min(mib,
                                                                                    size - off)))
     return path
+
+
+class RawClient:
+    """A blocking NBD client that can also send malformed bytes (for hostile tests).
+
+    It drives our sans-io client core for the well-formed parts, so replies
+    are parsed by the same code the real client uses.
+    """
+
+    def __init__(self, socket_path: str) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(30)
+        self.sock.connect(socket_path)
+        self.tx: object = None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def recv_exact(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise EOFError(f"EOF after {len(out)} of {n} bytes")
+            out += chunk
+        return out
+
+    def greet(self, flags: int = 3) -> None:
+        """Read the greeting and send client flags (fixed newstyle + no zeroes)."""
+        import struct
+
+        magic, opt, _ = struct.unpack(">QQH", self.recv_exact(18))
+        assert magic == 0x4E42444D41474943 and opt == 0x49484156454F5054
+        self.sock.sendall(struct.pack(">I", flags))
+
+    def option(self, option: int, data: bytes = b"", *, magic: int = 0x49484156454F5054,
+               length: int | None = None) -> None:
+        import struct
+
+        self.sock.sendall(struct.pack(">QII", magic, option,
+                                      len(data) if length is None else length) + data)
+
+    def option_reply(self) -> tuple[int, int, bytes]:
+        """Read one option reply: (option, reply type, data)."""
+        import struct
+
+        magic, option, rtype, length = struct.unpack(">QIII", self.recv_exact(20))
+        assert magic == 0x3E889045565A9
+        return option, rtype, self.recv_exact(length)
+
+    def go(self, name: str = "", *, structured: bool = True) -> int:
+        """Negotiate structured replies (+ base:allocation) and GO; return the flags."""
+        import struct
+
+        from meshlink.disk.nbd._proto import ClientTransmission, Negotiated
+
+        contexts: dict[int, str] = {}
+        if structured:
+            self.option(8)
+            assert self.option_reply()[1] == 1
+            raw = name.encode()
+            q = b"base:allocation"
+            self.option(10, struct.pack(">I", len(raw)) + raw + struct.pack(">II", 1, len(q))
+                        + q)
+            while True:
+                _, rtype, data = self.option_reply()
+                if rtype == 1:
+                    break
+                contexts[struct.unpack(">I", data[:4])[0]] = data[4:].decode()
+        raw = name.encode()
+        self.option(7, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+        size = flags = -1
+        while True:
+            _, rtype, data = self.option_reply()
+            if rtype == 3 and struct.unpack(">H", data[:2])[0] == 0:
+                _, size, flags = struct.unpack(">HQH", data)
+            elif rtype == 1:
+                break
+            else:
+                raise AssertionError(f"GO failed: {rtype:#x} {data!r}")
+        self.tx = ClientTransmission(Negotiated(name, size, flags, structured, contexts))
+        return flags
+
+    def request(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
+                payload: bytes = b"", *, send: bool = True) -> tuple[int, bytes]:
+        """Register a request with the core; send header + payload unless told not to."""
+        from meshlink.disk.nbd._proto import ClientTransmission
+
+        assert isinstance(self.tx, ClientTransmission)
+        cookie, header = self.tx.request(cmd, offset, length, flags)
+        if send:
+            self.sock.sendall(header + payload)
+        return cookie, header
+
+    def reply(self) -> object:
+        """Block until the next complete reply (a ``Reply``)."""
+        from meshlink.disk.nbd._proto import NEED_DATA, ClientTransmission
+
+        assert isinstance(self.tx, ClientTransmission)
+        while True:
+            ev = self.tx.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            data = self.sock.recv(1 << 20)
+            self.tx.receive_data(data)
+            if not data:
+                raise EOFError("server closed the connection")
+
+
+def wait_until_accepting(path: str, proc: subprocess.Popen[bytes] | None = None,
+                         timeout: float = 30) -> None:
+    """Block until a Unix socket accepts a connection (for servers that print nothing).
+
+    Raises:
+        AssertionError: the process exited, or nothing accepted within ``timeout``.
+    """
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} before accepting")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing accepted on {path}") from None
+            # The event we wait for (bind+listen) has no notification; retry on the socket.
+            time.sleep(0.01)
+        finally:
+            probe.close()

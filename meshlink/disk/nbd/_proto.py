@@ -774,6 +774,8 @@ class ServerTransmission:
         name = c.CMD_NAMES.get(cmd, str(cmd))
         if allowed is None:
             return BadRequest(cmd, cookie, c.EINVAL, f"unknown command {cmd}")
+        if cmd in _WRITING and self.flags & c.TF_READ_ONLY:
+            return BadRequest(cmd, cookie, c.EPERM, "export is read-only")
         need = _NEEDS_FLAG.get(cmd)
         if need is not None and not self.flags & need:
             return BadRequest(cmd, cookie, c.EINVAL, f"{name} was not negotiated")
@@ -781,8 +783,6 @@ class ServerTransmission:
             return BadRequest(cmd, cookie, c.EINVAL, "no metadata context was negotiated")
         if flags & ~allowed:
             return BadRequest(cmd, cookie, c.EINVAL, f"flags {flags:#x} not valid for {name}")
-        if cmd in _WRITING and self.flags & c.TF_READ_ONLY:
-            return BadRequest(cmd, cookie, c.EPERM, "export is read-only")
         if cmd == c.CMD_FLUSH:
             return None  # offset and length are reserved; tolerated if not zero
         if offset + length > self._size:
