@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,12 +128,15 @@ class RawClient:
     are parsed by the same code the real client uses.
     """
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str | Any) -> None:
         import socket
 
-        self.sock = socket.socket(socket.AF_UNIX)
+        if isinstance(socket_path, str):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(socket_path)
+        else:
+            self.sock = socket_path  # an already connected socket
         self.sock.settimeout(30)
-        self.sock.connect(socket_path)
         self.tx: object = None
 
     def close(self) -> None:
