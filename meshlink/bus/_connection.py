@@ -907,8 +907,13 @@ class Connection:
             return await self._call(method, args)
 
     async def _call(self, method: str, args: tuple[Any, ...]) -> Any:
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check_usable()
-        await self._call_slots.acquire()
+        try:
+            # A free slot costs no trip through the scheduler (latency matters here).
+            self._call_slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._call_slots.acquire()
         try:
             while True:
                 self._check_usable()
@@ -990,7 +995,15 @@ class Connection:
         await self._schedule_point()
         self._check_usable()
         data = self._proto.send(Notify(method, list(args)))
-        await self._send_flow(data, self._notify_out)
+        credit = self._notify_out
+        size = len(data)
+        if len(self._outbuf) < self._cfg.send_buffer_size and credit.allows(size):
+            # Fast path of _send_flow: room everywhere, nothing to wait for.
+            credit.outstanding += size
+            self._outbuf += data
+            self._writer_wakeup.set()
+            return
+        await self._send_flow(data, credit)
 
     async def _notify_runner(self) -> None:
         _current.set(self)

@@ -528,56 +528,60 @@ _DECODERS: Final[dict[int, Callable[[dict[Any, Any], int], Event]]] = {
 }
 
 
-def _encode(event: Event) -> dict[str, Any]:
-    # One branch per event type; the common kinds come first.
-    match event:
-        case Notify(method, args):
-            return {"k": Kind.NOTIFY.value, "m": method, "a": args}
-        case Request(id, method, args):
-            return {"k": Kind.REQUEST.value, "i": id, "m": method, "a": args}
-        case Reply(id, result):
-            return {"k": Kind.REPLY.value, "i": id, "r": result}
-        case Publish(id, topic, data):
-            return {"k": Kind.PUBLISH.value, "i": id, "t": topic, "d": data}
-        case StreamData(id, opened, data):
-            return {"k": Kind.STREAM_DATA.value, "i": id, "o": opened, "d": data}
-        case Error(id, type_, message):
-            return {"k": Kind.ERROR.value, "i": id, "e": type_, "s": message}
-        case Credit(channel, amount, id, opened):
-            return {"k": Kind.CREDIT.value, "c": channel.value, "n": amount, "i": id, "o": opened}
-        case Cancel(id):
-            return {"k": Kind.CANCEL.value, "i": id}
-        case Hello():
-            return {
-                "k": Kind.HELLO.value,
-                "v": event.version,
-                "f": list(event.features),
-                "n": event.name,
-                "c": event.max_concurrency,
-                "nw": event.notify_window,
-                "sw": event.stream_window,
-                "x": event.max_frame_size,
-            }
-        case Subscribe(id, prefix, window):
-            return {"k": Kind.SUBSCRIBE.value, "i": id, "p": prefix, "w": window}
-        case Subscribed(id):
-            return {"k": Kind.SUBSCRIBED.value, "i": id}
-        case Unsubscribe(id):
-            return {"k": Kind.UNSUBSCRIBE.value, "i": id}
-        case StreamOpen(id, method, args):
-            return {"k": Kind.STREAM_OPEN.value, "i": id, "m": method, "a": args}
-        case StreamEnd(id, opened):
-            return {"k": Kind.STREAM_END.value, "i": id, "o": opened}
-        case StreamReset(id, opened, type_, message):
-            return {"k": Kind.STREAM_RESET.value, "i": id, "o": opened, "e": type_, "s": message}
-        case Ping(nonce):
-            return {"k": Kind.PING.value, "i": nonce}
-        case Pong(nonce):
-            return {"k": Kind.PONG.value, "i": nonce}
-        case Close(type_, message):
-            return {"k": Kind.CLOSE.value, "e": type_, "s": message}
-        case _:
-            raise LocalProtocolError(f"cannot send {event!r}")
+# Frame-kind ints as plain constants: enum attribute access is slow in hot paths.
+_K_NOTIFY: Final = int(Kind.NOTIFY)
+_K_REQUEST: Final = int(Kind.REQUEST)
+_K_REPLY: Final = int(Kind.REPLY)
+_K_PUBLISH: Final = int(Kind.PUBLISH)
+_K_STREAM_DATA: Final = int(Kind.STREAM_DATA)
+
+
+def _encode_hello(e: Any) -> dict[str, Any]:
+    return {
+        "k": 0,
+        "v": e.version,
+        "f": list(e.features),
+        "n": e.name,
+        "c": e.max_concurrency,
+        "nw": e.notify_window,
+        "sw": e.stream_window,
+        "x": e.max_frame_size,
+    }
+
+
+# One encoder per event type (a dict lookup beats a chain of isinstance checks).
+_ENCODERS: Final[dict[type, Callable[[Any], dict[str, Any]]]] = {
+    Notify: lambda e: {"k": _K_NOTIFY, "m": e.method, "a": e.args},
+    Request: lambda e: {"k": _K_REQUEST, "i": e.id, "m": e.method, "a": e.args},
+    Reply: lambda e: {"k": _K_REPLY, "i": e.id, "r": e.result},
+    Publish: lambda e: {"k": _K_PUBLISH, "i": e.id, "t": e.topic, "d": e.data},
+    StreamData: lambda e: {"k": _K_STREAM_DATA, "i": e.id, "o": e.opened_by_sender, "d": e.data},
+    Error: lambda e: {"k": int(Kind.ERROR), "i": e.id, "e": e.type, "s": e.message},
+    Credit: lambda e: {
+        "k": int(Kind.CREDIT),
+        "c": int(e.channel),
+        "n": e.amount,
+        "i": e.id,
+        "o": e.opened_by_sender,
+    },
+    Cancel: lambda e: {"k": int(Kind.CANCEL), "i": e.id},
+    Hello: _encode_hello,
+    Subscribe: lambda e: {"k": int(Kind.SUBSCRIBE), "i": e.id, "p": e.prefix, "w": e.window},
+    Subscribed: lambda e: {"k": int(Kind.SUBSCRIBED), "i": e.id},
+    Unsubscribe: lambda e: {"k": int(Kind.UNSUBSCRIBE), "i": e.id},
+    StreamOpen: lambda e: {"k": int(Kind.STREAM_OPEN), "i": e.id, "m": e.method, "a": e.args},
+    StreamEnd: lambda e: {"k": int(Kind.STREAM_END), "i": e.id, "o": e.opened_by_sender},
+    StreamReset: lambda e: {
+        "k": int(Kind.STREAM_RESET),
+        "i": e.id,
+        "o": e.opened_by_sender,
+        "e": e.type,
+        "s": e.message,
+    },
+    Ping: lambda e: {"k": int(Kind.PING), "i": e.nonce},
+    Pong: lambda e: {"k": int(Kind.PONG), "i": e.nonce},
+    Close: lambda e: {"k": int(Kind.CLOSE), "e": e.type, "s": e.message},
+}
 
 
 class BusProtocol:
@@ -743,7 +747,7 @@ class BusProtocol:
         if decoder is None:
             raise _bad(f"unknown frame kind {kind!r:.40}")
         if self._state is _State.HANDSHAKE:
-            if kind != Kind.HELLO:
+            if kind != 0:  # Kind.HELLO
                 raise RemoteProtocolError("the first frame from the peer must be a hello")
             version = frame.get("v")
             if version != self.our_hello.version:
@@ -806,10 +810,11 @@ class BusProtocol:
             raise LocalProtocolError("hello already sent")
         if t is ConnectionClosed:
             raise LocalProtocolError("ConnectionClosed is never sent; close the transport")
+        encoder = _ENCODERS.get(t)
+        if encoder is None:
+            raise LocalProtocolError(f"cannot send {event!r:.80}")
         try:
-            data: bytes = self._packer.pack(_encode(event))
-        except LocalProtocolError:
-            raise
+            data: bytes = self._packer.pack(encoder(event))
         except Exception as exc:
             # The C packer raises TypeError, ValueError or OverflowError and may
             # leave its buffer dirty: reset it.
