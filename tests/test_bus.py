@@ -1,5 +1,5 @@
-"""Bus behaviour, each test run over an in-memory stream pair and over real TCP
-to a peer process (tests/bus_helpers/peer.py), and over vchan when available."""
+"""Bus behaviour, each test run over an in-memory stream pair, over real TCP to a
+peer process (tests/bus_helpers/peer.py) and over vchan to a peer process."""
 
 from __future__ import annotations
 
@@ -45,6 +45,23 @@ class PeerProcess:
         self.proc.wait()
 
 
+class VchanPeerProcess:
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PEER), "serve-vchan", str(store)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("READY"), line
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 @pytest.fixture(scope="module")
 def tcp_peer() -> Iterator[PeerProcess]:
     peer = PeerProcess()
@@ -52,7 +69,16 @@ def tcp_peer() -> Iterator[PeerProcess]:
     peer.stop()
 
 
-@pytest.fixture(params=["memory", "tcp"])
+@pytest.fixture(scope="module")
+def vchan_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VchanPeerProcess]:
+    store = tmp_path_factory.mktemp("bus-store")
+    store.chmod(0o700)
+    peer = VchanPeerProcess(store)
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture(params=["memory", "tcp", "vchan"])
 async def conn(request: pytest.FixtureRequest, tcp_peer: PeerProcess) -> AsyncIterator[Connection]:
     if request.param == "memory":
         a, b = trio.testing.memory_stream_pair()
@@ -60,9 +86,16 @@ async def conn(request: pytest.FixtureRequest, tcp_peer: PeerProcess) -> AsyncIt
             nursery.start_soon(serve_bus, b, make_handlers())
             async with Connection.open(a, name="client") as c:
                 yield c
-    else:
+    elif request.param == "tcp":
         stream = await trio.open_tcp_stream("127.0.0.1", tcp_peer.port)
         async with Connection.open(stream, name="client") as c:
+            yield c
+    else:
+        from meshlink.vchan import connect_vchan
+
+        peer: VchanPeerProcess = request.getfixturevalue("vchan_peer")
+        vstream = await connect_vchan("bus-test", host_store=peer.store)
+        async with Connection.open(vstream, name="client") as c:
             yield c
 
 

@@ -1,5 +1,6 @@
-"""Bus behaviour that needs real processes: a stopped peer, memory of a
-publisher whose subscriber never reads, and a server surviving bad clients."""
+"""Bus behaviour that needs real processes (TCP, and vchan for the stopped peer):
+a stopped peer, memory of a publisher whose subscriber never reads, and a
+server surviving bad clients."""
 
 from __future__ import annotations
 
@@ -40,31 +41,51 @@ def server() -> Iterator[tuple[subprocess.Popen[str], int]]:
     proc.wait()
 
 
-async def test_sigstopped_peer_is_detected_within_timeout(
-    server: tuple[subprocess.Popen[str], int],
-) -> None:
-    proc, port = server
-    config = BusConfig(heartbeat_interval=0.2, heartbeat_timeout=1.0)
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with Connection.open(stream, config=config) as conn:
-        assert await conn.call("pid") == proc.pid
-        os.kill(proc.pid, signal.SIGSTOP)
-        start = trio.current_time()
-        results: list[BaseException] = []
+@pytest.mark.parametrize("transport", ["tcp", "vchan"])
+async def test_sigstopped_peer_is_detected_within_timeout(transport: str, tmp_path: Path) -> None:
+    if transport == "tcp":
+        proc, port = spawn_server()
+    else:
+        store = tmp_path / "store"
+        store.mkdir(mode=0o700)
+        proc = subprocess.Popen(
+            [sys.executable, str(PEER), "serve-vchan", str(store)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("READY")
+    try:
+        config = BusConfig(heartbeat_interval=0.2, heartbeat_timeout=1.0)
+        if transport == "tcp":
+            stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        else:
+            from meshlink.vchan import connect_vchan
 
-        async def pending() -> None:
-            try:
-                await conn.call("add", 1, 2)
-            except ConnectionLost as exc:
-                results.append(exc)
+            stream = await connect_vchan("bus-test", host_store=store)
+        async with Connection.open(stream, config=config) as conn:
+            assert await conn.call("pid") == proc.pid
+            os.kill(proc.pid, signal.SIGSTOP)
+            start = trio.current_time()
+            results: list[BaseException] = []
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(5):
-                nursery.start_soon(pending)
-        elapsed = trio.current_time() - start
-    assert len(results) == 5
-    assert "heartbeat" in str(results[0])
-    assert elapsed < 1.0 + 0.5, elapsed  # the timeout plus scheduling slack
+            async def pending() -> None:
+                try:
+                    await conn.call("add", 1, 2)
+                except ConnectionLost as exc:
+                    results.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(pending)
+            elapsed = trio.current_time() - start
+        assert len(results) == 5
+        assert "heartbeat" in str(results[0])
+        assert elapsed < 1.0 + 0.5, elapsed  # the timeout plus scheduling slack
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
 
 
 async def test_killed_peer_fails_pending_calls(server: tuple[subprocess.Popen[str], int]) -> None:

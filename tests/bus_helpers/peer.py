@@ -4,6 +4,10 @@ Usage: python peer.py serve [--heartbeat INTERVAL TIMEOUT]
   Serves tests/bus_helpers/service.py on 127.0.0.1 (an ephemeral port) and
   prints ``PORT <n>`` on stdout, then serves until killed.
 
+Usage: python peer.py serve-vchan STORE [--heartbeat INTERVAL TIMEOUT]
+  The same over vchan: publishes service ``bus-test`` in host store STORE and
+  prints ``READY``.
+
 Usage: python peer.py rss-publisher PORT COUNT
   Connects to PORT, serves a ``go`` method that publishes COUNT messages on
   topic ``t`` (64-byte payload) to the caller's subscriptions and returns
@@ -41,6 +45,19 @@ async def serve(args: list[str]) -> None:
     await serve_bus_listeners(make_handlers(), listeners, name="test-peer", config=config)
 
 
+async def serve_vchan(args: list[str]) -> None:
+    from meshlink.bus import serve_bus_listeners
+    from meshlink.vchan import open_vchan_listener
+
+    store, rest = args[0], args[1:]
+    config = BusConfig()
+    if rest[:1] == ["--heartbeat"]:
+        config = BusConfig(heartbeat_interval=float(rest[1]), heartbeat_timeout=float(rest[2]))
+    listener = await open_vchan_listener("bus-test", host_store=store)
+    print("READY", flush=True)
+    await serve_bus_listeners(make_handlers(), [listener], name="test-peer", config=config)
+
+
 async def rss_publisher(port: int, count: int) -> None:
     h = Handlers()
 
@@ -68,6 +85,8 @@ def main() -> None:
     mode = sys.argv[1]
     if mode == "serve":
         trio.run(serve, sys.argv[2:])
+    elif mode == "serve-vchan":
+        trio.run(serve_vchan, sys.argv[2:])
     elif mode == "rss-publisher":
         trio.run(rss_publisher, int(sys.argv[2]), int(sys.argv[3]))
     else:
