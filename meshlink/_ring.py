@@ -63,6 +63,8 @@ class VchanRing:
         self.write_size = int(lib.ml_vchan_write_size(ptr))
         self.left_order = int(lib.ml_vchan_left_order(ptr))
         self.right_order = int(lib.ml_vchan_right_order(ptr))
+        self._base = lib.ml_vchan_read_base(ptr)
+        self._off = ffi.new("size_t *")
 
     @classmethod
     def server(cls, left_order: int, right_order: int, own_evfd: int, peer_evfd: int) -> VchanRing:
@@ -96,6 +98,20 @@ class VchanRing:
     def write(self, data: Buffer) -> int:
         """Copy as much of ``data`` in as fits; 0 means the ring is full."""
         return _check(lib.ml_vchan_write(self._v, ffi.from_buffer(data), len(data)), "write")
+
+    def read_bytes(self, max_bytes: int) -> bytes:
+        """Copy up to ``max_bytes`` contiguous readable bytes out as ``bytes``.
+
+        One copy, no zero-filled buffer; returns ``b""`` if the ring is empty.
+        A read that would cross the ring's end stops there (call again).
+        """
+        avail = _check(lib.ml_vchan_peek(self._v, self._off), "peek")
+        if not avail:
+            return b""
+        n = min(avail, max_bytes)
+        data: bytes = ffi.buffer(self._base + self._off[0], n)[:]
+        _check(lib.ml_vchan_consume(self._v, n), "consume")
+        return data
 
     def recv_into(self, buf: bytearray | memoryview) -> int:
         """Packet mode: fill all of ``buf`` or nothing (returns 0)."""

@@ -43,6 +43,7 @@ from __future__ import annotations
 import array
 import errno
 import json
+import operator
 import os
 import select
 import socket
@@ -230,14 +231,14 @@ class VchanStream(trio.abc.HalfCloseableStream):
     def _readable_now(self) -> bool:
         return self._ring.data_ready() > 0 or self._ring.peer_live() != 1
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Receive at least one byte, or ``b""`` at end of stream.
 
         Args:
             max_bytes: upper bound on the bytes returned (default: one ring).
 
         Returns:
-            The bytes, or an empty ``bytearray`` once the peer sent EOF and
+            The bytes, or ``b""`` once the peer sent EOF and
             everything it wrote has been read.
 
         Raises:
@@ -250,12 +251,19 @@ class VchanStream(trio.abc.HalfCloseableStream):
         """
         if max_bytes is None:
             max_bytes = self.read_size
+        max_bytes = operator.index(max_bytes)
         if max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        buf = bytearray(min(max_bytes, self.read_size))
-        n = await self.receive_into(buf)
-        del buf[n:]
-        return buf
+        self._begin_receive()
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                self._check_open()
+                data = self._ring.read_bytes(max_bytes)
+                if data or await self._wait_readable():
+                    return data
+        finally:
+            self._receiving = False
 
     async def receive_into(self, buf: bytearray | memoryview) -> int:
         """Receive into ``buf``; returns the byte count, 0 at end of stream.
@@ -265,33 +273,46 @@ class VchanStream(trio.abc.HalfCloseableStream):
         """
         if len(buf) < 1:
             raise ValueError("buffer must not be empty")
+        self._begin_receive()
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                self._check_open()
+                n = self._ring.read_into(buf)
+                if n or await self._wait_readable():
+                    return n
+        finally:
+            self._receiving = False
+
+    def _begin_receive(self) -> None:
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
-        try:
-            await trio.lowlevel.checkpoint()
-            ring = self._ring
-            while True:
-                self._check_open()
-                n = ring.read_into(buf)
-                if n:
-                    return n
-                live = ring.peer_live()
-                if live == 0:
-                    # Clean EOF, but only after everything written before it:
-                    # the live byte was read (acquire) after the ring was empty,
-                    # so one more look sees any data published before the close.
-                    n = ring.read_into(buf)
-                    return n
-                if self._peer_dead:
-                    raise ConnectionLost("vchan peer process died without closing")
-                if await self._spin(self._readable_now):
-                    continue
-                if ring.arm_read() or ring.peer_live() != 1:
-                    continue
-                await self._sleep()
-        finally:
-            self._receiving = False
+
+    async def _wait_readable(self) -> bool:
+        """Wait until the ring has data; True means end of stream instead.
+
+        Called with the ring found empty.
+        """
+        ring = self._ring
+        while True:
+            if ring.peer_live() == 0:
+                # Clean EOF, but only after everything written before it:
+                # the live byte was read (acquire) after the ring was seen
+                # empty, so one more look sees data published before the close.
+                return ring.data_ready() == 0
+            if self._peer_dead:
+                if ring.data_ready():
+                    return False
+                raise ConnectionLost("vchan peer process died without closing")
+            if await self._spin(self._readable_now):
+                return False
+            if ring.arm_read() or ring.peer_live() != 1:
+                return False
+            await self._sleep()
+            self._check_open()
+            if ring.data_ready():
+                return False
 
     # -- sending -------------------------------------------------------------
 

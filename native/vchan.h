@@ -77,6 +77,14 @@ long ml_vchan_write(ml_vchan *v, const void *buf, size_t n);
 /* Packet mode: all or nothing.  Returns n, 0 (would block) or an error. */
 long ml_vchan_recv(ml_vchan *v, void *buf, size_t n);
 long ml_vchan_send(ml_vchan *v, const void *buf, size_t n);
+/*
+ * Zero-allocation read for callers that copy out themselves: peek returns
+ * the readable bytes that are contiguous from *offset (relative to
+ * ml_vchan_read_base), consume then releases n of them (n <= readable).
+ */
+long ml_vchan_peek(ml_vchan *v, size_t *offset);
+const uint8_t *ml_vchan_read_base(const ml_vchan *v);
+long ml_vchan_consume(ml_vchan *v, size_t n);
 /* Bytes readable now / bytes writable now, or ML_ECORRUPT. */
 long ml_vchan_data_ready(ml_vchan *v);
 long ml_vchan_buffer_space(ml_vchan *v);

@@ -137,6 +137,39 @@ long ml_vchan_read(ml_vchan *v, void *buf, size_t n)
     return consume(v, buf, n);
 }
 
+long ml_vchan_peek(ml_vchan *v, size_t *offset)
+{
+    long avail = read_avail(v);
+    if (avail < 0)
+        return avail;
+    size_t off = v->read.own & v->read.mask;
+    *offset = off;
+    /* Only the contiguous part: the caller copies it out in one go. */
+    size_t contiguous = v->read.size - off;
+    return (size_t)avail < contiguous ? avail : (long)contiguous;
+}
+
+const uint8_t *ml_vchan_read_base(const ml_vchan *v)
+{
+    return v->read.buf;
+}
+
+long ml_vchan_consume(ml_vchan *v, size_t n)
+{
+    struct ml_ring *r = &v->read;
+    long avail = read_avail(v);
+    if (avail < 0)
+        return avail;
+    if (n > (size_t)avail)
+        return ML_EINVAL;
+    r->own += (uint32_t)n;
+    /* The caller copied the bytes out before calling us /then/ we release
+     * the space (release store). */
+    atomic_store_explicit(&r->shr->cons, r->own, memory_order_release);
+    int rc = signal_if_armed(v, ML_VCHAN_NOTIFY_READ);
+    return rc < 0 ? rc : (long)n;
+}
+
 long ml_vchan_recv(ml_vchan *v, void *buf, size_t n)
 {
     if (n > v->read.size)
