@@ -125,5 +125,3 @@ async def test_server_ends_cleanly_on_any_input(data: bytes, chunk: int) -> None
         assert "close frame" in str(exc) or "closed" in str(exc)  # an EOF, not a crash
     elif isinstance(exc, HandshakeError) and not isinstance(exc, RemoteProtocolError):
         assert "closed the transport" in str(exc)  # EOF before any hello
-
-

@@ -1213,6 +1213,7 @@ class Subscription:
         self._acked = False
         self._id = -1
         self._active = False
+        self._sent = False  # the subscribe frame is queued: the peer will know the id
 
     @property
     def policy(self) -> str:
@@ -1246,6 +1247,7 @@ class Subscription:
         self._active = True
         try:
             await conn._send_flow(data, None)
+            self._sent = True
             while not self._acked:
                 conn._check_usable()
                 await self._wakeup.wait()
@@ -1266,7 +1268,8 @@ class Subscription:
         if self._active:
             self._active = False
             self._conn._subs.pop(self._id, None)
-            self._conn._send_control(Unsubscribe(self._id))
+            if self._sent:
+                self._conn._send_control(Unsubscribe(self._id))
         await trio.lowlevel.checkpoint()
 
     def _deliver(self, event: Publish) -> None:
