@@ -27,7 +27,9 @@ Optional extension: a backend may also define
 ``read_vectored(offset, length) -> list[Buffer]`` returning views whose
 concatenation is the data (same aliasing rule).  Front ends use it, when
 present, for large reads so the bytes go from backend memory to the socket
-with one kernel copy.
+with one kernel copy.  Likewise ``write_views(offset, length) -> list[memoryview]``
+returns writable views of the storage itself; a front end receives large
+WRITE payloads straight into them (then calls ``flush`` if FUA was asked).
 """
 
 from __future__ import annotations

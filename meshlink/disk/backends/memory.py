@@ -90,6 +90,25 @@ class MemoryBackend:
             pos += n
         return out
 
+    def write_views(self, offset: int, length: int) -> list[memoryview]:
+        """Writable views of the storage for ``offset..offset+length`` (allocating).
+
+        The optional zero-copy extension: a front end receives a WRITE payload
+        straight into these views; bytes stored there *are* the write.
+        """
+        out: list[memoryview] = []
+        pos = 0
+        chunks = self._chunks
+        while pos < length:
+            index, start = divmod(offset + pos, CHUNK)
+            n = min(CHUNK - start, length - pos)
+            chunk = chunks.get(index)
+            if chunk is None:
+                chunk = chunks.setdefault(index, bytearray(CHUNK))
+            out.append(memoryview(chunk)[start : start + n])
+            pos += n
+        return out
+
     def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         # fua: deliberate no-op, RAM is as durable as this disk gets.
         src = memoryview(data).cast("B")

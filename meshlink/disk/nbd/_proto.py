@@ -664,6 +664,10 @@ class ServerTransmission:
         self._eof = False
         self._failed = False
         self.bytes_wanted = c.REQUEST.size
+        #: WRITEs at least this long are returned with ``payload=None``: the caller
+        #: pulls the payload with :meth:`fill_payload` (0 disables; see there).
+        self.direct_min = 0
+        self._direct = 0  # payload bytes the caller still owes us
         self._allowed = dict(_ALLOWED_FLAGS)
         fua = c.CMD_FLAG_FUA if self.flags & c.TF_SEND_FUA else 0
         for cmd in self._allowed:
@@ -706,6 +710,8 @@ class ServerTransmission:
         """
         if self._failed:
             raise LocalProtocolError("transmission already failed")
+        if self._direct:
+            raise LocalProtocolError("the pending WRITE payload was not consumed")
         inbuf = self._in
         if self._skip:
             n = min(self._skip, inbuf.end - inbuf.start)
@@ -733,6 +739,13 @@ class ServerTransmission:
                 self._pending_bad = BadRequest(cmd, cookie, c.EINVAL,
                                                f"write of {length} bytes exceeds {self._max}")
                 return self.next_event()
+            if self.direct_min and length >= self.direct_min:
+                bad = self._check(cmd, flags, cookie, offset, length)
+                if bad is None:
+                    inbuf.start += 28
+                    self._direct = length
+                    self.bytes_wanted = 28
+                    return Request(cmd, flags, cookie, offset, length, None)
             if avail < 28 + length:
                 self.bytes_wanted = 28 + length - avail
                 return self._need(avail)
@@ -754,6 +767,31 @@ class ServerTransmission:
         if bad is not None:
             return bad
         return Request(cmd, flags, cookie, offset, length)
+
+    def fill_payload(self, sinks: list[memoryview]) -> list[memoryview]:
+        """Copy the buffered part of a direct WRITE's payload into ``sinks``.
+
+        After :meth:`next_event` returned a WRITE with ``payload=None``, the
+        caller supplies the destination (for example views of backend memory,
+        so the bytes are received with no user-space copy).  This copies what
+        is already buffered and returns the views still to be filled; the
+        caller reads exactly those from the connection, then calls
+        :meth:`payload_done`.
+        """
+        inbuf = self._in
+        rest: list[memoryview] = []
+        for sink in sinks:
+            take = min(len(sink), inbuf.end - inbuf.start)
+            if take:
+                sink[:take] = memoryview(inbuf.buf)[inbuf.start : inbuf.start + take]
+                inbuf.start += take
+            if take < len(sink):
+                rest.append(sink[take:])
+        return rest
+
+    def payload_done(self) -> None:
+        """The direct WRITE payload has been received in full."""
+        self._direct = 0
 
     def _need(self, avail: int = 0) -> _NeedData:
         if self._eof:

@@ -44,7 +44,7 @@ import os
 import socket as _socket
 import ssl
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -81,6 +81,7 @@ _ZERO_MIB = bytes(1 << 20)
 _IOV_MAX = 512
 _SOCKET_BUFFER = 4 << 20
 _VECTORED_MIN = 65536  # reads above this use read_vectored when offered
+_DIRECT_MIN = 65536  # writes from this size are received straight into the backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +216,8 @@ class _Executor:
         readv = os.readv
         read = self.backend.read
         read_vectored = getattr(self.backend, "read_vectored", None)
+        write_views = getattr(self.backend, "write_views", None)
+        tx.direct_min = _DIRECT_MIN
         pack_data = c.DATA_CHUNK_HEADER.pack if self.structured else None
         out: list[Buffer] = []
         views_pending = False
@@ -254,6 +257,9 @@ class _Executor:
                     _writev_all(wfd, out)
                     out = []
                     views_pending = False
+                if ev.payload is None and cmd == c.CMD_WRITE:
+                    out.append(self._direct_write(ev, rfd, write_views))
+                    continue
                 out += execute(ev)
                 if cmd == c.CMD_READ:
                     views_pending = True
@@ -267,6 +273,37 @@ class _Executor:
                 if out:
                     _writev_all(wfd, out)
                 return "client sent NBD_CMD_DISC"
+
+    def _direct_write(self, req: Request, rfd: int,
+                      write_views: Callable[[int, int], list[memoryview]] | None) -> bytes:
+        """Receive a large WRITE's payload straight into its destination, then reply."""
+        scratch: bytearray | None = None
+        if write_views is not None:
+            sinks = write_views(req.offset, req.length)
+        else:
+            scratch = bytearray(req.length)
+            sinks = [memoryview(scratch)]
+        rest = self.tx.fill_payload(sinks)
+        while rest:
+            n = os.readv(rfd, rest[:_IOV_MAX])
+            if n == 0:
+                raise HardDisconnect("client closed the connection in the middle of a write")
+            while n:
+                if n >= len(rest[0]):
+                    n -= len(rest[0])
+                    rest.pop(0)
+                else:
+                    rest[0] = rest[0][n:]
+                    n = 0
+        self.tx.payload_done()
+        try:
+            if scratch is not None:
+                self.backend.write(req.offset, scratch, bool(req.flags & c.CMD_FLAG_FUA))
+            elif req.flags & c.CMD_FLAG_FUA:
+                self.backend.flush()
+        except DiskError as exc:
+            return self.error(req.cookie, exc.errno, str(exc))
+        return simple_reply(req.cookie)
 
     # -- the async driver -----------------------------------------------------------
 
@@ -467,12 +504,14 @@ class NBDServer:
 
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
         fd = stream.socket.fileno()
-        for opt in (_socket.SO_SNDBUF, _socket.SO_RCVBUF):
-            try:
-                # Bigger buffers mean fewer wake-ups per MiB; the kernel caps the value.
-                stream.socket.setsockopt(_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
-            except OSError:
-                pass
+        if stream.socket.family == _socket.AF_UNIX:
+            # Bigger buffers mean fewer wake-ups per MiB (the kernel caps the value).
+            # Not for TCP: a fixed SO_RCVBUF there switches off window auto-tuning.
+            for opt in (_socket.SO_SNDBUF, _socket.SO_RCVBUF):
+                try:
+                    stream.socket.setsockopt(_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+                except OSError:
+                    pass
         await self.handle_stream(stream, (fd, fd))
 
     # -- listening ----------------------------------------------------------------------
