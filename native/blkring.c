@@ -1,0 +1,418 @@
+/*
+ * blkring.c - producer/consumer logic of the Xen block ring (blkif).
+ *
+ * Protocol: Xen 4.17 xen/io/ring.h (DEFINE_RING_TYPES, RING_PUSH_*_AND_CHECK_
+ * NOTIFY, RING_FINAL_CHECK_FOR_*) and xen/io/blkif.h; DESIGN.md section 3.
+ *
+ * Notify rule (both directions): after publishing a new producer index,
+ * signal only if the range just published crosses the consumer's *_event
+ * index; a consumer about to sleep sets *_event = cons + 1 and re-checks.
+ *
+ * Hostile-frontend rules in the backend: the producer index is loaded once
+ * per call and a distance above the ring size is ML_ECORRUPT; each request
+ * is memcpy'd out of its slot once and only the copy is validated and used
+ * (a frontend rewriting the slot meanwhile changes nothing); every grant ref
+ * is checked against the pool before its page is touched; every sector range
+ * is checked against the disk without overflow.
+ */
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "blkring.h"
+#include "vchan.h" /* error codes */
+
+#define SRING_HEADER 64u
+#define SLOT_SIZE 112u
+#define PAGE_SIZE 4096u
+#define SECTORS_PER_PAGE (PAGE_SIZE / ML_BLK_SECTOR_SIZE)
+
+_Static_assert(sizeof(struct ml_blk_segment) == 8, "blkif segment is 8 bytes");
+_Static_assert(sizeof(struct ml_blk_request) == SLOT_SIZE, "blkif request is 112 bytes");
+_Static_assert(offsetof(struct ml_blk_request, id) == 8, "layout");
+_Static_assert(offsetof(struct ml_blk_request, sector_number) == 16, "layout");
+_Static_assert(offsetof(struct ml_blk_request, seg) == 24, "layout");
+_Static_assert(sizeof(struct ml_blk_request_discard) == 32, "discard request is 32 bytes");
+_Static_assert(sizeof(struct ml_blk_response) == 16, "blkif response is 16 bytes");
+_Static_assert(offsetof(struct ml_blk_response, status) == 10, "layout");
+
+/* The shared ring header as ring.h lays it out. */
+struct sring {
+    _Atomic uint32_t req_prod;
+    _Atomic uint32_t req_event;
+    _Atomic uint32_t rsp_prod;
+    _Atomic uint32_t rsp_event;
+    uint8_t pad[48];
+    uint8_t slots[];
+};
+_Static_assert(offsetof(struct sring, slots) == SRING_HEADER, "sring header is 64 bytes");
+
+struct ml_blk_front {
+    struct sring *s;
+    uint32_t nr_ents;
+    uint32_t req_prod_pvt;
+    uint32_t rsp_cons;
+};
+
+struct ml_blk_back {
+    struct sring *s;
+    uint32_t nr_ents;
+    uint32_t req_cons;
+    uint32_t rsp_prod_pvt;
+    uint8_t *pages;
+    uint32_t gref_base;
+    uint32_t npages;
+    uint64_t disk_sectors;
+    int read_only;
+};
+
+size_t ml_blk_request_size(void) { return sizeof(struct ml_blk_request); }
+size_t ml_blk_response_size(void) { return sizeof(struct ml_blk_response); }
+size_t ml_blk_sring_header_size(void) { return SRING_HEADER; }
+
+size_t ml_blk_field_offset(int field)
+{
+    switch (field) {
+    case 0: return offsetof(struct sring, req_prod);
+    case 1: return offsetof(struct sring, req_event);
+    case 2: return offsetof(struct sring, rsp_prod);
+    case 3: return offsetof(struct sring, rsp_event);
+    case 4: return offsetof(struct sring, slots);
+    case 5: return offsetof(struct ml_blk_request, operation);
+    case 6: return offsetof(struct ml_blk_request, nr_segments);
+    case 7: return offsetof(struct ml_blk_request, handle);
+    case 8: return offsetof(struct ml_blk_request, id);
+    case 9: return offsetof(struct ml_blk_request, sector_number);
+    case 10: return offsetof(struct ml_blk_request, seg);
+    case 11: return offsetof(struct ml_blk_segment, first_sect);
+    case 12: return offsetof(struct ml_blk_segment, last_sect);
+    case 13: return offsetof(struct ml_blk_response, operation);
+    case 14: return offsetof(struct ml_blk_response, status);
+    case 15: return offsetof(struct ml_blk_request_discard, flag);
+    case 16: return offsetof(struct ml_blk_request_discard, nr_sectors);
+    default: return (size_t)-1;
+    }
+}
+
+unsigned ml_blk_ring_entries(int order)
+{
+    if (order < 0 || order > ML_BLK_MAX_RING_ORDER)
+        return 0;
+    /* __RD32((ring bytes - header) / slot size): largest power of two. */
+    size_t fit = (((size_t)PAGE_SIZE << order) - SRING_HEADER) / SLOT_SIZE;
+    unsigned n = 1;
+    while ((size_t)n * 2 <= fit)
+        n *= 2;
+    return n;
+}
+
+static void *slot(struct sring *s, uint32_t nr_ents, uint32_t idx)
+{
+    return s->slots + (size_t)(idx & (nr_ents - 1)) * SLOT_SIZE;
+}
+
+/* new - event < new - old, in free-running u32 arithmetic (ring.h). */
+static int crosses(uint32_t old, uint32_t new_, uint32_t event)
+{
+    return (uint32_t)(new_ - event) < (uint32_t)(new_ - old);
+}
+
+/* --- frontend ------------------------------------------------------------ */
+
+int ml_blk_front_new(void *ring, int order, ml_blk_front **out)
+{
+    unsigned n = ml_blk_ring_entries(order);
+    if (!ring || !n || !out)
+        return ML_EINVAL;
+    struct ml_blk_front *f = calloc(1, sizeof *f);
+    if (!f)
+        return ML_ENOMEM;
+    f->s = ring;
+    f->nr_ents = n;
+    memset(ring, 0, SRING_HEADER);
+    atomic_store_explicit(&f->s->req_event, 1, memory_order_relaxed);
+    atomic_store_explicit(&f->s->rsp_event, 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    *out = f;
+    return ML_OK;
+}
+
+void ml_blk_front_free(ml_blk_front *f)
+{
+    free(f);
+}
+
+unsigned ml_blk_front_free_slots(const ml_blk_front *f)
+{
+    return f->nr_ents - (f->req_prod_pvt - f->rsp_cons);
+}
+
+int ml_blk_front_put(ml_blk_front *f, const struct ml_blk_request *req)
+{
+    if (ml_blk_front_free_slots(f) == 0)
+        return ML_EINVAL;
+    memcpy(slot(f->s, f->nr_ents, f->req_prod_pvt), req, sizeof *req);
+    f->req_prod_pvt++;
+    return ML_OK;
+}
+
+int ml_blk_front_push(ml_blk_front *f)
+{
+    uint32_t old = atomic_load_explicit(&f->s->req_prod, memory_order_relaxed);
+    uint32_t new_ = f->req_prod_pvt;
+    /* Requests written /then/ req_prod published (release). */
+    atomic_store_explicit(&f->s->req_prod, new_, memory_order_release);
+    /* Publish req_prod /then/ read the backend's req_event. */
+    atomic_thread_fence(memory_order_seq_cst);
+    uint32_t event = atomic_load_explicit(&f->s->req_event, memory_order_relaxed);
+    return crosses(old, new_, event);
+}
+
+/* Responses available, or ML_ECORRUPT if the backend claims more responses
+ * than we have requests outstanding. */
+static long front_pending(ml_blk_front *f)
+{
+    uint32_t rp = atomic_load_explicit(&f->s->rsp_prod, memory_order_acquire);
+    uint32_t n = rp - f->rsp_cons;
+    if (n > f->req_prod_pvt - f->rsp_cons)
+        return ML_ECORRUPT;
+    return n;
+}
+
+int ml_blk_front_get(ml_blk_front *f, struct ml_blk_response *out)
+{
+    long n = front_pending(f);
+    if (n <= 0)
+        return (int)n;
+    /* rsp_prod loaded (acquire) /then/ the response copied out. */
+    memcpy(out, slot(f->s, f->nr_ents, f->rsp_cons), sizeof *out);
+    f->rsp_cons++;
+    return 1;
+}
+
+int ml_blk_front_final_check(ml_blk_front *f)
+{
+    long n = front_pending(f);
+    if (n != 0)
+        return n < 0 ? (int)n : 1;
+    atomic_store_explicit(&f->s->rsp_event, f->rsp_cons + 1, memory_order_relaxed);
+    /* Arm rsp_event /then/ re-read rsp_prod (closes the lost-wakeup race
+     * with a backend that pushed between our check and the store). */
+    atomic_thread_fence(memory_order_seq_cst);
+    n = front_pending(f);
+    return n < 0 ? (int)n : n > 0;
+}
+
+/* --- backend ------------------------------------------------------------- */
+
+int ml_blk_back_new(void *ring, int order, uint8_t *pages, uint32_t gref_base,
+                    uint32_t npages, uint64_t disk_sectors, int read_only, ml_blk_back **out)
+{
+    unsigned n = ml_blk_ring_entries(order);
+    if (!ring || !n || !out || (npages && !pages))
+        return ML_EINVAL;
+    struct ml_blk_back *b = calloc(1, sizeof *b);
+    if (!b)
+        return ML_ENOMEM;
+    b->s = ring;
+    b->nr_ents = n;
+    b->pages = pages;
+    b->gref_base = gref_base;
+    b->npages = npages;
+    b->disk_sectors = disk_sectors;
+    b->read_only = read_only;
+    /* A fresh ring starts at zero; whatever the frontend published before
+     * we attached is validated by back_pending like everything else. */
+    b->req_cons = 0;
+    b->rsp_prod_pvt = 0;
+    *out = b;
+    return ML_OK;
+}
+
+void ml_blk_back_free(ml_blk_back *b)
+{
+    free(b);
+}
+
+/* Check the sector range [sector, sector + count) lies inside the disk. */
+static int range_ok(const ml_blk_back *b, uint64_t sector, uint64_t count)
+{
+    return sector <= b->disk_sectors && count <= b->disk_sectors - sector;
+}
+
+static int16_t validate(ml_blk_back *b, struct ml_blk_checked *c)
+{
+    const struct ml_blk_request *r = &c->req;
+    c->nr_sectors = 0;
+    c->offset = 0;
+    c->length = 0;
+    switch (r->operation) {
+    case ML_BLK_OP_READ:
+    case ML_BLK_OP_WRITE:
+    case ML_BLK_OP_WRITE_BARRIER:
+        break;
+    case ML_BLK_OP_FLUSH_DISKCACHE:
+        return ML_BLK_RSP_OKAY;
+    case ML_BLK_OP_DISCARD: {
+        struct ml_blk_request_discard d;
+        memcpy(&d, r, sizeof d); /* from our copy, not from the ring */
+        if (b->read_only || !range_ok(b, d.sector_number, d.nr_sectors))
+            return ML_BLK_RSP_ERROR;
+        c->nr_sectors = d.nr_sectors;
+        c->offset = d.sector_number * ML_BLK_SECTOR_SIZE;
+        c->length = d.nr_sectors * ML_BLK_SECTOR_SIZE;
+        return ML_BLK_RSP_OKAY;
+    }
+    default:
+        /* INDIRECT and anything unknown: not supported (we never advertise
+         * feature-max-indirect-segments). */
+        return ML_BLK_RSP_EOPNOTSUPP;
+    }
+    if (r->operation != ML_BLK_OP_READ && b->read_only)
+        return ML_BLK_RSP_ERROR;
+    if (r->nr_segments > ML_BLK_MAX_SEGMENTS)
+        return ML_BLK_RSP_ERROR;
+    if (r->nr_segments == 0 && r->operation != ML_BLK_OP_WRITE_BARRIER)
+        return ML_BLK_RSP_ERROR;
+    uint64_t total = 0;
+    for (int i = 0; i < r->nr_segments; i++) {
+        const struct ml_blk_segment *s = &r->seg[i];
+        if (s->first_sect > s->last_sect || s->last_sect >= SECTORS_PER_PAGE)
+            return ML_BLK_RSP_ERROR;
+        if (s->gref < b->gref_base || s->gref - b->gref_base >= b->npages)
+            return ML_BLK_RSP_ERROR;
+        total += (uint64_t)(s->last_sect - s->first_sect + 1);
+    }
+    if (!range_ok(b, r->sector_number, total))
+        return ML_BLK_RSP_ERROR;
+    c->nr_sectors = total;
+    c->offset = r->sector_number * ML_BLK_SECTOR_SIZE;
+    c->length = total * ML_BLK_SECTOR_SIZE;
+    return ML_BLK_RSP_OKAY;
+}
+
+/* Requests the frontend has published and we have not taken. */
+static long back_pending(ml_blk_back *b)
+{
+    uint32_t rp = atomic_load_explicit(&b->s->req_prod, memory_order_acquire);
+    /* More unconsumed requests than free response slots can only come from
+     * a broken or hostile frontend (RING_REQUEST_PROD_OVERFLOW). */
+    if ((uint32_t)(rp - b->rsp_prod_pvt) > b->nr_ents)
+        return ML_ECORRUPT;
+    return (uint32_t)(rp - b->req_cons);
+}
+
+int ml_blk_back_get(ml_blk_back *b, struct ml_blk_checked *out)
+{
+    long n = back_pending(b);
+    if (n <= 0)
+        return (int)n;
+    /* req_prod loaded (acquire) /then/ the request copied out, once. */
+    memcpy(&out->req, slot(b->s, b->nr_ents, b->req_cons), sizeof out->req);
+    b->req_cons++;
+    out->status = validate(b, out);
+    return 1;
+}
+
+uint8_t *ml_blk_back_segment(ml_blk_back *b, const struct ml_blk_checked *c, int i, uint32_t *len)
+{
+    const struct ml_blk_segment *s = &c->req.seg[i];
+    *len = (uint32_t)(s->last_sect - s->first_sect + 1) * ML_BLK_SECTOR_SIZE;
+    return b->pages + (size_t)(s->gref - b->gref_base) * PAGE_SIZE +
+           (size_t)s->first_sect * ML_BLK_SECTOR_SIZE;
+}
+
+void ml_blk_back_gather(ml_blk_back *b, const struct ml_blk_checked *c, uint8_t *dst)
+{
+    for (int i = 0; i < c->req.nr_segments; i++) {
+        uint32_t len;
+        uint8_t *p = ml_blk_back_segment(b, c, i, &len);
+        memcpy(dst, p, len);
+        dst += len;
+    }
+}
+
+void ml_blk_back_scatter(ml_blk_back *b, const struct ml_blk_checked *c, const uint8_t *src)
+{
+    for (int i = 0; i < c->req.nr_segments; i++) {
+        uint32_t len;
+        uint8_t *p = ml_blk_back_segment(b, c, i, &len);
+        if (src) {
+            memcpy(p, src, len);
+            src += len;
+        } else {
+            memset(p, 0, len);
+        }
+    }
+}
+
+int ml_blk_back_put(ml_blk_back *b, uint64_t id, uint8_t op, int16_t status)
+{
+    struct ml_blk_response r = {.id = id, .operation = op, .status = status};
+    memcpy(slot(b->s, b->nr_ents, b->rsp_prod_pvt), &r, sizeof r);
+    b->rsp_prod_pvt++;
+    return ML_OK;
+}
+
+int ml_blk_back_push(ml_blk_back *b)
+{
+    uint32_t old = atomic_load_explicit(&b->s->rsp_prod, memory_order_relaxed);
+    uint32_t new_ = b->rsp_prod_pvt;
+    /* Responses (and READ data in the granted pages) written /then/
+     * rsp_prod published (release). */
+    atomic_store_explicit(&b->s->rsp_prod, new_, memory_order_release);
+    /* Publish /then/ read the frontend's rsp_event. */
+    atomic_thread_fence(memory_order_seq_cst);
+    uint32_t event = atomic_load_explicit(&b->s->rsp_event, memory_order_relaxed);
+    return crosses(old, new_, event);
+}
+
+int ml_blk_back_final_check(ml_blk_back *b)
+{
+    long n = back_pending(b);
+    if (n != 0)
+        return n < 0 ? (int)n : 1;
+    atomic_store_explicit(&b->s->req_event, b->req_cons + 1, memory_order_relaxed);
+    /* Arm req_event /then/ re-read req_prod. */
+    atomic_thread_fence(memory_order_seq_cst);
+    n = back_pending(b);
+    return n < 0 ? (int)n : n > 0;
+}
+
+long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify)
+{
+    struct ml_blk_checked c;
+    long served = 0;
+    int rc;
+    *notify = 0;
+    while ((rc = ml_blk_back_get(b, &c)) == 1) {
+        if (c.status == ML_BLK_RSP_OKAY) {
+            uint8_t *at = disk ? disk + c.offset : NULL;
+            switch (c.req.operation) {
+            case ML_BLK_OP_READ:
+                ml_blk_back_scatter(b, &c, at); /* NULL disk: zeros */
+                break;
+            case ML_BLK_OP_WRITE:
+            case ML_BLK_OP_WRITE_BARRIER:
+                /* In memory every write is already "durable": barrier and
+                 * flush semantics hold trivially (deliberate no-op). */
+                if (at)
+                    ml_blk_back_gather(b, &c, at);
+                break;
+            case ML_BLK_OP_DISCARD:
+                if (at)
+                    memset(at, 0, c.length);
+                break;
+            default: /* FLUSH_DISKCACHE: nothing volatile to flush */
+                break;
+            }
+        }
+        ml_blk_back_put(b, c.req.id, c.req.operation, c.status);
+        served++;
+    }
+    if (rc < 0)
+        return rc;
+    if (served)
+        *notify = ml_blk_back_push(b);
+    return served;
+}

@@ -1,0 +1,146 @@
+/*
+ * blkring.h - the Xen block ring (blkif), byte-compatible with Xen 4.17's
+ * xen/io/blkif.h and xen/io/ring.h on the x86_64 ABI (DESIGN.md section 3).
+ *
+ * A shared ring is a 64-byte header (req_prod, req_event, rsp_prod,
+ * rsp_event, padding) followed by a power-of-two number of 112-byte slots,
+ * each holding a request or, once served, its 16-byte response.  The
+ * frontend (the disk's user) produces requests and consumes responses; the
+ * backend (the disk's server) does the reverse.  Data travels in granted
+ * 4 KiB pages named by grant refs in each request's segments.
+ *
+ * Nothing here blocks.  Every index and request field read from shared
+ * memory is copied out once and validated before use.
+ */
+#ifndef MESHLINK_BLKRING_H
+#define MESHLINK_BLKRING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ML_BLK_SECTOR_SIZE 512u
+#define ML_BLK_MAX_SEGMENTS 11
+#define ML_BLK_MAX_RING_ORDER 4
+
+#define ML_BLK_OP_READ 0
+#define ML_BLK_OP_WRITE 1
+#define ML_BLK_OP_WRITE_BARRIER 2
+#define ML_BLK_OP_FLUSH_DISKCACHE 3
+#define ML_BLK_OP_DISCARD 5
+#define ML_BLK_OP_INDIRECT 6
+
+#define ML_BLK_RSP_OKAY 0
+#define ML_BLK_RSP_ERROR (-1)
+#define ML_BLK_RSP_EOPNOTSUPP (-2)
+
+struct ml_blk_segment {
+    uint32_t gref;
+    uint8_t first_sect;
+    uint8_t last_sect;
+    uint8_t pad[2];
+};
+
+/* blkif_request (x86_64 layout: 4 bytes of padding before id). */
+struct ml_blk_request {
+    uint8_t operation;
+    uint8_t nr_segments;
+    uint16_t handle;
+    uint32_t pad;
+    uint64_t id;
+    uint64_t sector_number;
+    struct ml_blk_segment seg[ML_BLK_MAX_SEGMENTS];
+};
+
+/* blkif_request_discard, which shares the slot with the request. */
+struct ml_blk_request_discard {
+    uint8_t operation;
+    uint8_t flag;
+    uint16_t handle;
+    uint32_t pad;
+    uint64_t id;
+    uint64_t sector_number;
+    uint64_t nr_sectors;
+};
+
+struct ml_blk_response {
+    uint64_t id;
+    uint8_t operation;
+    uint8_t pad;
+    int16_t status;
+    uint32_t pad2;
+};
+
+/* A request as the backend accepted it: copied out and checked. */
+struct ml_blk_checked {
+    struct ml_blk_request req;   /* the one copy taken from the ring */
+    int16_t status;              /* OKAY if servable, else the error to answer */
+    uint64_t nr_sectors;         /* total sectors moved (read/write/discard) */
+    uint64_t offset;             /* byte offset on the disk */
+    uint64_t length;             /* bytes */
+};
+
+/* Layout facts, for the tests that compare them with Xen's headers. */
+size_t ml_blk_request_size(void);
+size_t ml_blk_response_size(void);
+size_t ml_blk_sring_header_size(void);
+size_t ml_blk_field_offset(int field);
+/* Entries of a ring made of 2^order pages (32, 64, 128, 256, 512). */
+unsigned ml_blk_ring_entries(int order);
+
+typedef struct ml_blk_front ml_blk_front;
+typedef struct ml_blk_back ml_blk_back;
+
+/* --- frontend ------------------------------------------------------------ */
+
+/* SHARED_RING_INIT on `ring` (2^order pages) and FRONT_RING_INIT. */
+int ml_blk_front_new(void *ring, int order, ml_blk_front **out);
+void ml_blk_front_free(ml_blk_front *f);
+/* Slots free for new requests. */
+unsigned ml_blk_front_free_slots(const ml_blk_front *f);
+/* Copy a request into the next private slot (not yet visible). */
+int ml_blk_front_put(ml_blk_front *f, const struct ml_blk_request *req);
+/* Publish queued requests; returns 1 if the backend must be signalled. */
+int ml_blk_front_push(ml_blk_front *f);
+/* Take the next response: 1 = got one, 0 = none, ML_ECORRUPT. */
+int ml_blk_front_get(ml_blk_front *f, struct ml_blk_response *out);
+/* Arm rsp_event and re-check before sleeping: 1 = responses pending. */
+int ml_blk_front_final_check(ml_blk_front *f);
+
+/* --- backend ------------------------------------------------------------- */
+
+/*
+ * Attach to a frontend's ring.  Grant refs in requests must lie in
+ * [gref_base, gref_base + npages); `pages` maps page (ref - gref_base).
+ * `disk_sectors` bounds every request; read_only refuses writes.
+ */
+int ml_blk_back_new(void *ring, int order, uint8_t *pages, uint32_t gref_base,
+                    uint32_t npages, uint64_t disk_sectors, int read_only,
+                    ml_blk_back **out);
+void ml_blk_back_free(ml_blk_back *b);
+/* Copy the next request out and validate it: 1 = got one (see
+ * out->status), 0 = none, ML_ECORRUPT = hostile indices. */
+int ml_blk_back_get(ml_blk_back *b, struct ml_blk_checked *out);
+/* Address of segment `i` of a checked request (within its granted page). */
+uint8_t *ml_blk_back_segment(ml_blk_back *b, const struct ml_blk_checked *c, int i,
+                             uint32_t *len);
+/* Copy a READ's data from `src` (length bytes) into its segments, or a
+ * WRITE's segments into `dst`.  Only for checked, servable requests. */
+void ml_blk_back_gather(ml_blk_back *b, const struct ml_blk_checked *c, uint8_t *dst);
+void ml_blk_back_scatter(ml_blk_back *b, const struct ml_blk_checked *c, const uint8_t *src);
+/* Queue a response privately. */
+int ml_blk_back_put(ml_blk_back *b, uint64_t id, uint8_t op, int16_t status);
+/* Publish queued responses; returns 1 if the frontend must be signalled. */
+int ml_blk_back_push(ml_blk_back *b);
+/* Arm req_event and re-check before sleeping: 1 = requests pending. */
+int ml_blk_back_final_check(ml_blk_back *b);
+/*
+ * The native service loop for a disk that is one contiguous buffer (`disk`,
+ * or NULL for the null disk: reads zeros, writes dropped).  Serves every
+ * request available now; READ, WRITE, DISCARD (zeroes the range) and
+ * FLUSH/WRITE_BARRIER (no-ops in memory) are answered in C.  Returns the
+ * number served (>= 0), or ML_ECORRUPT.  *notify is set when the frontend
+ * must be signalled.
+ */
+long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify);
+
+#endif
