@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from meshlink._native import ffi, lib
 
 from meshlink import ConnectionLost, RingCorruptError
+from meshlink._native import ffi, lib
 from meshlink.vchan import connect_vchan, open_vchan_listener
 
 from .conftest import HELPERS, Peer

@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from meshlink._native import ffi, lib
 
+from meshlink._native import ffi, lib
 from meshlink._ring import choose_orders
 
 HERE = Path(__file__).parent
