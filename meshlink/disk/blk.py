@@ -1,0 +1,787 @@
+"""Disks shared over the Xen block ring (blkif) between co-located processes.
+
+Theory of operation
+-------------------
+As in Xen, the *frontend* (the disk's user, :class:`BlkDisk`) owns the memory:
+it creates a sealed memfd holding the shared ring (2^order pages, grant refs
+0..) followed by a pool of data pages (11 per ring slot, so every request in
+flight has its own pages and no allocator is needed), and two eventfds.  It
+connects to the server's rendezvous socket ``<service>.blk`` in the host
+store, names the disk it wants, and passes the fds by ``SCM_RIGHTS``.  The
+*backend* (:func:`serve_blk`) checks the client's uid, checks the memfd (size,
+seals), maps it, and answers with the disk's size and features.
+
+The backend serves requests in ring order, one connection per task.  Each
+request is copied out of the ring once and validated in C (``native/
+blkring.c``) before Python sees it; only then are its pages read or written.
+Disks that are one contiguous buffer in memory (``null``, ``mmap``) are
+served entirely by the native loop; other backends by a Python loop that
+calls the backend.  FLUSH_DISKCACHE flushes the backend; WRITE_BARRIER is
+served after everything before it (the loop is sequential), flushed before
+and after.  The liveness of each side is the rendezvous socket, as for vchan.
+"""
+
+from __future__ import annotations
+
+import array
+import errno as _errno
+import fcntl
+import json
+import logging
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Collection, Mapping
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from .._errors import (
+    AuthError,
+    ConnectionLost,
+    DiskError,
+    HandshakeError,
+    LocalProtocolError,
+    RingCorruptError,
+    ServiceNotFound,
+)
+from .._native import ffi, lib
+from ..hoststore import HostStore
+from .backends import Backend, MmapBackend, NullBackend
+
+__all__ = ["BlkDisk", "open_blk", "serve_blk"]
+
+log = logging.getLogger("meshlink.disk.blk")
+
+PAGE = 4096
+SECTOR = 512
+SEGMENTS = 11
+CHUNK = SEGMENTS * PAGE  # largest single request
+PROTOCOL_VERSION = 1
+DEFAULT_RING_ORDER = 1
+HANDSHAKE_TIMEOUT = 5.0
+SPIN_SECONDS = 50e-6
+_MAX_MSG = 4096
+_STATUS_ERRNO = {lib.ML_BLK_RSP_ERROR: _errno.EIO, lib.ML_BLK_RSP_EOPNOTSUPP: _errno.ENOTSUP}
+
+
+def _rendezvous_name(service: str) -> str:
+    return f"{service}.blk"
+
+
+def _encode(msg: dict[str, object]) -> bytes:
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def _decode(data: bytes) -> tuple[dict[str, object], bytes]:
+    if len(data) < 4:
+        raise HandshakeError("blk handshake: connection closed early")
+    (n,) = struct.unpack(">I", data[:4])
+    if n > _MAX_MSG or len(data) < 4 + n:
+        raise HandshakeError("blk handshake: bad message length")
+    try:
+        msg = json.loads(data[4 : 4 + n])
+    except ValueError as exc:
+        raise HandshakeError(f"blk handshake: malformed message: {exc}") from exc
+    if not isinstance(msg, dict):
+        raise HandshakeError("blk handshake: malformed message")
+    return msg, data[4 + n :]
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
+            fds.extend(a)
+    return fds
+
+
+class _Doorbell:
+    """Sleep until the peer signals our eventfd or its process goes away."""
+
+    def __init__(self, own_evfd: int, peer_evfd: int, liveness: socket.socket) -> None:
+        self.own = own_evfd
+        self.peer = peer_evfd
+        self.sock = liveness
+        self.sock.setblocking(False)
+        self.peer_dead = False
+        self._epoll = select.epoll()
+        self._epoll.register(own_evfd, select.EPOLLIN)
+        self._epoll.register(liveness.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+
+    def ring(self) -> None:
+        os.write(self.peer, b"\x01\0\0\0\0\0\0\0")
+
+    async def wait(self) -> None:
+        await trio.lowlevel.wait_readable(self._epoll.fileno())
+        try:
+            os.read(self.own, 8)
+        except BlockingIOError:
+            pass
+        try:
+            self.peer_dead = self.sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.peer_dead = True
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self._epoll.fileno())
+        self._epoll.close()
+        self.sock.close()
+        os.close(self.own)
+        os.close(self.peer)
+
+
+async def _spin(ready: Any) -> bool:
+    deadline = time.perf_counter() + SPIN_SECONDS
+    while time.perf_counter() < deadline:
+        await trio.lowlevel.checkpoint()
+        if ready():
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------
+# frontend
+
+
+class BlkDisk:
+    """A served disk opened over the blk ring.  Use :func:`open_blk`.
+
+    Attributes:
+        size: disk size in bytes.
+        read_only: writes, discards and barriers are refused.
+        sector_size: 512.
+        ring_entries: requests that may be in flight at once.
+    """
+
+    sector_size = SECTOR
+
+    def __init__(self, *, size: int, read_only: bool, features: dict[str, object],
+                 mm: mmap.mmap, front: Any, order: int, bell: _Doorbell) -> None:
+        self.size = size
+        self.read_only = read_only
+        self.features = features
+        self._mm = mm
+        self._view = memoryview(mm)
+        self._front = front
+        self._pool = PAGE << order
+        self.ring_entries = int(lib.ml_blk_ring_entries(order))
+        self._bell = bell
+        self._free = deque(range(self.ring_entries))
+        self._slot_freed = trio.lowlevel.ParkingLot()
+        self._done: dict[int, trio.Event] = {}
+        self._status: dict[int, int] = {}
+        self._reqs = [ffi.new("struct ml_blk_request *") for _ in range(self.ring_entries)]
+        self._rsp = ffi.new("struct ml_blk_response *")
+        self._broken: BaseException | None = None
+        self._closed = False
+
+    # -- slots and the response pump ----------------------------------------
+
+    def _slot_offset(self, slot: int) -> int:
+        return self._pool + slot * CHUNK
+
+    async def _take_slot(self, mine: deque[tuple[int, Any]], collect: Any) -> int:
+        while not self._free:
+            if mine:
+                await collect(*mine.popleft())
+            else:
+                await self._slot_freed.park()
+            self._check()
+        return self._free.popleft()
+
+    def _release(self, slot: int) -> None:
+        self._free.append(slot)
+        self._slot_freed.unpark()
+
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("disk closed")
+        if self._broken is not None:
+            raise ConnectionLost(f"blk ring to the disk server is broken: {self._broken}")
+
+    def _drain(self) -> int:
+        n = 0
+        while True:
+            rc = lib.ml_blk_front_get(self._front, self._rsp)
+            if rc == 0:
+                return n
+            if rc < 0:
+                raise RingCorruptError("blk server published impossible response indices")
+            rid = int(self._rsp.id)
+            ev = self._done.get(rid)
+            if ev is None or ev.is_set():
+                raise RingCorruptError(f"blk server answered unknown request id {rid}")
+            self._status[rid] = int(self._rsp.status)
+            ev.set()
+            n += 1
+
+    async def _pump(self) -> None:
+        """Deliver responses to waiting requests until closed or broken."""
+        try:
+            while True:
+                if self._drain():
+                    continue
+                if self._done and await _spin(lambda: self._drain() > 0):
+                    continue
+                more = lib.ml_blk_front_final_check(self._front)
+                if more < 0:
+                    raise RingCorruptError("blk server published impossible response indices")
+                if more:
+                    continue
+                if self._bell.peer_dead:
+                    raise ConnectionLost("blk disk server went away")
+                await self._bell.wait()
+        except (RingCorruptError, ConnectionLost) as exc:
+            self._broken = exc
+            for ev in self._done.values():
+                ev.set()
+
+    # -- requests -----------------------------------------------------------
+
+    def _submit(self, slot: int, op: int, sector: int, nbytes: int) -> None:
+        req = self._reqs[slot]
+        req.operation = op
+        req.id = slot
+        req.sector_number = sector
+        req.handle = 0
+        if op == lib.ML_BLK_OP_DISCARD:
+            d = ffi.cast("struct ml_blk_request_discard *", req)
+            d.flag = 0
+            d.nr_sectors = nbytes // SECTOR
+        else:
+            pages = (nbytes + PAGE - 1) // PAGE
+            req.nr_segments = pages
+            base = (self._pool // PAGE) + slot * SEGMENTS
+            for i in range(pages):
+                seg = req.seg[i]
+                seg.gref = base + i
+                seg.first_sect = 0
+                left = nbytes - i * PAGE
+                seg.last_sect = (min(left, PAGE) // SECTOR) - 1
+        self._done[slot] = trio.Event()
+        lib.ml_blk_front_put(self._front, req)
+        if lib.ml_blk_front_push(self._front):
+            self._bell.ring()
+
+    async def _finish(self, slot: int, op: str) -> int:
+        try:
+            await self._done[slot].wait()
+            self._check()
+            return self._status.pop(slot)
+        finally:
+            del self._done[slot]
+
+    def _raise_status(self, status: int, what: str) -> None:
+        if status != lib.ML_BLK_RSP_OKAY:
+            code = _STATUS_ERRNO.get(status, _errno.EIO)
+            raise DiskError(f"blk {what} failed: status {status} ({os.strerror(code)})", code)
+
+    def _check_range(self, offset: int, length: int, write: bool) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise DiskError(f"range {offset}+{length} outside the disk ({self.size} bytes)",
+                            _errno.EINVAL)
+        if write and self.read_only:
+            raise DiskError("disk is read-only", _errno.EPERM)
+        if write and (offset % SECTOR or length % SECTOR):
+            raise LocalProtocolError("writes must be aligned to 512-byte sectors")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (any alignment).
+
+        Large reads are split into 44 KiB requests pipelined up to the ring size.
+
+        Raises:
+            DiskError: out of range, or the server reported an error.
+            ConnectionLost: the server went away.
+
+        Cancellation: safe; the ring slots of cancelled requests are reclaimed
+        when their responses arrive.
+        """
+        self._check()
+        self._check_range(offset, length, write=False)
+        first = offset // SECTOR * SECTOR
+        end = -(-(offset + length) // SECTOR) * SECTOR
+        out = bytearray(end - first)
+        await self._transfer(lib.ML_BLK_OP_READ, first, out)
+        return bytes(out[offset - first : offset - first + length])
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset`` (both multiples of 512 bytes).
+
+        Returns once the server acknowledged every request (the data is in the
+        backend; call :meth:`flush` for durability).
+
+        Raises:
+            LocalProtocolError: unaligned offset or length.
+            DiskError: out of range, read-only, or a server error.
+            ConnectionLost: the server went away.
+
+        Backpressure: at most ``ring_entries`` requests are in flight.
+        """
+        self._check()
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv), write=True)
+        await self._transfer(lib.ML_BLK_OP_WRITE, offset, mv)
+
+    async def _transfer(self, op: int, offset: int, buf: bytearray | memoryview) -> None:
+        mine: deque[tuple[int, int]] = deque()
+        view = memoryview(buf)
+        failure: list[int] = []
+
+        async def collect(slot: int, pos: int) -> None:
+            try:
+                status = await self._finish(slot, "read")
+                if status == lib.ML_BLK_RSP_OKAY and op == lib.ML_BLK_OP_READ:
+                    n = min(CHUNK, len(view) - pos)
+                    at = self._slot_offset(slot)
+                    view[pos : pos + n] = self._view[at : at + n]
+                elif status != lib.ML_BLK_RSP_OKAY:
+                    failure.append(status)
+            finally:
+                self._release(slot)
+
+        try:
+            pos = 0
+            while pos < len(view):
+                n = min(CHUNK, len(view) - pos)
+                slot = await self._take_slot(mine, collect)
+                if op == lib.ML_BLK_OP_WRITE:
+                    at = self._slot_offset(slot)
+                    self._view[at : at + n] = view[pos : pos + n]
+                self._submit(slot, op, (offset + pos) // SECTOR, n)
+                mine.append((slot, pos))
+                pos += n
+            while mine:
+                await collect(*mine.popleft())
+        finally:
+            # Cancelled or failed midway: slots still in flight are released
+            # by a shielded wait so they never leak.
+            if mine:
+                with trio.CancelScope(shield=True):
+                    while mine:
+                        slot, _ = mine.popleft()
+                        try:
+                            await self._finish(slot, "cleanup")
+                        except trio.ClosedResourceError:
+                            pass
+                        except ConnectionLost:
+                            pass
+                        self._release(slot)
+        if failure:
+            self._raise_status(failure[0], "read" if op == lib.ML_BLK_OP_READ else "write")
+
+    async def _simple(self, op: int, sector: int, nbytes: int, what: str) -> None:
+        self._check()
+        mine: deque[tuple[int, Any]] = deque()
+        slot = await self._take_slot(mine, None)
+        try:
+            self._submit(slot, op, sector, nbytes)
+            with trio.CancelScope(shield=True):
+                status = await self._finish(slot, what)
+        finally:
+            self._release(slot)
+        self._raise_status(status, what)
+
+    async def flush(self) -> None:
+        """FLUSH_DISKCACHE: everything acknowledged so far is durable when this returns.
+
+        Raises:
+            DiskError: the server's flush failed.
+        """
+        await self._simple(lib.ML_BLK_OP_FLUSH_DISKCACHE, 0, 0, "flush")
+
+    async def barrier(self) -> None:
+        """WRITE_BARRIER with no data: orders and flushes all earlier writes."""
+        if self.read_only:
+            raise DiskError("disk is read-only", _errno.EPERM)
+        await self._simple(lib.ML_BLK_OP_WRITE_BARRIER, 0, 0, "barrier")
+
+    async def discard(self, offset: int, length: int) -> None:
+        """DISCARD: the range reads as zeroes afterwards (sector-aligned).
+
+        Raises:
+            LocalProtocolError: unaligned range.
+            DiskError: out of range, read-only, or unsupported by the backend.
+        """
+        self._check_range(offset, length, write=True)
+        await self._simple(lib.ML_BLK_OP_DISCARD, offset // SECTOR, length, "discard")
+
+    async def aclose(self) -> None:
+        """Close the disk; requests in flight fail with ClosedResourceError."""
+        if not self._closed:
+            self._closed = True
+            for ev in self._done.values():
+                ev.set()
+            self._bell.close()
+            lib.ml_blk_front_free(self._front)
+            self._front = None
+            self._view.release()
+            self._mm.close()
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> BlkDisk:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+
+class _OpenBlk:
+    """``async with open_blk(...) as disk`` (also awaitable-free context form)."""
+
+    def __init__(self, target: str, host_store: HostStore | str | os.PathLike[str] | None,
+                 ring_order: int) -> None:
+        self._args = (target, host_store, ring_order)
+        self._nursery_cm: Any = None
+        self._disk: BlkDisk | None = None
+
+    async def __aenter__(self) -> BlkDisk:
+        disk = await _connect(*self._args)
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = nursery = await self._nursery_cm.__aenter__()
+        nursery.start_soon(disk._pump)
+        self._disk = disk
+        return disk
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        assert self._disk is not None
+        self._nursery.cancel_scope.cancel()  # stop the response pump first
+        try:
+            return bool(await self._nursery_cm.__aexit__(et, e, tb))
+        finally:
+            await self._disk.aclose()
+
+
+def open_blk(target: str, *, host_store: HostStore | str | os.PathLike[str] | None = None,
+             ring_order: int = DEFAULT_RING_ORDER) -> _OpenBlk:
+    """Open ``"service/disk"`` over the blk ring: ``async with open_blk(...) as d:``.
+
+    Args:
+        target: ``"storage-node/disk0"``; the service must run on this host.
+        host_store: the host store (default: see :mod:`meshlink.hoststore`).
+        ring_order: ring-page-order 0..4 (32..512 requests in flight).
+
+    Raises:
+        ServiceNotFound: no live blk service of that name in the host store.
+        AuthError: the server refused our uid.
+        HandshakeError: unknown disk or a failed handshake.
+    """
+    if not 0 <= ring_order <= 4:
+        raise LocalProtocolError("ring_order must be 0..4")
+    return _OpenBlk(target, host_store, ring_order)
+
+
+async def _connect(target: str, host_store: HostStore | str | os.PathLike[str] | None,
+                   order: int) -> BlkDisk:
+    service, sep, disk = target.partition("/")
+    if not sep or not disk:
+        raise LocalProtocolError(f"blk target must be 'service/disk', got {target!r}")
+    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+    path = store.socket_path(_rendezvous_name(service))
+    entries = int(lib.ml_blk_ring_entries(order))
+    ring_pages = 1 << order
+    pool_pages = entries * SEGMENTS
+    total = (ring_pages + pool_pages) * PAGE
+    memfd = os.memfd_create("meshlink-blk", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    own = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    peer = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ok = False
+    mm: mmap.mmap | None = None
+    front = None
+    try:
+        os.ftruncate(memfd, total)
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        mm = mmap.mmap(memfd, total)
+        out = ffi.new("ml_blk_front **")
+        if lib.ml_blk_front_new(ffi.from_buffer(mm), order, out) != 0:
+            raise LocalProtocolError("bad ring order")
+        front = out[0]
+        try:
+            await sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ServiceNotFound(_errno.ENOENT,
+                                  f"no live blk service {service!r} in {store.path}") from exc
+        hello = {"meshlink": "blk", "version": PROTOCOL_VERSION, "disk": disk,
+                 "ring_order": order, "pool_pages": pool_pages}
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await sock.sendmsg([_encode(hello)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", [memfd, peer, own]))])
+            data = b""
+            while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+                chunk = await sock.recv(_MAX_MSG)
+                if not chunk:
+                    raise HandshakeError("blk server closed the connection during the handshake")
+                data += chunk
+                if len(data) > _MAX_MSG + 4:
+                    raise HandshakeError("blk handshake reply too long")
+        reply, _ = _decode(data)
+        if reply.get("ok") is not True:
+            why = str(reply.get("error", "refused"))
+            cls = AuthError if reply.get("code") == "auth" else HandshakeError
+            raise cls(f"blk server {service!r} refused {disk!r}: {why}")
+        size = reply.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise HandshakeError("blk handshake: bad disk size")
+        features = reply.get("features")
+        raw = socket.socket(fileno=sock.detach())
+        bell = _Doorbell(own, peer, raw)
+        ok = True
+        return BlkDisk(size=size, read_only=bool(reply.get("read_only")),
+                       features=features if isinstance(features, dict) else {},
+                       mm=mm, front=front, order=order, bell=bell)
+    finally:
+        os.close(memfd)  # the mapping (ours and the server's) keeps the pages
+        sock.close()
+        if not ok:
+            os.close(own)
+            os.close(peer)
+            if front is not None:
+                lib.ml_blk_front_free(front)
+            if mm is not None:
+                mm.close()
+
+
+# --------------------------------------------------------------------------
+# backend
+
+
+class _Conn:
+    """One frontend's ring as the server sees it."""
+
+    def __init__(self, backend: Backend, mm: mmap.mmap, order: int, pool_pages: int,
+                 bell: _Doorbell) -> None:
+        self.backend = backend
+        self.mm = mm
+        self.bell = bell
+        sectors = backend.size // SECTOR
+        base = ffi.from_buffer(mm)
+        self._keep = base
+        out = ffi.new("ml_blk_back **")
+        rc = lib.ml_blk_back_new(base, order, base + (PAGE << order), 1 << order, pool_pages,
+                                 sectors, 1 if backend.read_only else 0, out)
+        if rc != 0:
+            raise HandshakeError("bad blk ring parameters")
+        self.back = out[0]
+        self.checked = ffi.new("struct ml_blk_checked *")
+        self.notify = ffi.new("int *")
+        self.buffer: Any = None
+        if isinstance(backend, NullBackend):
+            self.buffer = ffi.NULL
+        elif isinstance(backend, MmapBackend) and not backend.read_only and backend.size:
+            view = getattr(backend, "_view", None)
+            if isinstance(view, memoryview) and not view.readonly:
+                self.buffer = ffi.from_buffer(view)
+        self.blocking = backend.capabilities.blocking
+
+    def close(self) -> None:
+        lib.ml_blk_back_free(self.back)
+        self.bell.close()
+        del self._keep
+        self.mm.close()
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        if self.blocking:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
+
+    async def _serve_one(self, c: Any) -> int:
+        op = c.req.operation
+        b = self.backend
+        offset, length = int(c.offset), int(c.length)
+        try:
+            if op == lib.ML_BLK_OP_READ:
+                data = await self._call(b.read, offset, length)
+                lib.ml_blk_back_scatter(self.back, c, ffi.from_buffer(data))
+            elif op in (lib.ML_BLK_OP_WRITE, lib.ML_BLK_OP_WRITE_BARRIER):
+                if op == lib.ML_BLK_OP_WRITE_BARRIER:
+                    await self._call(b.flush)
+                if length:
+                    buf = bytearray(length)
+                    lib.ml_blk_back_gather(self.back, c, ffi.from_buffer(buf))
+                    await self._call(b.write, offset, buf)
+                if op == lib.ML_BLK_OP_WRITE_BARRIER:
+                    await self._call(b.flush)
+            elif op == lib.ML_BLK_OP_FLUSH_DISKCACHE:
+                await self._call(b.flush)
+            elif op == lib.ML_BLK_OP_DISCARD:
+                if not b.capabilities.can_trim:
+                    return int(lib.ML_BLK_RSP_EOPNOTSUPP)
+                await self._call(b.discard, offset, length)
+        except DiskError as exc:
+            log.warning("blk request %d failed: %s", op, exc)
+            return int(lib.ML_BLK_RSP_ERROR)
+        return int(lib.ML_BLK_RSP_OKAY)
+
+    async def _serve_available(self) -> int:
+        """Serve every request published now; returns how many."""
+        if self.buffer is not None:
+            n = lib.ml_blk_back_serve_buffer(self.back, self.buffer, self.notify)
+            if n < 0:
+                raise RingCorruptError("frontend published impossible request indices")
+            if self.notify[0]:
+                self.bell.ring()
+            return int(n)
+        served = 0
+        c = self.checked
+        while True:
+            rc = lib.ml_blk_back_get(self.back, c)
+            if rc < 0:
+                raise RingCorruptError("frontend published impossible request indices")
+            if rc == 0:
+                break
+            status = int(c.status)
+            if status == lib.ML_BLK_RSP_OKAY:
+                status = await self._serve_one(c)
+            lib.ml_blk_back_put(self.back, c.req.id, c.req.operation, status)
+            served += 1
+        if served and lib.ml_blk_back_push(self.back):
+            self.bell.ring()
+        return served
+
+    def _pending(self) -> bool:
+        return bool(lib.ml_blk_back_final_check(self.back))
+
+    async def run(self) -> None:
+        while True:
+            if await self._serve_available():
+                continue
+            if await _spin(self._pending):
+                continue
+            more = lib.ml_blk_back_final_check(self.back)
+            if more < 0:
+                raise RingCorruptError("frontend published impossible request indices")
+            if more:
+                continue
+            if self.bell.peer_dead:
+                return
+            await self.bell.wait()
+
+
+async def _handshake(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
+                     allow_uids: frozenset[int]) -> _Conn:
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    data, anc, _flags, _addr = await conn.recvmsg(_MAX_MSG + 4, socket.CMSG_SPACE(3 * 4))
+    fds = _fds_from(anc)
+
+    async def refuse(why: str, code: str = "refused") -> None:
+        for fd in fds:
+            os.close(fd)
+        try:
+            await conn.send(_encode({"ok": False, "code": code, "error": why}))
+        except OSError:
+            pass
+        raise HandshakeError(why)
+
+    if uid not in allow_uids:
+        await refuse(f"uid {uid} is not allowed", "auth")
+    try:
+        hello, _ = _decode(data)
+    except HandshakeError as exc:
+        await refuse(str(exc))
+        raise
+    if hello.get("meshlink") != "blk" or hello.get("version") != PROTOCOL_VERSION:
+        await refuse(f"unsupported blk hello (want version {PROTOCOL_VERSION})", "version")
+    name = hello.get("disk")
+    backend = disks.get(name) if isinstance(name, str) else None
+    if backend is None:
+        await refuse(f"no disk named {name!r} (have: {', '.join(sorted(disks))})", "nodisk")
+        raise AssertionError  # unreachable: refuse raised
+    order = hello.get("ring_order")
+    pool = hello.get("pool_pages")
+    if (not isinstance(order, int) or not 0 <= order <= 4 or not isinstance(pool, int)
+            or not 0 <= pool <= 512 * SEGMENTS or len(fds) != 3):
+        await refuse("bad ring parameters")
+        raise AssertionError
+    memfd, own, peer = fds
+    try:
+        total = ((1 << order) + pool) * PAGE
+        st = os.fstat(memfd)
+        seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)
+        if st.st_size != total or not seals & fcntl.F_SEAL_SHRINK:
+            raise HandshakeError("frontend memory is not a sealed memfd of the announced size")
+        mm = mmap.mmap(memfd, total)
+    except (OSError, HandshakeError) as exc:
+        await refuse(str(exc))
+        raise
+    finally:
+        os.close(memfd)
+    features = {"flush": backend.capabilities.can_flush, "barrier": True,
+                "discard": backend.capabilities.can_trim}
+    await conn.send(_encode({"ok": True, "version": PROTOCOL_VERSION, "size": backend.size,
+                             "sector_size": SECTOR, "read_only": backend.read_only,
+                             "features": features}))
+    bell = _Doorbell(own, peer, socket.socket(fileno=conn.detach()))
+    return _Conn(backend, mm, order, pool, bell)
+
+
+async def serve_blk(service: str, disks: Mapping[str, Backend], *,
+                    host_store: HostStore | str | os.PathLike[str] | None = None,
+                    allow_uids: Collection[int] | None = None,
+                    task_status: trio.TaskStatus[HostStore] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``disks`` (name -> backend) over the blk ring until cancelled.
+
+    Publishes ``<service>.blk`` in the host store; clients open
+    ``"<service>/<disk>"`` with :func:`open_blk`.  A client that breaks the
+    protocol (hostile ring indices, bad handshake) is dropped and logged;
+    the others are unaffected.
+
+    Args:
+        service: the service name.
+        disks: backends by disk name.
+        host_store: the host store (default: see :mod:`meshlink.hoststore`).
+        allow_uids: uids allowed to connect (default: our own).
+        task_status: ``nursery.start`` reports the host store once listening.
+
+    Raises:
+        AddressInUse: a live server already serves ``service`` here.
+
+    Cancellation: withdraws the service and closes every client's ring.
+    """
+    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+    uids = frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
+    pub = store.claim(_rendezvous_name(service))
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(pub.socket_path))
+        sock.listen(128)
+        task_status.started(store)
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(_serve_client, conn, disks, uids)
+    finally:
+        sock.close()
+        pub.withdraw()
+
+
+async def _serve_client(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
+                        uids: frozenset[int]) -> None:
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            c = await _handshake(conn, disks, uids)
+    except (HandshakeError, OSError, trio.TooSlowError) as exc:
+        log.info("blk client refused: %s", exc)
+        conn.close()
+        return
+    try:
+        await c.run()
+    except RingCorruptError as exc:
+        log.warning("blk client dropped: %s", exc)
+    finally:
+        c.close()

@@ -1,0 +1,219 @@
+"""The blk ring between processes: integrity per backend, durability, hostile frontends."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshlink import ConnectionLost, DiskError, LocalProtocolError, ServiceNotFound
+from meshlink._native import ffi, lib
+from meshlink.disk.blk import BlkDisk, open_blk
+
+from .conftest import Peer
+
+SIZE = 4 << 20
+GOLD = bytes(range(256)) * (SIZE // 256)
+
+
+@pytest.fixture(scope="module")
+def blk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """One server process exporting one disk per backend kind."""
+    d = tmp_path_factory.mktemp("blk")
+    store = d / "store"
+    store.mkdir(mode=0o700)
+    (d / "gold.img").write_bytes(GOLD)
+    specs = [f"memory:memory::{SIZE}", f"null:null::{SIZE}", f"file:file:{d / 'file.img'}:{SIZE}",
+             f"mmap:mmap:{d / 'mmap.img'}:{SIZE}", f"cow:cow:{d / 'gold.img'}"]
+    server = Peer("blk_server.py", str(store), "storage-node", *specs)
+    server.expect("ready")
+    yield store, d
+    server.kill()
+
+
+# Reference contents, carried across hypothesis examples like the disks are.
+REFERENCE = {
+    "memory": bytearray(SIZE),
+    "null": bytearray(SIZE),
+    "file": bytearray(SIZE),
+    "mmap": bytearray(SIZE),
+    "cow": bytearray(GOLD),
+}
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("w"), st.integers(0, SIZE // 512 - 1), st.integers(1, 300),
+                  st.integers(0, 255)),
+        st.tuples(st.just("r"), st.integers(0, SIZE - 1), st.integers(1, 400_000), st.just(0)),
+    ),
+    min_size=1, max_size=8,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(REFERENCE))
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(script=ops)
+def test_random_io_matches_reference(blk_server: tuple[Path, Path], kind: str,
+                                     script: list[tuple[str, int, int, int]]) -> None:
+    store, _ = blk_server
+    ref = REFERENCE[kind]
+
+    async def run() -> None:
+        async with open_blk(f"storage-node/{kind}", host_store=store) as disk:
+            assert disk.size == SIZE
+            for op, a, b, fill in script:
+                if op == "w":
+                    sector = a
+                    count = min(b, SIZE // 512 - sector)
+                    data = bytes([fill]) * (count * 512)
+                    await disk.write(sector * 512, data)
+                    if kind != "null":
+                        ref[sector * 512 : sector * 512 + len(data)] = data
+                else:
+                    length = min(b, SIZE - a)
+                    assert await disk.read(a, length) == bytes(ref[a : a + length])
+
+    trio.run(run)
+
+
+async def test_cow_never_modifies_the_gold_image(blk_server: tuple[Path, Path]) -> None:
+    store, d = blk_server
+    before = hashlib.sha256((d / "gold.img").read_bytes()).hexdigest()
+    async with open_blk("storage-node/cow", host_store=store) as disk:
+        await disk.write(8192, b"\xee" * 65536)
+        await disk.flush()
+        assert await disk.read(8192, 65536) == b"\xee" * 65536
+        REFERENCE["cow"][8192 : 8192 + 65536] = b"\xee" * 65536
+    assert hashlib.sha256((d / "gold.img").read_bytes()).hexdigest() == before
+
+
+async def test_errors_are_typed(blk_server: tuple[Path, Path]) -> None:
+    store, _ = blk_server
+    async with open_blk("storage-node/memory", host_store=store) as disk:
+        with pytest.raises(DiskError) as exc:
+            await disk.read(SIZE - 10, 11)
+        assert exc.value.errno == 22
+        with pytest.raises(LocalProtocolError):
+            await disk.write(1, b"x" * 512)
+    with pytest.raises(Exception, match="no disk named 'nope'"):
+        async with open_blk("storage-node/nope", host_store=store):
+            pass
+    with pytest.raises(ServiceNotFound):
+        async with open_blk("elsewhere/memory", host_store=store):
+            pass
+
+
+async def test_flushed_file_write_survives_kill9(tmp_path: Path, store: Path,
+                                                 peers: list[Peer]) -> None:
+    img = tmp_path / "disk.img"
+    server = Peer("blk_server.py", str(store), "durable", f"file:d0:{img}:{1 << 20}")
+    peers.append(server)
+    await trio.to_thread.run_sync(server.expect, "ready")
+    payload = os.urandom(128 * 1024)
+    async with open_blk("durable/d0", host_store=store) as disk:
+        await disk.write(65536, payload)
+        await disk.flush()
+        os.kill(server.proc.pid, signal.SIGKILL)
+        await trio.to_thread.run_sync(server.proc.wait)
+    assert img.read_bytes()[65536 : 65536 + len(payload)] == payload
+
+
+# --- hostile frontend ------------------------------------------------------
+
+
+async def _raw(disk: BlkDisk, fill: object) -> int:
+    """Submit one hand-made request through a disk's ring; return the status."""
+    slot = disk._free.popleft()
+    req = disk._reqs[slot]
+    ffi.memmove(req, bytes(112), 112)
+    req.id = slot
+    fill(req)  # type: ignore[operator]
+    disk._done[slot] = trio.Event()
+    lib.ml_blk_front_put(disk._front, req)
+    if lib.ml_blk_front_push(disk._front):
+        disk._bell.ring()
+    with trio.fail_after(5):
+        status = await disk._finish(slot, "raw")
+    disk._release(slot)
+    return status
+
+
+def _seg(req: object, i: int, gref: int, first: int, last: int) -> None:
+    s = req.seg[i]  # type: ignore[attr-defined]
+    s.gref, s.first_sect, s.last_sect = gref, first, last
+
+
+async def test_hostile_requests_get_error_responses(blk_server: tuple[Path, Path]) -> None:
+    store, _ = blk_server
+    async with open_blk("storage-node/memory", host_store=store) as disk:
+        good = disk._pool // 4096
+
+        def too_many_segments(r: object) -> None:
+            r.operation, r.nr_segments = 0, 200  # type: ignore[attr-defined]
+            for i in range(11):
+                _seg(r, i, good + i, 0, 7)
+
+        def reversed_sectors(r: object) -> None:
+            r.operation, r.nr_segments = 0, 1  # type: ignore[attr-defined]
+            _seg(r, 0, good, 5, 2)
+
+        def sector_beyond_page(r: object) -> None:
+            r.operation, r.nr_segments = 1, 1  # type: ignore[attr-defined]
+            _seg(r, 0, good, 0, 8)
+
+        def bad_gref(r: object) -> None:
+            r.operation, r.nr_segments = 0, 1  # type: ignore[attr-defined]
+            _seg(r, 0, 0xFFFFFFF0, 0, 7)
+
+        def ring_page_gref(r: object) -> None:
+            r.operation, r.nr_segments = 1, 1  # type: ignore[attr-defined]
+            _seg(r, 0, 0, 0, 7)  # grant 0 is the ring itself, not a data page
+
+        def past_the_end(r: object) -> None:
+            r.operation, r.nr_segments = 0, 1  # type: ignore[attr-defined]
+            r.sector_number = SIZE // 512 - 4  # type: ignore[attr-defined]
+            _seg(r, 0, good, 0, 7)
+
+        def huge_sector(r: object) -> None:
+            r.operation, r.nr_segments = 0, 1  # type: ignore[attr-defined]
+            r.sector_number = 2**64 - 1  # type: ignore[attr-defined]
+            _seg(r, 0, good, 0, 7)
+
+        def discard_overflow(r: object) -> None:
+            d = ffi.cast("struct ml_blk_request_discard *", r)
+            d.operation, d.sector_number, d.nr_sectors = 5, 8, 2**64 - 4
+
+        def indirect(r: object) -> None:
+            r.operation = 6  # type: ignore[attr-defined]
+
+        for bad in (too_many_segments, reversed_sectors, sector_beyond_page, bad_gref,
+                    ring_page_gref, past_the_end, huge_sector, discard_overflow):
+            assert await _raw(disk, bad) == lib.ML_BLK_RSP_ERROR, bad.__name__
+        assert await _raw(disk, indirect) == lib.ML_BLK_RSP_EOPNOTSUPP
+        # The ring still works after all of that.
+        await disk.write(0, b"\x42" * 4096)
+        assert await disk.read(0, 4096) == b"\x42" * 4096
+        REFERENCE["memory"][0:4096] = b"\x42" * 4096
+
+
+async def test_garbage_ring_indices_drop_only_that_client(blk_server: tuple[Path, Path]) -> None:
+    store, _ = blk_server
+    async with open_blk("storage-node/memory", host_store=store) as victim:
+        async with open_blk("storage-node/memory", host_store=store) as hostile:
+            hostile._mm[0:4] = (123456789).to_bytes(4, "little")  # req_prod far ahead
+            hostile._bell.ring()
+            # The server hangs up on it: its next request fails, typed, fast.
+            with trio.fail_after(5), pytest.raises(ConnectionLost):
+                await hostile.read(0, 512)
+        # ...while another client of the same server is unaffected.
+        await victim.write(4096, b"\x17" * 512)
+        assert await victim.read(4096, 512) == b"\x17" * 512
+        REFERENCE["memory"][4096:4608] = b"\x17" * 512
