@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Write the seed corpora for the fuzz targets (valid traffic, a few edges).
+
+Usage: gen_corpus.py [OUTDIR]   (default: native/fuzz/corpus next to this file)
+
+The seeds are small, hand-built inputs in each target's input format (see
+the comment at the top of vchan_fuzz.c and blk_fuzz.c): an honest peer's
+control page followed by ordinary traffic, so the fuzzer starts from states
+where the ring is actually used, and mutates from there.  Re-running this
+script rewrites the same files byte for byte.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+# ---- vchan_fuzz ops (keep in step with run_ops in vchan_fuzz.c) ----------
+READ, WRITE, RECV, SEND, READY, SPACE, ARM_R, ARM_W, PEEK, LIVE, CLOSE, NOTIFY = range(12)
+P_JUMP_PROD, P_JUMP_CONS, P_PRODUCE, P_CONSUME, P_SCRIBBLE, P_NOTIFY, P_LIVE, P_ORDERS = range(
+    12, 20
+)
+P_POKE, BURST = 20, 21
+
+
+def ln(n: int) -> bytes:
+    """take_len encoding: small, u16 or u32."""
+    if n < 256:
+        return bytes([0x00, n])
+    if n < 65536:
+        return bytes([0x40]) + struct.pack("<H", n)
+    return bytes([0xC0]) + struct.pack("<I", n)
+
+
+def hdr(lo: int, ro: int, lcons=0, lprod=0, rcons=0, rprod=0, cli_live=1, srv_live=1,
+        cli_notify=0, srv_notify=1) -> bytes:
+    return struct.pack("<IIIIHHBBBB", lcons, lprod, rcons, rprod, lo, ro, cli_live, srv_live,
+                       cli_notify, srv_notify)
+
+
+def heap(h: bytes, server: bool, real_layout: bool, ops: bytes, own_r=0, own_w=0,
+         fill=0x5A) -> bytes:
+    flags = (1 if server else 0) | (2 if real_layout else 0)
+    return h + bytes([flags, fill]) + struct.pack("<II", own_r, own_w) + ops
+
+
+def traffic(rsize: int, wsize: int) -> bytes:
+    """A peer that produces and consumes honestly; we read, write, arm."""
+    ops = b""
+    ops += bytes([ARM_R])
+    ops += bytes([P_PRODUCE]) + ln(100) + b"\x01"
+    ops += bytes([READY, READ]) + ln(60) + bytes([PEEK, 1])
+    ops += bytes([P_PRODUCE]) + ln(rsize) + b"\x07"  # fill the ring
+    ops += bytes([RECV]) + ln(rsize // 2) + bytes([READ]) + ln(rsize)
+    ops += bytes([WRITE]) + ln(wsize - 3) + bytes([SPACE, ARM_W])
+    ops += bytes([P_CONSUME]) + ln(wsize) + bytes([SEND]) + ln(wsize)
+    ops += bytes([P_NOTIFY, 3, 3]) + bytes([P_CONSUME]) + ln(wsize)
+    ops += bytes([WRITE]) + ln(17) + bytes([P_PRODUCE]) + ln(9) + b"\x02" + bytes([READ]) + ln(9)
+    ops += bytes([LIVE, BURST, NOTIFY, CLOSE, WRITE]) + ln(1) + bytes([READ]) + ln(1)
+    return ops
+
+
+def vchan_seeds() -> dict[str, bytes]:
+    seeds: dict[str, bytes] = {}
+    pairs = [(10, 11), (11, 10), (12, 12), (13, 13), (11, 14), (10, 12), (16, 16)]
+    for lo, ro in pairs:
+        for server in (True, False):
+            rsize = 1 << (lo if server else ro)
+            wsize = 1 << (ro if server else lo)
+            name = f"traffic-{lo}-{ro}-{'srv' if server else 'cli'}"
+            seeds[name] = heap(hdr(lo, ro), server, lo < 12 or ro < 12, traffic(rsize, wsize))
+    # Indices near the u32 wrap: a transfer across 2^32.
+    w = 0xFFFFFF00
+    seeds["wrap-u32"] = heap(hdr(12, 12, lcons=w, lprod=w, rcons=w, rprod=w), True, False,
+                             traffic(4096, 4096), own_r=w, own_w=w)
+    # Hostile moves from an honest start.
+    seeds["hostile-prod"] = heap(hdr(12, 13), True, False, bytes([P_JUMP_PROD]) +
+                                 struct.pack("<I", 1 << 31) + bytes([READ]) + ln(10) +
+                                 bytes([PEEK, 1, ARM_R]))
+    seeds["hostile-cons"] = heap(hdr(12, 13), False, False, bytes([WRITE]) + ln(100) +
+                                 bytes([P_JUMP_CONS]) + struct.pack("<I", 0xFFFFFFFF) +
+                                 bytes([WRITE]) + ln(10) + bytes([SPACE, ARM_W]))
+    seeds["hostile-orders"] = heap(hdr(11, 10), True, True, bytes([P_ORDERS, 1]) +
+                                   struct.pack("<HH", 21, 9) + bytes([READY, SPACE, P_ORDERS, 0,
+                                                                      READY]))
+    seeds["hostile-scribble"] = heap(hdr(12, 12), True, False, bytes([P_SCRIBBLE]) +
+                                     struct.pack("<II", 77, 99) + bytes([P_PRODUCE]) + ln(5) +
+                                     b"\x00" + bytes([READ]) + ln(5) + bytes([P_LIVE, 9, 9, LIVE]))
+    # The real client constructor over a memfd: orders 12/12, refs 1 and 2.
+    memfd = hdr(12, 12) + bytes([4, 2, 2, 1, 2]) + traffic(4096, 4096)
+    seeds["memfd-12-12"] = memfd
+    seeds["memfd-10-11"] = hdr(10, 11) + bytes([4, 0, 0]) + traffic(2048, 1024)
+    seeds["memfd-bad-ref"] = hdr(12, 13) + bytes([4, 3, 3, 0x81]) + struct.pack("<I", 1 << 31) + \
+        bytes([1, 2])
+    return seeds
+
+
+def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "corpus"
+    targets = {"vchan_fuzz": vchan_seeds()}
+    try:
+        import blk_seeds  # type: ignore[import-not-found]  # noqa: PLC0415
+    except ImportError:
+        blk_seeds = None
+    if blk_seeds is not None:
+        targets["blk_fuzz"] = blk_seeds.seeds()
+    for target, seeds in targets.items():
+        d = out / target
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in seeds.items():
+            (d / name).write_bytes(data)
+        print(f"{target}: {len(seeds)} seeds in {d}")
+
+
+if __name__ == "__main__":
+    main()
