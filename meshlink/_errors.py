@@ -85,3 +85,18 @@ class DiskError(MeshlinkError):
     def __init__(self, message: str, errno: int = 5) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class RulesError(ResolveError):
+    """A static rules file is malformed; the message names the file and line.
+
+    Attributes:
+        path: the rules file.
+        line: the 1-based line of the error (0 when unknown).
+    """
+
+    def __init__(self, path: str, line: int, message: str) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line

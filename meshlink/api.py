@@ -1,0 +1,435 @@
+"""``meshlink.serve`` and ``meshlink.connect``: services by name over the best transport.
+
+Theory of operation
+-------------------
+``serve(name, handlers)`` listens at once on vchan (claiming ``name`` in the
+host store), on TLS and on plain TCP, runs the message bus
+(:func:`meshlink.bus.serve_bus`) on every accepted connection, and advertises
+itself: a record beside its host store entry (host id, TCP/TLS endpoints, TLS
+fingerprint) and, when enabled, a zeroconf DNS-SD registration.  It withdraws
+all of them when it stops -- cancelled, SIGTERM, or an error.  A server killed
+with SIGKILL cannot withdraw, but its host store lock dies with it, so its
+entry is stale, ignored by resolvers and replaced by the next server.
+
+``connect(name)`` resolves the name (:class:`resolver.Resolver`: host store,
+rules file, zeroconf; ranked vchan > tls > tcp) and tries each endpoint in
+order.  Co-location is proved, not guessed: a vchan endpoint is ranked only
+when its advertised host id is ours, and used only if the vchan handshake
+succeeds; any failure is logged on ``meshlink.connect`` and the next endpoint
+is tried.  The bus handshake is part of each attempt, so a TLS server that
+refuses our certificate (TLS 1.3 says so only after the handshake) also counts
+as a failed attempt.  ``conn.transport`` says what was used.
+
+Alternatives rejected: racing all endpoints at once (happy eyeballs) would
+open TCP connections that the policy says must not be made when a better
+transport works, and would make the server-side accounting of ``require_tls``
+impossible to assert; endpoints are tried one at a time, each bounded by
+``attempt_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from resolver import Choice, Endpoint, Policy, Resolver, ZeroconfConfig
+from resolver.hoststore import ServiceRecord, default_host_id, remove_record, write_record
+from resolver.zeroconf import Advertisement, Registration
+from resolver.zeroconf import register as zeroconf_register
+
+from ._errors import (
+    AuthError,
+    HandshakeError,
+    LocalProtocolError,
+    MeshlinkError,
+    ResolveError,
+)
+from .bus import BusConfig, Connection, Handlers, serve_bus
+from .hoststore import HostStore, validate_service_name
+from .tls import TLSConfig, tls_client_stream, tls_server_handshake
+from .vchan import VchanListener, connect_vchan, open_vchan_listener
+
+__all__ = ["MeshConnection", "Server", "connect", "serve"]
+
+logger = logging.getLogger("meshlink.connect")
+serve_logger = logging.getLogger("meshlink.serve")
+
+#: Default bound on one connection attempt (transport + TLS + bus handshake).
+ATTEMPT_TIMEOUT = 10.0
+
+
+class MeshConnection(Connection):
+    """A bus :class:`~meshlink.bus.Connection` made by :func:`connect`.
+
+    Attributes:
+        transport: ``"vchan"``, ``"tls"`` or ``"tcp"``: what was used.
+        endpoint: the endpoint it connected to.
+        choice: the ranking's choice, with the reason.
+    """
+
+    transport: str = ""
+    endpoint: Endpoint | None = None
+    choice: Choice | None = None
+
+
+@dataclass
+class Server:
+    """A running :func:`serve`; delivered by ``nursery.start(serve, ...)``.
+
+    Attributes:
+        name: the service name.
+        host_id: the host id it advertises.
+        endpoints: every endpoint it offers (vchan first).
+        tls_port: the TLS port, or 0.
+        tcp_port: the plain TCP port, or 0.
+        accepted: connections accepted so far, per transport.
+        refused: connections refused (TLS authentication), per transport.
+    """
+
+    name: str
+    host_id: str
+    endpoints: list[Endpoint]
+    tls_port: int = 0
+    tcp_port: int = 0
+    accepted: dict[str, int] = field(default_factory=lambda: {"vchan": 0, "tls": 0, "tcp": 0})
+    refused: dict[str, int] = field(default_factory=lambda: {"vchan": 0, "tls": 0, "tcp": 0})
+    _cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def transports(self) -> tuple[str, ...]:
+        """Transports offered, best first."""
+        return tuple(dict.fromkeys(ep.scheme for ep in self.endpoints))
+
+    def stop(self) -> None:
+        """Ask the server to stop (it withdraws every registration, then returns)."""
+        self._cancel.cancel()
+
+
+def _port(listeners: Sequence[trio.SocketListener]) -> int:
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def serve(
+    name: str,
+    handlers: Handlers,
+    *,
+    host_store: HostStore | str | os.PathLike[str] | None = None,
+    bind: str = "127.0.0.1",
+    advertise: Sequence[str] | None = None,
+    tls: TLSConfig | None = None,
+    tls_port: int | None = 0,
+    tcp_port: int | None = 0,
+    require_tls: bool = False,
+    vchan: bool = True,
+    allow_uids: Collection[int] | None = None,
+    zeroconf: ZeroconfConfig | bool | None = None,
+    host_id: str | None = None,
+    config: BusConfig | None = None,
+    handle_sigterm: bool = True,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handlers`` under ``name`` on vchan, TLS and TCP until stopped.
+
+    Args:
+        name: the service name.
+        handlers: the bus handlers every connection serves.
+        host_store: where to publish the vchan rendezvous (default as in
+            :mod:`meshlink.hoststore`).
+        bind: the address the TCP and TLS listeners bind.
+        advertise: addresses to advertise for TCP/TLS (default: ``bind``, or
+            the zeroconf interfaces when ``bind`` is a wildcard).
+        tls: certificates (default: ``MESHLINK_TLS_*``; none = no TLS).  With
+            a CA, clients must present a certificate it signed (mutual TLS).
+        tls_port: TLS port (0 = any free port; ``None`` = no TLS listener).
+        tcp_port: plain TCP port (0 = any; ``None`` = no plain TCP listener).
+        require_tls: offer no plain TCP at all.
+        vchan: offer vchan through the host store.
+        allow_uids: uids allowed to connect over vchan (default: our own).
+        zeroconf: DNS-SD advertisement: a config, ``True`` (all interfaces),
+            ``False``, or ``None`` for ``$MESHLINK_ZEROCONF`` (unset: off).
+        host_id: the host id to advertise (default: boot id + host store path).
+        config: bus limits and timers of each connection.
+        handle_sigterm: stop cleanly on SIGTERM (main thread only).
+        task_status: receives the :class:`Server` once every listener is up
+            and the service is advertised.
+
+    Raises:
+        AddressInUse: a live server already publishes ``name`` in the host store.
+        LocalProtocolError: bad name, or TLS required but not configured.
+        OSError: a TCP port could not be bound.
+
+    Cancellation:
+        Stops accepting, closes every connection (handlers are cancelled) and
+        withdraws every registration before returning; the zeroconf goodbye
+        is shielded so it completes.
+
+    Backpressure:
+        Per connection, as set by ``config``; accepting is not limited.
+    """
+    validate_service_name(name)
+    if tls is None:
+        tls = TLSConfig.from_env()
+    if tls is not None and not tls.can_serve:
+        tls = None
+    if require_tls:
+        tcp_port = None
+        if tls is None or tls_port is None:
+            raise LocalProtocolError("require_tls needs a TLS certificate (tls= or MESHLINK_TLS_*)")
+    if tls is None:
+        tls_port = None
+    zc = ZeroconfConfig.from_env() if zeroconf is None else (
+        ZeroconfConfig() if zeroconf is True else (zeroconf or None))
+    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+    hid = host_id or default_host_id(store)
+    ssl_ctx = tls.server_context() if tls is not None else None
+
+    async with AsyncExitStack() as stack:
+        vlistener: VchanListener | None = None
+        if vchan:
+            vlistener = await open_vchan_listener(name, host_store=store, allow_uids=allow_uids)
+            stack.push_async_callback(vlistener.aclose)
+            stack.callback(remove_record, store, name)
+        tls_listeners: list[trio.SocketListener] = []
+        tcp_listeners: list[trio.SocketListener] = []
+        if tls_port is not None:
+            tls_listeners = await trio.open_tcp_listeners(tls_port, host=bind)
+            for lst in tls_listeners:
+                stack.push_async_callback(lst.aclose)
+        if tcp_port is not None:
+            tcp_listeners = await trio.open_tcp_listeners(tcp_port, host=bind)
+            for lst in tcp_listeners:
+                stack.push_async_callback(lst.aclose)
+        if advertise is None:
+            wildcard = bind in ("", "0.0.0.0", "::")
+            advertise = list(zc.interfaces) if wildcard and zc else (
+                ["127.0.0.1"] if wildcard else [bind])
+        server = Server(name, hid, [])
+        if vlistener is not None:
+            server.endpoints.append(Endpoint("vchan", name, store=str(store.path), host_id=hid))
+        if tls_listeners:
+            server.tls_port = _port(tls_listeners)
+            server.endpoints += [Endpoint("tls", a, server.tls_port, host_id=hid)
+                                 for a in advertise]
+        if tcp_listeners:
+            server.tcp_port = _port(tcp_listeners)
+            server.endpoints += [Endpoint("tcp", a, server.tcp_port, host_id=hid)
+                                 for a in advertise]
+        fingerprint = tls.fingerprint() if tls is not None else None
+        if vlistener is not None:
+            write_record(store, ServiceRecord(
+                name, hid, server.transports,
+                tuple(ep.url for ep in server.endpoints if ep.scheme != "vchan"),
+                fingerprint, os.getpid()))
+        if zc is not None:
+            ad = Advertisement(name, hid, server.transports, tuple(advertise),
+                               server.tls_port, server.tcp_port, fingerprint)
+            reg: Registration = await zeroconf_register(ad, zc)
+            stack.push_async_callback(reg.withdraw)
+
+        async def on_vchan(stream: trio.abc.Stream) -> None:
+            server.accepted["vchan"] += 1
+            await _serve_one(stream, handlers, name, config)
+
+        async def on_tcp(stream: trio.abc.Stream) -> None:
+            server.accepted["tcp"] += 1
+            await _serve_one(stream, handlers, name, config)
+
+        async def on_tls(stream: trio.SSLStream[trio.SocketStream]) -> None:
+            assert tls is not None
+            try:
+                who = await tls_server_handshake(stream, tls)
+            except (AuthError, HandshakeError) as exc:
+                server.refused["tls"] += 1
+                serve_logger.warning("%s: TLS client refused: %s", name, exc)
+                await trio.aclose_forcefully(stream)
+                return
+            server.accepted["tls"] += 1
+            serve_logger.debug("%s: TLS client %s", name, who)
+            await _serve_one(stream, handlers, name, config)
+
+        with server._cancel:
+            async with trio.open_nursery() as nursery:
+                if vlistener is not None:
+                    nursery.start_soon(trio.serve_listeners, on_vchan, [vlistener])
+                if tcp_listeners:
+                    nursery.start_soon(trio.serve_listeners, on_tcp, tcp_listeners)
+                if tls_listeners:
+                    assert ssl_ctx is not None
+                    ssl_listeners = [trio.SSLListener(lst, ssl_ctx) for lst in tls_listeners]
+                    nursery.start_soon(trio.serve_listeners, on_tls, ssl_listeners)
+                serve_logger.info("%s: serving on %s", name,
+                                  ", ".join(ep.url for ep in server.endpoints))
+                task_status.started(server)
+                if handle_sigterm and threading.current_thread() is threading.main_thread():
+                    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                        async for _ in signals:
+                            serve_logger.info("%s: SIGTERM, withdrawing", name)
+                            break
+                    nursery.cancel_scope.cancel()
+
+
+async def _serve_one(
+    stream: trio.abc.Stream, handlers: Handlers, name: str, config: BusConfig | None
+) -> None:
+    try:
+        await serve_bus(stream, handlers, name=name, config=config)
+    except (MeshlinkError, trio.BrokenResourceError, OSError) as exc:
+        serve_logger.info("%s: connection ended with an error: %r", name, exc)
+
+
+def _auth_cause(exc: BaseException) -> BaseException | None:
+    """The TLS alert buried in a failed bus handshake, if that is what it was."""
+    import ssl
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+async def _open_stream(
+    ep: Endpoint, name: str, resolver: Resolver, tls: TLSConfig | None
+) -> trio.abc.Stream:
+    if ep.scheme == "vchan":
+        return await connect_vchan(ep.host, host_store=ep.store or resolver.store)
+    tcp = await trio.open_tcp_stream(ep.host, ep.port)
+    if ep.scheme == "tcp":
+        return tcp
+    if tls is None or not tls.can_connect:
+        await tcp.aclose()
+        raise LocalProtocolError("TLS endpoint but no CA configured (tls= or MESHLINK_TLS_CA)")
+    stream = await tls_client_stream(tcp, tls.client_context(), name)
+    if ep.fingerprint:
+        import hashlib
+
+        der = stream.getpeercert(binary_form=True)
+        seen = hashlib.sha256(der).hexdigest() if der else ""
+        if seen != ep.fingerprint:
+            logger.warning("%s: server certificate fingerprint %s differs from the advertised "
+                           "%s (the CA vouches for it; advertisement may be stale)",
+                           name, seen[:16], ep.fingerprint[:16])
+    return stream
+
+
+@asynccontextmanager
+async def connect(
+    name: str,
+    handlers: Handlers | None = None,
+    *,
+    resolver: Resolver | None = None,
+    host_store: HostStore | str | os.PathLike[str] | None = None,
+    rules: Any = None,
+    zeroconf: ZeroconfConfig | bool | None = None,
+    host_id: str | None = None,
+    tls: TLSConfig | None = None,
+    require_tls: bool = False,
+    forbid_vchan: bool = False,
+    pin: str | Endpoint | None = None,
+    client_name: str = "",
+    config: BusConfig | None = None,
+    attempt_timeout: float = ATTEMPT_TIMEOUT,
+) -> AsyncIterator[MeshConnection]:
+    """Connect to the service ``name`` over the best transport that works.
+
+    Use as ``async with meshlink.connect("storage-node") as conn:``.
+
+    Args:
+        name: the service name.
+        handlers: what this end serves to the server (the bus is symmetric).
+        resolver: a :class:`resolver.Resolver`; by default one is built from
+            ``host_store``, ``rules``, ``zeroconf`` and ``host_id``.
+        host_store: our host store (default as in :mod:`meshlink.hoststore`).
+        rules: rules file path or parsed rules (default ``$MESHLINK_RULES``).
+        zeroconf: DNS-SD lookup config, ``True``, ``False``, or ``None`` for
+            ``$MESHLINK_ZEROCONF`` (unset: off).
+        host_id: our host id (default: boot id + host store path).
+        tls: certificates (default ``MESHLINK_TLS_*``).  TLS endpoints need a
+            CA; mutual-TLS servers need our certificate too.
+        require_tls: never use plain TCP (not even attempted).
+        forbid_vchan: never use shared memory.
+        pin: use exactly this endpoint (URL or :class:`Endpoint`).
+        client_name: our name, sent in the bus hello.
+        config: bus limits and timers.
+        attempt_timeout: bound on opening each transport (connect, vchan or
+            TLS handshake); the bus handshake is bounded by ``config``.
+
+    Returns:
+        An async context manager yielding a :class:`MeshConnection`.
+
+    Raises:
+        ResolveError: no usable endpoint, or every attempt failed (the message
+            lists each attempt and why; the last error is chained).
+        AuthError: every attempt failed and at least one was refused for its
+            credentials (TLS certificate, vchan uid).
+        RulesError: the rules file is malformed.
+
+    Cancellation:
+        Safe at any point: a half-made transport is closed.  Leaving the block
+        closes the connection.
+
+    Backpressure:
+        Each attempt waits at most ``attempt_timeout``; then the bus's.
+    """
+    if tls is None:
+        tls = TLSConfig.from_env()
+    if resolver is None:
+        resolver = Resolver(host_store=host_store, rules=rules, zeroconf=zeroconf,
+                            host_id=host_id, tls_configured=tls is not None and tls.can_connect)
+    policy = Policy(require_tls=require_tls, forbid_vchan=forbid_vchan, pin=pin)
+    try:
+        choices = await resolver.resolve(name, policy)
+    except ValueError as exc:
+        raise LocalProtocolError(f"bad pin: {exc}") from exc
+    failures: list[str] = []
+    auth_error: BaseException | None = None
+    last: BaseException | None = None
+    async with AsyncExitStack() as stack:
+        conn: MeshConnection | None = None
+        for choice in choices:
+            ep = choice.endpoint
+            try:
+                with trio.fail_after(attempt_timeout):
+                    stream = await _open_stream(ep, name, resolver, tls)
+                # Not inside the fail_after: the connection's nursery outlives this
+                # statement.  The bus bounds its own handshake (handshake_timeout).
+                opened = await stack.enter_async_context(
+                    MeshConnection.open(stream, handlers, name=client_name, config=config))
+                assert isinstance(opened, MeshConnection)
+                conn = opened
+            except (MeshlinkError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+                err: BaseException = exc
+                if ep.scheme == "tls" and not isinstance(exc, AuthError):
+                    cause = _auth_cause(exc)
+                    if cause is not None:
+                        err = AuthError(f"TLS server refused us: {cause}")
+                        err.__cause__ = exc
+                if isinstance(err, AuthError) and auth_error is None:
+                    auth_error = err
+                last = err
+                failures.append(f"{ep.url}: {err}")
+                logger.warning("%s: %s failed (%s); falling back to the next endpoint",
+                               name, ep.url, err)
+                continue
+            conn.transport = ep.scheme
+            conn.endpoint = ep
+            conn.choice = choice
+            logger.info("%s: connected over %s to %s (%s)", name, ep.scheme, ep.url,
+                        choice.reason)
+            break
+        if conn is None:
+            summary = "; ".join(failures)
+            if auth_error is not None:
+                raise AuthError(f"could not connect to {name!r}: {summary}") from auth_error
+            raise ResolveError(f"could not connect to {name!r}: {summary}") from last
+        yield conn

@@ -1,0 +1,136 @@
+"""Endpoints and the facts the ranking needs (plain data, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+__all__ = ["SCHEMES", "Choice", "Endpoint", "LocalFacts", "Policy", "Ranking", "Scheme"]
+
+Scheme = Literal["vchan", "tls", "tcp"]
+#: Transports in the default order of preference.
+SCHEMES: tuple[Scheme, ...] = ("vchan", "tls", "tcp")
+#: The authority of a vchan URL: "through the host store".
+VCHAN_AUTHORITY = "host-store"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One way to reach a service.
+
+    Attributes:
+        scheme: ``"vchan"``, ``"tls"`` or ``"tcp"``.
+        host: the IP address or DNS name (for vchan: the service name).
+        port: the TCP port (0 for vchan).
+        store: for vchan, the host store directory that publishes it (``None``:
+            the client's own host store).
+        host_id: the host id the publisher advertised (``None``: unknown).
+        fingerprint: SHA-256 of the server's TLS certificate (hex), if advertised.
+        source: which registry produced it (``hoststore``, ``rules``,
+            ``zeroconf``, ``pin``).
+    """
+
+    scheme: Scheme
+    host: str
+    port: int = 0
+    store: str | None = field(default=None, compare=False)
+    host_id: str | None = field(default=None, compare=False)
+    fingerprint: str | None = field(default=None, compare=False)
+    source: str = field(default="", compare=False)
+
+    @property
+    def url(self) -> str:
+        """The endpoint as a URL: ``vchan://host-store/NAME``, ``tls://HOST:PORT``."""
+        if self.scheme == "vchan":
+            return f"vchan://{VCHAN_AUTHORITY}/{self.host}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.url
+
+    @classmethod
+    def parse(cls, url: str, *, source: str = "") -> Endpoint:
+        """Parse ``vchan://host-store/NAME``, ``tls://HOST:PORT`` or ``tcp://HOST:PORT``.
+
+        Raises:
+            ValueError: not one of those forms (the message says why).
+        """
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad endpoint {url!r}: {exc}") from exc
+        if parts.query or parts.fragment:
+            raise ValueError(f"bad endpoint {url!r}: no query or fragment allowed")
+        if parts.scheme == "vchan":
+            name = parts.path.lstrip("/")
+            if parts.netloc != VCHAN_AUTHORITY or not name or "/" in name:
+                raise ValueError(
+                    f"bad endpoint {url!r}: a vchan endpoint is vchan://{VCHAN_AUTHORITY}/NAME"
+                )
+            return cls("vchan", name, source=source)
+        if parts.scheme not in ("tls", "tcp"):
+            raise ValueError(f"bad endpoint {url!r}: scheme must be vchan, tls or tcp")
+        if not parts.hostname or port is None or not 0 < port < 65536:
+            raise ValueError(f"bad endpoint {url!r}: expected {parts.scheme}://HOST:PORT")
+        if parts.path not in ("", "/"):
+            raise ValueError(f"bad endpoint {url!r}: no path allowed")
+        scheme: Scheme = "tls" if parts.scheme == "tls" else "tcp"
+        return cls(scheme, parts.hostname, port, source=source)
+
+
+@dataclass(frozen=True)
+class LocalFacts:
+    """What the ranking knows about this end.
+
+    Attributes:
+        host_id: our host id (see :func:`resolver.hoststore.default_host_id`).
+        tls_configured: whether we have a TLS configuration (a CA to verify
+            servers with, and our certificate for mutual TLS).
+    """
+
+    host_id: str
+    tls_configured: bool = True
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How to choose among endpoints.
+
+    Attributes:
+        require_tls: refuse plain TCP (vchan stays allowed: it never leaves the host).
+        forbid_vchan: never use shared memory (for example, to test TLS locally).
+        pin: use exactly this endpoint (a URL or :class:`Endpoint`), nothing else.
+        order: preference among transports; the default is vchan > tls > tcp.
+    """
+
+    require_tls: bool = False
+    forbid_vchan: bool = False
+    pin: str | Endpoint | None = None
+    order: tuple[Scheme, ...] = SCHEMES
+
+
+@dataclass(frozen=True)
+class Choice:
+    """An endpoint and why it was chosen (or rejected)."""
+
+    endpoint: Endpoint
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.endpoint.url}  ({self.reason})"
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The result of ranking: usable endpoints best first, and the rejected ones.
+
+    Attributes:
+        chosen: endpoints to try, in order, each with the reason for its place.
+        rejected: endpoints that will not be tried, each with the reason.
+    """
+
+    chosen: tuple[Choice, ...]
+    rejected: tuple[Choice, ...] = ()
