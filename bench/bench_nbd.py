@@ -93,6 +93,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="fio run time per figure")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per figure (best kept)")
+    parser.add_argument("--only", default="", help="run only figures whose name contains this")
     args = parser.parse_args()
     for tool in ("fio", "nbdcopy", "nbdkit"):
         if shutil.which(tool) is None:
@@ -143,6 +144,7 @@ def main() -> int:
             ("nbdcopy file->export", "MiB/s",
              lambda u: SIZE_MIB / timed(["nbdcopy", str(src), u])),
         ]
+        figures = [f for f in figures if args.only in f[0]]
         for transport in ("unix", "tcp"):
             for name, unit, measure in figures:
                 for _ in range(args.rounds):
