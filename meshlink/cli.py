@@ -1,0 +1,308 @@
+"""The ``meshlink`` command: serve, resolve, list, connect to and call services by name.
+
+    meshlink serve-echo NAME            run the capitalising echo service
+    meshlink resolve NAME --explain     show the ranked endpoints and why
+    meshlink ls                         services in the host store (and zeroconf)
+    meshlink connect NAME               send stdin lines, print the replies
+    meshlink call NAME METHOD [ARG...]  one RPC, print the result as JSON
+
+Subcommand groups of other modules (``meshlink disk ...``,
+``meshlink vchan ...``) are added when those modules are installed.
+
+Exit codes: 0 success; 1 the operation failed (message on stderr); 2 usage
+error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import trio
+
+from ._errors import MeshlinkError
+from .api import Server, connect, serve
+from .bus import Handlers, RemoteError
+from .tls import TLSConfig
+
+__all__ = ["echo_handlers", "main"]
+
+
+def echo_handlers() -> Handlers:
+    """The capitalising echo service: ``echo(text) -> TEXT``."""
+    handlers = Handlers()
+
+    async def echo(text: str) -> str:
+        return str(text).upper()
+
+    handlers.add_method("echo", echo)
+    return handlers
+
+
+# --- options shared by the client commands -----------------------------------------
+
+
+def _zeroconf_arg(value: str) -> Any:
+    from resolver import ZeroconfConfig
+
+    if value.lower() in ("off", "no", "0"):
+        return False
+    if value.lower() in ("all", "on", "1"):
+        return ZeroconfConfig()
+    return ZeroconfConfig(tuple(v.strip() for v in value.split(",") if v.strip()))
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host-store", metavar="DIR",
+                   help="host store directory (default: $MESHLINK_HOST_STORE, "
+                        "$XDG_RUNTIME_DIR/meshlink, /tmp/meshlink-UID)")
+    p.add_argument("--host-id", help="our host id (default: boot id + host store path)")
+    p.add_argument("--zeroconf", metavar="ADDRS", type=_zeroconf_arg, default=None,
+                   help="DNS-SD on these interface addresses (comma-separated), 'all' or "
+                        "'off' (default: $MESHLINK_ZEROCONF, unset = off)")
+    p.add_argument("--tls-cert", help="our certificate chain, PEM (or $MESHLINK_TLS_CERT)")
+    p.add_argument("--tls-key", help="our private key, PEM (or $MESHLINK_TLS_KEY)")
+    p.add_argument("--tls-ca", help="CA of the peers, PEM (or $MESHLINK_TLS_CA)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+
+
+def _add_client(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--rules", metavar="FILE", help="static rules file, TOML ($MESHLINK_RULES)")
+    p.add_argument("--require-tls", action="store_true", help="never use plain TCP")
+    p.add_argument("--no-vchan", action="store_true", help="never use shared memory")
+    p.add_argument("--pin", metavar="URL", help="use exactly this endpoint")
+
+
+def _tls(args: argparse.Namespace, allow: list[str] | None = None) -> TLSConfig | None:
+    return TLSConfig.from_env(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca,
+                              allow_names=allow)
+
+
+def _connect_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(host_store=args.host_store, rules=args.rules, zeroconf=args.zeroconf,
+                host_id=args.host_id, tls=_tls(args), require_tls=args.require_tls,
+                forbid_vchan=args.no_vchan, pin=args.pin, client_name="meshlink-cli")
+
+
+def _resolver(args: argparse.Namespace) -> Any:
+    from resolver import Resolver
+
+    tls = _tls(args)
+    return Resolver(host_store=args.host_store, rules=getattr(args, "rules", None),
+                    zeroconf=args.zeroconf, host_id=args.host_id,
+                    tls_configured=tls is not None and tls.can_connect)
+
+
+# --- commands -----------------------------------------------------------------------
+
+
+def _cmd_serve_echo(args: argparse.Namespace) -> int:
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(partial(
+                serve, args.name, echo_handlers(), host_store=args.host_store,
+                bind=args.bind, advertise=args.advertise or None,
+                tls=_tls(args, args.allow_name or None),
+                tls_port=None if args.no_tls else args.tls_port,
+                tcp_port=None if args.no_tcp else args.tcp_port,
+                require_tls=args.require_tls, vchan=not args.no_vchan,
+                zeroconf=args.zeroconf, host_id=args.host_id))
+            print(f"serving {server.name}: " + " ".join(ep.url for ep in server.endpoints),
+                  flush=True)
+
+    trio.run(run)
+    return 0
+
+
+def _cmd_resolve(args: argparse.Namespace) -> int:
+    from resolver import Policy
+
+    policy = Policy(require_tls=args.require_tls, forbid_vchan=args.no_vchan, pin=args.pin)
+    ranking = trio.run(_resolver(args).explain, args.name, policy)
+    for n, choice in enumerate(ranking.chosen, 1):
+        print(f"{n}. {choice.endpoint.url}" + (f"\n   {choice.reason}" if args.explain else ""))
+    if args.explain:
+        for choice in ranking.rejected:
+            print(f"-  {choice.endpoint.url} rejected\n   {choice.reason}")
+    if not ranking.chosen:
+        print(f"error: no usable endpoint for {args.name!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from resolver.zeroconf import ZeroconfConfig, browse
+
+    res = _resolver(args)
+    rows: list[tuple[str, str, str, str]] = []
+    for name, live, rec in res.hoststore.services():
+        if rec is not None:
+            rows.append((name, "hoststore", ",".join(rec.transports), " ".join(rec.endpoints)))
+        else:
+            rows.append((name, "hoststore", "vchan" if live else "-",
+                         "" if live else "(stale: server gone)"))
+    zc: ZeroconfConfig | None = res.zeroconf
+    if zc is not None:
+        for ad in trio.run(browse, zc):
+            where = " ".join(ep.url for ep in ad.endpoints() if ep.scheme != "vchan")
+            rows.append((ad.name, "zeroconf", ",".join(ad.transports),
+                         f"{where} host {ad.host_id}"))
+    width = max([len(r[0]) for r in rows] + [4])
+    print(f"{'NAME':<{width}}  {'SOURCE':<9}  {'TRANSPORTS':<14}  ENDPOINTS")
+    for name, src, tr, where in rows:
+        print(f"{name:<{width}}  {src:<9}  {tr:<14}  {where}".rstrip())
+    return 0
+
+
+def _cmd_connect(args: argparse.Namespace) -> int:
+    async def run() -> None:
+        async with connect(args.name, **_connect_kwargs(args)) as conn:
+            print(f"connected to {args.name} over {conn.transport} "
+                  f"({conn.endpoint.url if conn.endpoint else '?'})", file=sys.stderr, flush=True)
+            while True:
+                line = await trio.to_thread.run_sync(sys.stdin.readline)
+                if not line:
+                    break
+                reply = await conn.call(args.method, line.rstrip("\n"))
+                print(reply if isinstance(reply, str) else json.dumps(reply), flush=True)
+
+    trio.run(run)
+    return 0
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    async def run() -> Any:
+        async with connect(args.name, **_connect_kwargs(args)) as conn:
+            if args.verbose:
+                print(f"over {conn.transport}", file=sys.stderr)
+            return await conn.call(args.method, *[_json_arg(a) for a in args.args])
+
+    result = trio.run(run)
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``meshlink`` argument parser, with optional groups of other modules."""
+    parser = argparse.ArgumentParser(
+        prog="meshlink",
+        description="Serve and reach meshlink services by name: vchan shared memory when "
+                    "co-located, TLS or TCP otherwise.",
+        epilog="exit codes: 0 ok, 1 failed (message on stderr), 2 usage, 130 interrupted")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve-echo", help="run the capitalising echo service",
+                       description="Serve the echo service (echo(text) -> TEXT) on vchan, TLS "
+                                   "and TCP; prints one line 'serving NAME: URL...' when ready. "
+                                   "SIGTERM withdraws it.")
+    p.add_argument("name")
+    _add_common(p)
+    p.add_argument("--bind", default="127.0.0.1", help="address for TCP/TLS (127.0.0.1)")
+    p.add_argument("--advertise", action="append", metavar="ADDR",
+                   help="address to advertise (repeatable; default: --bind)")
+    p.add_argument("--tls-port", type=int, default=0, help="TLS port (default: any free)")
+    p.add_argument("--tcp-port", type=int, default=0, help="TCP port (default: any free)")
+    p.add_argument("--no-tls", action="store_true", help="no TLS listener")
+    p.add_argument("--no-tcp", action="store_true", help="no plain TCP listener")
+    p.add_argument("--no-vchan", action="store_true", help="do not publish in the host store")
+    p.add_argument("--require-tls", action="store_true", help="TLS only (no plain TCP)")
+    p.add_argument("--allow-name", action="append", metavar="NAME",
+                   help="client certificate name allowed (repeatable; default any the CA signed)")
+    p.set_defaults(func=_cmd_serve_echo)
+
+    p = sub.add_parser("resolve", help="show the endpoints a name resolves to",
+                       description="Resolve NAME through the host store, the rules file and "
+                                   "zeroconf, and print the endpoints in the order connect "
+                                   "tries them.")
+    p.add_argument("name")
+    p.add_argument("--explain", action="store_true",
+                   help="give the reason for each endpoint, rejected ones included")
+    _add_client(p)
+    p.set_defaults(func=_cmd_resolve)
+
+    p = sub.add_parser("ls", help="list services (host store and zeroconf)",
+                       description="List the services of the host store (live and stale) "
+                                   "and, with zeroconf enabled, those answering on the network.")
+    _add_common(p)
+    p.set_defaults(func=_cmd_ls)
+
+    p = sub.add_parser("connect", help="send stdin lines to a service, print the replies",
+                       description="Connect to NAME; call METHOD with each line of stdin and "
+                                   "print each reply.  The transport used goes to stderr.")
+    p.add_argument("name")
+    p.add_argument("--method", default="echo", help="method to call per line (echo)")
+    _add_client(p)
+    p.set_defaults(func=_cmd_connect)
+
+    p = sub.add_parser("call", help="call one method and print the result as JSON",
+                       description="Connect to NAME and call METHOD; each ARG is parsed as "
+                                   "JSON when it is valid JSON, else passed as a string.")
+    p.add_argument("name")
+    p.add_argument("method")
+    p.add_argument("args", nargs="*")
+    _add_client(p)
+    p.set_defaults(func=_cmd_call)
+
+    for module, func in (("meshlink.disk.cli", "add_disk_commands"),
+                         ("meshlink.vchan_cli", "add_vchan_commands")):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module.startswith(exc.name):
+                continue  # deliberate: that group is not installed
+            raise
+        getattr(mod, func)(sub)
+    return parser
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error inside nested exception groups, else the group itself."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``meshlink`` command.
+
+    Returns:
+        The exit code (0 ok, 1 failed, 2 usage, 130 interrupted).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", 0) or 0
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        try:
+            code: int = args.func(args)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+    except KeyboardInterrupt:
+        return 130
+    except RemoteError as exc:
+        print(f"error: the service raised {exc}", file=sys.stderr)
+        return 1
+    except (MeshlinkError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
