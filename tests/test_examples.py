@@ -1,4 +1,8 @@
-"""The README's first command keeps working: the cluster demo exits 0."""
+"""The README's first command keeps working: the cluster demo exits 0.
+
+The demo runs the echo server with meshlink.serve, one co-located client
+(which must get vchan) and one client forced through TLS.
+"""
 
 from __future__ import annotations
 
@@ -13,5 +17,6 @@ def test_cluster_demo_runs() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "examples/cluster/demo.py")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "'hello from dom0' -> 'HELLO FROM DOM0'" in out.stdout
+    assert "[vchan] 'hello from dom0' -> 'HELLO FROM DOM0'" in out.stdout
+    assert "[tls] 'hello from dom0' -> 'HELLO FROM DOM0'" in out.stdout
     assert "demo: OK" in out.stdout

@@ -1,6 +1,10 @@
-"""Client of the echo service: sends each argument as a line, prints replies.
+"""Client of the echo service: connects by name, sends each argument, prints replies.
 
-    python3 examples/cluster/echo/client.py NAME "hello from dom0" [...] [--host-store DIR]
+    python3 examples/cluster/echo/client.py NAME "hello from dom0" [...]
+        [--host-store DIR] [--tls-cert PEM --tls-ca PEM] [--require-tls] [--no-vchan]
+
+``meshlink.connect`` picks vchan when the server is co-located, TLS or TCP
+otherwise; each reply line starts with the transport it used.
 """
 
 from __future__ import annotations
@@ -9,20 +13,18 @@ import argparse
 
 import trio
 
-from meshlink.vchan import connect_vchan
+import meshlink.api as meshlink
+from meshlink.tls import TLSConfig
 
 
-async def main(name: str, lines: list[str], host_store: str | None) -> None:
-    async with await connect_vchan(name, host_store=host_store) as stream:
-        for line in lines:
-            msg = (line + "\n").encode()
-            await stream.send_all(msg)
-            reply = b""
-            while len(reply) < len(msg):
-                reply += await stream.receive_some(len(msg) - len(reply))
-            print(f"[vchan, ring {stream.write_size}/{stream.read_size} B] "
-                  f"{line!r} -> {reply.decode().rstrip()!r}", flush=True)
-        await stream.send_eof()
+async def main(args: argparse.Namespace) -> None:
+    tls = TLSConfig.from_env(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+    async with meshlink.connect(args.name, host_store=args.host_store, tls=tls,
+                                require_tls=args.require_tls,
+                                forbid_vchan=args.no_vchan) as conn:
+        for line in args.lines:
+            reply = await conn.call("echo", line)
+            print(f"[{conn.transport}] {line!r} -> {reply!r}", flush=True)
 
 
 if __name__ == "__main__":
@@ -30,5 +32,9 @@ if __name__ == "__main__":
     p.add_argument("name")
     p.add_argument("lines", nargs="+")
     p.add_argument("--host-store", default=None)
-    a = p.parse_args()
-    trio.run(main, a.name, a.lines, a.host_store)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--tls-ca")
+    p.add_argument("--require-tls", action="store_true", help="never plain TCP")
+    p.add_argument("--no-vchan", action="store_true", help="never shared memory")
+    trio.run(main, p.parse_args())

@@ -1,42 +1,53 @@
 """The capitalising echo service ("hello from dom0" -> "HELLO FROM DOM0").
 
-Serves one service name over vchan through the host store until stopped.
-Each line a client sends comes back upper-cased.
+Serves one name with ``meshlink.serve``: vchan through the host store for
+co-located clients, TLS (when certificates are given) and plain TCP for the
+others.  SIGTERM or Ctrl-C withdraws every registration.
 
     python3 examples/cluster/echo/server.py NAME [--host-store DIR]
+        [--tls-cert PEM --tls-ca PEM] [--require-tls]
+
+TLS files may also come from MESHLINK_TLS_CERT / MESHLINK_TLS_KEY / MESHLINK_TLS_CA.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
+from functools import partial
 
 import trio
 
-from meshlink.vchan import VchanStream, open_vchan_listener
+import meshlink.api as meshlink
+from meshlink.bus import Handlers
+from meshlink.tls import TLSConfig
+
+handlers = Handlers()
 
 
-async def echo(stream: VchanStream) -> None:
-    async with stream:
-        while data := await stream.receive_some():
-            await stream.send_all(data.upper())
+@handlers.method
+async def echo(line: str) -> str:
+    return line.upper()
 
 
-async def main(name: str, host_store: str | None) -> None:
-    listener = await open_vchan_listener(name, host_store=host_store)
-    print(f"echo server {name!r} listening in {listener.store.path}", flush=True)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def main(args: argparse.Namespace) -> None:
+    tls = TLSConfig.from_env(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+    try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, echo, [listener])
-            async for _ in signals:
-                break  # withdraw the service cleanly on SIGTERM / Ctrl-C
-            nursery.cancel_scope.cancel()
-    await listener.aclose()
+            server = await nursery.start(partial(
+                meshlink.serve, args.name, handlers, host_store=args.host_store, tls=tls,
+                require_tls=args.require_tls))
+            print(f"echo server {args.name!r}: "
+                  + " ".join(ep.url for ep in server.endpoints), flush=True)
+    except KeyboardInterrupt:
+        pass  # deliberate: Ctrl-C; serve has already withdrawn everything
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="capitalising echo service over vchan")
+    p = argparse.ArgumentParser(description="capitalising echo service (meshlink.serve)")
     p.add_argument("name")
     p.add_argument("--host-store", default=None)
-    a = p.parse_args()
-    trio.run(main, a.name, a.host_store)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--tls-ca")
+    p.add_argument("--require-tls", action="store_true")
+    trio.run(main, p.parse_args())
