@@ -131,17 +131,21 @@ async def test_flushed_file_write_survives_kill9(tmp_path: Path, store: Path,
 
 async def _raw(disk: BlkDisk, fill: object) -> int:
     """Submit one hand-made request through a disk's ring; return the status."""
+    from meshlink.disk import blk
+
     slot = disk._free.popleft()
     req = disk._reqs[slot]
     ffi.memmove(req, bytes(112), 112)
+    disk._trimmed[slot] = -1  # segments overwritten: rebuilt on the slot's next use
     req.id = slot
     fill(req)  # type: ignore[operator]
-    disk._done[slot] = trio.Event()
+    disk._state[slot] = blk._INFLIGHT
+    disk._inflight += 1
     lib.ml_blk_front_put(disk._front, req)
     if lib.ml_blk_front_push(disk._front):
         disk._bell.ring()
     with trio.fail_after(5):
-        status = await disk._finish(slot, "raw")
+        status = await disk._wait(slot)
     disk._release(slot)
     return status
 
@@ -217,3 +221,18 @@ async def test_garbage_ring_indices_drop_only_that_client(blk_server: tuple[Path
         await victim.write(4096, b"\x17" * 512)
         assert await victim.read(4096, 512) == b"\x17" * 512
         REFERENCE["memory"][4096:4608] = b"\x17" * 512
+
+
+async def test_cancelled_requests_do_not_leak_ring_slots(blk_server: tuple[Path, Path]) -> None:
+    store, _ = blk_server
+    async with open_blk("storage-node/null", host_store=store) as disk:
+        for deadline in (0, 0.0005, 0.002):
+            with trio.move_on_after(deadline):
+                async with trio.open_nursery() as nursery:
+                    for i in range(3 * disk.ring_entries):
+                        nursery.start_soon(disk.read, i * 4096, 4096)
+                    nursery.start_soon(disk.read, 0, 1 << 20)
+        # Responses to the abandoned requests arrive before this one's, and
+        # each hands its slot back.
+        assert await disk.read(0, 4096) == bytes(4096)
+        assert len(disk._free) == disk.ring_entries

@@ -39,6 +39,7 @@ from collections.abc import Collection, Mapping
 from types import TracebackType
 from typing import Any
 
+import outcome
 import trio
 
 from .._errors import (
@@ -67,6 +68,7 @@ DEFAULT_RING_ORDER = 1
 HANDSHAKE_TIMEOUT = 5.0
 SPIN_SECONDS = 50e-6
 _MAX_MSG = 4096
+_FREE, _INFLIGHT, _ORPHAN, _DONE = range(4)
 _STATUS_ERRNO = {lib.ML_BLK_RSP_ERROR: _errno.EIO, lib.ML_BLK_RSP_EOPNOTSUPP: _errno.ENOTSUP}
 
 
@@ -157,6 +159,14 @@ async def _spin(ready: Any) -> bool:
 class BlkDisk:
     """A served disk opened over the blk ring.  Use :func:`open_blk`.
 
+    Requests are pipelined: every call submits its requests at once (large
+    I/O is split into 11-segment requests) and at most ``ring_entries``
+    requests are in flight per disk.  Each ring slot owns fixed data pages,
+    so a request's data is copied once into (write) or out of (read) its
+    pages.  A task waiting for a response sleeps until the response pump
+    reschedules it directly; a cancelled request's slot is reclaimed when its
+    response arrives, so cancellation never leaks ring capacity.
+
     Attributes:
         size: disk size in bytes.
         read_only: writes, discards and barriers are refused.
@@ -175,23 +185,41 @@ class BlkDisk:
         self._view = memoryview(mm)
         self._front = front
         self._pool = PAGE << order
-        self.ring_entries = int(lib.ml_blk_ring_entries(order))
+        self.ring_entries = n = int(lib.ml_blk_ring_entries(order))
         self._bell = bell
-        self._free = deque(range(self.ring_entries))
+        self._free = deque(range(n))
         self._slot_freed = trio.lowlevel.ParkingLot()
-        self._done: dict[int, trio.Event] = {}
-        self._status: dict[int, int] = {}
-        self._reqs = [ffi.new("struct ml_blk_request *") for _ in range(self.ring_entries)]
+        # Per slot: FREE, INFLIGHT or ORPHAN; the task waiting on it; its status.
+        self._state = [_FREE] * n
+        self._waiter: list[trio.lowlevel.Task | None] = [None] * n
+        self._result: list[int | None] = [None] * n
+        self._inflight = 0
+        self._reqs = [ffi.new("struct ml_blk_request *") for _ in range(n)]
+        # Each slot's pages never change, so its segment list is written once;
+        # a request only sets nr_segments and trims its last segment.
+        first_pool_page = self._pool // PAGE
+        for slot, req in enumerate(self._reqs):
+            req.id = slot
+            for i in range(SEGMENTS):
+                seg = req.seg[i]
+                seg.gref = first_pool_page + slot * SEGMENTS + i
+                seg.first_sect = 0
+                seg.last_sect = PAGE // SECTOR - 1
+        self._trimmed = [SEGMENTS - 1] * n
         self._rsp = ffi.new("struct ml_blk_response *")
         self._broken: BaseException | None = None
         self._closed = False
 
     # -- slots and the response pump ----------------------------------------
 
-    def _slot_offset(self, slot: int) -> int:
-        return self._pool + slot * CHUNK
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("disk closed")
+        if self._broken is not None:
+            raise ConnectionLost(f"blk ring to the disk server is broken: {self._broken}")
 
-    async def _take_slot(self, mine: deque[tuple[int, Any]], collect: Any) -> int:
+    async def _take_slot(self, mine: deque[tuple[int, int]] | None = None,
+                         collect: Any = None) -> int:
         while not self._free:
             if mine:
                 await collect(*mine.popleft())
@@ -201,30 +229,52 @@ class BlkDisk:
         return self._free.popleft()
 
     def _release(self, slot: int) -> None:
+        self._state[slot] = _FREE
+        self._result[slot] = None
         self._free.append(slot)
-        self._slot_freed.unpark()
+        if self._slot_freed:
+            self._slot_freed.unpark()
 
-    def _check(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("disk closed")
-        if self._broken is not None:
-            raise ConnectionLost(f"blk ring to the disk server is broken: {self._broken}")
+    def _orphan(self, slot: int) -> None:
+        """Give up on a slot's response (cancelled); reclaim it when it arrives."""
+        if self._result[slot] is not None or self._state[slot] != _INFLIGHT:
+            self._release(slot)
+        else:
+            self._state[slot] = _ORPHAN
 
     def _drain(self) -> int:
         n = 0
+        rsp = self._rsp
         while True:
-            rc = lib.ml_blk_front_get(self._front, self._rsp)
+            rc = lib.ml_blk_front_get(self._front, rsp)
             if rc == 0:
                 return n
             if rc < 0:
                 raise RingCorruptError("blk server published impossible response indices")
-            rid = int(self._rsp.id)
-            ev = self._done.get(rid)
-            if ev is None or ev.is_set():
-                raise RingCorruptError(f"blk server answered unknown request id {rid}")
-            self._status[rid] = int(self._rsp.status)
-            ev.set()
+            slot = int(rsp.id)
+            if (slot >= self.ring_entries or self._state[slot] in (_FREE, _DONE)
+                    or self._result[slot] is not None):
+                raise RingCorruptError(f"blk server answered request id {slot}, "
+                                       "which is not in flight")
+            self._inflight -= 1
+            status = int(rsp.status)
+            if self._state[slot] == _ORPHAN:
+                self._release(slot)
+            else:
+                task = self._waiter[slot]
+                if task is not None:
+                    self._waiter[slot] = None
+                    self._state[slot] = _DONE
+                    trio.lowlevel.reschedule(task, outcome.Value(status))
+                else:
+                    self._result[slot] = status
             n += 1
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        for slot, task in enumerate(self._waiter):
+            if task is not None:
+                self._waiter[slot] = None
+                trio.lowlevel.reschedule(task, outcome.Error(exc))
 
     async def _pump(self) -> None:
         """Deliver responses to waiting requests until closed or broken."""
@@ -232,7 +282,7 @@ class BlkDisk:
             while True:
                 if self._drain():
                     continue
-                if self._done and await _spin(lambda: self._drain() > 0):
+                if self._inflight and await _spin(lambda: self._drain() > 0):
                     continue
                 more = lib.ml_blk_front_final_check(self._front)
                 if more < 0:
@@ -244,43 +294,63 @@ class BlkDisk:
                 await self._bell.wait()
         except (RingCorruptError, ConnectionLost) as exc:
             self._broken = exc
-            for ev in self._done.values():
-                ev.set()
+            self._fail_waiters(ConnectionLost(f"blk ring to the disk server is broken: {exc}"))
+            self._slot_freed.unpark_all()
 
     # -- requests -----------------------------------------------------------
 
     def _submit(self, slot: int, op: int, sector: int, nbytes: int) -> None:
         req = self._reqs[slot]
         req.operation = op
-        req.id = slot
         req.sector_number = sector
-        req.handle = 0
         if op == lib.ML_BLK_OP_DISCARD:
             d = ffi.cast("struct ml_blk_request_discard *", req)
             d.flag = 0
             d.nr_sectors = nbytes // SECTOR
+            self._trimmed[slot] = -1  # the discard form overwrote the segments
         else:
+            if self._trimmed[slot] < 0:
+                self._reset_segments(slot)
             pages = (nbytes + PAGE - 1) // PAGE
             req.nr_segments = pages
-            base = (self._pool // PAGE) + slot * SEGMENTS
-            for i in range(pages):
-                seg = req.seg[i]
-                seg.gref = base + i
-                seg.first_sect = 0
-                left = nbytes - i * PAGE
-                seg.last_sect = (min(left, PAGE) // SECTOR) - 1
-        self._done[slot] = trio.Event()
+            if pages:
+                last = pages - 1
+                if self._trimmed[slot] != last:
+                    req.seg[self._trimmed[slot]].last_sect = PAGE // SECTOR - 1
+                    self._trimmed[slot] = last
+                req.seg[last].last_sect = (nbytes - last * PAGE) // SECTOR - 1
+        self._state[slot] = _INFLIGHT
+        self._result[slot] = None
+        self._inflight += 1
         lib.ml_blk_front_put(self._front, req)
         if lib.ml_blk_front_push(self._front):
             self._bell.ring()
 
-    async def _finish(self, slot: int, op: str) -> int:
-        try:
-            await self._done[slot].wait()
-            self._check()
-            return self._status.pop(slot)
-        finally:
-            del self._done[slot]
+    def _reset_segments(self, slot: int) -> None:
+        req = self._reqs[slot]
+        first_pool_page = self._pool // PAGE
+        for i in range(SEGMENTS):
+            seg = req.seg[i]
+            seg.gref = first_pool_page + slot * SEGMENTS + i
+            seg.first_sect = 0
+            seg.last_sect = PAGE // SECTOR - 1
+        self._trimmed[slot] = SEGMENTS - 1
+
+    async def _wait(self, slot: int) -> int:
+        """Wait for ``slot``'s response and return its status (slot stays taken)."""
+        status = self._result[slot]
+        if status is not None:
+            await trio.lowlevel.checkpoint()
+            return status
+        self._check()
+        self._waiter[slot] = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._waiter[slot] = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        result: int = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
 
     def _raise_status(self, status: int, what: str) -> None:
         if status != lib.ML_BLK_RSP_OKAY:
@@ -299,21 +369,39 @@ class BlkDisk:
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (any alignment).
 
-        Large reads are split into 44 KiB requests pipelined up to the ring size.
-
         Raises:
             DiskError: out of range, or the server reported an error.
             ConnectionLost: the server went away.
+            trio.ClosedResourceError: the disk was closed.
 
         Cancellation: safe; the ring slots of cancelled requests are reclaimed
         when their responses arrive.
+
+        Backpressure: waits for a free ring slot when ``ring_entries``
+        requests are in flight.
         """
         self._check()
         self._check_range(offset, length, write=False)
-        first = offset // SECTOR * SECTOR
+        first = offset - offset % SECTOR
         end = -(-(offset + length) // SECTOR) * SECTOR
+        if end - first <= CHUNK:
+            # One request: the common small read, without the pipeline.
+            slot = self._free.popleft() if self._free else await self._take_slot()
+            try:
+                self._submit(slot, lib.ML_BLK_OP_READ, first // SECTOR, end - first)
+                status = await self._wait(slot)
+                self._raise_status(status, "read")
+                at = self._pool + slot * CHUNK + (offset - first)
+                data = bytes(self._view[at : at + length])
+            except BaseException:
+                self._orphan(slot)
+                raise
+            self._release(slot)
+            return data
         out = bytearray(end - first)
-        await self._transfer(lib.ML_BLK_OP_READ, first, out)
+        await self._transfer(lib.ML_BLK_OP_READ, first, memoryview(out))
+        if first == offset and end - first == length:
+            return bytes(out)
         return bytes(out[offset - first : offset - first + length])
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -327,6 +415,8 @@ class BlkDisk:
             DiskError: out of range, read-only, or a server error.
             ConnectionLost: the server went away.
 
+        Cancellation: if cancelled, some of the data may have been written.
+
         Backpressure: at most ``ring_entries`` requests are in flight.
         """
         self._check()
@@ -334,22 +424,23 @@ class BlkDisk:
         self._check_range(offset, len(mv), write=True)
         await self._transfer(lib.ML_BLK_OP_WRITE, offset, mv)
 
-    async def _transfer(self, op: int, offset: int, buf: bytearray | memoryview) -> None:
+    async def _transfer(self, op: int, offset: int, view: memoryview) -> None:
         mine: deque[tuple[int, int]] = deque()
-        view = memoryview(buf)
         failure: list[int] = []
 
         async def collect(slot: int, pos: int) -> None:
             try:
-                status = await self._finish(slot, "read")
-                if status == lib.ML_BLK_RSP_OKAY and op == lib.ML_BLK_OP_READ:
-                    n = min(CHUNK, len(view) - pos)
-                    at = self._slot_offset(slot)
-                    view[pos : pos + n] = self._view[at : at + n]
-                elif status != lib.ML_BLK_RSP_OKAY:
-                    failure.append(status)
-            finally:
-                self._release(slot)
+                status = await self._wait(slot)
+            except BaseException:
+                self._orphan(slot)
+                raise
+            if status == lib.ML_BLK_RSP_OKAY and op == lib.ML_BLK_OP_READ:
+                n = min(CHUNK, len(view) - pos)
+                at = self._pool + slot * CHUNK
+                view[pos : pos + n] = self._view[at : at + n]
+            elif status != lib.ML_BLK_RSP_OKAY:
+                failure.append(status)
+            self._release(slot)
 
         try:
             pos = 0
@@ -357,7 +448,7 @@ class BlkDisk:
                 n = min(CHUNK, len(view) - pos)
                 slot = await self._take_slot(mine, collect)
                 if op == lib.ML_BLK_OP_WRITE:
-                    at = self._slot_offset(slot)
+                    at = self._pool + slot * CHUNK
                     self._view[at : at + n] = view[pos : pos + n]
                 self._submit(slot, op, (offset + pos) // SECTOR, n)
                 mine.append((slot, pos))
@@ -365,32 +456,21 @@ class BlkDisk:
             while mine:
                 await collect(*mine.popleft())
         finally:
-            # Cancelled or failed midway: slots still in flight are released
-            # by a shielded wait so they never leak.
-            if mine:
-                with trio.CancelScope(shield=True):
-                    while mine:
-                        slot, _ = mine.popleft()
-                        try:
-                            await self._finish(slot, "cleanup")
-                        except trio.ClosedResourceError:
-                            pass
-                        except ConnectionLost:
-                            pass
-                        self._release(slot)
+            while mine:  # cancelled or failed midway: reclaim the rest later
+                self._orphan(mine.popleft()[0])
         if failure:
             self._raise_status(failure[0], "read" if op == lib.ML_BLK_OP_READ else "write")
 
     async def _simple(self, op: int, sector: int, nbytes: int, what: str) -> None:
         self._check()
-        mine: deque[tuple[int, Any]] = deque()
-        slot = await self._take_slot(mine, None)
+        slot = self._free.popleft() if self._free else await self._take_slot()
         try:
             self._submit(slot, op, sector, nbytes)
-            with trio.CancelScope(shield=True):
-                status = await self._finish(slot, what)
-        finally:
-            self._release(slot)
+            status = await self._wait(slot)
+        except BaseException:
+            self._orphan(slot)
+            raise
+        self._release(slot)
         self._raise_status(status, what)
 
     async def flush(self) -> None:
@@ -398,11 +478,18 @@ class BlkDisk:
 
         Raises:
             DiskError: the server's flush failed.
+            ConnectionLost: the server went away.
+
+        Cancellation: the flush may still happen.
         """
         await self._simple(lib.ML_BLK_OP_FLUSH_DISKCACHE, 0, 0, "flush")
 
     async def barrier(self) -> None:
-        """WRITE_BARRIER with no data: orders and flushes all earlier writes."""
+        """WRITE_BARRIER with no data: orders and flushes all earlier writes.
+
+        Raises:
+            DiskError: read-only disk or a server error.
+        """
         if self.read_only:
             raise DiskError("disk is read-only", _errno.EPERM)
         await self._simple(lib.ML_BLK_OP_WRITE_BARRIER, 0, 0, "barrier")
@@ -414,6 +501,7 @@ class BlkDisk:
             LocalProtocolError: unaligned range.
             DiskError: out of range, read-only, or unsupported by the backend.
         """
+        self._check()
         self._check_range(offset, length, write=True)
         await self._simple(lib.ML_BLK_OP_DISCARD, offset // SECTOR, length, "discard")
 
@@ -421,8 +509,8 @@ class BlkDisk:
         """Close the disk; requests in flight fail with ClosedResourceError."""
         if not self._closed:
             self._closed = True
-            for ev in self._done.values():
-                ev.set()
+            self._fail_waiters(trio.ClosedResourceError("disk closed"))
+            self._slot_freed.unpark_all()
             self._bell.close()
             lib.ml_blk_front_free(self._front)
             self._front = None

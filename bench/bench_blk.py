@@ -1,0 +1,157 @@
+"""Disks over the blk ring vs single-core memcpy vs nbdkit's memory plugin, one run.
+
+Our figures: meshlink's blk-ring client (this process) against a server
+process exporting ``memory`` and ``null`` disks: sequential 1 MiB reads and
+writes, 4 KiB random reads at queue depth 1 and 32.  Peers, measured in the
+same run: memcpy of the same sizes on one core (the physical limit), and
+nbdkit's memory plugin over a Unix socket driven by fio's nbd engine.
+Goals (issue 5): sequential read >= 0.3x memcpy and >= 2x nbdkit; 4 KiB QD32
+random read IOPS >= 1.5x nbdkit.
+
+Usage: python3 bench/bench_blk.py [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import trio
+
+from meshlink.disk.backends import open_backend
+from meshlink.disk.blk import BlkDisk, open_blk, serve_blk
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_nbd import fio, spawn  # noqa: E402  (shared peer-driving helpers)
+
+SIZE = 1 << 30
+MIB = 1 << 20
+
+
+def memcpy_rate(chunk: int, seconds: float) -> float:
+    """Single-core copy rate (MiB/s) of ``chunk``-sized copies, like a read into a buffer."""
+    src = bytearray(random.randbytes(64 * MIB))
+    dst = bytearray(chunk)
+    d = memoryview(dst)
+    s = memoryview(src)
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        off = (n * chunk) % (len(src) - chunk)
+        d[:] = s[off : off + chunk]
+        n += 1
+    return n * chunk / (time.perf_counter() - t0) / MIB
+
+
+async def seq(disk: BlkDisk, write: bool, seconds: float) -> float:
+    data = b"\x5a" * MIB
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        off = (n * MIB) % SIZE
+        if write:
+            await disk.write(off, data)
+        else:
+            await disk.read(off, MIB)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+async def randread(disk: BlkDisk, qd: int, seconds: float) -> float:
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(seed: int) -> None:
+        nonlocal count
+        rng = random.Random(seed)
+        while time.perf_counter() < deadline:
+            await disk.read(rng.randrange(SIZE // 4096) * 4096, 4096)
+            count += 1
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(qd):
+            nursery.start_soon(worker, i)
+    return count / (time.perf_counter() - t0)
+
+
+async def ours(store: str, seconds: float) -> dict[tuple[str, str], float]:
+    out: dict[tuple[str, str], float] = {}
+    for kind in ("memory", "null"):
+        async with open_blk(f"bench/{kind}", host_store=store, ring_order=1) as disk:
+            out[(kind, "seq read 1M MiB/s")] = await seq(disk, False, seconds)
+            out[(kind, "seq write 1M MiB/s")] = await seq(disk, True, seconds)
+            out[(kind, "randread 4k QD1 IOPS")] = await randread(disk, 1, seconds)
+            out[(kind, "randread 4k QD32 IOPS")] = await randread(disk, 32, seconds)
+    return out
+
+
+async def server(store: str) -> None:
+    disks = {k: open_backend(k, size=SIZE) for k in ("memory", "null")}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve_blk("bench", disks, host_store=store,
+                                                          task_status=task_status))
+        print("ready", flush=True)
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--server":
+        trio.run(server, sys.argv[2])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=3.0)
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="mlblk"))
+    store = str(tmp / "store")
+    srv = subprocess.Popen([sys.executable, __file__, "--server", store],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+        res = trio.run(ours, store, args.seconds)
+    finally:
+        srv.terminate()
+        srv.wait()
+    peers: dict[str, float] = {
+        "memcpy 1M MiB/s": memcpy_rate(MIB, args.seconds),
+        "memcpy 4k MiB/s": memcpy_rate(4096, args.seconds),
+    }
+    if shutil.which("nbdkit") and shutil.which("fio"):
+        sock = str(tmp / "nbdkit.sock")
+        with ExitStack() as stack:
+            stack.enter_context(spawn(["nbdkit", "--foreground", "--exit-with-parent", "-U",
+                                       sock, "memory", "1G"], socket.AF_UNIX, sock))
+            uri = f"nbd+unix:///?socket={sock}"
+            peers["nbdkit seq read 1M MiB/s"] = fio(uri, "read", "1M", 8, args.seconds)["mib_s"]
+            peers["nbdkit randread 4k QD1 IOPS"] = fio(uri, "randread", "4k", 1,
+                                                       args.seconds)["iops"]
+            peers["nbdkit randread 4k QD32 IOPS"] = fio(uri, "randread", "4k", 32,
+                                                        args.seconds)["iops"]
+    print("# blk ring (Python client, this process) vs peers, same run")
+    for (kind, name), v in res.items():
+        print(f"blk {kind:6} {name:24} {v:>12,.0f}")
+    for name, v in peers.items():
+        print(f"peer {name:30} {v:>12,.0f}")
+    for kind in ("memory", "null"):
+        sr = res[(kind, "seq read 1M MiB/s")]
+        print(f"ratio {kind} seq read / memcpy 1M      = {sr / peers['memcpy 1M MiB/s']:.2f}"
+              "  (goal >= 0.3)")
+        if "nbdkit seq read 1M MiB/s" in peers:
+            print(f"ratio {kind} seq read / nbdkit         = "
+                  f"{sr / peers['nbdkit seq read 1M MiB/s']:.2f}  (goal >= 2.0)")
+            q1 = res[(kind, "randread 4k QD1 IOPS")] / peers["nbdkit randread 4k QD1 IOPS"]
+            q32 = res[(kind, "randread 4k QD32 IOPS")] / peers["nbdkit randread 4k QD32 IOPS"]
+            print(f"ratio {kind} 4k QD1 IOPS / nbdkit      = {q1:.2f}")
+            print(f"ratio {kind} 4k QD32 IOPS / nbdkit     = {q32:.2f}  (goal >= 1.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
