@@ -49,7 +49,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,20 +160,29 @@ class VchanStream(trio.abc.HalfCloseableStream):
         ring: VchanRing,
         own_evfd: int,
         peer_evfd: int,
-        liveness: socket.socket,
-        peer: PeerCredentials,
+        liveness: socket.socket | None,
+        peer: PeerCredentials | None,
+        *,
+        on_event: Callable[[], None] | None = None,
+        owns_fds: bool = True,
     ) -> None:
+        # Other providers (meshlink.xenvchan): no liveness socket (the ring's
+        # live bytes carry death), an event fd that ``on_event`` acknowledges
+        # instead of reading it, and fds owned by the ring (owns_fds=False).
         self._ring = ring
         self._own_evfd = own_evfd
         self._peer_evfd = peer_evfd
         self._sock = liveness
-        self._sock.setblocking(False)
+        self._on_event = on_event
+        self._owns_fds = owns_fds
         self.peer = peer
         self.read_size = ring.read_size
         self.write_size = ring.write_size
         self._epoll = select.epoll()
         self._epoll.register(own_evfd, select.EPOLLIN)
-        self._epoll.register(liveness.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        if liveness is not None:
+            liveness.setblocking(False)
+            self._epoll.register(liveness.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         self._closed = False
         self._eof_sent = False
         self._peer_dead = False
@@ -189,11 +198,14 @@ class VchanStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("this vchan stream was closed")
 
     def _drain_events(self) -> None:
-        try:
-            os.read(self._own_evfd, 8)
-        except BlockingIOError:
-            pass
-        if not self._peer_dead:
+        if self._on_event is not None:
+            self._on_event()
+        else:
+            try:
+                os.read(self._own_evfd, 8)
+            except BlockingIOError:
+                pass
+        if self._sock is not None and not self._peer_dead:
             try:
                 gone = self._sock.recv(1, socket.MSG_PEEK) == b""
             except BlockingIOError:
@@ -414,10 +426,12 @@ class VchanStream(trio.abc.HalfCloseableStream):
             trio.lowlevel.notify_closing(self._epoll.fileno())
             self._lot.unpark_all()
             self._epoll.close()
-            self._sock.close()
+            if self._sock is not None:
+                self._sock.close()
             self._ring.free()
-            os.close(self._own_evfd)
-            os.close(self._peer_evfd)
+            if self._owns_fds:
+                os.close(self._own_evfd)
+                os.close(self._peer_evfd)
         await trio.lowlevel.checkpoint()
 
 

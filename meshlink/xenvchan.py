@@ -1,0 +1,406 @@
+"""vchan over Xen: the same trio stream, with grants, event channels and XenStore.
+
+Theory of operation
+-------------------
+The rings are the ones :mod:`meshlink.vchan` uses (``native/vchan_ring.c``);
+only the provider underneath changes (``native/xen_provider.c``): pages are
+shared with ``xengntshr`` and mapped with ``xengnttab``, the wakeup is an
+event channel, and the rendezvous is XenStore, all exactly as Xen's
+libxenvchan does it, so either end may be libxenvchan (or anything
+compatible with it, such as MirageOS's vchan):
+
+* the server binds an unbound event channel for the client's domain,
+  shares the control page (with unmap-notify on ``srv_live``) and the ring
+  pages, and writes ``ring-ref`` and ``event-channel`` under
+  ``/local/domain/<server>/data/vchan/<client>/<port>/``, readable by the
+  client's domain only;
+* the client reads them, binds to the port, maps the pages (unmap-notify on
+  ``cli_live``), sets ``cli_live = 1`` and signals.
+
+The Xen libraries are loaded at run time; :func:`select_provider` picks the
+Xen provider when ``/dev/xen`` exists, or when forced (argument, or the
+``MESHLINK_PROVIDER`` environment variable: ``xen``, ``local`` or ``auto``).
+Forcing it where it cannot run raises :class:`~meshlink.ProviderUnavailable`
+naming what is missing.
+
+*Liveness.*  There is no socket to watch: a peer that dies has its live byte
+cleared by Xen (unmap-notify) and its port signalled, so to a reader a
+crash looks like a close (end of stream after the data already written),
+as it does for libxenvchan.  A writer facing a full ring whose peer's live
+byte is 0 cannot tell a half-closed peer that still reads from a dead one;
+it keeps waiting while the peer makes progress and raises
+:class:`~meshlink.ConnectionLost` after :data:`CLOSED_PEER_GRACE` seconds
+without any.
+
+*Setup* calls block on XenStore round trips, so they run in a worker thread;
+moving bytes never blocks (``native/``), and waiting is trio waiting for the
+event channel's fd, then taking and unmasking the pending ports.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+import trio
+
+from ._errors import (
+    AuthError,
+    ConnectionLost,
+    HandshakeError,
+    LocalProtocolError,
+    ProviderUnavailable,
+    RemoteProtocolError,
+    RingCorruptError,
+    ServiceNotFound,
+)
+from ._native import ffi, lib
+from ._ring import VchanRing
+from .vchan import DEFAULT_RING_SIZE, MAX_RING_SIZE, VchanStream
+
+__all__ = [
+    "CLOSED_PEER_GRACE",
+    "PROVIDER_ENV",
+    "XenVchanServer",
+    "XenVchanStream",
+    "connect_xen_vchan",
+    "open_xen_vchan_server",
+    "own_domid",
+    "require_xen",
+    "select_provider",
+    "vchan_xs_path",
+]
+
+PROVIDER_ENV = "MESHLINK_PROVIDER"
+#: Seconds a writer waits on a full ring whose peer closed (or died) before
+#: giving up with ConnectionLost, if the peer consumes nothing meanwhile.
+CLOSED_PEER_GRACE = 5.0
+
+
+def _error() -> str:
+    return ffi.string(lib.ml_xen_error()).decode(errors="replace")
+
+
+def require_xen() -> None:
+    """Check that the Xen provider can run here.
+
+    Raises:
+        ProviderUnavailable: a Xen library is missing, or there is no Xen
+            (no ``/dev/xen``); the message says which.
+    """
+    if lib.ml_xen_probe() < 0:
+        raise ProviderUnavailable(f"Xen provider unavailable: {_error()}")
+
+
+def select_provider(requested: str | None = None) -> str:
+    """Which provider to use: ``"xen"`` or ``"local"``.
+
+    Args:
+        requested: ``"xen"``, ``"local"`` or ``"auto"``; default: the
+            ``MESHLINK_PROVIDER`` environment variable, else ``"auto"``
+            (Xen when ``/dev/xen`` exists).
+
+    Raises:
+        ProviderUnavailable: ``"xen"`` was forced but cannot run here.
+        LocalProtocolError: an unknown provider name.
+    """
+    choice = (requested or os.environ.get(PROVIDER_ENV) or "auto").strip().lower()
+    if choice == "local":
+        return "local"
+    if choice == "xen":
+        require_xen()
+        return "xen"
+    if choice == "auto":
+        return "xen" if os.path.exists("/dev/xen") else "local"
+    raise LocalProtocolError(f"unknown vchan provider {choice!r} (use xen, local or auto)")
+
+
+def own_domid() -> int:
+    """Our domain id, from the relative XenStore node ``domid``.
+
+    Raises:
+        ProviderUnavailable: XenStore cannot be reached.
+    """
+    out = ffi.new("uint32_t *")
+    if lib.ml_xen_own_domid(out) < 0:
+        raise ProviderUnavailable(f"cannot learn our domain id: {_error()}")
+    return int(out[0])
+
+
+def vchan_xs_path(server_domid: int, client_domid: int, port: str) -> str:
+    """libxenvchan's conventional XenStore path for a channel."""
+    return f"/local/domain/{server_domid}/data/vchan/{client_domid}/{port}"
+
+
+def _check_domid(domid: int) -> int:
+    if isinstance(domid, bool) or not isinstance(domid, int) or not 0 <= domid < 0x7FF0:
+        raise LocalProtocolError(f"invalid domain id {domid!r}")
+    return domid
+
+
+def _raise_setup_error(rc: int, what: str) -> None:
+    err = ffi.errno
+    msg = f"{what}: {_error()}"
+    if rc == lib.ML_ECORRUPT:
+        raise RingCorruptError(msg)
+    if rc == lib.ML_EINVAL:
+        raise LocalProtocolError(msg)
+    if rc == lib.ML_ENOMEM:
+        raise MemoryError(msg)
+    if err == errno.ENOENT:
+        raise ServiceNotFound(errno.ENOENT, msg)
+    if err in (errno.EACCES, errno.EPERM):
+        raise AuthError(msg)
+    raise HandshakeError(msg)
+
+
+class XenVchanStream(VchanStream):
+    """A :class:`~meshlink.vchan.VchanStream` over the Xen provider.
+
+    Same behaviour as the local one (half-close, checkpoints, backpressure),
+    plus libxenvchan's packet mode (:meth:`send_packet`,
+    :meth:`receive_packet`).
+
+    Attributes:
+        peer_domid: the peer's domain id.
+        xs_path: the channel's XenStore path.
+        closed_peer_grace: see :data:`CLOSED_PEER_GRACE`.
+    """
+
+    def __init__(self, ring: VchanRing, ptr: Any, peer_domid: int, xs_path: str) -> None:
+        self._ptr = ptr
+        fd = int(lib.ml_xen_event_fd(ptr))
+        super().__init__(ring, fd, -1, None, None, on_event=self._ack, owns_fds=False)
+        self.peer_domid = peer_domid
+        self.xs_path = xs_path
+        self.closed_peer_grace = CLOSED_PEER_GRACE
+
+    def _ack(self) -> None:
+        if lib.ml_xen_event_ack(self._ptr) < 0:
+            raise ConnectionLost(f"vchan event channel failed: {_error()}")
+
+    async def _wait_space(self) -> None:
+        if self._ring.peer_live() != 0:
+            await super()._wait_space()
+            return
+        # The peer closed its end or died; only progress tells them apart.
+        with trio.move_on_after(self.closed_peer_grace):
+            await super()._wait_space()
+            return
+        if self._ring.buffer_space() == 0:
+            raise ConnectionLost(
+                f"vchan peer closed (or died) and consumed nothing for "
+                f"{self.closed_peer_grace} s while our ring was full"
+            )
+
+    async def send_packet(self, data: bytes | bytearray | memoryview) -> None:
+        """Packet mode: write all of ``data`` at once (libxenvchan_send).
+
+        Raises:
+            LocalProtocolError: ``data`` is larger than the ring.
+            trio.BusyResourceError, trio.ClosedResourceError, ConnectionLost:
+                as :meth:`send_all`.
+
+        Cancellation: safe; the packet is either sent whole or not at all.
+
+        Backpressure: waits until the ring has room for the whole packet.
+        """
+        if len(data) > self.write_size:
+            raise LocalProtocolError(f"packet of {len(data)} bytes exceeds the {self.write_size}"
+                                     "-byte ring")
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                self._check_can_send()
+                if self._ring.send(data):
+                    return
+                if self._ring.arm_write() >= len(data):
+                    continue
+                if self._ring.peer_live() == 0:
+                    await self._wait_space()
+                else:
+                    await self._sleep()
+        finally:
+            self._sending = False
+
+    async def receive_packet(self, size: int) -> bytes:
+        """Packet mode: read exactly ``size`` bytes at once (libxenvchan_recv).
+
+        Returns:
+            ``size`` bytes, or ``b""`` at end of stream with the ring empty.
+
+        Raises:
+            LocalProtocolError: ``size`` is larger than the ring.
+            RemoteProtocolError: the peer closed in the middle of a packet.
+
+        Cancellation: safe; nothing is consumed unless the whole packet is.
+        """
+        if not 0 < size <= self.read_size:
+            raise LocalProtocolError(f"packet size must be in 1..{self.read_size}")
+        buf = bytearray(size)
+        self._begin_receive()
+        try:
+            await trio.lowlevel.checkpoint()
+            ring = self._ring
+            while True:
+                self._check_open()
+                if ring.recv_into(buf):
+                    return bytes(buf)
+                ready = ring.arm_read()
+                if ready >= size:
+                    continue
+                if ring.peer_live() == 0:
+                    if ring.data_ready() >= size:
+                        continue
+                    if ring.data_ready() == 0:
+                        return b""
+                    raise RemoteProtocolError("vchan peer closed in the middle of a packet")
+                if ready == 0:
+                    await self._sleep()
+                else:
+                    # Part of a packet is in: the peer writes in stream mode.
+                    # Our arm only covers an empty ring, so poll gently.
+                    await trio.sleep(0.0002)
+        finally:
+            self._receiving = False
+
+
+class XenVchanServer:
+    """A published server end waiting for its client.
+
+    Made by :meth:`publish`; :meth:`wait_connected` returns the stream.
+    Closing it before then withdraws the XenStore entry.
+    """
+
+    def __init__(self, ring: VchanRing, ptr: Any, peer_domid: int, xs_path: str) -> None:
+        self._ring: VchanRing | None = ring
+        self._ptr = ptr
+        self.peer_domid = peer_domid
+        self.xs_path = xs_path
+        self.read_size = ring.read_size
+        self.write_size = ring.write_size
+
+    @classmethod
+    async def publish(
+        cls,
+        domid: int,
+        path: str,
+        *,
+        read_min: int = DEFAULT_RING_SIZE,
+        write_min: int = DEFAULT_RING_SIZE,
+    ) -> XenVchanServer:
+        """Share the rings with domain ``domid`` and publish them at ``path``.
+
+        Args:
+            domid: the client's domain id.
+            path: the full XenStore path, or a port name (then the path is
+                ``/local/domain/<own>/data/vchan/<domid>/<path>``).
+            read_min: minimum size of the ring we read (<= 1 MiB).
+            write_min: minimum size of the ring we write (<= 1 MiB).
+
+        Raises:
+            ProviderUnavailable: no Xen here.
+            HandshakeError, AuthError: XenStore refused the entries.
+        """
+        _check_domid(domid)
+        for what, size in (("read_min", read_min), ("write_min", write_min)):
+            if not 0 <= size <= MAX_RING_SIZE:
+                raise LocalProtocolError(f"{what} must be in [0, {MAX_RING_SIZE}], got {size}")
+        require_xen()
+        if not path.startswith("/"):
+            path = vchan_xs_path(await trio.to_thread.run_sync(own_domid), domid, path)
+        out = ffi.new("ml_vchan **")
+
+        def setup() -> int:
+            return int(lib.ml_xen_server_new(domid, path.encode(), read_min, write_min, out))
+
+        rc = await trio.to_thread.run_sync(setup)
+        if rc < 0:
+            _raise_setup_error(rc, f"cannot publish vchan at {path}")
+        return cls(VchanRing(out[0]), out[0], domid, path)
+
+    async def wait_connected(self) -> XenVchanStream:
+        """Wait until the client has mapped the rings; return the stream.
+
+        Cancellation: the server end is closed and withdrawn.
+        """
+        ring = self._ring
+        if ring is None:
+            raise trio.ClosedResourceError("this vchan server was closed")
+        fd = int(lib.ml_xen_event_fd(self._ptr))
+        try:
+            while True:
+                if lib.ml_xen_event_ack(self._ptr) < 0:
+                    raise HandshakeError(f"vchan event channel failed: {_error()}")
+                if ring.peer_live() != 2:
+                    break
+                await trio.lowlevel.wait_readable(fd)
+        except BaseException:
+            await self.aclose()
+            raise
+        self._ring = None
+        return XenVchanStream(ring, self._ptr, self.peer_domid, self.xs_path)
+
+    async def aclose(self) -> None:
+        """Withdraw the channel if no client connected yet.  Idempotent."""
+        if self._ring is not None:
+            ring, self._ring = self._ring, None
+            ring.close()
+            ring.free()
+        await trio.lowlevel.checkpoint()
+
+
+async def open_xen_vchan_server(
+    domid: int,
+    path: str,
+    *,
+    read_min: int = DEFAULT_RING_SIZE,
+    write_min: int = DEFAULT_RING_SIZE,
+) -> XenVchanStream:
+    """Serve one vchan to domain ``domid`` at XenStore ``path``; wait for it.
+
+    Same as ``libxenvchan_server_init(domid, path, read_min, write_min)``
+    followed by waiting for the client.  See :meth:`XenVchanServer.publish`
+    for the arguments and errors.
+
+    Cancellation: safe; the XenStore entry is withdrawn.
+    """
+    server = await XenVchanServer.publish(domid, path, read_min=read_min, write_min=write_min)
+    return await server.wait_connected()
+
+
+async def connect_xen_vchan(domid: int, path: str) -> XenVchanStream:
+    """Connect to the vchan server of domain ``domid`` at XenStore ``path``.
+
+    Args:
+        domid: the server's domain id.
+        path: the full XenStore path, or a port name (then the path is
+            ``/local/domain/<domid>/data/vchan/<own>/<path>``).
+
+    Raises:
+        ProviderUnavailable: no Xen here.
+        ServiceNotFound: nothing published at ``path``.
+        AuthError: the entries exist but are not readable by us.
+        RingCorruptError: the server's page is not acceptable.
+        HandshakeError: anything else went wrong.
+
+    Cancellation: safe (the setup itself runs to completion in a thread and
+    is then released).
+    """
+    _check_domid(domid)
+    require_xen()
+    if not path.startswith("/"):
+        path = vchan_xs_path(domid, await trio.to_thread.run_sync(own_domid), path)
+    out = ffi.new("ml_vchan **")
+
+    def setup() -> int:
+        return int(lib.ml_xen_client_new(domid, path.encode(), out))
+
+    rc = await trio.to_thread.run_sync(setup)
+    if rc < 0:
+        _raise_setup_error(rc, f"cannot connect to vchan at {path}")
+    return XenVchanStream(VchanRing(out[0]), out[0], domid, path)
