@@ -220,7 +220,10 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
     for p in started:
         if p.poll() is None:
             p.kill()
-        p.communicate()
+        p.wait()
+        for f in (p.stdin, p.stdout, p.stderr):
+            if f is not None:
+                f.close()
 
 
 async def test_sigkilled_server_is_stale_and_replaced(
