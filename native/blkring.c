@@ -299,6 +299,11 @@ static long back_pending(ml_blk_back *b)
      * a broken or hostile frontend (RING_REQUEST_PROD_OVERFLOW). */
     if ((uint32_t)(rp - b->rsp_prod_pvt) > b->nr_ents)
         return ML_ECORRUPT;
+    /* req_prod moved back behind requests we took but have not answered
+     * yet: rp - req_cons would wrap to ~2^32 and get would take slots the
+     * frontend never published (found by native/fuzz/blk_fuzz). */
+    if ((uint32_t)(rp - b->req_cons) > (uint32_t)(rp - b->rsp_prod_pvt))
+        return ML_ECORRUPT;
     return (uint32_t)(rp - b->req_cons);
 }
 
