@@ -34,6 +34,9 @@ _Static_assert(offsetof(struct ml_blk_request, sector_number) == 16, "layout");
 _Static_assert(offsetof(struct ml_blk_request, seg) == 24, "layout");
 _Static_assert(sizeof(struct ml_blk_request_discard) == 32, "discard request is 32 bytes");
 _Static_assert(sizeof(struct ml_blk_response) == 16, "blkif response is 16 bytes");
+_Static_assert(sizeof(struct ml_blk_request_indirect) == 64, "indirect request is 64 bytes");
+_Static_assert(offsetof(struct ml_blk_request_indirect, handle) == 24, "layout");
+_Static_assert(offsetof(struct ml_blk_request_indirect, indirect_grefs) == 28, "layout");
 _Static_assert(offsetof(struct ml_blk_response, status) == 10, "layout");
 
 /* The shared ring header as ring.h lays it out. */
@@ -90,6 +93,11 @@ size_t ml_blk_field_offset(int field)
     case 14: return offsetof(struct ml_blk_response, status);
     case 15: return offsetof(struct ml_blk_request_discard, flag);
     case 16: return offsetof(struct ml_blk_request_discard, nr_sectors);
+    case 17: return offsetof(struct ml_blk_request_indirect, indirect_op);
+    case 18: return offsetof(struct ml_blk_request_indirect, nr_segments);
+    case 19: return offsetof(struct ml_blk_request_indirect, handle);
+    case 20: return offsetof(struct ml_blk_request_indirect, indirect_grefs);
+    case 21: return sizeof(struct ml_blk_request_indirect);
     default: return (size_t)-1;
     }
 }
@@ -240,9 +248,46 @@ static int range_ok(const ml_blk_back *b, uint64_t sector, uint64_t count)
     return sector <= b->disk_sectors && count <= b->disk_sectors - sector;
 }
 
+static int gref_ok(const ml_blk_back *b, uint32_t gref)
+{
+    return gref >= b->gref_base && gref - b->gref_base < b->npages;
+}
+
+static uint8_t *gref_page(ml_blk_back *b, uint32_t gref)
+{
+    return b->pages + (size_t)(gref - b->gref_base) * PAGE_SIZE;
+}
+
+/* Copy an INDIRECT request's segment list out of its (validated) indirect
+ * pages into c->segs, once; the frontend may rewrite those pages meanwhile
+ * without effect. */
+static int16_t load_indirect(ml_blk_back *b, struct ml_blk_checked *c)
+{
+    struct ml_blk_request_indirect ind;
+    memcpy(&ind, &c->req, sizeof ind); /* from our copy of the slot */
+    if (ind.indirect_op != ML_BLK_OP_READ && ind.indirect_op != ML_BLK_OP_WRITE)
+        return ML_BLK_RSP_ERROR;
+    if (ind.nr_segments == 0 || ind.nr_segments > ML_BLK_MAX_INDIRECT_SEGMENTS)
+        return ML_BLK_RSP_ERROR;
+    uint32_t left = ind.nr_segments;
+    for (uint32_t page = 0; left; page++) {
+        uint32_t n = left < ML_BLK_SEGS_PER_INDIRECT_PAGE ? left : ML_BLK_SEGS_PER_INDIRECT_PAGE;
+        if (page >= ML_BLK_MAX_INDIRECT_PAGES || !gref_ok(b, ind.indirect_grefs[page]))
+            return ML_BLK_RSP_ERROR;
+        memcpy(c->segs + page * ML_BLK_SEGS_PER_INDIRECT_PAGE,
+               gref_page(b, ind.indirect_grefs[page]), n * sizeof(struct ml_blk_segment));
+        left -= n;
+    }
+    c->nsegs = ind.nr_segments;
+    c->op = ind.indirect_op;
+    return ML_BLK_RSP_OKAY;
+}
+
 static int16_t validate(ml_blk_back *b, struct ml_blk_checked *c)
 {
     const struct ml_blk_request *r = &c->req;
+    c->op = r->operation;
+    c->nsegs = 0;
     c->nr_sectors = 0;
     c->offset = 0;
     c->length = 0;
@@ -250,7 +295,19 @@ static int16_t validate(ml_blk_back *b, struct ml_blk_checked *c)
     case ML_BLK_OP_READ:
     case ML_BLK_OP_WRITE:
     case ML_BLK_OP_WRITE_BARRIER:
+        if (r->nr_segments > ML_BLK_MAX_SEGMENTS)
+            return ML_BLK_RSP_ERROR;
+        if (r->nr_segments == 0 && r->operation != ML_BLK_OP_WRITE_BARRIER)
+            return ML_BLK_RSP_ERROR;
+        c->nsegs = r->nr_segments;
+        memcpy(c->segs, r->seg, c->nsegs * sizeof(struct ml_blk_segment));
         break;
+    case ML_BLK_OP_INDIRECT: {
+        int16_t st = load_indirect(b, c);
+        if (st != ML_BLK_RSP_OKAY)
+            return st;
+        break;
+    }
     case ML_BLK_OP_FLUSH_DISKCACHE:
         return ML_BLK_RSP_OKAY;
     case ML_BLK_OP_DISCARD: {
@@ -264,22 +321,17 @@ static int16_t validate(ml_blk_back *b, struct ml_blk_checked *c)
         return ML_BLK_RSP_OKAY;
     }
     default:
-        /* INDIRECT and anything unknown: not supported (we never advertise
-         * feature-max-indirect-segments). */
+        /* Anything unknown: not supported. */
         return ML_BLK_RSP_EOPNOTSUPP;
     }
-    if (r->operation != ML_BLK_OP_READ && b->read_only)
-        return ML_BLK_RSP_ERROR;
-    if (r->nr_segments > ML_BLK_MAX_SEGMENTS)
-        return ML_BLK_RSP_ERROR;
-    if (r->nr_segments == 0 && r->operation != ML_BLK_OP_WRITE_BARRIER)
+    if (c->op != ML_BLK_OP_READ && b->read_only)
         return ML_BLK_RSP_ERROR;
     uint64_t total = 0;
-    for (int i = 0; i < r->nr_segments; i++) {
-        const struct ml_blk_segment *s = &r->seg[i];
+    for (uint32_t i = 0; i < c->nsegs; i++) {
+        const struct ml_blk_segment *s = &c->segs[i];
         if (s->first_sect > s->last_sect || s->last_sect >= SECTORS_PER_PAGE)
             return ML_BLK_RSP_ERROR;
-        if (s->gref < b->gref_base || s->gref - b->gref_base >= b->npages)
+        if (!gref_ok(b, s->gref))
             return ML_BLK_RSP_ERROR;
         total += (uint64_t)(s->last_sect - s->first_sect + 1);
     }
@@ -321,7 +373,7 @@ int ml_blk_back_get(ml_blk_back *b, struct ml_blk_checked *out)
 
 uint8_t *ml_blk_back_segment(ml_blk_back *b, const struct ml_blk_checked *c, int i, uint32_t *len)
 {
-    const struct ml_blk_segment *s = &c->req.seg[i];
+    const struct ml_blk_segment *s = &c->segs[i];
     *len = (uint32_t)(s->last_sect - s->first_sect + 1) * ML_BLK_SECTOR_SIZE;
     return b->pages + (size_t)(s->gref - b->gref_base) * PAGE_SIZE +
            (size_t)s->first_sect * ML_BLK_SECTOR_SIZE;
@@ -329,7 +381,7 @@ uint8_t *ml_blk_back_segment(ml_blk_back *b, const struct ml_blk_checked *c, int
 
 void ml_blk_back_gather(ml_blk_back *b, const struct ml_blk_checked *c, uint8_t *dst)
 {
-    for (int i = 0; i < c->req.nr_segments; i++) {
+    for (int i = 0; i < (int)c->nsegs; i++) {
         uint32_t len;
         uint8_t *p = ml_blk_back_segment(b, c, i, &len);
         memcpy(dst, p, len);
@@ -339,7 +391,7 @@ void ml_blk_back_gather(ml_blk_back *b, const struct ml_blk_checked *c, uint8_t 
 
 void ml_blk_back_scatter(ml_blk_back *b, const struct ml_blk_checked *c, const uint8_t *src)
 {
-    for (int i = 0; i < c->req.nr_segments; i++) {
+    for (int i = 0; i < (int)c->nsegs; i++) {
         uint32_t len;
         uint8_t *p = ml_blk_back_segment(b, c, i, &len);
         if (src) {
@@ -393,7 +445,7 @@ long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify)
     while ((rc = ml_blk_back_get(b, &c)) == 1) {
         if (c.status == ML_BLK_RSP_OKAY) {
             uint8_t *at = disk ? disk + c.offset : NULL;
-            switch (c.req.operation) {
+            switch (c.op) {
             case ML_BLK_OP_READ:
                 ml_blk_back_scatter(b, &c, at); /* NULL disk: zeros */
                 break;

@@ -21,6 +21,11 @@
 #define ML_BLK_SECTOR_SIZE 512u
 #define ML_BLK_MAX_SEGMENTS 11
 #define ML_BLK_MAX_RING_ORDER 4
+/* Indirect requests: segments per indirect page, pages per request, and the
+ * most segments we accept (we advertise this as feature-max-indirect-segments). */
+#define ML_BLK_SEGS_PER_INDIRECT_PAGE 512
+#define ML_BLK_MAX_INDIRECT_PAGES 8
+#define ML_BLK_MAX_INDIRECT_SEGMENTS 256
 
 #define ML_BLK_OP_READ 0
 #define ML_BLK_OP_WRITE 1
@@ -62,6 +67,20 @@ struct ml_blk_request_discard {
     uint64_t nr_sectors;
 };
 
+/* blkif_request_indirect (64 bytes on x86_64). */
+struct ml_blk_request_indirect {
+    uint8_t operation;
+    uint8_t indirect_op;
+    uint16_t nr_segments;
+    uint32_t pad;
+    uint64_t id;
+    uint64_t sector_number;
+    uint16_t handle;
+    uint16_t pad2;
+    uint32_t indirect_grefs[ML_BLK_MAX_INDIRECT_PAGES];
+    uint32_t pad3;
+};
+
 struct ml_blk_response {
     uint64_t id;
     uint8_t operation;
@@ -74,9 +93,12 @@ struct ml_blk_response {
 struct ml_blk_checked {
     struct ml_blk_request req;   /* the one copy taken from the ring */
     int16_t status;              /* OKAY if servable, else the error to answer */
+    uint8_t op;                  /* effective operation (indirect_op for INDIRECT) */
     uint64_t nr_sectors;         /* total sectors moved (read/write/discard) */
     uint64_t offset;             /* byte offset on the disk */
     uint64_t length;             /* bytes */
+    uint32_t nsegs;              /* segments below, copied out once */
+    struct ml_blk_segment segs[ML_BLK_MAX_INDIRECT_SEGMENTS];
 };
 
 /* Layout facts, for the tests that compare them with Xen's headers. */

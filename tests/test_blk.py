@@ -195,13 +195,42 @@ async def test_hostile_requests_get_error_responses(blk_server: tuple[Path, Path
             d = ffi.cast("struct ml_blk_request_discard *", r)
             d.operation, d.sector_number, d.nr_sectors = 5, 8, 2**64 - 4
 
-        def indirect(r: object) -> None:
+        def unknown_op(r: object) -> None:
+            r.operation = 42  # type: ignore[attr-defined]
+
+        def indirect_no_segments(r: object) -> None:
             r.operation = 6  # type: ignore[attr-defined]
 
+        def indirect_too_many(r: object) -> None:
+            ind = ffi.cast("struct ml_blk_request_indirect *", r)
+            ind.operation, ind.indirect_op, ind.nr_segments = 6, 0, 4096
+            for i in range(8):
+                ind.indirect_grefs[i] = good + i
+
+        def indirect_bad_page(r: object) -> None:
+            ind = ffi.cast("struct ml_blk_request_indirect *", r)
+            ind.operation, ind.indirect_op, ind.nr_segments = 6, 0, 20
+            ind.indirect_grefs[0] = 0xFFFFFF00
+
+        def indirect_bad_inner_op(r: object) -> None:
+            ind = ffi.cast("struct ml_blk_request_indirect *", r)
+            ind.operation, ind.indirect_op, ind.nr_segments = 6, 3, 1
+            ind.indirect_grefs[0] = good
+
+        def indirect_page_with_bad_segment(r: object) -> None:
+            # A valid indirect page whose listed segment points outside the pool.
+            at = good * 4096  # byte offset of that page in the shared memory
+            disk._mm[at : at + 8] = (0xFFFFFFF0).to_bytes(4, "little") + bytes([0, 7, 0, 0])
+            ind = ffi.cast("struct ml_blk_request_indirect *", r)
+            ind.operation, ind.indirect_op, ind.nr_segments = 6, 1, 1
+            ind.indirect_grefs[0] = good
+
         for bad in (too_many_segments, reversed_sectors, sector_beyond_page, bad_gref,
-                    ring_page_gref, past_the_end, huge_sector, discard_overflow):
+                    ring_page_gref, past_the_end, huge_sector, discard_overflow,
+                    indirect_no_segments, indirect_too_many, indirect_bad_page,
+                    indirect_bad_inner_op, indirect_page_with_bad_segment):
             assert await _raw(disk, bad) == lib.ML_BLK_RSP_ERROR, bad.__name__
-        assert await _raw(disk, indirect) == lib.ML_BLK_RSP_EOPNOTSUPP
+        assert await _raw(disk, unknown_op) == lib.ML_BLK_RSP_EOPNOTSUPP
         # The ring still works after all of that.
         await disk.write(0, b"\x42" * 4096)
         assert await disk.read(0, 4096) == b"\x42" * 4096
@@ -236,3 +265,19 @@ async def test_cancelled_requests_do_not_leak_ring_slots(blk_server: tuple[Path,
         # each hands its slot back.
         assert await disk.read(0, 4096) == bytes(4096)
         assert len(disk._free) == disk.ring_entries
+
+
+@pytest.mark.parametrize("kind", ["memory", "mmap", "null"])
+async def test_large_pipelined_io(blk_server: tuple[Path, Path], kind: str) -> None:
+    """Multi-megabyte I/O is split into indirect requests, pipelined, reassembled."""
+    store, _ = blk_server
+    data = os.urandom(3 << 20)
+    async with open_blk(f"storage-node/{kind}", host_store=store) as disk:
+        await disk.write(512, data)
+        expect = bytes(len(data)) if kind == "null" else data
+        assert await disk.read(512, len(data)) == expect
+        buf = bytearray(len(data))
+        await disk.readinto(512, buf)
+        assert buf == expect
+        if kind != "null":
+            REFERENCE[kind][512 : 512 + len(data)] = data

@@ -61,8 +61,12 @@ log = logging.getLogger("meshlink.disk.blk")
 
 PAGE = 4096
 SECTOR = 512
-SEGMENTS = 11
-CHUNK = SEGMENTS * PAGE  # largest single request
+SEGMENTS = 11  # segments of a direct request
+#: Data pages per ring slot: the largest request, sent as one INDIRECT request
+#: (its segment list in the slot's extra indirect page) when the server
+#: accepts indirect requests, else split into direct 11-segment requests.
+SLOT_PAGES = 128
+MAX_INDIRECT_SEGMENTS = 256
 PROTOCOL_VERSION = 1
 DEFAULT_RING_ORDER = 1
 HANDSHAKE_TIMEOUT = 5.0
@@ -186,6 +190,9 @@ class BlkDisk:
         self._front = front
         self._pool = PAGE << order
         self.ring_entries = n = int(lib.ml_blk_ring_entries(order))
+        indirect = features.get("max_indirect_segments")
+        self._indirect = isinstance(indirect, int) and indirect >= SLOT_PAGES
+        self._chunk = SLOT_PAGES * PAGE if self._indirect else SEGMENTS * PAGE
         self._bell = bell
         self._free = deque(range(n))
         self._slot_freed = trio.lowlevel.ParkingLot()
@@ -195,17 +202,18 @@ class BlkDisk:
         self._result: list[int | None] = [None] * n
         self._inflight = 0
         self._reqs = [ffi.new("struct ml_blk_request *") for _ in range(n)]
-        # Each slot's pages never change, so its segment list is written once;
-        # a request only sets nr_segments and trims its last segment.
-        first_pool_page = self._pool // PAGE
-        for slot, req in enumerate(self._reqs):
-            req.id = slot
-            for i in range(SEGMENTS):
-                seg = req.seg[i]
-                seg.gref = first_pool_page + slot * SEGMENTS + i
-                seg.first_sect = 0
-                seg.last_sect = PAGE // SECTOR - 1
+        # Each slot's pages never change, so its segment lists (direct, and
+        # indirect in the slot's last page) are written once; a request only
+        # sets its counts and trims its last segment.
         self._trimmed = [SEGMENTS - 1] * n
+        self._itrimmed = [SLOT_PAGES - 1] * n
+        full = struct.Struct("<IBBxx")
+        for slot in range(n):
+            self._reset_segments(slot)
+            ind = self._slot_data(slot) + SLOT_PAGES * PAGE
+            first = self._slot_data(slot) // PAGE
+            for i in range(SLOT_PAGES):
+                full.pack_into(mm, ind + 8 * i, first + i, 0, PAGE // SECTOR - 1)
         self._rsp = ffi.new("struct ml_blk_response *")
         self._broken: BaseException | None = None
         self._closed = False
@@ -299,6 +307,10 @@ class BlkDisk:
 
     # -- requests -----------------------------------------------------------
 
+    def _slot_data(self, slot: int) -> int:
+        """Offset in the shared memory of ``slot``'s first data page."""
+        return self._pool + slot * (SLOT_PAGES + 1) * PAGE
+
     def _submit(self, slot: int, op: int, sector: int, nbytes: int) -> None:
         req = self._reqs[slot]
         req.operation = op
@@ -308,6 +320,21 @@ class BlkDisk:
             d.flag = 0
             d.nr_sectors = nbytes // SECTOR
             self._trimmed[slot] = -1  # the discard form overwrote the segments
+        elif nbytes > SEGMENTS * PAGE:
+            pages = (nbytes + PAGE - 1) // PAGE
+            ind = ffi.cast("struct ml_blk_request_indirect *", req)
+            ind.operation = lib.ML_BLK_OP_INDIRECT
+            ind.indirect_op = op
+            ind.nr_segments = pages
+            ind.handle = 0
+            ind.indirect_grefs[0] = (self._slot_data(slot) // PAGE) + SLOT_PAGES
+            self._trimmed[slot] = -1  # the indirect form overwrote the segments
+            page = self._slot_data(slot) + SLOT_PAGES * PAGE
+            last = pages - 1
+            if self._itrimmed[slot] != last:
+                self._mm[page + 8 * self._itrimmed[slot] + 5] = PAGE // SECTOR - 1
+                self._itrimmed[slot] = last
+            self._mm[page + 8 * last + 5] = (nbytes - last * PAGE) // SECTOR - 1
         else:
             if self._trimmed[slot] < 0:
                 self._reset_segments(slot)
@@ -328,10 +355,12 @@ class BlkDisk:
 
     def _reset_segments(self, slot: int) -> None:
         req = self._reqs[slot]
-        first_pool_page = self._pool // PAGE
+        req.id = slot
+        req.handle = 0
+        first = self._slot_data(slot) // PAGE
         for i in range(SEGMENTS):
             seg = req.seg[i]
-            seg.gref = first_pool_page + slot * SEGMENTS + i
+            seg.gref = first + i
             seg.first_sect = 0
             seg.last_sect = PAGE // SECTOR - 1
         self._trimmed[slot] = SEGMENTS - 1
@@ -384,25 +413,46 @@ class BlkDisk:
         self._check_range(offset, length, write=False)
         first = offset - offset % SECTOR
         end = -(-(offset + length) // SECTOR) * SECTOR
-        if end - first <= CHUNK:
+        if end - first <= self._chunk:
             # One request: the common small read, without the pipeline.
             slot = self._free.popleft() if self._free else await self._take_slot()
             try:
                 self._submit(slot, lib.ML_BLK_OP_READ, first // SECTOR, end - first)
                 status = await self._wait(slot)
                 self._raise_status(status, "read")
-                at = self._pool + slot * CHUNK + (offset - first)
+                at = self._slot_data(slot) + (offset - first)
                 data = bytes(self._view[at : at + length])
             except BaseException:
                 self._orphan(slot)
                 raise
             self._release(slot)
             return data
-        out = bytearray(end - first)
-        await self._transfer(lib.ML_BLK_OP_READ, first, memoryview(out))
+        # Each chunk is copied once out of its slot, then joined: cheaper than
+        # filling one big zeroed bytearray (which page-faults on every call).
+        chunks: list[bytes] = []
+        await self._transfer(lib.ML_BLK_OP_READ, first, end - first, chunks)
+        data = b"".join(chunks)
         if first == offset and end - first == length:
-            return bytes(out)
-        return bytes(out[offset - first : offset - first + length])
+            return data
+        return data[offset - first : offset - first + length]
+
+    async def readinto(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Fill ``buffer`` from the disk at ``offset`` (both multiples of 512).
+
+        The allocation-free form of :meth:`read`: each byte is copied once,
+        from the ring's data pages into ``buffer``.  Same errors,
+        cancellation and backpressure as :meth:`read` (if cancelled, part of
+        ``buffer`` may have been filled).
+
+        Raises:
+            LocalProtocolError: unaligned offset or length.
+        """
+        self._check()
+        view = memoryview(buffer).cast("B")
+        self._check_range(offset, len(view), write=False)
+        if offset % SECTOR or len(view) % SECTOR:
+            raise LocalProtocolError("readinto needs a 512-byte aligned offset and length")
+        await self._transfer(lib.ML_BLK_OP_READ, offset, len(view), view)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` (both multiples of 512 bytes).
@@ -422,9 +472,12 @@ class BlkDisk:
         self._check()
         mv = memoryview(data).cast("B")
         self._check_range(offset, len(mv), write=True)
-        await self._transfer(lib.ML_BLK_OP_WRITE, offset, mv)
+        await self._transfer(lib.ML_BLK_OP_WRITE, offset, len(mv), mv)
 
-    async def _transfer(self, op: int, offset: int, view: memoryview) -> None:
+    async def _transfer(self, op: int, offset: int, total: int,
+                        data: memoryview | list[bytes]) -> None:
+        """Move ``total`` bytes at ``offset``: from ``data`` for a write; for
+        a read into ``data`` (a view) or appended to it chunk by chunk (a list)."""
         mine: deque[tuple[int, int]] = deque()
         failure: list[int] = []
 
@@ -435,21 +488,25 @@ class BlkDisk:
                 self._orphan(slot)
                 raise
             if status == lib.ML_BLK_RSP_OKAY and op == lib.ML_BLK_OP_READ:
-                n = min(CHUNK, len(view) - pos)
-                at = self._pool + slot * CHUNK
-                view[pos : pos + n] = self._view[at : at + n]
+                n = min(self._chunk, total - pos)
+                at = self._slot_data(slot)
+                if isinstance(data, list):
+                    data.append(bytes(self._view[at : at + n]))
+                else:
+                    data[pos : pos + n] = self._view[at : at + n]
             elif status != lib.ML_BLK_RSP_OKAY:
                 failure.append(status)
             self._release(slot)
 
         try:
             pos = 0
-            while pos < len(view):
-                n = min(CHUNK, len(view) - pos)
+            while pos < total:
+                n = min(self._chunk, total - pos)
                 slot = await self._take_slot(mine, collect)
                 if op == lib.ML_BLK_OP_WRITE:
-                    at = self._pool + slot * CHUNK
-                    self._view[at : at + n] = view[pos : pos + n]
+                    assert isinstance(data, memoryview)
+                    at = self._slot_data(slot)
+                    self._view[at : at + n] = data[pos : pos + n]
                 self._submit(slot, op, (offset + pos) // SECTOR, n)
                 mine.append((slot, pos))
                 pos += n
@@ -581,7 +638,7 @@ async def _connect(target: str, host_store: HostStore | str | os.PathLike[str] |
     path = store.socket_path(_rendezvous_name(service))
     entries = int(lib.ml_blk_ring_entries(order))
     ring_pages = 1 << order
-    pool_pages = entries * SEGMENTS
+    pool_pages = entries * (SLOT_PAGES + 1)
     total = (ring_pages + pool_pages) * PAGE
     memfd = os.memfd_create("meshlink-blk", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     own = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -688,7 +745,7 @@ class _Conn:
         return fn(*args)
 
     async def _serve_one(self, c: Any) -> int:
-        op = c.req.operation
+        op = c.op
         b = self.backend
         offset, length = int(c.offset), int(c.length)
         try:
@@ -793,7 +850,7 @@ async def _handshake(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
     order = hello.get("ring_order")
     pool = hello.get("pool_pages")
     if (not isinstance(order, int) or not 0 <= order <= 4 or not isinstance(pool, int)
-            or not 0 <= pool <= 512 * SEGMENTS or len(fds) != 3):
+            or not 0 <= pool <= 512 * (MAX_INDIRECT_SEGMENTS + 1) or len(fds) != 3):
         await refuse("bad ring parameters")
         raise AssertionError
     memfd, own, peer = fds
@@ -810,7 +867,8 @@ async def _handshake(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
     finally:
         os.close(memfd)
     features = {"flush": backend.capabilities.can_flush, "barrier": True,
-                "discard": backend.capabilities.can_trim}
+                "discard": backend.capabilities.can_trim,
+                "max_indirect_segments": MAX_INDIRECT_SEGMENTS}
     await conn.send(_encode({"ok": True, "version": PROTOCOL_VERSION, "size": backend.size,
                              "sector_size": SECTOR, "read_only": backend.read_only,
                              "features": features}))

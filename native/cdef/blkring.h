@@ -20,9 +20,16 @@ struct ml_blk_request_discard {
     uint8_t operation; uint8_t flag; uint16_t handle; uint32_t pad;
     uint64_t id; uint64_t sector_number; uint64_t nr_sectors;
 };
+#define ML_BLK_MAX_INDIRECT_SEGMENTS 256
+struct ml_blk_request_indirect {
+    uint8_t operation; uint8_t indirect_op; uint16_t nr_segments; uint32_t pad;
+    uint64_t id; uint64_t sector_number; uint16_t handle; uint16_t pad2;
+    uint32_t indirect_grefs[8]; uint32_t pad3;
+};
 struct ml_blk_response { uint64_t id; uint8_t operation; uint8_t pad; int16_t status; uint32_t pad2; };
 struct ml_blk_checked {
-    struct ml_blk_request req; int16_t status; uint64_t nr_sectors; uint64_t offset; uint64_t length;
+    struct ml_blk_request req; int16_t status; uint8_t op; uint64_t nr_sectors; uint64_t offset;
+    uint64_t length; uint32_t nsegs; struct ml_blk_segment segs[256];
 };
 typedef struct ml_blk_front ml_blk_front;
 typedef struct ml_blk_back ml_blk_back;

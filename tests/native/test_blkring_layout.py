@@ -14,7 +14,8 @@ from meshlink._native import lib
 HERE = Path(__file__).parent
 NAMES = ["req_prod", "req_event", "rsp_prod", "rsp_event", "ring", "operation", "nr_segments",
          "handle", "id", "sector_number", "seg", "first_sect", "last_sect", "rsp_operation",
-         "rsp_status", "discard_flag", "discard_nr_sectors"]
+         "rsp_status", "discard_flag", "discard_nr_sectors", "ind_indirect_op",
+         "ind_nr_segments", "ind_handle", "ind_indirect_grefs", "sizeof_indirect"]
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,13 @@ int main(void)
            sizeof(struct blkif_response), sizeof(struct blkif_request_segment),
            sizeof(struct blkif_request_discard), sizeof(union blkif_sring_entry),
            BLKIF_MAX_SEGMENTS_PER_REQUEST);
+    printf("\"ind_indirect_op\": %zu, \"ind_nr_segments\": %zu, \"ind_handle\": %zu, "
+           "\"ind_indirect_grefs\": %zu, \"sizeof_indirect\": %zu, ",
+           offsetof(struct blkif_request_indirect, indirect_op),
+           offsetof(struct blkif_request_indirect, nr_segments),
+           offsetof(struct blkif_request_indirect, handle),
+           offsetof(struct blkif_request_indirect, indirect_grefs),
+           sizeof(struct blkif_request_indirect));
     printf("\"entries\": [%u, %u, %u, %u, %u], ",
            (unsigned)__CONST_RING_SIZE(blkif, 4096), (unsigned)__CONST_RING_SIZE(blkif, 8192),
            (unsigned)__CONST_RING_SIZE(blkif, 16384), (unsigned)__CONST_RING_SIZE(blkif, 32768),
