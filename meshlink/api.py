@@ -29,6 +29,7 @@ impossible to assert; endpoints are tried one at a time, each bounded by
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ from resolver.zeroconf import Advertisement, Registration
 from resolver.zeroconf import register as zeroconf_register
 
 from ._errors import (
+    AddressInUse,
     AuthError,
     HandshakeError,
     LocalProtocolError,
@@ -193,11 +195,9 @@ async def serve(
     ssl_ctx = tls.server_context() if tls is not None else None
 
     async with AsyncExitStack() as stack:
-        vlistener: VchanListener | None = None
-        if vchan:
-            vlistener = await open_vchan_listener(name, host_store=store, allow_uids=allow_uids)
-            stack.push_async_callback(vlistener.aclose)
-            stack.callback(remove_record, store, name)
+        if vchan and store.is_live(name):  # fail before binding any port
+            raise AddressInUse(errno.EADDRINUSE,
+                               f"service {name!r} is already served in {store.path}")
         tls_listeners: list[trio.SocketListener] = []
         tcp_listeners: list[trio.SocketListener] = []
         if tls_port is not None:
@@ -213,8 +213,6 @@ async def serve(
             advertise = list(zc.interfaces) if wildcard and zc else (
                 ["127.0.0.1"] if wildcard else [bind])
         server = Server(name, hid, [])
-        if vlistener is not None:
-            server.endpoints.append(Endpoint("vchan", name, store=str(store.path), host_id=hid))
         if tls_listeners:
             server.tls_port = _port(tls_listeners)
             server.endpoints += [Endpoint("tls", a, server.tls_port, host_id=hid)
@@ -224,7 +222,15 @@ async def serve(
             server.endpoints += [Endpoint("tcp", a, server.tcp_port, host_id=hid)
                                  for a in advertise]
         fingerprint = tls.fingerprint() if tls is not None else None
-        if vlistener is not None:
+        vlistener: VchanListener | None = None
+        if vchan:
+            vlistener = await open_vchan_listener(name, host_store=store, allow_uids=allow_uids)
+            stack.push_async_callback(vlistener.aclose)
+            stack.callback(remove_record, store, name)
+            server.endpoints.insert(0, Endpoint("vchan", name, store=str(store.path),
+                                                host_id=hid))
+            # No checkpoint between binding and the record: resolvers in other
+            # processes may still see the entry without it (see resolver._rank).
             write_record(store, ServiceRecord(
                 name, hid, server.transports,
                 tuple(ep.url for ep in server.endpoints if ep.scheme != "vchan"),

@@ -13,7 +13,8 @@ the same input always gives the same output (DESIGN.md section 5).
    drops vchan; ``require_tls`` drops plain TCP; TLS needs a TLS configuration.
 3. Co-location is *claimed* here and *proved* at connect time: a vchan endpoint
    is kept only when the advertised host id equals ours (or the rules file or a
-   pin names it explicitly, which is the operator's claim); the vchan handshake
+   pin names it explicitly, which is the operator's claim, or it is live in our
+   own host store without a record: a bare vchan listener); the vchan handshake
    then proves it, and a failure falls back to the next endpoint.
 4. Order: by transport (``policy.order``, default vchan > tls > tcp), then by
    source (host store, rules, zeroconf), then as the source listed them.
@@ -68,6 +69,10 @@ def _judge(ep: Endpoint, facts: LocalFacts, policy: Policy) -> tuple[bool, str]:
         if ep.source == "pin":
             return True, "pinned; co-location to be proved by the vchan handshake"
         if ep.host_id is None:
+            if ep.source.startswith("hoststore"):
+                return True, (f"{src}: live in our host store without a record (a bare vchan "
+                              "listener, or one starting up); co-location to be proved by "
+                              "the vchan handshake")
             if ep.source.startswith("rules"):
                 return True, (f"{src}: the rules file names it; co-location to be proved "
                               "by the vchan handshake")

@@ -147,9 +147,10 @@ class HostStoreSource:
     def lookup(self, name: str) -> list[Endpoint]:
         """Endpoints of ``name`` if a live server publishes it here.
 
-        A live entry without a record (a bare ``open_vchan_listener``) yields a
-        vchan endpoint with no host id: the ranking will not claim co-location
-        for it unless pinned.  Stale entries (crashed servers) yield nothing.
+        A live entry without a record (a bare ``open_vchan_listener``, or a
+        server between binding and writing its record) yields a vchan endpoint
+        with no host id, which only the vchan handshake can prove.  Stale
+        entries (crashed servers) yield nothing.
         """
         validate_service_name(name)
         if not self.store.is_live(name):

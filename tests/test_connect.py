@@ -255,3 +255,52 @@ async def test_sigterm_withdraws_everything(
     procs[0].send_signal(signal.SIGTERM)
     assert procs[0].wait(timeout=30) == 0
     assert list(store.iterdir()) == []
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A TCP listener that accepts and then never says anything."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, hold, listeners)
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_endpoint_times_out_and_falls_back(
+    server: Server, store: Path, certs: Certs, tmp_path: Path, silent_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(f'[names]\n"{NAME}" = ["tls://127.0.0.1:{silent_port}", '
+                     f'"tcp://127.0.0.1:{server.tcp_port}"]\n')
+    async with connect(NAME, host_store=tmp_path / "elsewhere", rules=rules,
+                       tls=certs.client_tls(), attempt_timeout=0.5) as conn:
+        assert conn.transport == "tcp"
+        assert conn.endpoint is not None and conn.endpoint.port == server.tcp_port
+    assert any(f"tls://127.0.0.1:{silent_port} failed" in r.getMessage()
+               for r in caplog.records if r.name == "meshlink.connect")
+
+
+async def test_cancelling_connect_leaves_nothing_open(
+    store: Path, certs: Certs, tmp_path: Path, silent_port: int
+) -> None:
+    with trio.CancelScope() as scope:
+        async def cancel_when_blocked() -> None:
+            from trio.testing import wait_all_tasks_blocked
+
+            await wait_all_tasks_blocked(0.05)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_when_blocked)
+            async with connect(NAME, host_store=store, tls=certs.client_tls(),
+                               pin=f"tls://127.0.0.1:{silent_port}"):
+                pytest.fail("connected to a silent endpoint")
+    assert scope.cancelled_caught

@@ -61,9 +61,11 @@ def test_rank_vchan_needs_same_host_id() -> None:
     assert "differs" in r.rejected[0].reason and "not co-located" in r.rejected[0].reason
 
 
-def test_rank_vchan_without_host_id_is_not_claimed_unless_rules_say_so() -> None:
-    r = rank([ep("vchan://host-store/x", "hoststore")], ME, Policy())
+def test_rank_vchan_without_host_id_only_from_our_store_or_the_operator() -> None:
+    r = rank([ep("vchan://host-store/x", "zeroconf")], ME, Policy())
     assert r.chosen == () and "cannot be claimed" in r.rejected[0].reason
+    r = rank([ep("vchan://host-store/x", "hoststore")], ME, Policy())
+    assert urls(r.chosen) == ["vchan://host-store/x"] and "without a record" in r.chosen[0].reason
     r = rank([ep("vchan://host-store/x", "rules")], ME, Policy())
     assert urls(r.chosen) == ["vchan://host-store/x"]
 
