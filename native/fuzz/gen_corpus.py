@@ -96,15 +96,78 @@ def vchan_seeds() -> dict[str, bytes]:
     return seeds
 
 
+# ---- blk_fuzz (keep in step with LLVMFuzzerTestOneInput in blk_fuzz.c) ----
+F_REQ, F_RAW, F_PROD, F_EVENT, B_SERVE = 0, 2, 3, 4, 5
+B_STEP, B_PUT_HELD, B_PUSH, B_FINAL, F_SEGPAGE = 6, 7, 8, 9, 10
+
+
+def breq(op: int, segs: list[tuple[int, int, int]], rid: int, sector: int,
+         discard: int | None = None) -> bytes:
+    """A request in front_request's compact form; segs = (page, first, last)."""
+    out = bytes([F_REQ, op, len(segs) if op != 5 else 0]) + struct.pack("<H", rid)
+    out += bytes([sector]) if sector < 0x80 else b"\x80" + struct.pack("<Q", sector)
+    if op == 5:
+        return out + bytes([discard or 0])
+    for page, first, last in segs:
+        out += bytes([page])
+        if first <= 7 and last <= 7:
+            out += bytes([(first << 3) | last])
+        else:
+            out += bytes([0x80, first, last])
+    return out
+
+
+def blk_world(order: int, npages: int, sectors: int, ops: bytes, *, read_only=False,
+              null=False, req_prod=0, rsp_prod=0) -> bytes:
+    flags = (1 if read_only else 0) | (2 if null else 0)
+    head = bytes([order, flags, npages, sectors, 0])
+    head += struct.pack("<IIII", req_prod, 1, rsp_prod, 1)
+    return head + ops
+
+
+def blk_seeds() -> dict[str, bytes]:
+    traffic = (
+        breq(1, [(0, 0, 7), (1, 2, 5)], 1, 3)          # WRITE two segments
+        + breq(0, [(2, 0, 7)], 2, 3)                   # READ it back
+        + breq(3, [], 3, 0)                            # FLUSH
+        + breq(5, [], 4, 8, discard=4)                 # DISCARD 4 sectors
+        + breq(2, [], 5, 0)                            # empty WRITE_BARRIER
+        + bytes([B_SERVE, B_FINAL])
+        + breq(4, [], 6, 0)                            # unsupported op
+        + breq(0, [(0, 3, 9)], 7, 0)                   # last_sect > 7
+        + breq(0, [(0, 5, 2)], 8, 0)                   # first > last
+        + breq(1, [(0, 0, 7)] * 11, 9, 0)              # eleven segments
+        + breq(0, [(1, 0, 7)], 10, 63)                 # past the end of the disk
+        + bytes([B_STEP, 0, B_STEP, 1, B_STEP, 0, B_PUT_HELD, 11, 0, B_PUSH, B_SERVE, B_FINAL])
+    )
+    # INDIRECT: a segment list of 3 in page 3, then a WRITE and a READ through it.
+    seglist = bytes([F_SEGPAGE, 3, 3, 0, 0x07, 1, (1 << 3) | 6, 2, 0x00])
+    indirect = (
+        seglist
+        + bytes([F_REQ, 6, 1]) + struct.pack("<H", 20) + bytes([4, 3, 3, 3])  # WRITE
+        + bytes([F_REQ, 6, 0]) + struct.pack("<H", 21) + bytes([4, 3, 3, 3])  # READ
+        + bytes([F_REQ, 6, 0]) + struct.pack("<H", 22) + bytes([4, 0x80, 0x00, 0x02, 3, 3])
+        + bytes([B_SERVE, B_STEP, 0, B_FINAL])
+    )
+    seeds = {
+        "traffic-order0": blk_world(0, 4, 64, traffic),
+        "traffic-order2": blk_world(2, 8, 32, traffic),
+        "traffic-readonly": blk_world(1, 3, 16, traffic, read_only=True),
+        "traffic-null": blk_world(0, 4, 200, traffic, null=True),
+        "wrap-u32": blk_world(0, 2, 64, traffic, req_prod=0xFFFFFFFE, rsp_prod=0xFFFFFFFE),
+        "hostile-prod": blk_world(0, 2, 8, bytes([F_PROD]) + struct.pack("<I", 1 << 31) +
+                                  bytes([B_SERVE, B_FINAL])),
+        "full-ring": blk_world(0, 1, 8, breq(0, [(0, 0, 0)], 1, 0) * 33 + bytes([B_SERVE])),
+        "bad-order": bytes([0x45]) + b"\x00" * 20,
+        "indirect": blk_world(0, 4, 64, indirect),
+    }
+    return seeds
+
+
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "corpus"
     targets = {"vchan_fuzz": vchan_seeds()}
-    try:
-        import blk_seeds  # type: ignore[import-not-found]  # noqa: PLC0415
-    except ImportError:
-        blk_seeds = None
-    if blk_seeds is not None:
-        targets["blk_fuzz"] = blk_seeds.seeds()
+    targets["blk_fuzz"] = blk_seeds()
     for target, seeds in targets.items():
         d = out / target
         d.mkdir(parents=True, exist_ok=True)
