@@ -41,9 +41,11 @@ from typing import Any
 
 import trio
 
-from resolver import Choice, Endpoint, Policy, Resolver, ZeroconfConfig
+# Submodules only (never the ``resolver`` namespace): see resolver/__init__.py.
+from resolver._resolver import Resolver
+from resolver._types import Choice, Endpoint, Policy
 from resolver.hoststore import ServiceRecord, default_host_id, remove_record, write_record
-from resolver.zeroconf import Advertisement, Registration
+from resolver.zeroconf import Advertisement, Registration, ZeroconfConfig
 from resolver.zeroconf import register as zeroconf_register
 
 from ._errors import (
