@@ -23,8 +23,9 @@ def test_help_and_usage_errors() -> None:
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
     missing = run([*SERVE, "x", "--backend", "memory", "--nbd"], check=False)
     assert missing.returncode == 1 and "needs a size" in missing.stderr
-    no_front = run([*SERVE, "x", "--backend", "null", "--size", "1M"], check=False)
-    assert no_front.returncode == 1 and "--nbd" in no_front.stderr
+    # The blk ring is the default front end; --blk only adds it to --nbd.
+    blk_alone = run([*SERVE, "x", "--backend", "null", "--size", "1M", "--blk"], check=False)
+    assert blk_alone.returncode == 1 and "--nbd" in blk_alone.stderr
     no_file = run([*SERVE, "x", "--backend", "file", "--path", "/nonexistent/x", "--nbd"],
                   check=False)
     assert no_file.returncode == 1 and "error:" in no_file.stderr

@@ -1,6 +1,6 @@
-"""Command line: ``disk serve`` and ``disk info``.
+"""Command line: ``disk serve``, ``disk info`` and ``disk cp``.
 
-``add_disk_commands(subparsers)`` registers ``disk serve ...`` / ``disk info ...``
+``add_disk_commands(subparsers)`` registers ``disk serve|info|cp ...``
 under a parent parser (the ``meshlink`` console script); ``main(argv)`` is the
 standalone form behind ``python -m meshlink.disk serve ...``.  Each
 subcommand stores its handler as ``args.func(args) -> int``.
@@ -14,19 +14,23 @@ it accepts connections (not with ``--stdio``, where stdout is the protocol).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import trio
 
 from .._errors import MeshlinkError
 from .backends import BACKEND_KINDS, open_backend
+from .blk import open_blk, serve_blk
 from .nbd import (
     Export,
     NBDServer,
@@ -57,11 +61,14 @@ def parse_size(text: str) -> int:
 
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser(
-        "serve", help="export a disk backend over NBD",
-        description="Serve a disk backend over NBD.  Listens on --listen (default "
-                    "127.0.0.1:10809), or on a socket passed by systemd socket activation "
-                    "(LISTEN_FDS), or talks NBD on stdin/stdout with --stdio.")
-    p.add_argument("name", help="export name (also served as the default export)")
+        "serve", help="export a disk backend over the blk ring and/or NBD",
+        description="Serve a disk backend.  By default over the blk ring to co-located "
+                    "processes: NAME is SERVICE or SERVICE/DISK (disk 'disk0' if omitted), "
+                    "published in the host store.  With --nbd, over NBD instead (add --blk "
+                    "for both): NAME's disk part is the export name; listens on --listen "
+                    "(default 127.0.0.1:10809), or on a socket passed by systemd socket "
+                    "activation (LISTEN_FDS), or talks NBD on stdin/stdout with --stdio.")
+    p.add_argument("name", help="SERVICE[/DISK] for the blk ring; the export name for NBD")
     p.add_argument("--backend", choices=BACKEND_KINDS, required=True,
                    help="null, memory (sparse RAM), file, mmap, or cow (over --path)")
     p.add_argument("--path", help="file for file/mmap; the gold image for cow")
@@ -70,8 +77,9 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--overlay", help="cow: keep written blocks in this file, not RAM")
     p.add_argument("--read-only", action="store_true", help="refuse writes")
     p.add_argument("--description", default="", help="text shown by nbdinfo")
-    p.add_argument("--nbd", action="store_true", help="serve with NBD (the only front end "
-                   "today; required)")
+    p.add_argument("--nbd", action="store_true", help="serve over NBD (instead of the blk ring)")
+    p.add_argument("--blk", action="store_true", help="with --nbd: also serve over the blk ring")
+    p.add_argument("--host-store", help="host store directory for the blk ring")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--listen", metavar="ADDR",
                        help="host:port, tcp:host:port or unix:/path")
@@ -87,11 +95,12 @@ def _add_serve(sub: Any) -> None:
 
 
 def _add_info(sub: Any) -> None:
-    p = sub.add_parser("info", help="show an NBD export's size and flags",
-                       description="Connect to an NBD URI and print what the server "
-                                   "advertises for the export.")
-    p.add_argument("url", help="nbd://host[:port]/name, nbd+unix:///name?socket=PATH, "
-                               "or nbds:// forms")
+    p = sub.add_parser("info", help="show a served disk's size and capabilities",
+                       description="Open a served disk (SERVICE/DISK over the blk ring, or "
+                                   "an NBD URI) and print what the server advertises.")
+    p.add_argument("url", help="SERVICE/DISK (blk ring), nbd://host[:port]/name, "
+                               "nbd+unix:///name?socket=PATH, or nbds:// forms")
+    p.add_argument("--host-store", help="host store directory for the blk ring")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--tls-ca", help="CA to verify the server (nbds)")
     p.add_argument("--tls-cert", help="client certificate (PEM)")
@@ -99,17 +108,38 @@ def _add_info(sub: Any) -> None:
     p.set_defaults(func=_cmd_info)
 
 
+def _add_cp(sub: Any) -> None:
+    p = sub.add_parser("cp", help="copy between files and served disks",
+                       description="Copy SRC to DST, each a local file or a served disk: "
+                                   "blk://SERVICE/DISK (or SERVICE/DISK when no such file "
+                                   "exists) over the blk ring, or an nbd:// URI.  Shows a "
+                                   "progress bar on stderr and the throughput at the end.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--host-store", help="host store directory for the blk ring")
+    p.add_argument("--block-size", type=parse_size, default=4 << 20,
+                   help="bytes per request batch (default 4M)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_cp)
+
+
+def _register(sub: Any) -> None:
+    _add_serve(sub)
+    _add_info(sub)
+    _add_cp(sub)
+
+
 def add_disk_commands(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``disk serve`` and ``disk info`` under an argparse subparsers object.
+    """Register ``disk serve|info|cp`` under an argparse subparsers object.
 
     Returns:
         The ``disk`` parser.
     """
-    disk = subparsers.add_parser("disk", help="serve or inspect disks (NBD)",
-                                 description="Serve or inspect disks over NBD.")
-    sub = disk.add_subparsers(dest="disk_command", metavar="{serve,info}", required=True)
-    _add_serve(sub)
-    _add_info(sub)
+    disk = subparsers.add_parser("disk", help="serve, inspect or copy disks (blk ring, NBD)",
+                                 description="Serve, inspect or copy disks over the blk "
+                                             "ring or NBD.")
+    sub = disk.add_subparsers(dest="disk_command", metavar="{serve,info,cp}", required=True)
+    _register(sub)
     return disk  # type: ignore[no-any-return]
 
 
@@ -121,8 +151,8 @@ def _fail(message: str) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.nbd:
-        return _fail("choose a front end: --nbd")
+    if args.blk and not args.nbd:
+        return _fail("--blk is the default; combine it only with --nbd")
     ssl_context: ssl.SSLContext | None = None
     if args.tls != "off":
         if not (args.tls_cert and args.tls_key):
@@ -141,8 +171,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                read_only=args.read_only, overlay_path=args.overlay)
     except (ValueError, MeshlinkError) as exc:
         return _fail(f"cannot open the {args.backend} backend: {exc}")
-    server = NBDServer([Export(args.name, backend, args.description, args.read_only)],
+    service, _, disk_name = args.name.partition("/")
+    disk_name = disk_name or "disk0"
+    export = args.name if args.nbd and not args.blk else disk_name
+    server = NBDServer([Export(export, backend, args.description, args.read_only)],
                        tls=args.tls, ssl_context=ssl_context)
+    args.blk_target = (service, disk_name, backend) if (args.blk or not args.nbd) else None
     try:
         return trio.run(_serve, server, args)
     except KeyboardInterrupt:
@@ -154,6 +188,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 async def _serve(server: NBDServer, args: argparse.Namespace) -> int:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        if args.blk_target is not None:
+            service, disk_name, backend = args.blk_target
+            try:
+                store = await nursery.start(
+                    lambda task_status: serve_blk(service, {disk_name: backend},
+                                                  host_store=args.host_store,
+                                                  task_status=task_status))
+            except (OSError, MeshlinkError) as exc:
+                nursery.cancel_scope.cancel()
+                return _fail(f"cannot serve {service!r} over the blk ring: {exc}")
+            print(f"ready blk://{service}/{disk_name} (host store {store.path})", flush=True)
+            if not args.nbd:
+                return 0
         if args.stdio:
             await server.serve_stdio()
             nursery.cancel_scope.cancel()
@@ -194,7 +241,18 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
             return
 
 
+def _is_nbd(url: str) -> bool:
+    return url.startswith(("nbd://", "nbds://", "nbd+unix://", "nbds+unix://"))
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
+    if not _is_nbd(args.url):
+        try:
+            info = trio.run(_blk_info, args.url.removeprefix("blk://"), args.host_store)
+        except (ValueError, MeshlinkError, OSError) as exc:
+            return _fail(str(exc))
+        _print_info(info, args.json)
+        return 0
     ctx: ssl.SSLContext | None = None
     if args.url.startswith("nbds"):
         ctx = ssl.create_default_context(cafile=args.tls_ca)
@@ -204,11 +262,125 @@ def _cmd_info(args: argparse.Namespace) -> int:
         info = trio.run(_info, args.url, ctx)
     except (ValueError, MeshlinkError, OSError) as exc:
         return _fail(str(exc))
-    if args.json:
+    _print_info(info, args.json)
+    return 0
+
+
+def _print_info(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
             print(f"{key}: {value}")
+
+
+async def _blk_info(target: str, host_store: str | None) -> dict[str, Any]:
+    async with open_blk(target, host_store=host_store) as disk:
+        return {"disk": target, "transport": "blk ring", "size": disk.size,
+                "sector_size": disk.sector_size, "read_only": disk.read_only,
+                "ring_entries": disk.ring_entries, **{f"can_{k}": v for k, v in
+                                                      disk.features.items()}}
+
+
+# --- cp ----------------------------------------------------------------------
+
+
+class _FileSide:
+    """A local file as one side of ``disk cp``."""
+
+    def __init__(self, path: str, write: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT if write else os.O_RDONLY
+        self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        self.size = os.fstat(self.fd).st_size
+
+    async def read(self, offset: int, n: int) -> bytes:
+        return os.pread(self.fd, n, offset)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self.fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    async def finish(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+def _is_served(spec: str) -> bool:
+    if spec.startswith("blk://") or _is_nbd(spec):
+        return True
+    return (spec.count("/") == 1 and not spec.startswith((".", "/"))
+            and not os.path.exists(spec))
+
+
+@contextlib.asynccontextmanager
+async def _open_side(spec: str, write: bool, host_store: str | None
+                     ) -> AsyncIterator[tuple[Any, int]]:
+    if _is_nbd(spec):
+        async with open_nbd(spec) as nbd_disk:
+            yield nbd_disk, nbd_disk.size
+    elif _is_served(spec):
+        async with open_blk(spec.removeprefix("blk://"), host_store=host_store) as blk_disk:
+            yield blk_disk, blk_disk.size
+    else:
+        side = _FileSide(spec, write)
+        try:
+            yield side, side.size
+        finally:
+            if not write:
+                os.close(side.fd)
+
+
+def _bar(done: int, total: int, started: float) -> str:
+    width = 30
+    frac = done / total if total else 1.0
+    rate = done / max(time.perf_counter() - started, 1e-9) / (1 << 20)
+    filled = int(frac * width)
+    return (f"\r[{'#' * filled}{' ' * (width - filled)}] {frac * 100:5.1f}% "
+            f"{done >> 20}/{total >> 20} MiB {rate:8.1f} MiB/s")
+
+
+async def _copy(args: argparse.Namespace) -> tuple[int, float]:
+    async with contextlib.AsyncExitStack() as stack:
+        src, size = await stack.enter_async_context(_open_side(args.src, False, args.host_store))
+        dst, dst_size = await stack.enter_async_context(_open_side(args.dst, True,
+                                                                   args.host_store))
+        if not isinstance(dst, _FileSide) and dst_size < size:
+            raise MeshlinkError(f"{args.dst} holds {dst_size} bytes, {args.src} has {size}")
+        show = not args.quiet
+        started = time.perf_counter()
+        offset = 0
+        last_shown = 0.0
+        while offset < size:
+            n = min(args.block_size, size - offset)
+            data = await src.read(offset, n)
+            if len(data) != n:
+                raise MeshlinkError(f"short read from {args.src} at {offset}")
+            await dst.write(offset, data)
+            offset += n
+            now = time.perf_counter()
+            if show and (now - last_shown > 0.1 or offset == size):
+                print(_bar(offset, size, started), end="", file=sys.stderr, flush=True)
+                last_shown = now
+        if isinstance(dst, _FileSide):
+            await dst.finish(size)
+        else:
+            await dst.flush()
+        elapsed = time.perf_counter() - started
+        if show:
+            print(file=sys.stderr)
+        return size, elapsed
+
+
+def _cmd_cp(args: argparse.Namespace) -> int:
+    try:
+        size, elapsed = trio.run(_copy, args)
+    except (ValueError, MeshlinkError, OSError) as exc:
+        return _fail(str(exc))
+    print(f"copied {size} bytes in {elapsed:.2f} s "
+          f"({size / max(elapsed, 1e-9) / (1 << 20):.1f} MiB/s)", file=sys.stderr)
     return 0
 
 
@@ -242,10 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit code.
     """
     parser = argparse.ArgumentParser(prog="python -m meshlink.disk",
-                                     description="Serve or inspect meshlink disks over NBD.")
-    sub = parser.add_subparsers(dest="disk_command", metavar="{serve,info}", required=True)
-    _add_serve(sub)
-    _add_info(sub)
+                                     description="Serve, inspect or copy meshlink disks.")
+    sub = parser.add_subparsers(dest="disk_command", metavar="{serve,info,cp}", required=True)
+    _register(sub)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code
