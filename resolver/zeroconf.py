@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import queue
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,10 +243,14 @@ async def register(ad: Advertisement, config: ZeroconfConfig) -> Registration:
 
 
 async def lookup(name: str, config: ZeroconfConfig) -> list[Advertisement]:
-    """Ask the network for the instance ``NAME._meshlink._tcp.local.``.
+    """Browse ``_meshlink._tcp.local.`` for the instances serving ``name``.
+
+    Instances are matched by their ``name`` TXT record, so an instance renamed
+    after a conflict (``NAME (2)``) is found too.  Returns as soon as one
+    matching instance is resolved; without one, after ``config.timeout``.
 
     Returns:
-        Zero or one advertisement (a list, to compose with browsing).
+        The matching advertisements (usually one; empty if none answered).
 
     Raises:
         OSError: the mDNS sockets could not be opened.
@@ -259,15 +265,52 @@ async def lookup(name: str, config: ZeroconfConfig) -> list[Advertisement]:
 
     def run() -> list[Advertisement]:
         zc = config._new()
+        seen: queue.Queue[str] = queue.Queue()
+        browsed: set[str] = set()
+        # The exact instance first: the common case needs no browse round.
+        seen.put(f"{name}.{SERVICE_TYPE}")  # (a guess: it may not exist)
+
+        def on_change(zeroconf: Zeroconf, service_type: str, name: str,
+                      state_change: ServiceStateChange) -> None:
+            if state_change is not ServiceStateChange.Removed:
+                browsed.add(name)
+                seen.put(name)
+
+        exact = f"{name}.{SERVICE_TYPE}"
+        deadline = time.monotonic() + config.timeout
+        tried: set[str] = set()
+        retried: set[str] = set()
+        found: list[Advertisement] = []
+        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
         try:
-            info = zc.get_service_info(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}",
-                                       timeout=int(config.timeout * 1000))
+            while not found:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    inst = seen.get(timeout=left)
+                except queue.Empty:
+                    break
+                if inst in tried:
+                    # Only the guessed exact instance is asked twice: once as a
+                    # guess (short budget), again if the browse then reports it.
+                    if inst != exact or inst not in browsed or inst in retried:
+                        continue
+                    retried.add(inst)
+                tried.add(inst)
+                left = deadline - time.monotonic()
+                if inst == exact and inst not in browsed:
+                    # A guess: don't let a missing instance eat the whole budget.
+                    left = min(left, config.timeout / 4)
+                wait_ms = max(1, int(left * 1000))
+                info = zc.get_service_info(SERVICE_TYPE, inst, timeout=wait_ms)
+                ad = Advertisement._from_info(info) if info is not None else None
+                if ad is not None and ad.name == name:
+                    found.append(ad)
+            return found
         finally:
+            browser.cancel()
             zc.close()
-        if info is None:
-            return []
-        ad = Advertisement._from_info(info)
-        return [ad] if ad is not None and ad.name == name else []
 
     return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
 
