@@ -281,3 +281,21 @@ async def test_large_pipelined_io(blk_server: tuple[Path, Path], kind: str) -> N
         assert buf == expect
         if kind != "null":
             REFERENCE[kind][512 : 512 + len(data)] = data
+
+
+async def test_disk_open_and_serve_pick_the_front_end(store: Path, tmp_path: Path) -> None:
+    """meshlink.disk.serve exports over both front ends; open picks by address."""
+    from meshlink import disk as mdisk
+
+    sock = tmp_path / "nbd.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: mdisk.serve(
+            {"disk0": mdisk.MemoryBackend(1 << 20)}, f"unix:{sock}", service="both",
+            host_store=store, task_status=task_status))
+        async with mdisk.open("both/disk0", host_store=store) as local:
+            assert isinstance(local, BlkDisk)
+            await local.write(0, b"\x33" * 4096)
+        async with mdisk.open(f"nbd+unix:///disk0?socket={sock}") as remote:
+            assert not isinstance(remote, BlkDisk)
+            assert await remote.read(0, 4096) == b"\x33" * 4096
+        nursery.cancel_scope.cancel()

@@ -1,20 +1,23 @@
-"""meshlink.disk: block storage backends and their network face (NBD).
+"""meshlink.disk: block storage backends, shared over the blk ring and NBD.
 
 Backends (``null``, ``memory``, ``file``, ``mmap``, ``cow``) implement one
 small :class:`Backend` Protocol; front ends advertise only what a backend
-declares.  :func:`serve` exports backends over NBD; :func:`open` opens a
-remote disk.  Both are thin on purpose: the blk-ring (Xen blkif) front end
-will plug in beside NBD, chosen by the address given.
+declares.  :func:`serve` exports backends to co-located processes over the
+Xen blk ring (:mod:`meshlink.disk.blk`) and/or to the network over NBD
+(:mod:`meshlink.disk.nbd`); :func:`open` opens a served disk by
+``SERVICE/DISK`` (blk ring) or NBD URI, with the same calls either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 
 import trio
 
+from ..hoststore import HostStore
 from .backends import (
     BACKEND_KINDS,
     Backend,
@@ -26,59 +29,95 @@ from .backends import (
     NullBackend,
     open_backend,
 )
+from .blk import BlkDisk, open_blk, serve_blk
 from .nbd import Export, NBDDisk, NBDServer, TLSMode, list_exports, open_nbd
 
 
 @contextlib.asynccontextmanager
-async def open(url: str, *, ssl_context: ssl.SSLContext | None = None,
-               max_in_flight: int = 64) -> AsyncIterator[NBDDisk]:
-    """Open a remote disk by URL (today: NBD URIs; later also blk-ring addresses).
+async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
+               host_store: HostStore | str | os.PathLike[str] | None = None,
+               max_in_flight: int = 64) -> AsyncIterator[BlkDisk | NBDDisk]:
+    """Open a served disk: ``async with meshlink.disk.open("storage-node/disk0") as d:``.
+
+    ``SERVICE/DISK`` (or ``blk://SERVICE/DISK``) opens a co-located disk over
+    the blk ring through the host store; an NBD URI opens it over the network.
+    Both give the same calls: ``read``, ``write``, ``flush``, ``discard``,
+    ``size``, ``read_only``.
 
     Args:
-        url: ``nbd://``, ``nbds://``, ``nbd+unix://`` or ``nbds+unix://`` URI.
+        target: ``SERVICE/DISK``, ``blk://SERVICE/DISK``, or an ``nbd://``,
+            ``nbds://``, ``nbd+unix://`` or ``nbds+unix://`` URI.
         ssl_context: client TLS context for the ``nbds`` forms.
-        max_in_flight: requests pipelined at once.
+        host_store: host store for the blk ring (default: see :mod:`meshlink.hoststore`).
+        max_in_flight: NBD requests pipelined at once (the blk ring pipelines
+            up to its ring size).
 
     Yields:
-        The open disk (``read``/``write``/``flush``/``discard``, ``size``, ``read_only``).
+        The open disk.
 
     Raises:
-        ValueError: an address this version cannot open.
-        ConnectionLost / HandshakeError: see :func:`meshlink.disk.nbd.open_nbd`.
+        ServiceNotFound: no live blk service of that name on this host.
+        ValueError: an NBD URI this version cannot open.
+        ConnectionLost / HandshakeError: see :func:`open_blk` and :func:`open_nbd`.
     """
-    async with open_nbd(url, ssl_context=ssl_context, max_in_flight=max_in_flight) as disk:
-        yield disk
+    if target.startswith(("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")):
+        async with open_nbd(target, ssl_context=ssl_context,
+                            max_in_flight=max_in_flight) as disk:
+            yield disk
+    else:
+        async with open_blk(target.removeprefix("blk://"), host_store=host_store) as blk:
+            yield blk
 
 
-async def serve(exports: Mapping[str, Backend], listen: str, *,
+async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
+                service: str | None = None,
+                host_store: HostStore | str | os.PathLike[str] | None = None,
                 tls: TLSMode | str = TLSMode.OFF, ssl_context: ssl.SSLContext | None = None,
-                task_status: trio.TaskStatus[NBDServer] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``exports`` (name -> backend) over NBD on ``listen`` until cancelled.
+                task_status: trio.TaskStatus[NBDServer | None] = trio.TASK_STATUS_IGNORED,
+                ) -> None:
+    """Serve ``exports`` (disk name -> backend) until cancelled.
+
+    With ``service``, co-located clients open ``"SERVICE/DISK"`` over the blk
+    ring (published in the host store); with ``listen``, network clients use
+    NBD (``nbd://host:port/DISK``).  Give either or both.
 
     Args:
-        exports: backends by export name; the first is also the default export.
-        listen: ``host:port``, ``tcp:host:port`` or ``unix:/path``.
-        tls: ``off``, ``optional`` or ``required``.
-        ssl_context: server TLS context (needed unless tls is off).
-        task_status: ``nursery.start`` receives the running :class:`NBDServer`.
+        exports: backends by disk name; for NBD the first is also the default export.
+        listen: NBD address: ``host:port``, ``tcp:host:port`` or ``unix:/path``.
+        service: service name for the blk ring.
+        host_store: host store for the blk ring.
+        tls: NBD TLS mode: ``off``, ``optional`` or ``required``.
+        ssl_context: NBD server TLS context (needed unless tls is off).
+        task_status: ``nursery.start`` receives the running :class:`NBDServer`
+            (``None`` when only the blk ring is served) once everything listens.
 
     Raises:
-        AddressInUse: the address is taken.
+        AddressInUse: the NBD address or the service name is taken.
+        ValueError: neither ``listen`` nor ``service`` was given.
 
-    Cancellation: stops listening and closes every connection.
+    Cancellation: stops listening, withdraws the service, closes every connection.
     """
     from .nbd import open_listeners
 
-    server = NBDServer([Export(name, backend) for name, backend in exports.items()],
-                       tls=tls, ssl_context=ssl_context)
-    listeners = await open_listeners(listen)
+    if listen is None and service is None:
+        raise ValueError("serve needs listen= (NBD), service= (blk ring), or both")
     async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve_listeners, listeners)
+        if service is not None:
+            await nursery.start(lambda task_status: serve_blk(service, exports,
+                                                              host_store=host_store,
+                                                              task_status=task_status))
+        server: NBDServer | None = None
+        if listen is not None:
+            server = NBDServer([Export(name, backend) for name, backend in exports.items()],
+                               tls=tls, ssl_context=ssl_context)
+            listeners = await open_listeners(listen)
+            await nursery.start(server.serve_listeners, listeners)
         task_status.started(server)
 
 
 __all__ = [
     "BACKEND_KINDS",
+    "BlkDisk",
     "Backend",
     "Capabilities",
     "CowBackend",
@@ -93,6 +132,8 @@ __all__ = [
     "list_exports",
     "open",
     "open_backend",
+    "open_blk",
     "open_nbd",
     "serve",
+    "serve_blk",
 ]
