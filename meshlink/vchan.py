@@ -81,8 +81,13 @@ MAX_RING_SIZE = 1 << 20
 PROTOCOL_VERSION = 1
 HANDSHAKE_TIMEOUT = 5.0
 _MAX_HELLO = 4096
-#: How long a reader/writer polls cooperatively before arming and sleeping.
+#: How long a writer polls cooperatively for space before arming and sleeping.
 SPIN_SECONDS = 50e-6
+#: Bounds of a reader's adaptive spin (see VchanStream._read_spin_budget).
+MIN_READ_SPIN = 5e-6
+MAX_READ_SPIN = 250e-6
+#: Reads at least this large count as bulk traffic for the spin heuristic.
+BULK_READ = 16384
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,8 @@ class VchanStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._receiving = False
         self._polling = False
+        self._read_wait_avg = SPIN_SECONDS
+        self._last_read = 0
         self._lot = trio.lowlevel.ParkingLot()
 
     # -- waiting -------------------------------------------------------------
@@ -228,9 +235,33 @@ class VchanStream(trio.abc.HalfCloseableStream):
         self._check_open()
         self._drain_events()
 
-    async def _spin(self, ready: object) -> bool:
-        """Poll cooperatively for a short while; True if ``ready()`` came true."""
-        deadline = time.perf_counter() + SPIN_SECONDS
+    def _read_spin_budget(self) -> float:
+        """How long a reader should poll before sleeping.
+
+        Spinning pays when data usually comes sooner than a wakeup would cost
+        (tens of microseconds here), so the budget follows a moving average
+        of how long recent reads waited: twice that, within
+        [MIN_READ_SPIN, MAX_READ_SPIN]; when the peer usually takes longer
+        than MAX_READ_SPIN (an idle or slow peer) spinning is pointless and
+        we barely spin at all.  After a large read (bulk transfer) the cap
+        is the writer's SPIN_SECONDS: there the peer is busy producing, and
+        on a loaded machine a long spin takes the CPU it needs.
+        """
+        avg = self._read_wait_avg
+        cap = MAX_READ_SPIN if self._last_read < BULK_READ else SPIN_SECONDS
+        if avg > cap:
+            return MIN_READ_SPIN
+        return max(MIN_READ_SPIN, min(cap, 2 * avg))
+
+    def _note_read_wait(self, started: float) -> None:
+        # Samples are capped so one long idle gap is forgotten within a few
+        # quick exchanges.
+        sample = min(time.perf_counter() - started, 2 * MAX_READ_SPIN)
+        self._read_wait_avg += (sample - self._read_wait_avg) / 4
+
+    async def _spin(self, ready: object, budget: float = SPIN_SECONDS) -> bool:
+        """Poll cooperatively for ``budget`` seconds; True if ``ready()`` came true."""
+        deadline = time.perf_counter() + budget
         while time.perf_counter() < deadline:
             await trio.lowlevel.checkpoint()
             self._check_open()
@@ -272,7 +303,10 @@ class VchanStream(trio.abc.HalfCloseableStream):
             while True:
                 self._check_open()
                 data = self._ring.read_bytes(max_bytes)
-                if data or await self._wait_readable():
+                if data:
+                    self._last_read = len(data)
+                    return data
+                if await self._wait_readable():
                     return data
         finally:
             self._receiving = False
@@ -291,7 +325,10 @@ class VchanStream(trio.abc.HalfCloseableStream):
             while True:
                 self._check_open()
                 n = self._ring.read_into(buf)
-                if n or await self._wait_readable():
+                if n:
+                    self._last_read = n
+                    return n
+                if await self._wait_readable():
                     return n
         finally:
             self._receiving = False
@@ -307,6 +344,7 @@ class VchanStream(trio.abc.HalfCloseableStream):
         Called with the ring found empty.
         """
         ring = self._ring
+        started = time.perf_counter()
         while True:
             if ring.peer_live() == 0:
                 # Clean EOF, but only after everything written before it:
@@ -317,13 +355,15 @@ class VchanStream(trio.abc.HalfCloseableStream):
                 if ring.data_ready():
                     return False
                 raise ConnectionLost("vchan peer process died without closing")
-            if await self._spin(self._readable_now):
+            if await self._spin(self._readable_now, self._read_spin_budget()):
+                self._note_read_wait(started)
                 return False
             if ring.arm_read() or ring.peer_live() != 1:
                 return False
             await self._sleep()
             self._check_open()
             if ring.data_ready():
+                self._note_read_wait(started)
                 return False
 
     # -- sending -------------------------------------------------------------
