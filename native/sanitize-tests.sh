@@ -40,11 +40,14 @@ echo "== sanitize-tests: building meshlink._native with MESHLINK_SANITIZE=1"
 }
 SO=$(ls "$WORK"/meshlink/_native*.so)
 # The build must really be instrumented, or this whole run proves nothing.
-if ! nm -D "$SO" | grep -q '__asan_report'; then
+# (nm's output is captured first: `nm | grep -q` under pipefail fails at
+# random when grep exits early and nm dies of SIGPIPE.)
+syms=$(nm -D "$SO")
+if ! grep -q '__asan_report' <<<"$syms"; then
     echo "sanitize-tests: $SO is not ASan-instrumented" >&2
     exit 1
 fi
-if ! nm -D "$SO" | grep -q '__ubsan_handle'; then
+if ! grep -q '__ubsan_handle' <<<"$syms"; then
     echo "sanitize-tests: $SO is not UBSan-instrumented" >&2
     exit 1
 fi
