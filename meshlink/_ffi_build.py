@@ -10,6 +10,7 @@ preloaded; see ``.ci/run``).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from cffi import FFI
@@ -17,10 +18,32 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"
 
-# Each native/cdef/NAME.h lists, in the restricted syntax cffi parses, the C
-# API that native/NAME.h exports to Python; the real headers stay plain C.
-_CDEFS = sorted((NATIVE / "cdef").glob("*.h"))
-CDEF = "\n".join(p.read_text() for p in _CDEFS)
+# A public header marks the part cffi should read between "cffi:begin" and
+# "cffi:end" comments (declarations, integer #defines and enums only), so the
+# header is the single source of the Python-facing API.  Headers that cannot
+# be written that way list their API in native/cdef/NAME.h instead.
+_BEGIN = re.compile(r"/\* cffi:begin.*?\*/", re.S)
+_END = "/* cffi:end */"
+
+
+def _cdef_of(header: Path) -> str | None:
+    text = header.read_text()
+    m = _BEGIN.search(text)
+    if not m:
+        return None
+    return text[m.end() : text.index(_END, m.end())]
+
+
+_HEADERS: list[Path] = []
+_PARTS: list[str] = []
+for _h in sorted(NATIVE.glob("*.h")):
+    _part = _cdef_of(_h)
+    if _part is None and (NATIVE / "cdef" / _h.name).exists():
+        _part = (NATIVE / "cdef" / _h.name).read_text()
+    if _part is not None:
+        _HEADERS.append(_h)
+        _PARTS.append(_part)
+CDEF = "\n".join(_PARTS)
 
 
 def _sources() -> list[str]:
@@ -43,7 +66,7 @@ ffibuilder.cdef(CDEF)
 _cflags, _ldflags = _flags()
 ffibuilder.set_source(
     "meshlink._native",
-    "".join(f'#include "{p.name}"\n' for p in _CDEFS),
+    "".join(f'#include "{p.name}"\n' for p in _HEADERS),
     sources=_sources(),
     include_dirs=[str(NATIVE)],
     extra_compile_args=_cflags,

@@ -18,14 +18,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define ML_BLK_SECTOR_SIZE 512u
-#define ML_BLK_MAX_SEGMENTS 11
-#define ML_BLK_MAX_RING_ORDER 4
-/* Indirect requests: segments per indirect page, pages per request, and the
- * most segments we accept (we advertise this as feature-max-indirect-segments). */
-#define ML_BLK_SEGS_PER_INDIRECT_PAGE 512
-#define ML_BLK_MAX_INDIRECT_PAGES 8
-#define ML_BLK_MAX_INDIRECT_SEGMENTS 256
+/* cffi:begin -- from here to cffi:end this header is also read by cffi
+ * (meshlink/_ffi_build.py): only declarations, integer #defines and enums. */
+
+enum ml_blk_limits {
+    ML_BLK_SECTOR_SIZE = 512,
+    ML_BLK_MAX_SEGMENTS = 11,
+    ML_BLK_MAX_RING_ORDER = 4,
+    /* Indirect requests: segments per indirect page, pages per request, and
+     * the most segments we accept (advertised as max indirect segments). */
+    ML_BLK_SEGS_PER_INDIRECT_PAGE = 512,
+    ML_BLK_MAX_INDIRECT_PAGES = 8,
+    ML_BLK_MAX_INDIRECT_SEGMENTS = 256
+};
 
 #define ML_BLK_OP_READ 0
 #define ML_BLK_OP_WRITE 1
@@ -34,9 +39,11 @@
 #define ML_BLK_OP_DISCARD 5
 #define ML_BLK_OP_INDIRECT 6
 
-#define ML_BLK_RSP_OKAY 0
-#define ML_BLK_RSP_ERROR (-1)
-#define ML_BLK_RSP_EOPNOTSUPP (-2)
+enum ml_blk_status {
+    ML_BLK_RSP_OKAY = 0,
+    ML_BLK_RSP_ERROR = -1,
+    ML_BLK_RSP_EOPNOTSUPP = -2
+};
 
 struct ml_blk_segment {
     uint32_t gref;
@@ -164,5 +171,7 @@ int ml_blk_back_final_check(ml_blk_back *b);
  * must be signalled.
  */
 long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify);
+
+/* cffi:end */
 
 #endif
