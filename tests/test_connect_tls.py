@@ -30,7 +30,11 @@ async def _tls_pair(certs: Certs, client: TLSConfig, server: TLSConfig,
     async def accept() -> None:
         raw = await listeners[0].accept()
         tls = trio.SSLStream(raw, server.server_context(), server_side=True)
-        await tls_server_handshake(tls, server)
+        try:
+            await tls_server_handshake(tls, server)
+        except AuthError:
+            await trio.aclose_forcefully(tls)  # the client's error is what we test
+            return
         out["server"] = tls
 
     async with trio.open_nursery() as nursery:
