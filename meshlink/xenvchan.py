@@ -139,9 +139,14 @@ def _check_domid(domid: int) -> int:
     return domid
 
 
-def _raise_setup_error(rc: int, what: str) -> None:
-    err = ffi.errno
-    msg = f"{what}: {_error()}"
+def _in_thread(fn: Any) -> tuple[int, int, str]:
+    """Run a native setup call; its errno and message are per thread."""
+    rc = int(fn())
+    return rc, ffi.errno, (_error() if rc < 0 else "")
+
+
+def _raise_setup_error(rc: int, err: int, detail: str, what: str) -> None:
+    msg = f"{what}: {detail}"
     if rc == lib.ML_ECORRUPT:
         raise RingCorruptError(msg)
     if rc == lib.ML_EINVAL:
@@ -315,12 +320,14 @@ class XenVchanServer:
             path = vchan_xs_path(await trio.to_thread.run_sync(own_domid), domid, path)
         out = ffi.new("ml_vchan **")
 
-        def setup() -> int:
-            return int(lib.ml_xen_server_new(domid, path.encode(), read_min, write_min, out))
+        def setup() -> tuple[int, int, str]:
+            return _in_thread(
+                lambda: lib.ml_xen_server_new(domid, path.encode(), read_min, write_min, out)
+            )
 
-        rc = await trio.to_thread.run_sync(setup)
+        rc, err, detail = await trio.to_thread.run_sync(setup)
         if rc < 0:
-            _raise_setup_error(rc, f"cannot publish vchan at {path}")
+            _raise_setup_error(rc, err, detail, f"cannot publish vchan at {path}")
         return cls(VchanRing(out[0]), out[0], domid, path)
 
     async def wait_connected(self) -> XenVchanStream:
@@ -397,10 +404,10 @@ async def connect_xen_vchan(domid: int, path: str) -> XenVchanStream:
         path = vchan_xs_path(domid, await trio.to_thread.run_sync(own_domid), path)
     out = ffi.new("ml_vchan **")
 
-    def setup() -> int:
-        return int(lib.ml_xen_client_new(domid, path.encode(), out))
+    def setup() -> tuple[int, int, str]:
+        return _in_thread(lambda: lib.ml_xen_client_new(domid, path.encode(), out))
 
-    rc = await trio.to_thread.run_sync(setup)
+    rc, err, detail = await trio.to_thread.run_sync(setup)
     if rc < 0:
-        _raise_setup_error(rc, f"cannot connect to vchan at {path}")
+        _raise_setup_error(rc, err, detail, f"cannot connect to vchan at {path}")
     return XenVchanStream(VchanRing(out[0]), out[0], domid, path)

@@ -11,6 +11,7 @@
  * MODE packets: --count K --size S: K times libxenvchan_recv S bytes and
  *   libxenvchan_send them back (blocking mode), then close.
  * Server options: --read-min, --write-min (libxenvchan_server_init's).
+ * Client option: --tries N (default 200, 50 ms apart) to wait for a server.
  *
  * Prints "ready" once initialised, then one JSON line: bytes and CRC-32
  * (as zlib.crc32) of each direction, the ring orders, extra bytes.
@@ -84,7 +85,7 @@ int main(int argc, char **argv)
     const char *role = argv[1], *path = argv[3], *mode = argv[4];
     int domid = atoi(argv[2]);
     size_t send_n = 0, expect_n = 0, read_min = 4096, write_min = 4096, count = 0, size = 0;
-    int until_eof = 0, hold = 0;
+    int until_eof = 0, hold = 0, tries = 200;
     uint64_t seed = 1;
     for (int i = 5; i < argc; i++) {
         const char *a = argv[i];
@@ -98,6 +99,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--size")) size = strtoull(v, NULL, 0), i++;
         else if (!strcmp(a, "--until-eof")) until_eof = 1;
         else if (!strcmp(a, "--hold")) hold = 1;
+        else if (!strcmp(a, "--tries")) tries = atoi(v), i++;
         else {
             fprintf(stderr, "unknown option %s\n", a);
             return 2;
@@ -110,9 +112,9 @@ int main(int argc, char **argv)
     if (!strcmp(role, "server")) {
         c = libxenvchan_server_init(NULL, domid, path, read_min, write_min);
     } else {
-        for (int tries = 0; !c && tries < 200; tries++) {
+        for (int t = 0; !c && t < tries; t++) {
             c = libxenvchan_client_init(NULL, domid, path);
-            if (!c)
+            if (!c && t + 1 < tries)
                 usleep(50000);
         }
     }
