@@ -1,6 +1,11 @@
 """meshlink: name-addressed trio transports for cooperating VMs and processes.
 
-The public surface is re-exported here; see README.md for a tour.
+``meshlink.serve(name, handlers)`` offers a service over vchan (shared memory,
+for co-located peers), TLS and TCP at once; ``async with
+meshlink.connect(name) as conn`` reaches it over the best channel the policy
+allows and gives a message-bus :class:`~meshlink.bus.Connection`.  The
+transports (:mod:`meshlink.vchan`), the bus (:mod:`meshlink.bus`) and the disk
+service (:mod:`meshlink.disk`) are usable on their own.  See README.md.
 """
 
 from ._errors import (
@@ -16,9 +21,12 @@ from ._errors import (
     RemoteProtocolError,
     ResolveError,
     RingCorruptError,
+    RulesError,
     ServiceNotFound,
     TransportError,
 )
+from .api import MeshConnection, Server, connect, serve
+from .tls import TLSConfig
 
 __all__ = [
     "AddressInUse",
@@ -27,12 +35,18 @@ __all__ = [
     "DiskError",
     "HandshakeError",
     "LocalProtocolError",
+    "MeshConnection",
     "MeshlinkError",
     "ProtocolError",
     "ProviderUnavailable",
     "RemoteProtocolError",
     "ResolveError",
     "RingCorruptError",
+    "RulesError",
+    "Server",
     "ServiceNotFound",
+    "TLSConfig",
     "TransportError",
+    "connect",
+    "serve",
 ]

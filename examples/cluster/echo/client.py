@@ -13,7 +13,7 @@ import argparse
 
 import trio
 
-import meshlink.api as meshlink
+import meshlink
 from meshlink.tls import TLSConfig
 
 

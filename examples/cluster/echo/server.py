@@ -17,7 +17,7 @@ from functools import partial
 
 import trio
 
-import meshlink.api as meshlink
+import meshlink
 from meshlink.bus import Handlers
 from meshlink.tls import TLSConfig
 
