@@ -11,13 +11,19 @@ Xen blk ring (:mod:`meshlink.disk.blk`) and/or to the network over NBD
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 
 import trio
 
+from resolver._resolver import Resolver
+from resolver._types import Policy
+
+from .._errors import MeshlinkError, ResolveError
 from ..hoststore import HostStore
+from ..tls import TLSConfig
 from .backends import (
     BACKEND_KINDS,
     Backend,
@@ -32,23 +38,38 @@ from .backends import (
 from .blk import BlkDisk, open_blk, serve_blk
 from .nbd import Export, NBDDisk, NBDServer, TLSMode, list_exports, open_nbd
 
+log = logging.getLogger("meshlink.disk")
+
+
+#: Suffix of the name under which a service's NBD endpoints are resolved.
+NBD_NAME_SUFFIX = ".nbd"
+
 
 @contextlib.asynccontextmanager
 async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
                host_store: HostStore | str | os.PathLike[str] | None = None,
+               resolver: Resolver | None = None, tls: TLSConfig | None = None,
+               require_tls: bool = True,
                max_in_flight: int = 64) -> AsyncIterator[BlkDisk | NBDDisk]:
     """Open a served disk: ``async with meshlink.disk.open("storage-node/disk0") as d:``.
 
-    ``SERVICE/DISK`` (or ``blk://SERVICE/DISK``) opens a co-located disk over
-    the blk ring through the host store; an NBD URI opens it over the network.
-    Both give the same calls: ``read``, ``write``, ``flush``, ``discard``,
-    ``size``, ``read_only``.
+    ``SERVICE/DISK`` opens the disk over the blk ring when ``SERVICE`` serves
+    disks on this host (its ``SERVICE.blk`` entry in the host store is live);
+    otherwise over NBD, at the endpoints the resolver finds for the name
+    ``SERVICE.nbd`` (rules file, zeroconf), TLS only unless ``require_tls``
+    is False.  ``blk://SERVICE/DISK`` insists on the blk ring; an NBD URI
+    opens exactly that export.  Every form gives the same calls: ``read``,
+    ``write``, ``flush``, ``discard``, ``size``, ``read_only``.
 
     Args:
         target: ``SERVICE/DISK``, ``blk://SERVICE/DISK``, or an ``nbd://``,
             ``nbds://``, ``nbd+unix://`` or ``nbds+unix://`` URI.
-        ssl_context: client TLS context for the ``nbds`` forms.
+        ssl_context: client TLS context for NBD (default: from ``tls``).
         host_store: host store for the blk ring (default: see :mod:`meshlink.hoststore`).
+        resolver: resolver for the network path (default: ``Resolver(host_store=...)``).
+        tls: certificates for NBD over TLS (default: ``MESHLINK_TLS_*``); the
+            server's certificate must name ``SERVICE``.
+        require_tls: never use plain TCP for the network path.
         max_in_flight: NBD requests pipelined at once (the blk ring pipelines
             up to its ring size).
 
@@ -56,7 +77,9 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
         The open disk.
 
     Raises:
-        ServiceNotFound: no live blk service of that name on this host.
+        ServiceNotFound: ``blk://`` given and no live blk service on this host.
+        ResolveError: not co-located and no usable NBD endpoint (the message
+            lists every attempt).
         ValueError: an NBD URI this version cannot open.
         ConnectionLost / HandshakeError: see :func:`open_blk` and :func:`open_nbd`.
     """
@@ -64,9 +87,48 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
         async with open_nbd(target, ssl_context=ssl_context,
                             max_in_flight=max_in_flight) as disk:
             yield disk
-    else:
-        async with open_blk(target.removeprefix("blk://"), host_store=host_store) as blk:
+        return
+    explicit_blk = target.startswith("blk://")
+    target = target.removeprefix("blk://")
+    service, _, disk_name = target.partition("/")
+    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+    if explicit_blk or store.is_live(_blk_name(service)):
+        async with open_blk(target, host_store=store) as blk:
             yield blk
+        return
+    log.info("disk %s is not served on this host; resolving %s%s", target, service,
+             NBD_NAME_SUFFIX)
+    tls = tls if tls is not None else TLSConfig.from_env()
+    if ssl_context is None and tls is not None and tls.can_connect:
+        ssl_context = tls.client_context()
+    resolver = resolver or Resolver(host_store=store, tls_configured=ssl_context is not None)
+    choices = await resolver.resolve(service + NBD_NAME_SUFFIX,
+                                     Policy(require_tls=require_tls, forbid_vchan=True))
+    failures: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for choice in choices:
+            ep = choice.endpoint
+            if ep.scheme not in ("tls", "tcp"):
+                continue
+            host = f"[{ep.host}]" if ":" in ep.host else ep.host
+            url = f"{'nbds' if ep.scheme == 'tls' else 'nbd'}://{host}:{ep.port}/{disk_name}"
+            try:
+                nbd = await stack.enter_async_context(open_nbd(
+                    url, ssl_context=ssl_context if ep.scheme == "tls" else None,
+                    server_hostname=service, max_in_flight=max_in_flight))
+            except (MeshlinkError, OSError, ValueError) as exc:
+                log.warning("disk %s: %s failed (%s); trying the next endpoint",
+                            target, url, exc)
+                failures.append(f"{url}: {exc}")
+                continue
+            yield nbd
+            return
+    tried = "; ".join(failures) or "no usable endpoint"
+    raise ResolveError(f"disk {target!r}: not served on this host, and over NBD: {tried}")
+
+
+def _blk_name(service: str) -> str:
+    return f"{service}.blk"
 
 
 async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
