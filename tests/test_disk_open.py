@@ -1,4 +1,4 @@
-"""meshlink.disk.open by name: blk ring when co-located, NBD over TLS through the resolver otherwise."""
+"""meshlink.disk.open by name: blk ring when co-located, else NBD over TLS via the resolver."""
 
 from __future__ import annotations
 
