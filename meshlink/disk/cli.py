@@ -159,7 +159,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return _fail("--tls optional/required needs --tls-cert and --tls-key")
         try:
             ssl_context = server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
-        except (OSError, ssl.SSLError) as exc:
+        except MeshlinkError as exc:
             return _fail(f"cannot load TLS files: {exc}")
     if args.listen:
         try:

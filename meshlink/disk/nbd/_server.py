@@ -637,16 +637,15 @@ def activation_listeners(environ: dict[str, str] | None = None) -> list[trio.Soc
     return listeners
 
 
-def server_ssl_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+def server_ssl_context(cert: str, key: str | None = None,
+                       ca: str | None = None) -> ssl.SSLContext:
     """A TLS 1.2+ server context; with ``ca``, client certificates are required.
 
+    The same context meshlink's other TLS servers use (:class:`meshlink.tls.TLSConfig`).
+
     Raises:
-        OSError / ssl.SSLError: unreadable or invalid files.
+        LocalProtocolError: unreadable or invalid files.
     """
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    if ca is not None:
-        ctx.load_verify_locations(ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    from ...tls import TLSConfig
+
+    return TLSConfig(cert, key, ca).server_context()
