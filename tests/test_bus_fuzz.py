@@ -49,6 +49,12 @@ frames = st.one_of(
         st.integers(min_value=0, max_value=18),
         st.dictionaries(keys, st.integers(min_value=0, max_value=5) | scalars, max_size=5),
     ),
+    # Array frames (protocol v2): a kind, then plausible or hostile fields.
+    st.builds(
+        lambda k, rest: [k, *rest],
+        st.integers(min_value=0, max_value=18),
+        st.lists(st.integers(min_value=0, max_value=5) | scalars | values, max_size=5),
+    ),
     values,
 )
 

@@ -107,7 +107,7 @@ def test_roundtrip(event: Event, mode: str) -> None:
             assert b.next_event() is NEED_DATA
         b.receive_data(data[-1:])
     else:
-        b.receive_data(data + a.send(Ping(1))[:3])
+        b.receive_data(data + a.send(Ping(1))[:-1])  # a partial frame trails
     got = b.next_event()
     assert got == event or (hasattr(got, "size") and type(got) is type(event))
     assert b.next_event() is NEED_DATA
@@ -145,7 +145,7 @@ def test_reply_to_unknown_request_is_remote_error() -> None:
     a, b = opened()
     a.receive_data(b.send(Cancel(1)))  # harmless
     assert a.next_event() == Cancel(1)
-    raw = msgpack.packb({"k": 2, "i": 42, "r": None})
+    raw = msgpack.packb([2, 42, None])  # reply to request 42
     a.receive_data(raw)
     with pytest.raises(RemoteProtocolError, match="unknown request"):
         a.next_event()
@@ -165,7 +165,7 @@ def test_concurrency_limit_enforced() -> None:
 
 def test_duplicate_request_id() -> None:
     a, b = opened()
-    raw = msgpack.packb({"k": 1, "i": 1, "m": "f", "a": []})
+    raw = msgpack.packb([1, 1, "f", []])  # request 1
     b.receive_data(raw + raw)
     b.next_event()
     with pytest.raises(RemoteProtocolError, match="already in flight"):
@@ -188,7 +188,7 @@ def test_version_mismatch_on_both_sides() -> None:
 
 def test_first_frame_must_be_hello() -> None:
     a, b, ha, hb = pair()
-    a.receive_data(msgpack.packb({"k": 15, "i": 1}))
+    a.receive_data(msgpack.packb([15, 1]))  # a ping
     with pytest.raises(RemoteProtocolError, match="first frame"):
         a.next_event()
     with pytest.raises(LocalProtocolError, match="must be a hello"):
@@ -207,19 +207,24 @@ def test_second_hello_rejected() -> None:
 
 
 BAD_FRAMES: list[tuple[str, bytes]] = [
-    ("not a map", msgpack.packb([1, 2])),
-    ("no kind", msgpack.packb({"i": 1})),
-    ("unknown kind", msgpack.packb({"k": 99})),
-    ("kind not int", msgpack.packb({"k": "1"})),
-    ("missing field", msgpack.packb({"k": 5, "m": "x"})),
-    ("wrong type", msgpack.packb({"k": 5, "m": 1, "a": []})),
-    ("negative id", msgpack.packb({"k": 4, "i": -1})),
-    ("huge id", msgpack.packb({"k": 4, "i": 2**64 - 1})),
-    ("bool id", msgpack.packb({"k": 4, "i": True})),
-    ("bad credit channel", msgpack.packb({"k": 14, "c": 9, "n": 1})),
+    ("not an array", msgpack.packb({"k": 5, "m": "x", "a": []})),  # a v1 frame
+    ("empty array", msgpack.packb([])),
+    ("short request", msgpack.packb([1, 2])),
+    ("no kind", msgpack.packb([None, 1])),
+    ("unknown kind", msgpack.packb([99])),
+    ("kind not int", msgpack.packb(["1", 1])),
+    ("missing field", msgpack.packb([5, "x"])),
+    ("extra field", msgpack.packb([5, "x", [], 1])),
+    ("wrong type", msgpack.packb([5, 1, []])),
+    ("args not array", msgpack.packb([5, "x", {}])),
+    ("negative id", msgpack.packb([4, -1])),
+    ("huge id", msgpack.packb([4, 2**64 - 1])),
+    ("bool id", msgpack.packb([4, True])),
+    ("bool request id", msgpack.packb([1, True, "f", []])),
+    ("bad credit channel", msgpack.packb([14, 9, 1, 0, False])),
     ("int map key", msgpack.packb({1: 2})),
-    ("ext type", msgpack.packb({"k": 5, "m": "x", "a": [msgpack.ExtType(5, b"abc")]})),
-    ("timestamp ext", msgpack.packb({"k": 5, "m": "x", "a": [msgpack.Timestamp(1, 0)]})),
+    ("ext type", msgpack.packb([5, "x", [msgpack.ExtType(5, b"abc")]])),
+    ("timestamp ext", msgpack.packb([5, "x", [msgpack.Timestamp(1, 0)]])),
     ("invalid utf-8", b"\x81\xa1k\xa2\xff\xfe"),
     ("reserved byte", b"\xc1"),
     ("array too long", b"\xdd\xff\xff\xff\xff"),
@@ -238,7 +243,7 @@ def test_malformed_frames(data: bytes) -> None:
 
 def test_frame_size_limit() -> None:
     a, b = opened()
-    a.receive_data(msgpack.packb({"k": 5, "m": "x", "a": [b"z" * 5000]}))
+    a.receive_data(msgpack.packb([5, "x", [b"z" * 5000]]))
     with pytest.raises(RemoteProtocolError, match="exceeds"):
         a.next_event()
 
@@ -247,7 +252,7 @@ def test_oversized_partial_frame_hits_buffer_limit() -> None:
     a, b = opened()
     header = b"\xc6" + (1 << 30).to_bytes(4, "big")  # bin32 of 1 GiB
     with pytest.raises(RemoteProtocolError):
-        a.receive_data(msgpack.packb({"k": 5, "m": "x"})[: -0 or None] + header)
+        a.receive_data(msgpack.packb([5, "x"])[: -0 or None] + header)
         for _ in range(2000):
             a.receive_data(b"\0" * 65536)
             assert a.next_event() is NEED_DATA
@@ -316,7 +321,7 @@ def test_registered_ext_type_roundtrip() -> None:
     ev = b.next_event()
     assert isinstance(ev, Notify)
     assert (ev.args[0].x, ev.args[0].y) == (3, 4)
-    b.receive_data(msgpack.packb({"k": 5, "m": "x", "a": [msgpack.ExtType(2, b"")]}))
+    b.receive_data(msgpack.packb([5, "x", [msgpack.ExtType(2, b"")]]))
     with pytest.raises(RemoteProtocolError, match="not registered"):
         b.next_event()
 
@@ -327,3 +332,134 @@ def test_many_frames_in_one_chunk() -> None:
     b.receive_data(data)
     events = drain(b)
     assert [e.args[0] for e in events if isinstance(e, Notify)] == list(range(1000))
+
+
+class RecordingSink:
+    """A FrameSink that turns what it is handed back into events."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def notify(self, method: str, args: list[Any], size: int) -> None:
+        self.events.append(Notify(method, args, size))
+
+    def request(self, id: int, method: str, args: list[Any]) -> None:
+        self.events.append(Request(id, method, args))
+
+    def reply(self, id: int, result: Any) -> None:
+        self.events.append(Reply(id, result))
+
+    def error(self, id: int, type: str, message: str) -> None:
+        self.events.append(Error(id, type, message))
+
+    def publish(self, id: int, topic: str, data: Any, size: int) -> None:
+        self.events.append(Publish(id, topic, data, size))
+
+    def stream_data(self, id: int, opened_by_sender: bool, data: Any, size: int) -> None:
+        self.events.append(StreamData(id, opened_by_sender, data, size))
+
+    def event(self, event: Event) -> None:
+        self.events.append(event)
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytewise"])
+def test_receive_frames_matches_next_event(mode: str) -> None:
+    """The batch reader hands over the same events, sizes and accounting."""
+    a, b = opened()
+    a2, b2 = opened()  # a2 reads the same bytes with next_event
+    for x, y in ((a, b), (a2, b2)):
+        y.receive_data(x.send(Request(1, "g", [])) + x.send(Request(2, "h", [])))
+        assert len(drain(y)) == 2
+    frames = [
+        *TABLE[:-1],
+        Request(5, "f", [1, "x"]),
+        Reply(1, {"r": [1, 2]}),
+        Error(2, "ValueError", "no"),
+        Publish(3, "t.x", b"data"),
+        StreamData(7, False, [1]),
+        Close(),
+    ]
+    data = b"".join(b.send(e) for e in frames)
+    a2.receive_data(data)
+    expected = drain(a2)
+    sink = RecordingSink()
+    ended = False
+    chunks = [data] if mode == "whole" else [data[i : i + 1] for i in range(len(data))]
+    for chunk in chunks:
+        assert not ended
+        a.receive_data(chunk)
+        ended = a.receive_frames(sink)
+    assert ended
+    assert sink.events == expected
+    assert [getattr(e, "size", 0) for e in sink.events] == [getattr(e, "size", 0) for e in expected]
+    assert a.state == a2.state == "closed"
+
+
+@pytest.mark.parametrize("data", [d for _, d in BAD_FRAMES], ids=[n for n, _ in BAD_FRAMES])
+def test_receive_frames_rejects_malformed_frames(data: bytes) -> None:
+    a, b = opened()
+    sink = RecordingSink()
+    a.receive_data(b.send(Ping(1)) + data)
+    with pytest.raises(RemoteProtocolError):
+        a.receive_frames(sink)
+        a.receive_data(b"")
+        a.receive_frames(sink)
+    assert sink.events == [Ping(1)]
+    with pytest.raises(RemoteProtocolError):  # ERROR state sticks
+        a.receive_frames(sink)
+
+
+def test_receive_frames_accounting_errors() -> None:
+    a, b = opened()
+    sink = RecordingSink()
+    a.receive_data(msgpack.packb([2, 42, None]))
+    with pytest.raises(RemoteProtocolError, match="unknown request"):
+        a.receive_frames(sink)
+    a, b = opened()
+    a.receive_data(b"".join(b.send(Request(i, "f", [])) for i in range(4)))
+    a.receive_data(msgpack.packb([1, 3, "f", []]))
+    with pytest.raises(RemoteProtocolError, match="already in flight"):
+        a.receive_frames(sink)
+    a, b = opened()
+    a.receive_data(b"".join(b.send(Request(i, "f", [])) for i in range(5)))
+    with pytest.raises(RemoteProtocolError, match="concurrency"):
+        a.receive_frames(sink)
+
+
+def test_receive_frames_eof() -> None:
+    a, b = opened()
+    sink = RecordingSink()
+    data = b.send(Ping(1))
+    a.receive_data(data + data[:1])
+    a.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        a.receive_frames(sink)
+    a, b = opened()
+    sink = RecordingSink()
+    a.receive_data(data)
+    a.receive_data(b"")
+    assert a.receive_frames(sink)
+    assert sink.events == [Ping(1), ConnectionClosed()]
+
+
+def test_fast_packers_match_send() -> None:
+    a, b = opened()
+    a2, b2 = opened()
+    assert a.pack_notify("m", (1, b"x")) == a2.send(Notify("m", [1, b"x"]))
+    assert a.pack_request(3, "m", ("y",)) == a2.send(Request(3, "m", ["y"]))
+    assert a.pack_publish(1, "t", {"a": 1}) == a2.send(Publish(1, "t", {"a": 1}))
+    assert a.pack_stream_data(2, True, None) == a2.send(StreamData(2, True, None))
+    b.receive_data(a.send(Request(4, "f", [])))
+    b2.receive_data(a2.send(Request(4, "f", [])))
+    drain(b), drain(b2)
+    assert b.pack_reply(4, [1]) == b2.send(Reply(4, [1]))
+    with pytest.raises(LocalProtocolError, match="not in flight"):
+        b.pack_reply(4, [1])
+    with pytest.raises(LocalProtocolError, match="already in flight"):
+        a.pack_request(3, "m", ())
+    with pytest.raises(LocalProtocolError, match="cannot pack"):
+        a.pack_notify("m", (object(),))
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        a.pack_notify("m", (b"x" * 5000,))
+    with pytest.raises(LocalProtocolError, match="must be a hello"):
+        BusProtocol(hello()).pack_notify("m", ())

@@ -2,12 +2,19 @@
 
 Theory of operation
 -------------------
-The wire is a plain sequence of msgpack maps (DESIGN.md section 6), one map per
+The wire is a plain sequence of msgpack objects (DESIGN.md section 6), one per
 frame, no length prefix: msgpack frames itself, and one ``msgpack.Unpacker`` per
-connection keeps a partial frame buffered until the rest arrives.  Every map
-carries the frame kind under ``"k"`` (a small int, see :class:`Kind`) and short
-string keys for the fields; integer keys would be smaller but ``strict_map_key``
-(which we keep, as msgpack 1.x does) only admits str and bytes keys.
+connection keeps a partial frame buffered until the rest arrives.
+
+Protocol version 2 (this one) sends every frame but the hello as an array
+``[kind, field, ...]`` with a fixed length per kind (see :class:`Kind` and
+``_DECODERS``); version 1 sent maps with short string keys.  Arrays halve the
+cost of packing and unpacking a small frame (measured: 0.19 vs 0.39 us to
+pack, 0.12 vs 0.26 us to unpack a 64-byte notify), which is most of the
+per-message budget of a one-way stream.  The hello stays a map in every
+version, ``{"k": 0, "v": version, ...}``, so that any version can read any
+other's hello and both ends report :class:`VersionMismatch` rather than a
+malformed frame.
 
 This module does no I/O and knows no clock, in the manner of h11: bytes go in
 through :meth:`BusProtocol.receive_data` (``b""`` means EOF), events come out of
@@ -44,7 +51,7 @@ import enum
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgpack
 
@@ -65,6 +72,7 @@ __all__ = [
     "Error",
     "Event",
     "ExtCodec",
+    "FrameSink",
     "Hello",
     "Kind",
     "Notify",
@@ -82,7 +90,7 @@ __all__ = [
     "Unsubscribe",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 DEFAULT_MAX_FRAME_SIZE: Final = 16 * 1024 * 1024
 DEFAULT_MAX_CONTAINER_LEN: Final = 1 << 16
 #: Bytes handed to the Unpacker at a time; the Unpacker's buffer is bounded by
@@ -93,7 +101,7 @@ _MAX_FEATURES: Final = 64
 
 
 class Kind(enum.IntEnum):
-    """Frame kinds, the value of key ``"k"`` in every frame."""
+    """Frame kinds: the first element of every array frame (``"k"`` of the hello map)."""
 
     HELLO = 0
     REQUEST = 1
@@ -373,42 +381,43 @@ def _bad(what: str) -> RemoteProtocolError:
     return RemoteProtocolError(f"malformed frame: {what}")
 
 
-def _get_int(frame: dict[Any, Any], key: str) -> int:
-    v = frame.get(key)
+def _check_id(v: Any, what: str) -> int:
     if type(v) is not int or not 0 <= v <= _MAX_ID:
-        raise _bad(f"field {key!r} must be an integer in 0..2**63-1, got {v!r:.80}")
+        raise _bad(f"{what} must be an integer in 0..2**63-1, got {v!r:.80}")
     return v
 
 
-def _get_str(frame: dict[Any, Any], key: str, default: str | None = None) -> str:
-    v = frame.get(key, default)
+def _check_str(v: Any, what: str) -> str:
     if type(v) is not str:
-        raise _bad(f"field {key!r} must be a string, got {v!r:.80}")
+        raise _bad(f"{what} must be a string, got {v!r:.80}")
     return v
+
+
+def _check_list(v: Any, what: str) -> list[Any]:
+    if type(v) is not list:
+        raise _bad(f"{what} must be an array, got {v!r:.80}")
+    return v
+
+
+def _check_bool(v: Any, what: str) -> bool:
+    if type(v) is not bool:
+        raise _bad(f"{what} must be a boolean, got {v!r:.80}")
+    return v
+
+
+def _get_int(frame: dict[Any, Any], key: str) -> int:
+    return _check_id(frame.get(key), f"field {key!r}")
+
+
+def _get_str(frame: dict[Any, Any], key: str) -> str:
+    return _check_str(frame.get(key), f"field {key!r}")
 
 
 def _get_list(frame: dict[Any, Any], key: str) -> list[Any]:
-    v = frame.get(key)
-    if type(v) is not list:
-        raise _bad(f"field {key!r} must be an array, got {v!r:.80}")
-    return v
+    return _check_list(frame.get(key), f"field {key!r}")
 
 
-def _get_bool(frame: dict[Any, Any], key: str) -> bool:
-    v = frame.get(key)
-    if type(v) is not bool:
-        raise _bad(f"field {key!r} must be a boolean, got {v!r:.80}")
-    return v
-
-
-def _need(frame: dict[Any, Any], key: str) -> Any:
-    try:
-        return frame[key]
-    except KeyError:
-        raise _bad(f"field {key!r} is missing") from None
-
-
-def _decode_hello(f: dict[Any, Any], size: int) -> Hello:
+def _decode_hello(f: dict[Any, Any]) -> Hello:
     features = _get_list(f, "f")
     if len(features) > _MAX_FEATURES or any(type(x) is not str for x in features):
         raise _bad("hello features must be a short list of strings")
@@ -428,115 +437,137 @@ def _decode_hello(f: dict[Any, Any], size: int) -> Hello:
     return hello
 
 
-def _decode_request(f: dict[Any, Any], size: int) -> Request:
-    return Request(_get_int(f, "i"), _get_str(f, "m"), _get_list(f, "a"))
+# Array frames: [kind, field, ...].  Each decoder gets the frame (its length
+# already checked against _ARITY) and its wire size.
 
 
-def _decode_reply(f: dict[Any, Any], size: int) -> Reply:
-    return Reply(_get_int(f, "i"), _need(f, "r"))
-
-
-def _decode_error(f: dict[Any, Any], size: int) -> Error:
-    return Error(_get_int(f, "i"), _get_str(f, "e"), _get_str(f, "s", ""))
-
-
-def _decode_cancel(f: dict[Any, Any], size: int) -> Cancel:
-    return Cancel(_get_int(f, "i"))
-
-
-def _decode_notify(f: dict[Any, Any], size: int) -> Notify:
-    return Notify(_get_str(f, "m"), _get_list(f, "a"), size)
-
-
-def _decode_subscribe(f: dict[Any, Any], size: int) -> Subscribe:
-    return Subscribe(_get_int(f, "i"), _get_str(f, "p"), _get_int(f, "w"))
-
-
-def _decode_subscribed(f: dict[Any, Any], size: int) -> Subscribed:
-    return Subscribed(_get_int(f, "i"))
-
-
-def _decode_unsubscribe(f: dict[Any, Any], size: int) -> Unsubscribe:
-    return Unsubscribe(_get_int(f, "i"))
-
-
-def _decode_publish(f: dict[Any, Any], size: int) -> Publish:
-    return Publish(_get_int(f, "i"), _get_str(f, "t"), _need(f, "d"), size)
-
-
-def _decode_stream_open(f: dict[Any, Any], size: int) -> StreamOpen:
-    return StreamOpen(_get_int(f, "i"), _get_str(f, "m"), _get_list(f, "a"))
-
-
-def _decode_stream_data(f: dict[Any, Any], size: int) -> StreamData:
-    return StreamData(_get_int(f, "i"), _get_bool(f, "o"), _need(f, "d"), size)
-
-
-def _decode_stream_end(f: dict[Any, Any], size: int) -> StreamEnd:
-    return StreamEnd(_get_int(f, "i"), _get_bool(f, "o"))
-
-
-def _decode_stream_reset(f: dict[Any, Any], size: int) -> StreamReset:
-    return StreamReset(
-        _get_int(f, "i"), _get_bool(f, "o"), _get_str(f, "e", ""), _get_str(f, "s", "")
+def _decode_request(f: list[Any], size: int) -> Request:
+    return Request(
+        _check_id(f[1], "request id"), _check_str(f[2], "method"), _check_list(f[3], "args")
     )
 
 
-def _decode_credit(f: dict[Any, Any], size: int) -> Credit:
-    raw = _get_int(f, "c")
+def _decode_reply(f: list[Any], size: int) -> Reply:
+    return Reply(_check_id(f[1], "reply id"), f[2])
+
+
+def _decode_error(f: list[Any], size: int) -> Error:
+    return Error(
+        _check_id(f[1], "error id"),
+        _check_str(f[2], "error type"),
+        _check_str(f[3], "error message"),
+    )
+
+
+def _decode_cancel(f: list[Any], size: int) -> Cancel:
+    return Cancel(_check_id(f[1], "cancel id"))
+
+
+def _decode_notify(f: list[Any], size: int) -> Notify:
+    return Notify(_check_str(f[1], "method"), _check_list(f[2], "args"), size)
+
+
+def _decode_subscribe(f: list[Any], size: int) -> Subscribe:
+    return Subscribe(
+        _check_id(f[1], "subscription id"), _check_str(f[2], "prefix"), _check_id(f[3], "window")
+    )
+
+
+def _decode_subscribed(f: list[Any], size: int) -> Subscribed:
+    return Subscribed(_check_id(f[1], "subscription id"))
+
+
+def _decode_unsubscribe(f: list[Any], size: int) -> Unsubscribe:
+    return Unsubscribe(_check_id(f[1], "subscription id"))
+
+
+def _decode_publish(f: list[Any], size: int) -> Publish:
+    return Publish(_check_id(f[1], "subscription id"), _check_str(f[2], "topic"), f[3], size)
+
+
+def _decode_stream_open(f: list[Any], size: int) -> StreamOpen:
+    return StreamOpen(
+        _check_id(f[1], "stream id"), _check_str(f[2], "method"), _check_list(f[3], "args")
+    )
+
+
+def _decode_stream_data(f: list[Any], size: int) -> StreamData:
+    return StreamData(_check_id(f[1], "stream id"), _check_bool(f[2], "opened flag"), f[3], size)
+
+
+def _decode_stream_end(f: list[Any], size: int) -> StreamEnd:
+    return StreamEnd(_check_id(f[1], "stream id"), _check_bool(f[2], "opened flag"))
+
+
+def _decode_stream_reset(f: list[Any], size: int) -> StreamReset:
+    return StreamReset(
+        _check_id(f[1], "stream id"),
+        _check_bool(f[2], "opened flag"),
+        _check_str(f[3], "error type"),
+        _check_str(f[4], "error message"),
+    )
+
+
+def _decode_credit(f: list[Any], size: int) -> Credit:
+    raw = _check_id(f[1], "credit channel")
     try:
         channel = Channel(raw)
     except ValueError:
         raise _bad(f"unknown credit channel {raw}") from None
-    opened = f.get("o", False)
-    if type(opened) is not bool:
-        raise _bad("field 'o' must be a boolean")
-    return Credit(channel, _get_int(f, "n"), _get_int(f, "i") if "i" in f else 0, opened)
+    return Credit(
+        channel,
+        _check_id(f[2], "credit amount"),
+        _check_id(f[3], "credit id"),
+        _check_bool(f[4], "opened flag"),
+    )
 
 
-def _decode_ping(f: dict[Any, Any], size: int) -> Ping:
-    return Ping(_get_int(f, "i"))
+def _decode_ping(f: list[Any], size: int) -> Ping:
+    return Ping(_check_id(f[1], "ping nonce"))
 
 
-def _decode_pong(f: dict[Any, Any], size: int) -> Pong:
-    return Pong(_get_int(f, "i"))
+def _decode_pong(f: list[Any], size: int) -> Pong:
+    return Pong(_check_id(f[1], "pong nonce"))
 
 
-def _decode_close(f: dict[Any, Any], size: int) -> Close:
-    return Close(_get_str(f, "e", ""), _get_str(f, "s", ""))
+def _decode_close(f: list[Any], size: int) -> Close:
+    return Close(_check_str(f[1], "error type"), _check_str(f[2], "error message"))
 
 
-_DECODERS: Final[dict[int, Callable[[dict[Any, Any], int], Event]]] = {
-    Kind.HELLO: _decode_hello,
-    Kind.REQUEST: _decode_request,
-    Kind.REPLY: _decode_reply,
-    Kind.ERROR: _decode_error,
-    Kind.CANCEL: _decode_cancel,
-    Kind.NOTIFY: _decode_notify,
-    Kind.SUBSCRIBE: _decode_subscribe,
-    Kind.SUBSCRIBED: _decode_subscribed,
-    Kind.UNSUBSCRIBE: _decode_unsubscribe,
-    Kind.PUBLISH: _decode_publish,
-    Kind.STREAM_OPEN: _decode_stream_open,
-    Kind.STREAM_DATA: _decode_stream_data,
-    Kind.STREAM_END: _decode_stream_end,
-    Kind.STREAM_RESET: _decode_stream_reset,
-    Kind.CREDIT: _decode_credit,
-    Kind.PING: _decode_ping,
-    Kind.PONG: _decode_pong,
-    Kind.CLOSE: _decode_close,
+#: kind -> (frame length, decoder); the hello (a map) is not in here.
+_DECODERS: Final[dict[int, tuple[int, Callable[[list[Any], int], Event]]]] = {
+    Kind.REQUEST: (4, _decode_request),
+    Kind.REPLY: (3, _decode_reply),
+    Kind.ERROR: (4, _decode_error),
+    Kind.CANCEL: (2, _decode_cancel),
+    Kind.NOTIFY: (3, _decode_notify),
+    Kind.SUBSCRIBE: (4, _decode_subscribe),
+    Kind.SUBSCRIBED: (2, _decode_subscribed),
+    Kind.UNSUBSCRIBE: (2, _decode_unsubscribe),
+    Kind.PUBLISH: (4, _decode_publish),
+    Kind.STREAM_OPEN: (4, _decode_stream_open),
+    Kind.STREAM_DATA: (4, _decode_stream_data),
+    Kind.STREAM_END: (3, _decode_stream_end),
+    Kind.STREAM_RESET: (5, _decode_stream_reset),
+    Kind.CREDIT: (5, _decode_credit),
+    Kind.PING: (2, _decode_ping),
+    Kind.PONG: (2, _decode_pong),
+    Kind.CLOSE: (3, _decode_close),
 }
 
 
 # Frame-kind ints as plain constants: enum attribute access is slow in hot paths.
-_K_NOTIFY: Final = int(Kind.NOTIFY)
-_K_REQUEST: Final = int(Kind.REQUEST)
-_K_REPLY: Final = int(Kind.REPLY)
-_K_PUBLISH: Final = int(Kind.PUBLISH)
-_K_STREAM_DATA: Final = int(Kind.STREAM_DATA)
+_K_REQUEST: Final = 1
+_K_REPLY: Final = 2
+_K_ERROR: Final = 3
+_K_NOTIFY: Final = 5
+_K_PUBLISH: Final = 9
+_K_STREAM_DATA: Final = 11
 
 
-def _encode_hello(e: Any) -> dict[str, Any]:
+def _encode_hello(e: Hello) -> dict[str, Any]:
+    # A map, in every protocol version, so that any version can read any
+    # other's hello and report VersionMismatch instead of a malformed frame.
     return {
         "k": 0,
         "v": e.version,
@@ -550,38 +581,52 @@ def _encode_hello(e: Any) -> dict[str, Any]:
 
 
 # One encoder per event type (a dict lookup beats a chain of isinstance checks).
-_ENCODERS: Final[dict[type, Callable[[Any], dict[str, Any]]]] = {
-    Notify: lambda e: {"k": _K_NOTIFY, "m": e.method, "a": e.args},
-    Request: lambda e: {"k": _K_REQUEST, "i": e.id, "m": e.method, "a": e.args},
-    Reply: lambda e: {"k": _K_REPLY, "i": e.id, "r": e.result},
-    Publish: lambda e: {"k": _K_PUBLISH, "i": e.id, "t": e.topic, "d": e.data},
-    StreamData: lambda e: {"k": _K_STREAM_DATA, "i": e.id, "o": e.opened_by_sender, "d": e.data},
-    Error: lambda e: {"k": int(Kind.ERROR), "i": e.id, "e": e.type, "s": e.message},
-    Credit: lambda e: {
-        "k": int(Kind.CREDIT),
-        "c": int(e.channel),
-        "n": e.amount,
-        "i": e.id,
-        "o": e.opened_by_sender,
-    },
-    Cancel: lambda e: {"k": int(Kind.CANCEL), "i": e.id},
+_ENCODERS: Final[dict[type, Callable[[Any], Any]]] = {
+    Notify: lambda e: (_K_NOTIFY, e.method, e.args),
+    Request: lambda e: (_K_REQUEST, e.id, e.method, e.args),
+    Reply: lambda e: (_K_REPLY, e.id, e.result),
+    Publish: lambda e: (_K_PUBLISH, e.id, e.topic, e.data),
+    StreamData: lambda e: (_K_STREAM_DATA, e.id, e.opened_by_sender, e.data),
+    Error: lambda e: (_K_ERROR, e.id, e.type, e.message),
+    Credit: lambda e: (14, int(e.channel), e.amount, e.id, e.opened_by_sender),
+    Cancel: lambda e: (4, e.id),
     Hello: _encode_hello,
-    Subscribe: lambda e: {"k": int(Kind.SUBSCRIBE), "i": e.id, "p": e.prefix, "w": e.window},
-    Subscribed: lambda e: {"k": int(Kind.SUBSCRIBED), "i": e.id},
-    Unsubscribe: lambda e: {"k": int(Kind.UNSUBSCRIBE), "i": e.id},
-    StreamOpen: lambda e: {"k": int(Kind.STREAM_OPEN), "i": e.id, "m": e.method, "a": e.args},
-    StreamEnd: lambda e: {"k": int(Kind.STREAM_END), "i": e.id, "o": e.opened_by_sender},
-    StreamReset: lambda e: {
-        "k": int(Kind.STREAM_RESET),
-        "i": e.id,
-        "o": e.opened_by_sender,
-        "e": e.type,
-        "s": e.message,
-    },
-    Ping: lambda e: {"k": int(Kind.PING), "i": e.nonce},
-    Pong: lambda e: {"k": int(Kind.PONG), "i": e.nonce},
-    Close: lambda e: {"k": int(Kind.CLOSE), "e": e.type, "s": e.message},
+    Subscribe: lambda e: (6, e.id, e.prefix, e.window),
+    Subscribed: lambda e: (7, e.id),
+    Unsubscribe: lambda e: (8, e.id),
+    StreamOpen: lambda e: (10, e.id, e.method, e.args),
+    StreamEnd: lambda e: (12, e.id, e.opened_by_sender),
+    StreamReset: lambda e: (13, e.id, e.opened_by_sender, e.type, e.message),
+    Ping: lambda e: (15, e.nonce),
+    Pong: lambda e: (16, e.nonce),
+    Close: lambda e: (17, e.type, e.message),
 }
+
+
+class FrameSink(Protocol):
+    """What :meth:`BusProtocol.receive_frames` hands the frames to.
+
+    The hot frame kinds arrive as plain fields (no event object is built);
+    every other event, :class:`ConnectionClosed` included, arrives through
+    :meth:`event`.  The fields were validated and the core's accounting
+    (request ids, concurrency) is done before the call.  A method may raise
+    :class:`~meshlink.RemoteProtocolError` to reject the frame: the core then
+    enters the ERROR state.
+    """
+
+    def notify(self, method: str, args: list[Any], size: int) -> None: ...
+
+    def request(self, id: int, method: str, args: list[Any]) -> None: ...
+
+    def reply(self, id: int, result: Any) -> None: ...
+
+    def error(self, id: int, type: str, message: str) -> None: ...
+
+    def publish(self, id: int, topic: str, data: Any, size: int) -> None: ...
+
+    def stream_data(self, id: int, opened_by_sender: bool, data: Any, size: int) -> None: ...
+
+    def event(self, event: Event) -> None: ...
 
 
 class BusProtocol:
@@ -597,6 +642,13 @@ class BusProtocol:
             raises :class:`~meshlink.LocalProtocolError`.
 
     The same class serves both ends: the protocol is symmetric.
+
+    Two ways to read: :meth:`next_event` returns one event object at a time
+    (simple, used by tests and the handshake); :meth:`receive_frames` hands
+    every buffered frame to a :class:`FrameSink` without building event
+    objects for the hot kinds (what the trio adapter uses).  Likewise
+    :meth:`send` takes an event, and the ``pack_*`` methods take the fields of
+    the hot kinds directly.  Both ways enforce the same rules.
     """
 
     def __init__(
@@ -631,6 +683,11 @@ class BusProtocol:
         self._packer = msgpack.Packer(
             use_bin_type=True, default=self._default if ext_types else None
         )
+        self._pack_raw = self._packer.pack
+        #: Largest frame we may send: our own limit until the peer's hello says.
+        self._send_limit = limit
+        #: True once sending anything but Close is refused (ERROR state).
+        self._send_broken = False
         self._pending: deque[bytes | bytearray] = deque()
         self._fed = 0  # bytes handed to the unpacker so far
         self._pos = 0  # unpacker position after the last complete frame
@@ -649,6 +706,10 @@ class BusProtocol:
     def requests_in_flight(self) -> int:
         """Requests the peer made that we have not answered yet."""
         return len(self._in_requests)
+
+    def _set_error(self) -> None:
+        self._state = _State.ERROR
+        self._send_broken = True
 
     # --- incoming --------------------------------------------------------------
 
@@ -683,12 +744,139 @@ class BusProtocol:
         if self._state is _State.ERROR:
             raise RemoteProtocolError("connection already failed with a protocol error")
         try:
-            return self._next_event()
+            frame = self._next_frame()
+            if frame is NEED_DATA or frame is _EOF:
+                return NEED_DATA if frame is NEED_DATA else ConnectionClosed()
+            return self._to_event(frame, self._last_size)
         except RemoteProtocolError:
-            self._state = _State.ERROR
+            self._set_error()
             raise
 
-    def _next_event(self) -> Event | _NeedData:
+    def receive_frames(self, sink: FrameSink) -> bool:
+        """Hand every complete buffered frame to ``sink``, in order.
+
+        Returns:
+            True once the peer's stream ended (``sink.event`` received
+            :class:`ConnectionClosed` or a :class:`Close`), False when more
+            data is needed.
+
+        Raises:
+            The same as :meth:`next_event`, plus whatever ``sink`` raises
+            (a :class:`~meshlink.RemoteProtocolError` from it puts the core in
+            the ERROR state too).
+        """
+        if self._state is not _State.OPEN:
+            # Handshake, closed or failed: the careful path (rare).  Only a
+            # hello, ConnectionClosed or an error can come out of it.
+            while True:
+                ev = self.next_event()
+                if ev is NEED_DATA:
+                    return False
+                assert not isinstance(ev, _NeedData)
+                sink.event(ev)
+                if type(ev) is not Hello:
+                    return True
+                break
+        unpack = self._unpacker.unpack
+        tell = self._unpacker.tell
+        max_frame = self._max_frame
+        max_conc = self.our_hello.max_concurrency
+        in_requests = self._in_requests
+        out_requests = self._out_requests
+        on_notify = sink.notify
+        pos = self._pos
+        try:
+            while True:
+                try:
+                    frame = unpack()
+                except msgpack.OutOfData:
+                    self._pos = pos
+                    if self._pending:
+                        self._feed_some()
+                        continue
+                    if self._eof:
+                        ev = self.next_event()  # EOF handling lives there
+                        sink.event(ev)  # type: ignore[arg-type]
+                        return True
+                    return False
+                except RemoteProtocolError:
+                    raise
+                except Exception as exc:  # msgpack raises many types: wrap them all
+                    raise RemoteProtocolError(f"undecodable frame: {exc!r:.200}") from exc
+                new_pos = tell()
+                size = new_pos - pos
+                pos = new_pos
+                if size > max_frame:
+                    raise RemoteProtocolError(
+                        f"frame of {size} bytes exceeds the limit of {max_frame}"
+                    )
+                # The hot kinds, inline; each checks its arity and field types.
+                if type(frame) is list:
+                    n = len(frame)
+                    kind = frame[0] if n else None
+                    if kind == _K_NOTIFY and n == 3:
+                        method = frame[1]
+                        args = frame[2]
+                        if type(method) is str and type(args) is list:
+                            on_notify(method, args, size)
+                            continue
+                    elif kind == _K_REQUEST and n == 4:
+                        rid = frame[1]
+                        method = frame[2]
+                        args = frame[3]
+                        if (
+                            type(rid) is int
+                            and 0 <= rid <= _MAX_ID
+                            and type(method) is str
+                            and type(args) is list
+                        ):
+                            if rid in in_requests:
+                                raise RemoteProtocolError(f"request id {rid} is already in flight")
+                            if len(in_requests) >= max_conc:
+                                raise RemoteProtocolError(
+                                    f"peer exceeded the concurrency limit of {max_conc}"
+                                )
+                            in_requests.add(rid)
+                            sink.request(rid, method, args)
+                            continue
+                    elif kind == _K_REPLY and n == 3:
+                        rid = frame[1]
+                        if type(rid) is int:
+                            try:
+                                out_requests.remove(rid)
+                            except KeyError:
+                                raise RemoteProtocolError(
+                                    f"answer to unknown request id {rid!r:.40}"
+                                ) from None
+                            sink.reply(rid, frame[2])
+                            continue
+                self._pos = pos
+                ev = self._to_event(frame, size)
+                t = type(ev)
+                if t is Notify:
+                    on_notify(ev.method, ev.args, size)  # type: ignore[union-attr]
+                elif t is Request:
+                    sink.request(ev.id, ev.method, ev.args)  # type: ignore[union-attr]
+                elif t is Reply:
+                    sink.reply(ev.id, ev.result)  # type: ignore[union-attr]
+                elif t is Error:
+                    sink.error(ev.id, ev.type, ev.message)  # type: ignore[union-attr]
+                elif t is Publish:
+                    sink.publish(ev.id, ev.topic, ev.data, size)  # type: ignore[union-attr]
+                elif t is StreamData:
+                    sink.stream_data(ev.id, ev.opened_by_sender, ev.data, size)  # type: ignore[union-attr]
+                else:
+                    sink.event(ev)
+                    if t is Close:
+                        return True
+        except RemoteProtocolError:
+            self._set_error()
+            raise
+        finally:
+            self._pos = pos
+
+    def _next_frame(self) -> Any:
+        """The next complete msgpack object, NEED_DATA, or _EOF (clean end)."""
         unpacker = self._unpacker
         while True:
             try:
@@ -700,9 +888,8 @@ class BusProtocol:
                 if self._eof:
                     if self._fed != self._pos:
                         raise RemoteProtocolError("EOF in the middle of a frame") from None
-                    if self._state is not _State.ERROR:
-                        self._state = _State.CLOSED
-                    return ConnectionClosed()
+                    self._state = _State.CLOSED
+                    return _EOF
                 return NEED_DATA
             except RemoteProtocolError:
                 raise
@@ -715,7 +902,10 @@ class BusProtocol:
                 raise RemoteProtocolError(
                     f"frame of {size} bytes exceeds the limit of {self._max_frame}"
                 )
-            return self._dispatch(frame, size)
+            self._last_size = size
+            return frame
+
+    _last_size = 0
 
     def _feed_some(self) -> None:
         chunk = self._pending.popleft()
@@ -739,25 +929,32 @@ class BusProtocol:
         except Exception as exc:
             raise RemoteProtocolError(f"ext type {code} failed to decode: {exc!r:.200}") from exc
 
-    def _dispatch(self, frame: Any, size: int) -> Event:
-        if type(frame) is not dict:
-            raise _bad(f"a frame must be a map, got {type(frame).__name__}")
-        kind = frame.get("k")
-        decoder = _DECODERS.get(kind) if type(kind) is int else None
-        if decoder is None:
-            raise _bad(f"unknown frame kind {kind!r:.40}")
+    def _to_event(self, frame: Any, size: int) -> Event:
+        """Validate one frame and do the core's accounting; return its event."""
         if self._state is _State.HANDSHAKE:
-            if kind != 0:  # Kind.HELLO
+            if type(frame) is not dict or frame.get("k") != 0:
                 raise RemoteProtocolError("the first frame from the peer must be a hello")
             version = frame.get("v")
             if version != self.our_hello.version:
                 raise VersionMismatch(self.our_hello.version, version)
-            hello = _decode_hello(frame, size)
+            hello = _decode_hello(frame)
             self.peer_hello = hello
+            self._send_limit = hello.max_frame_size
             self._state = _State.OPEN
             return hello
         if self._state is _State.CLOSED:
             raise RemoteProtocolError("frame after the peer's close frame")
+        if type(frame) is dict and frame.get("k") == 0:
+            raise RemoteProtocolError("second hello frame")
+        if type(frame) is not list or not frame:
+            raise _bad(f"a frame must be a non-empty array, got {type(frame).__name__}")
+        kind = frame[0]
+        entry = _DECODERS.get(kind) if type(kind) is int else None
+        if entry is None:
+            raise _bad(f"unknown frame kind {kind!r:.40}")
+        arity, decoder = entry
+        if len(frame) != arity:
+            raise _bad(f"{Kind(kind).name} frame has {len(frame)} fields, expected {arity}")
         event = decoder(frame, size)
         # Only the frames that change shared accounting need more than decoding.
         t = type(event)
@@ -776,8 +973,6 @@ class BusProtocol:
                 self._out_requests.remove(event.id)
             except KeyError:
                 raise RemoteProtocolError(f"answer to unknown request id {event.id}") from None
-        elif t is Hello:
-            raise RemoteProtocolError("second hello frame")
         elif t is Close:
             assert isinstance(event, Close)
             self._state = _State.CLOSED
@@ -799,7 +994,7 @@ class BusProtocol:
                 last two leave the connection usable: nothing was emitted.
         """
         t = type(event)
-        if self._state is _State.ERROR and t is not Close:
+        if self._send_broken and t is not Close:
             # A close frame naming the error is the one thing still worth sending.
             raise LocalProtocolError("connection already failed with a protocol error")
         if not self._hello_sent:
@@ -813,18 +1008,7 @@ class BusProtocol:
         encoder = _ENCODERS.get(t)
         if encoder is None:
             raise LocalProtocolError(f"cannot send {event!r:.80}")
-        try:
-            data: bytes = self._packer.pack(encoder(event))
-        except Exception as exc:
-            # The C packer raises TypeError, ValueError or OverflowError and may
-            # leave its buffer dirty: reset it.
-            self._packer.reset()
-            raise LocalProtocolError(f"cannot pack {t.__name__}: {exc}") from exc
-        limit = self.peer_hello.max_frame_size if self.peer_hello else self._max_frame
-        if len(data) > limit:
-            raise LocalProtocolError(
-                f"{t.__name__} frame of {len(data)} bytes exceeds the peer's limit of {limit}"
-            )
+        data = self._pack(encoder(event), t.__name__)
         if t is Request:
             assert isinstance(event, Request)
             if event.id in self._out_requests:
@@ -840,8 +1024,84 @@ class BusProtocol:
                 ) from None
         return data
 
+    def _pack(self, obj: Any, what: str) -> bytes:
+        try:
+            data: bytes = self._packer.pack(obj)
+        except Exception as exc:
+            # The C packer raises TypeError, ValueError or OverflowError and may
+            # leave its buffer dirty: reset it.
+            self._packer.reset()
+            raise LocalProtocolError(f"cannot pack {what}: {exc}") from exc
+        if len(data) > self._send_limit:
+            raise LocalProtocolError(
+                f"{what} frame of {len(data)} bytes exceeds the peer's limit of {self._send_limit}"
+            )
+        return data
+
+    # The hot kinds without an event object.  Same rules as send(); they are
+    # only valid once the hello went out.
+
+    def _check_send_open(self) -> None:
+        if self._send_broken:
+            raise LocalProtocolError("connection already failed with a protocol error")
+        if not self._hello_sent:
+            raise LocalProtocolError("the first frame must be a hello")
+
+    def pack_notify(self, method: str, args: tuple[Any, ...] | list[Any]) -> bytes:
+        """``send(Notify(method, args))`` without the event object."""
+        if self._send_broken or not self._hello_sent:
+            self._check_send_open()
+        try:
+            data: bytes = self._pack_raw((_K_NOTIFY, method, args))
+        except Exception:
+            self._packer.reset()
+            return self._pack((_K_NOTIFY, method, args), "Notify")  # raises, worded
+        if len(data) > self._send_limit:
+            return self._pack((_K_NOTIFY, method, args), "Notify")  # raises, worded
+        return data
+
+    def pack_request(self, id: int, method: str, args: tuple[Any, ...] | list[Any]) -> bytes:
+        """``send(Request(id, method, args))`` without the event object."""
+        if self._send_broken or not self._hello_sent:
+            self._check_send_open()
+        if id in self._out_requests:
+            raise LocalProtocolError(f"request id {id} is already in flight")
+        data = self._pack((_K_REQUEST, id, method, args), "Request")
+        self._out_requests.add(id)
+        return data
+
+    def pack_reply(self, id: int, result: Any) -> bytes:
+        """``send(Reply(id, result))`` without the event object."""
+        if self._send_broken or not self._hello_sent:
+            self._check_send_open()
+        if id not in self._in_requests:
+            raise LocalProtocolError(f"answer to request id {id}, which is not in flight")
+        data = self._pack((_K_REPLY, id, result), "Reply")
+        self._in_requests.remove(id)
+        return data
+
+    def pack_publish(self, id: int, topic: str, data: Any) -> bytes:
+        """``send(Publish(id, topic, data))`` without the event object."""
+        if self._send_broken or not self._hello_sent:
+            self._check_send_open()
+        return self._pack((_K_PUBLISH, id, topic, data), "Publish")
+
+    def pack_stream_data(self, id: int, opened_by_sender: bool, data: Any) -> bytes:
+        """``send(StreamData(id, opened_by_sender, data))`` without the event object."""
+        if self._send_broken or not self._hello_sent:
+            self._check_send_open()
+        return self._pack((_K_STREAM_DATA, id, opened_by_sender, data), "StreamData")
+
     def _default(self, obj: Any) -> Any:
         for codec in self._ext_types:
             if isinstance(obj, codec.type):
                 return msgpack.ExtType(codec.code, codec.encode(obj))
         raise TypeError(f"cannot serialize {type(obj).__name__!r} (no ext codec registered)")
+
+
+class _Eof:
+    def __repr__(self) -> str:
+        return "_EOF"
+
+
+_EOF: Final = _Eof()
