@@ -34,18 +34,12 @@
 #include "blkring.h"
 #include "vchan.h" /* error codes */
 
-/* INDIRECT support (blkring.h grows ml_blk_checked.op/nsegs/segs with it). */
-#ifdef ML_BLK_MAX_INDIRECT_SEGMENTS
+/* INDIRECT requests are part of the backend (blkring.h, DESIGN.md 3):
+ * ml_blk_checked carries the effective op and the copied-out segments. */
 #define HAVE_INDIRECT 1
 #define C_OP(c) ((c).op)
 #define C_NSEGS(c) ((c).nsegs)
 #define MAX_SEGS ML_BLK_MAX_INDIRECT_SEGMENTS
-#else
-#define HAVE_INDIRECT 0
-#define C_OP(c) ((c).req.operation)
-#define C_NSEGS(c) ((c).req.nr_segments)
-#define MAX_SEGS ML_BLK_MAX_SEGMENTS
-#endif
 
 #define CHECK(cond)                                                                  \
     do {                                                                             \
