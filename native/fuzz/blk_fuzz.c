@@ -8,8 +8,10 @@
  * disk, with any size up to 2^64-1 sectors), a pool of granted pages with
  * any base ref, the shared ring header (any producer/consumer/event
  * indices), then a sequence of moves.  The frontend's moves: put a request
- * built from fuzz-chosen fields into the next slot and publish it, write
- * raw bytes anywhere in the slots, set req_prod / rsp_event to anything.
+ * built from fuzz-chosen fields into the next slot and publish it (READ,
+ * WRITE, WRITE_BARRIER, FLUSH, DISCARD, INDIRECT, unknown), write a segment
+ * list into a pool page for INDIRECT requests to name, write raw bytes
+ * anywhere in the slots, set req_prod / rsp_event to anything.
  * The backend's moves: the native serve loop (ml_blk_back_serve_buffer), or
  * the step-by-step path the Python server uses (get, then gather/scatter
  * on the checked request, put), push, final_check.
