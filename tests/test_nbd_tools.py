@@ -96,6 +96,8 @@ def test_fio_random_read_write_verify(tmp_path: Path) -> None:
         result = run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={srv.uri}",
                       "--rw=randrw", "--bs=4k", "--iodepth=16", "--size=32M",
                       "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                      # fio would otherwise leave a verify-state file in the cwd
+                      "--verify_state_save=0",
                       "--output-format=json"], timeout=240)
     job = json.loads(result.stdout[result.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0
