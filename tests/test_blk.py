@@ -243,9 +243,15 @@ async def test_garbage_ring_indices_drop_only_that_client(blk_server: tuple[Path
         async with open_blk("storage-node/memory", host_store=store) as hostile:
             hostile._mm[0:4] = (123456789).to_bytes(4, "little")  # req_prod far ahead
             hostile._bell.ring()
-            # The server hangs up on it: its next request fails, typed, fast.
+            # The server hangs up on it.  Wait for that without touching the
+            # ring (a new request would republish a sane req_prod): a waiter
+            # on a slot that was never pushed is failed when the peer goes.
+            from meshlink.disk import blk
+
+            slot = hostile._free.popleft()
+            hostile._state[slot] = blk._INFLIGHT
             with trio.fail_after(5), pytest.raises(ConnectionLost):
-                await hostile.read(0, 512)
+                await hostile._wait(slot)
         # ...while another client of the same server is unaffected.
         await victim.write(4096, b"\x17" * 512)
         assert await victim.read(4096, 512) == b"\x17" * 512
