@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write the seed corpora for the fuzz targets (valid traffic, a few edges).
 
-Usage: gen_corpus.py [OUTDIR]   (default: native/fuzz/corpus next to this file)
+Usage: gen_corpus.py [OUTDIR]   (default: native/fuzz/corpus)
 
 The seeds are small, hand-built inputs in each target's input format (see
 the comment at the top of vchan_fuzz.c and blk_fuzz.c): an honest peer's
@@ -165,7 +165,8 @@ def blk_seeds() -> dict[str, bytes]:
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "corpus"
+    default = Path(__file__).resolve().parents[2] / "native" / "fuzz" / "corpus"
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else default
     targets = {"vchan_fuzz": vchan_seeds()}
     targets["blk_fuzz"] = blk_seeds()
     for target, seeds in targets.items():
