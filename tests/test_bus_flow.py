@@ -19,7 +19,7 @@ from meshlink.bus import (
     VersionMismatch,
     serve_bus,
 )
-from meshlink.bus._proto import PROTOCOL_VERSION, BusProtocol, Hello, Notify
+from meshlink.bus._proto import PROTOCOL_VERSION, BusProtocol, Hello, Notify, Request
 
 from .bus_helpers.service import make_handlers
 
@@ -265,3 +265,55 @@ async def test_current_connection_inside_handler() -> None:
     handlers.add_method("whoami", whoami)
     async with connected(handlers) as (client, _):
         assert await client.call("whoami") == "cli"
+
+
+async def test_replies_many_at_once_and_close_with_a_reply_stuck() -> None:
+    """Replies sent straight from the handler's task (idle line) or queued
+    (busy line) all arrive; a reply stuck on a peer that never reads does not
+    stop the connection from closing within close_timeout."""
+    a, b = trio.testing.lockstep_stream_pair()
+    handlers = Handlers()
+
+    async def big(n: int) -> bytes:
+        return b"x" * n
+
+    handlers.add_method("big", big)
+    config = BusConfig(heartbeat_interval=None, close_timeout=0.5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(serve_bus, b, handlers, config=config))
+        async with Connection.open(a, config=config) as client:
+            results: list[int] = []
+
+            async def one(n: int) -> None:
+                results.append(len(await client.call("big", n)))
+
+            async with trio.open_nursery() as calls:
+                for i in range(20):
+                    calls.start_soon(one, 1000 * i)
+            assert sorted(results) == [1000 * i for i in range(20)]
+
+    # A raw peer that sends a request and never reads the (large) reply.
+    a, b = trio.testing.lockstep_stream_pair()
+    hello = Hello(PROTOCOL_VERSION, ["rpc"], "raw", 8, 1 << 20, 1 << 20, 1 << 24)
+    core = BusProtocol(hello)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            conn_box: list[Connection] = []
+
+            async def server() -> None:
+                async with Connection.open(b, handlers, config=config) as conn:
+                    conn_box.append(conn)
+                    await conn.wait_closed()
+
+            nursery.start_soon(server)
+            await a.send_all(core.send(hello))
+            while not isinstance(core.next_event(), Hello):
+                core.receive_data(await a.receive_some(1))
+            await trio.testing.wait_all_tasks_blocked()
+            # The line is idle now: the reply goes straight from the handler's
+            # task, and we never read it.
+            await a.send_all(core.send(Request(0, "big", [1 << 20])))
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn_box[0]._direct_scope is not None  # the reply is being sent directly
+            await conn_box[0].aclose()  # returns (fail_after guards against a hang)
+            nursery.cancel_scope.cancel()
