@@ -67,8 +67,11 @@ async def child(provider: str, arg: str, mode: str, amount: int, ring: int) -> N
     await stream.aclose()
 
 
+Served = tuple[trio.abc.HalfCloseableStream, "subprocess.Popen[bytes]"]
+
+
 async def _serve(provider: str, tmp: Path, ring: int, mode: str, amount: int,
-                 env: dict[str, str]) -> tuple[trio.abc.HalfCloseableStream, subprocess.Popen[bytes]]:
+                 env: dict[str, str]) -> Served:
     if provider == "xen":
         from meshlink.xenvchan import XenVchanServer
 

@@ -145,7 +145,7 @@ async def _retry(args: argparse.Namespace, connect: Any) -> trio.abc.HalfCloseab
         await trio.sleep(0.05)
 
 
-def _write_out(data: bytes) -> None:
+def _write_out(data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         n = os.write(1, view)

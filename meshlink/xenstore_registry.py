@@ -79,7 +79,7 @@ def _record(domid: int, name: str) -> str:
 
 
 def _why() -> str:
-    return ffi.string(lib.ml_xen_error()).decode(errors="replace")
+    return str(ffi.string(lib.ml_xen_error()).decode(errors="replace"))
 
 
 class _Store:
@@ -107,7 +107,7 @@ class _Store:
         n = lib.ml_xs_read(self._h, t, path.encode(), buf, 256)
         if n < 0:
             self._fail("XenStore read")
-        return ffi.unpack(buf, min(n, 256)).decode(errors="replace")
+        return str(ffi.unpack(buf, min(n, 256)).decode(errors="replace"))
 
     def write(self, t: int, path: str, value: str) -> None:
         data = value.encode()

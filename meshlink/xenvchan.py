@@ -79,7 +79,7 @@ CLOSED_PEER_GRACE = 5.0
 
 
 def _error() -> str:
-    return ffi.string(lib.ml_xen_error()).decode(errors="replace")
+    return str(ffi.string(lib.ml_xen_error()).decode(errors="replace"))
 
 
 def require_xen() -> None:

@@ -11,7 +11,6 @@ import trio
 import trio.testing
 
 import meshlink.xenvchan
-
 from meshlink import ConnectionLost, ServiceNotFound
 from meshlink.xenvchan import (
     XenVchanServer,

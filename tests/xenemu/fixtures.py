@@ -60,7 +60,8 @@ class CPeer:
 
     def result(self, timeout: float = 200) -> dict[str, int]:
         out, err = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == 0, f"libxenvchan peer failed ({self.proc.returncode}):\n{err}"
+        rc = self.proc.returncode
+        assert rc == 0, f"libxenvchan peer failed ({rc}):\n{err}"
         return json.loads(out.strip().splitlines()[-1])
 
     def kill(self) -> None:
