@@ -45,7 +45,6 @@ import errno
 import json
 import operator
 import os
-import select
 import socket
 import struct
 import time
@@ -55,6 +54,7 @@ from pathlib import Path
 
 import trio
 
+from ._doorbell import Doorbell, spin
 from ._errors import (
     AuthError,
     ConnectionLost,
@@ -175,28 +175,17 @@ class VchanStream(trio.abc.HalfCloseableStream):
         # live bytes carry death), an event fd that ``on_event`` acknowledges
         # instead of reading it, and fds owned by the ring (owns_fds=False).
         self._ring = ring
-        self._own_evfd = own_evfd
-        self._peer_evfd = peer_evfd
-        self._sock = liveness
-        self._on_event = on_event
-        self._owns_fds = owns_fds
+        self._bell = Doorbell(own_evfd, peer_evfd, liveness, on_event=on_event,
+                              owns_fds=owns_fds)
         self.peer = peer
         self.read_size = ring.read_size
         self.write_size = ring.write_size
-        self._epoll = select.epoll()
-        self._epoll.register(own_evfd, select.EPOLLIN)
-        if liveness is not None:
-            liveness.setblocking(False)
-            self._epoll.register(liveness.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         self._closed = False
         self._eof_sent = False
-        self._peer_dead = False
         self._sending = False
         self._receiving = False
-        self._polling = False
         self._read_wait_avg = SPIN_SECONDS
         self._last_read = 0
-        self._lot = trio.lowlevel.ParkingLot()
 
     # -- waiting -------------------------------------------------------------
 
@@ -204,36 +193,10 @@ class VchanStream(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("this vchan stream was closed")
 
-    def _drain_events(self) -> None:
-        if self._on_event is not None:
-            self._on_event()
-        else:
-            try:
-                os.read(self._own_evfd, 8)
-            except BlockingIOError:
-                pass
-        if self._sock is not None and not self._peer_dead:
-            try:
-                gone = self._sock.recv(1, socket.MSG_PEEK) == b""
-            except BlockingIOError:
-                gone = False
-            except OSError:
-                gone = True
-            self._peer_dead = gone
-
     async def _sleep(self) -> None:
         """Sleep until the peer signals (or dies).  Callers armed and re-checked."""
-        if self._polling:
-            await self._lot.park()
-            return
-        self._polling = True
-        try:
-            await trio.lowlevel.wait_readable(self._epoll.fileno())
-        finally:
-            self._polling = False
-            self._lot.unpark_all()
+        await self._bell.wait()
         self._check_open()
-        self._drain_events()
 
     def _read_spin_budget(self) -> float:
         """How long a reader should poll before sleeping.
@@ -259,15 +222,9 @@ class VchanStream(trio.abc.HalfCloseableStream):
         sample = min(time.perf_counter() - started, 2 * MAX_READ_SPIN)
         self._read_wait_avg += (sample - self._read_wait_avg) / 4
 
-    async def _spin(self, ready: object, budget: float = SPIN_SECONDS) -> bool:
+    async def _spin(self, ready: Callable[[], bool], budget: float = SPIN_SECONDS) -> bool:
         """Poll cooperatively for ``budget`` seconds; True if ``ready()`` came true."""
-        deadline = time.perf_counter() + budget
-        while time.perf_counter() < deadline:
-            await trio.lowlevel.checkpoint()
-            self._check_open()
-            if ready():  # type: ignore[operator]
-                return True
-        return False
+        return await spin(ready, budget, self._check_open)
 
     # -- receiving -----------------------------------------------------------
 
@@ -351,7 +308,7 @@ class VchanStream(trio.abc.HalfCloseableStream):
                 # the live byte was read (acquire) after the ring was seen
                 # empty, so one more look sees data published before the close.
                 return ring.data_ready() == 0
-            if self._peer_dead:
+            if self._bell.peer_dead:
                 if ring.data_ready():
                     return False
                 raise ConnectionLost("vchan peer process died without closing")
@@ -372,11 +329,11 @@ class VchanStream(trio.abc.HalfCloseableStream):
         self._check_open()
         if self._eof_sent:
             raise trio.ClosedResourceError("send_eof() was called on this vchan stream")
-        if self._peer_dead:
+        if self._bell.peer_dead:
             raise ConnectionLost("vchan peer process is gone")
 
     def _writable_now(self) -> bool:
-        return self._ring.buffer_space() > 0 or self._peer_dead
+        return self._ring.buffer_space() > 0 or self._bell.peer_dead
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` into the ring, waiting for space as needed.
@@ -431,7 +388,7 @@ class VchanStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             while True:
                 self._check_open()
-                if self._peer_dead or self._ring.buffer_space() > 0:
+                if self._bell.peer_dead or self._ring.buffer_space() > 0:
                     return
                 await self._wait_space()
         finally:
@@ -462,16 +419,9 @@ class VchanStream(trio.abc.HalfCloseableStream):
         """
         if not self._closed:
             self._closed = True
-            self._ring.close()
-            trio.lowlevel.notify_closing(self._epoll.fileno())
-            self._lot.unpark_all()
-            self._epoll.close()
-            if self._sock is not None:
-                self._sock.close()
+            self._ring.close()  # clears our live byte and signals: fds still open
+            self._bell.close()
             self._ring.free()
-            if self._owns_fds:
-                os.close(self._own_evfd)
-                os.close(self._peer_evfd)
         await trio.lowlevel.checkpoint()
 
 

@@ -30,10 +30,8 @@ import json
 import logging
 import mmap
 import os
-import select
 import socket
 import struct
-import time
 from collections import deque
 from collections.abc import Collection, Mapping
 from types import TracebackType
@@ -42,6 +40,7 @@ from typing import Any
 import outcome
 import trio
 
+from .._doorbell import Doorbell, spin
 from .._errors import (
     AuthError,
     ConnectionLost,
@@ -110,52 +109,6 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-class _Doorbell:
-    """Sleep until the peer signals our eventfd or its process goes away."""
-
-    def __init__(self, own_evfd: int, peer_evfd: int, liveness: socket.socket) -> None:
-        self.own = own_evfd
-        self.peer = peer_evfd
-        self.sock = liveness
-        self.sock.setblocking(False)
-        self.peer_dead = False
-        self._epoll = select.epoll()
-        self._epoll.register(own_evfd, select.EPOLLIN)
-        self._epoll.register(liveness.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
-
-    def ring(self) -> None:
-        os.write(self.peer, b"\x01\0\0\0\0\0\0\0")
-
-    async def wait(self) -> None:
-        await trio.lowlevel.wait_readable(self._epoll.fileno())
-        try:
-            os.read(self.own, 8)
-        except BlockingIOError:
-            pass
-        try:
-            self.peer_dead = self.sock.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:
-            pass
-        except OSError:
-            self.peer_dead = True
-
-    def close(self) -> None:
-        trio.lowlevel.notify_closing(self._epoll.fileno())
-        self._epoll.close()
-        self.sock.close()
-        os.close(self.own)
-        os.close(self.peer)
-
-
-async def _spin(ready: Any) -> bool:
-    deadline = time.perf_counter() + SPIN_SECONDS
-    while time.perf_counter() < deadline:
-        await trio.lowlevel.checkpoint()
-        if ready():
-            return True
-    return False
-
-
 # --------------------------------------------------------------------------
 # frontend
 
@@ -181,7 +134,7 @@ class BlkDisk:
     sector_size = SECTOR
 
     def __init__(self, *, size: int, read_only: bool, features: dict[str, object],
-                 mm: mmap.mmap, front: Any, order: int, bell: _Doorbell) -> None:
+                 mm: mmap.mmap, front: Any, order: int, bell: Doorbell) -> None:
         self.size = size
         self.read_only = read_only
         self.features = features
@@ -290,7 +243,7 @@ class BlkDisk:
             while True:
                 if self._drain():
                     continue
-                if self._inflight and await _spin(lambda: self._drain() > 0):
+                if self._inflight and await spin(lambda: self._drain() > 0, SPIN_SECONDS):
                     continue
                 more = lib.ml_blk_front_final_check(self._front)
                 if more < 0:
@@ -684,7 +637,7 @@ async def _connect(target: str, host_store: HostStore | str | os.PathLike[str] |
             raise HandshakeError("blk handshake: bad disk size")
         features = reply.get("features")
         raw = socket.socket(fileno=sock.detach())
-        bell = _Doorbell(own, peer, raw)
+        bell = Doorbell(own, peer, raw)
         ok = True
         return BlkDisk(size=size, read_only=bool(reply.get("read_only")),
                        features=features if isinstance(features, dict) else {},
@@ -709,7 +662,7 @@ class _Conn:
     """One frontend's ring as the server sees it."""
 
     def __init__(self, backend: Backend, mm: mmap.mmap, order: int, pool_pages: int,
-                 bell: _Doorbell) -> None:
+                 bell: Doorbell) -> None:
         self.backend = backend
         self.mm = mm
         self.bell = bell
@@ -805,7 +758,7 @@ class _Conn:
         while True:
             if await self._serve_available():
                 continue
-            if await _spin(self._pending):
+            if await spin(self._pending, SPIN_SECONDS):
                 continue
             more = lib.ml_blk_back_final_check(self.back)
             if more < 0:
@@ -872,7 +825,7 @@ async def _handshake(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
     await conn.send(_encode({"ok": True, "version": PROTOCOL_VERSION, "size": backend.size,
                              "sector_size": SECTOR, "read_only": backend.read_only,
                              "features": features}))
-    bell = _Doorbell(own, peer, socket.socket(fileno=conn.detach()))
+    bell = Doorbell(own, peer, socket.socket(fileno=conn.detach()))
     return _Conn(backend, mm, order, pool, bell)
 
 

@@ -1,0 +1,146 @@
+"""Waiting for a shared-memory peer: its event channel, or its death.
+
+Theory of operation
+-------------------
+The ring code in C never blocks; to wait, a task arms the notify bits in
+shared memory, re-checks the ring, and only then sleeps here.  A
+:class:`Doorbell` puts the end's event file descriptor (an eventfd, or a Xen
+event channel's fd) and, when there is one, the rendezvous socket that doubles
+as a crash detector (EOF = the peer process is gone) into one epoll set, and
+trio waits for that set to become readable: one wait covers both.
+
+Several tasks may need to wait at once (a stream's reader and writer share
+one event channel, as in Xen).  trio allows one waiter per fd, so the first
+task sleeps on the epoll fd and the others park; every wakeup releases them
+all to re-check their own condition (a signal carries no meaning beyond
+"look again").
+
+Before sleeping it usually pays to poll for a few tens of microseconds:
+waking a sleeping process costs more than that.  :func:`spin` polls
+cooperatively, yielding to trio on every turn, so other tasks keep running.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+
+import trio
+
+__all__ = ["Doorbell", "spin"]
+
+_ONE = (1).to_bytes(8, "little")
+
+
+class Doorbell:
+    """One end's event channel, plus an optional liveness socket.
+
+    Args:
+        own_fd: the fd the peer signals (readable when signalled).
+        peer_fd: the fd :meth:`ring` signals (local provider: an eventfd).
+        liveness: a connected socket whose EOF means the peer process died,
+            or ``None`` when the provider reports death another way.
+        on_event: acknowledges a wakeup instead of reading ``own_fd`` (a Xen
+            event channel must be read for its port and unmasked).
+        owns_fds: whether :meth:`close` closes ``own_fd`` and ``peer_fd``.
+
+    Attributes:
+        peer_dead: set once the liveness socket reported EOF.
+    """
+
+    def __init__(self, own_fd: int, peer_fd: int, liveness: socket.socket | None, *,
+                 on_event: Callable[[], None] | None = None, owns_fds: bool = True) -> None:
+        self.own_fd = own_fd
+        self.peer_fd = peer_fd
+        self.peer_dead = False
+        self._sock = liveness
+        self._on_event = on_event
+        self._owns_fds = owns_fds
+        self._epoll = select.epoll()
+        self._epoll.register(own_fd, select.EPOLLIN)
+        if liveness is not None:
+            liveness.setblocking(False)
+            self._epoll.register(liveness.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        self._polling = False
+        self._lot = trio.lowlevel.ParkingLot()
+        self.closed = False
+
+    def ring(self) -> None:
+        """Signal the peer through ``peer_fd`` (an eventfd)."""
+        os.write(self.peer_fd, _ONE)
+
+    def _acknowledge(self) -> None:
+        if self._on_event is not None:
+            self._on_event()
+        else:
+            try:
+                os.read(self.own_fd, 8)
+            except BlockingIOError:
+                pass
+        if self._sock is not None and not self.peer_dead:
+            try:
+                self.peer_dead = self._sock.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.peer_dead = True
+
+    async def wait(self) -> None:
+        """Sleep until the peer signals or dies (callers armed and re-checked first).
+
+        Raises:
+            trio.ClosedResourceError: the doorbell was closed meanwhile.
+
+        Cancellation: safe; nothing is consumed.
+        """
+        if self._polling:
+            await self._lot.park()
+        else:
+            self._polling = True
+            try:
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
+            finally:
+                self._polling = False
+                self._lot.unpark_all()
+        if self.closed:
+            raise trio.ClosedResourceError("closed while waiting for the peer")
+        self._acknowledge()
+
+    def close(self) -> None:
+        """Wake every waiter with ClosedResourceError and release the fds.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        trio.lowlevel.notify_closing(self._epoll.fileno())
+        self._lot.unpark_all()
+        self._epoll.close()
+        if self._sock is not None:
+            self._sock.close()
+        if self._owns_fds:
+            os.close(self.own_fd)
+            os.close(self.peer_fd)
+
+
+async def spin(ready: Callable[[], bool], budget: float,
+               check: Callable[[], None] | None = None) -> bool:
+    """Poll ``ready()`` for up to ``budget`` seconds, yielding to trio each turn.
+
+    Args:
+        ready: the condition.
+        budget: how long to poll.
+        check: called after every yield (to raise if the caller's resource closed).
+
+    Returns:
+        True if ``ready()`` came true.
+    """
+    deadline = time.perf_counter() + budget
+    while time.perf_counter() < deadline:
+        await trio.lowlevel.checkpoint()
+        if check is not None:
+            check()
+        if ready():
+            return True
+    return False
