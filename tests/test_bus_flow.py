@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from meshlink import RemoteProtocolError
 from meshlink.bus import (
     BusConfig,
     Connection,
@@ -316,4 +317,50 @@ async def test_replies_many_at_once_and_close_with_a_reply_stuck() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert conn_box[0]._direct_scope is not None  # the reply is being sent directly
             await conn_box[0].aclose()  # returns (fail_after guards against a hang)
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "overrun"),
+    [
+        ([1000, 1000], False),  # within the window
+        ([5000], False),  # one frame larger than the whole window may come alone
+        ([5000, 10], True),  # ...but nothing after it until credit returns
+        ([1000, 1000, 1000, 1000, 1000], True),  # past the window
+    ],
+)
+async def test_peer_that_overruns_the_notify_window_is_a_protocol_error(
+    sizes: list[int], overrun: bool
+) -> None:
+    a, b = trio.testing.memory_stream_pair()
+    gate = trio.Event()
+    handlers = Handlers()
+
+    async def note(data: bytes) -> None:
+        await gate.wait()  # never consume: no credit goes back
+
+    handlers.add_method("note", note)
+    handlers.add_method("ping", partial(trio.sleep, 0))
+    config = BusConfig(heartbeat_interval=None, notify_window=4096)
+    hello = Hello(PROTOCOL_VERSION, ["rpc"], "raw", 8, 1 << 20, 1 << 20, 1 << 20)
+    core = BusProtocol(hello)
+    errors: list[BaseException] = []
+
+    async def server() -> None:
+        try:
+            await serve_bus(b, handlers, config=config)
+        except RemoteProtocolError as exc:
+            errors.append(exc)
+
+    with trio.fail_after(10):  # never hang
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            data = core.send(hello)
+            data += b"".join(core.send(Notify("note", [b"x" * size])) for size in sizes)
+            await a.send_all(data)
+            await trio.testing.wait_all_tasks_blocked()
+            if overrun:
+                assert errors and "overran the notify window" in str(errors[0])
+            else:
+                assert not errors
             nursery.cancel_scope.cancel()

@@ -340,8 +340,9 @@ class RecordingSink:
     def __init__(self) -> None:
         self.events: list[Event] = []
 
-    def notify(self, method: str, args: list[Any], size: int) -> None:
-        self.events.append(Notify(method, args, size))
+    def notifications(self, batch: list[tuple[str, list[Any], int]], total: int) -> None:
+        assert batch and total == sum(size for _, _, size in batch)
+        self.events.extend(Notify(m, a, size) for m, a, size in batch)
 
     def request(self, id: int, method: str, args: list[Any]) -> None:
         self.events.append(Request(id, method, args))

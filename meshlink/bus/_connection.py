@@ -347,10 +347,10 @@ class _Sink:
     """The connection's frame handlers under the names :class:`FrameSink` uses
     (``Connection.notify`` is taken by the public API)."""
 
-    __slots__ = ("error", "event", "notify", "publish", "reply", "request", "stream_data")
+    __slots__ = ("error", "event", "notifications", "publish", "reply", "request", "stream_data")
 
     def __init__(self, conn: Connection) -> None:
-        self.notify = conn._on_notify
+        self.notifications = conn._on_notifications
         self.request = conn._on_request
         self.reply = conn._on_reply
         self.error = conn._on_error
@@ -836,13 +836,17 @@ class Connection:
 
     # The reader's frame handlers (a FrameSink, see _Sink).  None of them waits.
 
-    def _on_notify(self, method: str, args: list[Any], size: int) -> None:
+    def _on_notifications(self, batch: list[tuple[str, list[Any], int]], total: int) -> None:
         credit = self._notify_in
         unacked = credit.unacked
-        if unacked and unacked + size > credit.window:
+        # Frame by frame the rule is "unacked and unacked + size > window"
+        # (a frame larger than the window may come alone).  Over a batch the
+        # total can only exceed the window if some frame broke that rule, unless
+        # the batch is that one lone frame.
+        if unacked + total > credit.window and (unacked or len(batch) > 1):
             raise RemoteProtocolError(f"peer overran the notify window of {credit.window} bytes")
-        credit.unacked = unacked + size
-        self._notify_queue.append((method, args, size))
+        credit.unacked = unacked + total
+        self._notify_queue.extend(batch)
 
     def _on_request(self, id: int, method: str, args: list[Any]) -> None:
         idle = self._idle_workers

@@ -612,9 +612,13 @@ class FrameSink(Protocol):
     (request ids, concurrency) is done before the call.  A method may raise
     :class:`~meshlink.RemoteProtocolError` to reject the frame: the core then
     enters the ERROR state.
+
+    Consecutive notifications come as one batch of ``(method, args, size)``
+    with their total size, handed over before the next frame of another kind
+    and before :meth:`BusProtocol.receive_frames` returns; order is kept.
     """
 
-    def notify(self, method: str, args: list[Any], size: int) -> None: ...
+    def notifications(self, batch: list[tuple[str, list[Any], int]], total: int) -> None: ...
 
     def request(self, id: int, method: str, args: list[Any]) -> None: ...
 
@@ -783,7 +787,10 @@ class BusProtocol:
         max_conc = self.our_hello.max_concurrency
         in_requests = self._in_requests
         out_requests = self._out_requests
-        on_notify = sink.notify
+        on_notifications = sink.notifications
+        batch: list[tuple[str, list[Any], int]] = []
+        batch_append = batch.append
+        total = 0
         pos = self._pos
         try:
             while True:
@@ -794,6 +801,11 @@ class BusProtocol:
                     if self._pending:
                         self._feed_some()
                         continue
+                    if batch:
+                        on_notifications(batch, total)
+                        batch = []
+                        batch_append = batch.append
+                        total = 0
                     if self._eof:
                         ev = self.next_event()  # EOF handling lives there
                         sink.event(ev)  # type: ignore[arg-type]
@@ -814,13 +826,19 @@ class BusProtocol:
                 if type(frame) is list:
                     n = len(frame)
                     kind = frame[0] if n else None
-                    if kind == _K_NOTIFY and n == 3:
+                    if kind == 5 and n == 3:  # _K_NOTIFY
                         method = frame[1]
                         args = frame[2]
                         if type(method) is str and type(args) is list:
-                            on_notify(method, args, size)
+                            batch_append((method, args, size))
+                            total += size
                             continue
-                    elif kind == _K_REQUEST and n == 4:
+                    if batch:
+                        on_notifications(batch, total)
+                        batch = []
+                        batch_append = batch.append
+                        total = 0
+                    if kind == _K_REQUEST and n == 4:
                         rid = frame[1]
                         method = frame[2]
                         args = frame[3]
@@ -850,11 +868,16 @@ class BusProtocol:
                                 ) from None
                             sink.reply(rid, frame[2])
                             continue
+                if batch:
+                    on_notifications(batch, total)
+                    batch = []
+                    batch_append = batch.append
+                    total = 0
                 self._pos = pos
                 ev = self._to_event(frame, size)
                 t = type(ev)
                 if t is Notify:
-                    on_notify(ev.method, ev.args, size)  # type: ignore[union-attr]
+                    on_notifications([(ev.method, ev.args, size)], size)  # type: ignore[union-attr]
                 elif t is Request:
                     sink.request(ev.id, ev.method, ev.args)  # type: ignore[union-attr]
                 elif t is Reply:
