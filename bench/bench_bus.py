@@ -312,6 +312,8 @@ def main() -> None:
             zmq_rep(rest[0])
         return
 
+    # Other jobs on a shared machine move every figure: say how loaded it was.
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     na = "n/a (vchan not available)"
     rates: dict[str, float] = {}
     lat: dict[str, tuple[float, float]] = {}
@@ -405,6 +407,7 @@ def main() -> None:
         if name in lat:
             p50, p99 = lat[name]
             print(f"  {'p99/p50 ' + name:52s} {p99 / p50:6.2f}x  [<= 3x]")
+    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":
