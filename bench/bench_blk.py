@@ -17,6 +17,7 @@ import argparse
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,35 +118,46 @@ def main() -> int:
         trio.run(server, sys.argv[2])
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--seconds", type=float, default=2.0, help="per figure and round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds, ours and the peers' alternating; medians are reported")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mlblk"))
     store = str(tmp / "store")
+    have_nbdkit = bool(shutil.which("nbdkit") and shutil.which("fio"))
+    ours_runs: dict[tuple[str, str], list[float]] = {}
+    peer_runs: dict[str, list[float]] = {}
     srv = subprocess.Popen([sys.executable, __file__, "--server", store],
                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
-        res = trio.run(ours, store, args.seconds)
-    finally:
-        srv.terminate()
-        srv.wait()
-    peers: dict[str, float] = {
-        "memcpy 1M MiB/s": memcpy_rate(MIB, args.seconds),
-        "memcpy 4k MiB/s": memcpy_rate(4096, args.seconds),
-    }
-    if shutil.which("nbdkit") and shutil.which("fio"):
-        sock = str(tmp / "nbdkit.sock")
-        with ExitStack() as stack:
+    sock = str(tmp / "nbdkit.sock")
+    with ExitStack() as stack:
+        if have_nbdkit:
             stack.enter_context(spawn(["nbdkit", "--foreground", "--exit-with-parent", "-U",
                                        sock, "memory", "1G"], socket.AF_UNIX, sock))
-            uri = f"nbd+unix:///?socket={sock}"
-            peers["nbdkit seq read 1M QD8 MiB/s"] = fio(uri, "read", "1M", 8,
-                                                        args.seconds)["mib_s"]
-            peers["nbdkit randread 4k QD1 IOPS"] = fio(uri, "randread", "4k", 1,
-                                                       args.seconds)["iops"]
-            peers["nbdkit randread 4k QD32 IOPS"] = fio(uri, "randread", "4k", 32,
-                                                        args.seconds)["iops"]
-    print("# blk ring (Python client, this process) vs peers, same run")
+        uri = f"nbd+unix:///?socket={sock}"
+        try:
+            assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+            for _ in range(args.rounds):
+                for key, v in trio.run(ours, store, args.seconds).items():
+                    ours_runs.setdefault(key, []).append(v)
+                figures = {"memcpy 1M MiB/s": memcpy_rate(MIB, args.seconds),
+                           "memcpy 4k MiB/s": memcpy_rate(4096, args.seconds)}
+                if have_nbdkit:
+                    figures["nbdkit seq read 1M QD8 MiB/s"] = fio(
+                        uri, "read", "1M", 8, args.seconds)["mib_s"]
+                    figures["nbdkit randread 4k QD1 IOPS"] = fio(
+                        uri, "randread", "4k", 1, args.seconds)["iops"]
+                    figures["nbdkit randread 4k QD32 IOPS"] = fio(
+                        uri, "randread", "4k", 32, args.seconds)["iops"]
+                for name, v in figures.items():
+                    peer_runs.setdefault(name, []).append(v)
+        finally:
+            srv.terminate()
+            srv.wait()
+    res = {k: statistics.median(v) for k, v in ours_runs.items()}
+    peers = {k: statistics.median(v) for k, v in peer_runs.items()}
+    print(f"# blk ring (Python client, this process) vs peers, same run, "
+          f"medians of {args.rounds} alternating rounds")
     for (kind, name), v in res.items():
         print(f"blk {kind:6} {name:24} {v:>12,.0f}")
     for name, v in peers.items():

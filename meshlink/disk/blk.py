@@ -64,7 +64,7 @@ SEGMENTS = 11  # segments of a direct request
 #: Data pages per ring slot: the largest request, sent as one INDIRECT request
 #: (its segment list in the slot's extra indirect page) when the server
 #: accepts indirect requests, else split into direct 11-segment requests.
-SLOT_PAGES = 128
+SLOT_PAGES = 256
 MAX_INDIRECT_SEGMENTS = 256
 PROTOCOL_VERSION = 1
 DEFAULT_RING_ORDER = 1
