@@ -504,14 +504,19 @@ class NBDServer:
 
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
         fd = stream.socket.fileno()
+        # Bigger buffers mean fewer wake-ups per MiB (the kernel caps the value).
+        # TCP gets only the send side: a fixed SO_RCVBUF would switch off the
+        # receive window's auto-tuning (measured: 1 MiB reads over TCP loopback
+        # 0.92x -> 1.02-1.19x nbdkit; writes unchanged).
         if stream.socket.family == _socket.AF_UNIX:
-            # Bigger buffers mean fewer wake-ups per MiB (the kernel caps the value).
-            # Not for TCP: a fixed SO_RCVBUF there switches off window auto-tuning.
-            for opt in (_socket.SO_SNDBUF, _socket.SO_RCVBUF):
-                try:
-                    stream.socket.setsockopt(_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
-                except OSError:
-                    pass
+            options = (_socket.SO_SNDBUF, _socket.SO_RCVBUF)
+        else:
+            options = (_socket.SO_SNDBUF,)
+        for opt in options:
+            try:
+                stream.socket.setsockopt(_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+            except OSError:
+                pass
         await self.handle_stream(stream, (fd, fd))
 
     # -- listening ----------------------------------------------------------------------
