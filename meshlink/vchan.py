@@ -353,19 +353,24 @@ class VchanStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._sending = True
         try:
-            await trio.lowlevel.checkpoint()
+            # As trio's own sockets do: honour a pending cancel first, write,
+            # and yield afterwards only if we never had to wait; yielding
+            # before the write would hold the bytes back a scheduler pass.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             ring = self._ring
             with memoryview(data) as mv, mv.cast("B") as view:
                 while True:
                     self._check_can_send()
-                    if view:
-                        n = ring.write(view)
-                        view = view[n:]
-                        if n:
-                            continue
-                    else:
-                        return
-                    await self._wait_space()
+                    if not view:
+                        break
+                    n = ring.write(view)
+                    view = view[n:]
+                    if not n:
+                        await self._wait_space()
+                        waited = True
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 
