@@ -4,7 +4,7 @@
 ``name`` (the host store for co-located services, a static rules file, and
 zeroconf DNS-SD when enabled) and ranks them with the pure function
 :func:`rank` (vchan > tls > tcp by default), giving the reason for each place.
-See ``docs/connect.md``.
+See README.md, "Services by name".
 
 Modules: ``_types`` (endpoints, policy), ``_rank`` (the ranking), one per
 source (``hoststore``, ``rules``, ``zeroconf``), ``_resolver`` (combines them).

@@ -20,3 +20,20 @@ def test_cluster_demo_runs() -> None:
     assert "[vchan] 'hello from dom0' -> 'HELLO FROM DOM0'" in out.stdout
     assert "[tls] 'hello from dom0' -> 'HELLO FROM DOM0'" in out.stdout
     assert "demo: OK" in out.stdout
+
+
+def _runnable_readme_examples() -> list[str]:
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    return [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "trio.run(main)" in b]
+
+
+def test_readme_examples_run() -> None:
+    """Every complete example in the README (those ending in trio.run) runs as written."""
+    examples = _runnable_readme_examples()
+    assert len(examples) >= 2
+    for code in examples:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, cwd="/tmp")
+        assert out.returncode == 0, code + out.stderr

@@ -2,7 +2,7 @@
 
 RPC with cancellation, one-way notifications, pub/sub with explicit overflow
 policies, credit-controlled message streams and heartbeats, over vchan, TCP,
-TLS or an in-memory stream pair.  See ``docs/bus.md`` for a tour.
+TLS or an in-memory stream pair.  See README.md, "The message bus", for a tour.
 """
 
 from .._errors import ConnectionLost, LocalProtocolError, ProtocolError, RemoteProtocolError
