@@ -403,6 +403,47 @@ void ml_blk_back_scatter(ml_blk_back *b, const struct ml_blk_checked *c, const u
     }
 }
 
+/* Walk the segments covering [at, at + len) of a request's data, copying
+ * between each piece and `buf` in the direction `to_pages` says. */
+static int copy_pieces(ml_blk_back *b, const struct ml_blk_checked *c, uint64_t at,
+                       uint8_t *buf, size_t len, int to_pages)
+{
+    if (at > c->length || len > c->length - at)
+        return ML_EINVAL;
+    for (int i = 0; i < (int)c->nsegs && len; i++) {
+        uint32_t seg_len;
+        uint8_t *p = ml_blk_back_segment(b, c, i, &seg_len);
+        if (at >= seg_len) {
+            at -= seg_len;
+            continue;
+        }
+        size_t n = seg_len - at;
+        if (n > len)
+            n = len;
+        if (to_pages)
+            memcpy(p + at, buf, n);
+        else
+            memcpy(buf, p + at, n);
+        buf += n;
+        len -= n;
+        at = 0;
+    }
+    return ML_OK;
+}
+
+int ml_blk_back_copy_to(ml_blk_back *b, const struct ml_blk_checked *c, uint64_t at,
+                        const uint8_t *buf, size_t len)
+{
+    /* copy_pieces only reads through buf in this direction. */
+    return copy_pieces(b, c, at, (uint8_t *)(uintptr_t)buf, len, 1);
+}
+
+int ml_blk_back_copy_from(ml_blk_back *b, const struct ml_blk_checked *c, uint64_t at,
+                          uint8_t *buf, size_t len)
+{
+    return copy_pieces(b, c, at, buf, len, 0);
+}
+
 int ml_blk_back_put(ml_blk_back *b, uint64_t id, uint8_t op, int16_t status)
 {
     struct ml_blk_response r = {.id = id, .operation = op, .status = status};

@@ -156,6 +156,15 @@ uint8_t *ml_blk_back_segment(ml_blk_back *b, const struct ml_blk_checked *c, int
  * WRITE's segments into `dst`.  Only for checked, servable requests. */
 void ml_blk_back_gather(ml_blk_back *b, const struct ml_blk_checked *c, uint8_t *dst);
 void ml_blk_back_scatter(ml_blk_back *b, const struct ml_blk_checked *c, const uint8_t *src);
+/* Copy `len` bytes between a checked request's segments, starting at byte
+ * `at` of the request's data, and `buf`: into the segments (copy_to, for a
+ * READ's data) or out of them (copy_from, for a WRITE's).  Lets a backend
+ * that keeps its data in pieces fill or drain the pages piece by piece.
+ * Returns ML_EINVAL, touching nothing, unless at + len <= the data length. */
+int ml_blk_back_copy_to(ml_blk_back *b, const struct ml_blk_checked *c, uint64_t at,
+                        const uint8_t *buf, size_t len);
+int ml_blk_back_copy_from(ml_blk_back *b, const struct ml_blk_checked *c, uint64_t at,
+                          uint8_t *buf, size_t len);
 /* Queue a response privately. */
 int ml_blk_back_put(ml_blk_back *b, uint64_t id, uint8_t op, int16_t status);
 /* Publish queued responses; returns 1 if the frontend must be signalled. */

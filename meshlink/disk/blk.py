@@ -685,6 +685,12 @@ class _Conn:
             if isinstance(view, memoryview) and not view.readonly:
                 self.buffer = ffi.from_buffer(view)
         self.blocking = backend.capabilities.blocking
+        # The Backend protocol's optional zero-copy extensions (non-blocking
+        # backends only: they hand out views of memory the loop copies into).
+        self.read_vectored: Any = None if self.blocking else getattr(
+            backend, "read_vectored", None)
+        self.write_views: Any = None if self.blocking else getattr(
+            backend, "write_views", None)
 
     def close(self) -> None:
         lib.ml_blk_back_free(self.back)
@@ -703,12 +709,26 @@ class _Conn:
         offset, length = int(c.offset), int(c.length)
         try:
             if op == lib.ML_BLK_OP_READ:
-                data = await self._call(b.read, offset, length)
-                lib.ml_blk_back_scatter(self.back, c, ffi.from_buffer(data))
+                if self.read_vectored is not None:
+                    # Piece by piece from the backend's own memory: one copy.
+                    pos = 0
+                    for piece in self.read_vectored(offset, length):
+                        lib.ml_blk_back_copy_to(self.back, c, pos, ffi.from_buffer(piece),
+                                                len(piece))
+                        pos += len(piece)
+                else:
+                    data = await self._call(b.read, offset, length)
+                    lib.ml_blk_back_scatter(self.back, c, ffi.from_buffer(data))
             elif op in (lib.ML_BLK_OP_WRITE, lib.ML_BLK_OP_WRITE_BARRIER):
                 if op == lib.ML_BLK_OP_WRITE_BARRIER:
                     await self._call(b.flush)
-                if length:
+                if length and self.write_views is not None:
+                    pos = 0
+                    for view in self.write_views(offset, length):
+                        lib.ml_blk_back_copy_from(self.back, c, pos, ffi.from_buffer(view),
+                                                  len(view))
+                        pos += len(view)
+                elif length:
                     buf = bytearray(length)
                     lib.ml_blk_back_gather(self.back, c, ffi.from_buffer(buf))
                     await self._call(b.write, offset, buf)
