@@ -387,7 +387,24 @@ static void back_step(struct world *w, int hold)
             }
         }
         uint8_t *at = w->disk ? w->disk + c.offset : NULL;
-        if (m.op == 0)
+        /* The fuzz-chosen id picks the piecewise copies (copy_to/copy_from,
+         * split at a fuzz-chosen byte) instead of scatter/gather: the model
+         * must not see a difference, and a piece past the end must be
+         * refused with nothing touched. */
+        int pieces = at && (c.req.id & 1) && (m.op <= 2);
+        uint64_t split = pieces ? (c.req.id >> 8) % (c.length + 1) : 0;
+        if (pieces) {
+            uint64_t rest = c.length - split;
+            if (m.op == 0) {
+                CHECK(ml_blk_back_copy_to(w->b, &c, split, at + split, rest + 1) == ML_EINVAL);
+                CHECK(ml_blk_back_copy_to(w->b, &c, 0, at, split) == ML_OK);
+                CHECK(ml_blk_back_copy_to(w->b, &c, split, at + split, rest) == ML_OK);
+            } else {
+                CHECK(ml_blk_back_copy_from(w->b, &c, c.length + 1, at, 0) == ML_EINVAL);
+                CHECK(ml_blk_back_copy_from(w->b, &c, 0, at, split) == ML_OK);
+                CHECK(ml_blk_back_copy_from(w->b, &c, split, at + split, rest) == ML_OK);
+            }
+        } else if (m.op == 0)
             ml_blk_back_scatter(w->b, &c, at);
         else if (at && (m.op == 1 || m.op == 2))
             ml_blk_back_gather(w->b, &c, at);
