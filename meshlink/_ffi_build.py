@@ -20,8 +20,7 @@ NATIVE = ROOT / "native"
 
 # A public header marks the part cffi should read between "cffi:begin" and
 # "cffi:end" comments (declarations, integer #defines and enums only), so the
-# header is the single source of the Python-facing API.  Headers that cannot
-# be written that way list their API in native/cdef/NAME.h instead.
+# header is the single source of the Python-facing API.
 _BEGIN = re.compile(r"/\* cffi:begin.*?\*/", re.S)
 _END = "/* cffi:end */"
 
@@ -38,8 +37,6 @@ _HEADERS: list[Path] = []
 _PARTS: list[str] = []
 for _h in sorted(NATIVE.glob("*.h")):
     _part = _cdef_of(_h)
-    if _part is None and (NATIVE / "cdef" / _h.name).exists():
-        _part = (NATIVE / "cdef" / _h.name).read_text()
     if _part is not None:
         _HEADERS.append(_h)
         _PARTS.append(_part)

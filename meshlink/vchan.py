@@ -144,6 +144,20 @@ def _int_field(msg: dict[str, object], key: str, lo: int, hi: int) -> int:
     return v
 
 
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The file descriptors an ``SCM_RIGHTS`` message carried (``recvmsg`` ancdata).
+
+    The caller owns them and must close every one, also on error.
+    """
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
+            fds.extend(a)
+    return fds
+
+
 def _new_eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -627,12 +641,7 @@ async def connect_vchan(
             data, ancdata, _flags, _addr = await sock.recvmsg(
                 _MAX_HELLO + 4, socket.CMSG_SPACE(3 * 4)
             )
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-                fds.extend(a)
+        fds = received_fds(ancdata)
         try:
             if len(data) < 4:
                 raise HandshakeError("server closed the connection during the vchan handshake")

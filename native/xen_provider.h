@@ -16,6 +16,9 @@
 
 #include "vchan.h"
 
+/* cffi:begin -- from here to cffi:end this header is also read by cffi
+ * (meshlink/_ffi_build.py): only declarations, integer #defines and enums. */
+
 /* Why the last failing ml_xen_* / ml_xs_* call of this thread failed. */
 const char *ml_xen_error(void);
 /*
@@ -66,5 +69,7 @@ int ml_xs_set_permissions(ml_xs *h, uint32_t t, const char *path, const uint32_t
                           const uint32_t *perms, unsigned n);
 /* Children as NUL-terminated names back to back; total bytes, or ML_ESYS. */
 long ml_xs_directory(ml_xs *h, uint32_t t, const char *path, char *buf, size_t cap);
+
+/* cffi:end */
 
 #endif

@@ -52,6 +52,7 @@ from .._errors import (
 )
 from .._native import ffi, lib
 from ..hoststore import HostStore
+from ..vchan import received_fds
 from .backends import Backend, MmapBackend, NullBackend
 
 __all__ = ["BlkDisk", "open_blk", "serve_blk"]
@@ -97,16 +98,6 @@ def _decode(data: bytes) -> tuple[dict[str, object], bytes]:
     if not isinstance(msg, dict):
         raise HandshakeError("blk handshake: malformed message")
     return msg, data[4 + n :]
-
-
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-            fds.extend(a)
-    return fds
 
 
 # --------------------------------------------------------------------------
@@ -795,7 +786,7 @@ async def _handshake(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", raw)
     data, anc, _flags, _addr = await conn.recvmsg(_MAX_MSG + 4, socket.CMSG_SPACE(3 * 4))
-    fds = _fds_from(anc)
+    fds = received_fds(anc)
 
     async def refuse(why: str, code: str = "refused") -> None:
         for fd in fds:
