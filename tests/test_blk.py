@@ -305,3 +305,19 @@ async def test_disk_open_and_serve_pick_the_front_end(store: Path, tmp_path: Pat
             assert not isinstance(remote, BlkDisk)
             assert await remote.read(0, 4096) == b"\x33" * 4096
         nursery.cancel_scope.cancel()
+
+
+async def test_barrier_and_flush_are_acknowledged_in_order(blk_server: tuple[Path, Path]) -> None:
+    """WRITE_BARRIER (no data) and FLUSH_DISKCACHE complete after the writes before them."""
+    store, d = blk_server
+    async with open_blk("storage-node/file", host_store=store) as disk:
+        assert disk.features["barrier"] and disk.features["flush"]
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(disk.write, i * 65536, bytes([i + 1]) * 65536)
+        await disk.barrier()
+        await disk.flush()
+        image = (d / "file.img").read_bytes()
+        for i in range(8):
+            assert image[i * 65536 : (i + 1) * 65536] == bytes([i + 1]) * 65536
+            REFERENCE["file"][i * 65536 : (i + 1) * 65536] = bytes([i + 1]) * 65536
