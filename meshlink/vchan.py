@@ -24,14 +24,14 @@ clean EOF and "socket gone, live byte still 1" is a crash
 (:class:`~meshlink.ConnectionLost`).
 
 *Waiting.*  C never blocks.  To wait, a task arms the notify bit in the
-peer's byte, re-checks the ring, and only then sleeps on an epoll set holding
-our eventfd and the liveness socket, via ``trio.lowlevel.wait_readable``.
-Before arming, a reader or writer spins cooperatively for a few tens of
-microseconds (each turn yields to trio), because waking a sleeping process
-costs far more than that; this is what makes small round trips fast.  A
-reader and a writer may wait at once on the single event: one task sleeps
-on the fd, the other parks on a :class:`trio.lowlevel.ParkingLot`, and every
-wakeup releases all of them to re-check their own condition.
+peer's byte, re-checks the ring, and only then sleeps on the doorbell
+(:mod:`meshlink._doorbell`: our eventfd and the liveness socket in one epoll
+set, one sleeper, the other waiters parked).  Before arming, it polls
+cooperatively (each turn yields to trio), because waking a sleeping process
+costs tens of microseconds: a writer for 50 us, a reader for about twice its
+recent wait, up to 250 us for message-sized traffic (see
+:meth:`VchanStream._read_spin_budget`); this is what makes small round trips
+fast.
 
 *Half-close.*  ``send_eof`` clears our live byte; the peer drains what we
 wrote and then reads EOF, while the other direction keeps working.  Unlike
@@ -74,8 +74,9 @@ __all__ = [
     "open_vchan_listener",
 ]
 
-#: Default size of each ring (bytes).  bench/bench_vchan.py measured 64 KiB
-#: writes: 256 KiB rings reach most of the bulk rate of 1 MiB ones; see README.
+#: Default size of each ring (bytes).  bench/bench_vchan.py with 64 KiB writes:
+#: 64 KiB rings run lock-step (~0.7 GB/s), 256 KiB rings reach most of the
+#: bulk rate of 1 MiB ones (~8 vs ~8.6 GB/s here) at a quarter of the memory.
 DEFAULT_RING_SIZE = 1 << 18
 MAX_RING_SIZE = 1 << 20
 PROTOCOL_VERSION = 1
