@@ -198,6 +198,94 @@ int ml_blk_front_get(ml_blk_front *f, struct ml_blk_response *out)
     return 1;
 }
 
+long ml_blk_front_get_many(ml_blk_front *f, uint64_t *ids, int16_t *statuses, unsigned max)
+{
+    long n = 0;
+    struct ml_blk_response r;
+    while ((unsigned long)n < max) {
+        int rc = ml_blk_front_get(f, &r);
+        if (rc < 0)
+            return rc;
+        if (rc == 0)
+            break;
+        ids[n] = r.id;
+        statuses[n] = r.status;
+        n++;
+    }
+    return n;
+}
+
+static void fill_segments(struct ml_blk_segment *seg, uint32_t pages, uint64_t nbytes,
+                          uint32_t first_gref)
+{
+    for (uint32_t i = 0; i < pages; i++) {
+        uint64_t left = nbytes - (uint64_t)i * PAGE_SIZE;
+        uint64_t in_page = left < PAGE_SIZE ? left : PAGE_SIZE;
+        seg[i].gref = first_gref + i;
+        seg[i].first_sect = 0;
+        seg[i].last_sect = (uint8_t)(in_page / ML_BLK_SECTOR_SIZE - 1);
+        seg[i].pad[0] = seg[i].pad[1] = 0;
+    }
+}
+
+int ml_blk_front_submit(ml_blk_front *f, struct ml_blk_request *req, uint64_t id, uint8_t op,
+                        uint64_t sector, uint64_t nbytes, uint32_t first_gref,
+                        uint8_t *indirect_page, uint32_t indirect_gref)
+{
+    if (ml_blk_front_free_slots(f) == 0 || nbytes % ML_BLK_SECTOR_SIZE)
+        return ML_EINVAL;
+    memset(req, 0, sizeof *req);
+    uint32_t pages = (uint32_t)((nbytes + PAGE_SIZE - 1) / PAGE_SIZE);
+    switch (op) {
+    case ML_BLK_OP_DISCARD: {
+        struct ml_blk_request_discard d = {.operation = op, .id = id,
+                                           .sector_number = sector,
+                                           .nr_sectors = nbytes / ML_BLK_SECTOR_SIZE};
+        memcpy(req, &d, sizeof d);
+        break;
+    }
+    case ML_BLK_OP_FLUSH_DISKCACHE:
+    case ML_BLK_OP_WRITE_BARRIER:
+        if (nbytes)
+            return ML_EINVAL;
+        req->operation = op;
+        req->id = id;
+        req->sector_number = sector;
+        break;
+    case ML_BLK_OP_READ:
+    case ML_BLK_OP_WRITE:
+        if (pages == 0 || pages > ML_BLK_MAX_INDIRECT_SEGMENTS)
+            return ML_EINVAL;
+        if (pages <= ML_BLK_MAX_SEGMENTS) {
+            req->operation = op;
+            req->nr_segments = (uint8_t)pages;
+            req->id = id;
+            req->sector_number = sector;
+            fill_segments(req->seg, pages, nbytes, first_gref);
+        } else {
+            if (!indirect_page)
+                return ML_EINVAL;
+            /* The segment list goes into our own granted page /then/ the
+             * request is published (push's release store orders both). */
+            fill_segments((struct ml_blk_segment *)(void *)indirect_page, pages, nbytes,
+                          first_gref);
+            struct ml_blk_request_indirect ind = {.operation = ML_BLK_OP_INDIRECT,
+                                                  .indirect_op = op,
+                                                  .nr_segments = (uint16_t)pages,
+                                                  .id = id, .sector_number = sector};
+            ind.indirect_grefs[0] = indirect_gref;
+            memcpy(req, &ind, sizeof ind);
+        }
+        break;
+    default:
+        return ML_EINVAL;
+    }
+    int rc = ml_blk_front_put(f, req);
+    if (rc < 0)
+        return rc;
+    return ml_blk_front_push(f);
+}
+
 int ml_blk_front_final_check(ml_blk_front *f)
 {
     long n = front_pending(f);

@@ -132,6 +132,21 @@ int ml_blk_front_put(ml_blk_front *f, const struct ml_blk_request *req);
 int ml_blk_front_push(ml_blk_front *f);
 /* Take the next response: 1 = got one, 0 = none, ML_ECORRUPT. */
 int ml_blk_front_get(ml_blk_front *f, struct ml_blk_response *out);
+/* Take up to `max` responses into ids[] and statuses[]: count, or ML_ECORRUPT. */
+long ml_blk_front_get_many(ml_blk_front *f, uint64_t *ids, int16_t *statuses, unsigned max);
+/*
+ * Build a request in `req` and queue it and publish it (put + push): READ or
+ * WRITE of `nbytes` (a multiple of 512, at most 4096 * 256) at `sector`,
+ * from the consecutive data pages whose first grant ref is `first_gref`,
+ * as a direct request when it fits 11 segments, else as INDIRECT with its
+ * segment list written into `indirect_page` (grant `indirect_gref`); or a
+ * DISCARD of `nbytes`; or FLUSH_DISKCACHE / WRITE_BARRIER with no data.
+ * `id` is echoed in the response.  Returns 1 if the backend must be
+ * signalled, 0 if not, ML_EINVAL for a request that cannot be built.
+ */
+int ml_blk_front_submit(ml_blk_front *f, struct ml_blk_request *req, uint64_t id, uint8_t op,
+                        uint64_t sector, uint64_t nbytes, uint32_t first_gref,
+                        uint8_t *indirect_page, uint32_t indirect_gref);
 /* Arm rsp_event and re-check before sleeping: 1 = responses pending. */
 int ml_blk_front_final_check(ml_blk_front *f);
 

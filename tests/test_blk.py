@@ -136,7 +136,6 @@ async def _raw(disk: BlkDisk, fill: object) -> int:
     slot = disk._free.popleft()
     req = disk._reqs[slot]
     ffi.memmove(req, bytes(112), 112)
-    disk._trimmed[slot] = -1  # segments overwritten: rebuilt on the slot's next use
     req.id = slot
     fill(req)  # type: ignore[operator]
     disk._state[slot] = blk._INFLIGHT

@@ -145,20 +145,11 @@ class BlkDisk:
         self._waiter: list[trio.lowlevel.Task | None] = [None] * n
         self._result: list[int | None] = [None] * n
         self._inflight = 0
+        # One request struct per slot, rebuilt by ml_blk_front_submit on each use.
         self._reqs = [ffi.new("struct ml_blk_request *") for _ in range(n)]
-        # Each slot's pages never change, so its segment lists (direct, and
-        # indirect in the slot's last page) are written once; a request only
-        # sets its counts and trims its last segment.
-        self._trimmed = [SEGMENTS - 1] * n
-        self._itrimmed = [SLOT_PAGES - 1] * n
-        full = struct.Struct("<IBBxx")
-        for slot in range(n):
-            self._reset_segments(slot)
-            ind = self._slot_data(slot) + SLOT_PAGES * PAGE
-            first = self._slot_data(slot) // PAGE
-            for i in range(SLOT_PAGES):
-                full.pack_into(mm, ind + 8 * i, first + i, 0, PAGE // SECTOR - 1)
-        self._rsp = ffi.new("struct ml_blk_response *")
+        self._mem = ffi.from_buffer(mm)
+        self._ids = ffi.new("uint64_t[]", n)
+        self._statuses = ffi.new("int16_t[]", n)
         self._broken: BaseException | None = None
         self._closed = False
 
@@ -195,32 +186,29 @@ class BlkDisk:
             self._state[slot] = _ORPHAN
 
     def _drain(self) -> int:
-        n = 0
-        rsp = self._rsp
-        while True:
-            rc = lib.ml_blk_front_get(self._front, rsp)
-            if rc == 0:
-                return n
-            if rc < 0:
-                raise RingCorruptError("blk server published impossible response indices")
-            slot = int(rsp.id)
+        n = lib.ml_blk_front_get_many(self._front, self._ids, self._statuses,
+                                      self.ring_entries)
+        if n < 0:
+            raise RingCorruptError("blk server published impossible response indices")
+        for i in range(n):
+            slot = int(self._ids[i])
             if (slot >= self.ring_entries or self._state[slot] in (_FREE, _DONE)
                     or self._result[slot] is not None):
                 raise RingCorruptError(f"blk server answered request id {slot}, "
                                        "which is not in flight")
             self._inflight -= 1
-            status = int(rsp.status)
+            status = int(self._statuses[i])
             if self._state[slot] == _ORPHAN:
                 self._release(slot)
+                continue
+            task = self._waiter[slot]
+            if task is not None:
+                self._waiter[slot] = None
+                self._state[slot] = _DONE
+                trio.lowlevel.reschedule(task, outcome.Value(status))
             else:
-                task = self._waiter[slot]
-                if task is not None:
-                    self._waiter[slot] = None
-                    self._state[slot] = _DONE
-                    trio.lowlevel.reschedule(task, outcome.Value(status))
-                else:
-                    self._result[slot] = status
-            n += 1
+                self._result[slot] = status
+        return int(n)
 
     def _fail_waiters(self, exc: BaseException) -> None:
         for slot, task in enumerate(self._waiter):
@@ -256,58 +244,18 @@ class BlkDisk:
         return self._pool + slot * (SLOT_PAGES + 1) * PAGE
 
     def _submit(self, slot: int, op: int, sector: int, nbytes: int) -> None:
-        req = self._reqs[slot]
-        req.operation = op
-        req.sector_number = sector
-        if op == lib.ML_BLK_OP_DISCARD:
-            d = ffi.cast("struct ml_blk_request_discard *", req)
-            d.flag = 0
-            d.nr_sectors = nbytes // SECTOR
-            self._trimmed[slot] = -1  # the discard form overwrote the segments
-        elif nbytes > SEGMENTS * PAGE:
-            pages = (nbytes + PAGE - 1) // PAGE
-            ind = ffi.cast("struct ml_blk_request_indirect *", req)
-            ind.operation = lib.ML_BLK_OP_INDIRECT
-            ind.indirect_op = op
-            ind.nr_segments = pages
-            ind.handle = 0
-            ind.indirect_grefs[0] = (self._slot_data(slot) // PAGE) + SLOT_PAGES
-            self._trimmed[slot] = -1  # the indirect form overwrote the segments
-            page = self._slot_data(slot) + SLOT_PAGES * PAGE
-            last = pages - 1
-            if self._itrimmed[slot] != last:
-                self._mm[page + 8 * self._itrimmed[slot] + 5] = PAGE // SECTOR - 1
-                self._itrimmed[slot] = last
-            self._mm[page + 8 * last + 5] = (nbytes - last * PAGE) // SECTOR - 1
-        else:
-            if self._trimmed[slot] < 0:
-                self._reset_segments(slot)
-            pages = (nbytes + PAGE - 1) // PAGE
-            req.nr_segments = pages
-            if pages:
-                last = pages - 1
-                if self._trimmed[slot] != last:
-                    req.seg[self._trimmed[slot]].last_sect = PAGE // SECTOR - 1
-                    self._trimmed[slot] = last
-                req.seg[last].last_sect = (nbytes - last * PAGE) // SECTOR - 1
+        first = self._slot_data(slot)
+        indirect = first + SLOT_PAGES * PAGE
+        rc = lib.ml_blk_front_submit(
+            self._front, self._reqs[slot], slot, op, sector, nbytes, first // PAGE,
+            self._mem + indirect if self._indirect else ffi.NULL, indirect // PAGE)
+        if rc < 0:
+            raise LocalProtocolError(f"blk request op {op} of {nbytes} bytes cannot be built")
         self._state[slot] = _INFLIGHT
         self._result[slot] = None
         self._inflight += 1
-        lib.ml_blk_front_put(self._front, req)
-        if lib.ml_blk_front_push(self._front):
+        if rc:
             self._bell.ring()
-
-    def _reset_segments(self, slot: int) -> None:
-        req = self._reqs[slot]
-        req.id = slot
-        req.handle = 0
-        first = self._slot_data(slot) // PAGE
-        for i in range(SEGMENTS):
-            seg = req.seg[i]
-            seg.gref = first + i
-            seg.first_sect = 0
-            seg.last_sect = PAGE // SECTOR - 1
-        self._trimmed[slot] = SEGMENTS - 1
 
     async def _wait(self, slot: int) -> int:
         """Wait for ``slot``'s response and return its status (slot stays taken)."""
@@ -515,6 +463,7 @@ class BlkDisk:
             self._bell.close()
             lib.ml_blk_front_free(self._front)
             self._front = None
+            ffi.release(self._mem)
             self._view.release()
             self._mm.close()
         await trio.lowlevel.checkpoint()
