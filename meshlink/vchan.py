@@ -42,28 +42,36 @@ from __future__ import annotations
 
 import array
 import errno
-import json
 import operator
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
 from ._doorbell import Doorbell, spin
 from ._errors import (
-    AuthError,
     ConnectionLost,
     HandshakeError,
     LocalProtocolError,
     ServiceNotFound,
 )
+from ._rendezvous import (
+    PeerCredentials,
+    check_reply,
+    encode,
+    peer_credentials,
+    recv_message,
+    recv_message_with_fds,
+    send_refusal,
+)
 from ._ring import VchanRing, choose_orders
 from .hoststore import HostStore, Publication
+
+_R = TypeVar("_R", bytes, int)
 
 __all__ = [
     "DEFAULT_RING_SIZE",
@@ -81,7 +89,6 @@ DEFAULT_RING_SIZE = 1 << 18
 MAX_RING_SIZE = 1 << 20
 PROTOCOL_VERSION = 1
 HANDSHAKE_TIMEOUT = 5.0
-_MAX_HELLO = 4096
 #: How long a writer polls cooperatively for space before arming and sleeping.
 SPIN_SECONDS = 50e-6
 #: Bounds of a reader's adaptive spin (see VchanStream._read_spin_budget).
@@ -91,72 +98,11 @@ MAX_READ_SPIN = 250e-6
 BULK_READ = 16384
 
 
-@dataclass(frozen=True)
-class PeerCredentials:
-    """The peer process as the kernel reports it (``SO_PEERCRED``)."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
-def _peer_credentials(sock: socket.socket) -> PeerCredentials:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCredentials(pid, uid, gid)
-
-
-def _encode(msg: dict[str, object]) -> bytes:
-    body = json.dumps(msg, separators=(",", ":")).encode()
-    return struct.pack(">I", len(body)) + body
-
-
-def _decode(body: bytes) -> dict[str, object]:
-    try:
-        msg = json.loads(body)
-    except ValueError as exc:
-        raise HandshakeError(f"malformed vchan handshake message: {exc}") from exc
-    if not isinstance(msg, dict):
-        raise HandshakeError("malformed vchan handshake message: not an object")
-    return msg
-
-
-async def _recv_exact(sock: trio.socket.SocketType, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await sock.recv(n - len(buf))
-        if not chunk:
-            raise HandshakeError("peer closed the connection during the vchan handshake")
-        buf += chunk
-    return bytes(buf)
-
-
-async def _recv_msg(sock: trio.socket.SocketType) -> dict[str, object]:
-    (length,) = struct.unpack(">I", await _recv_exact(sock, 4))
-    if length > _MAX_HELLO:
-        raise HandshakeError(f"vchan handshake message too long ({length} bytes)")
-    return _decode(await _recv_exact(sock, length))
-
-
 def _int_field(msg: dict[str, object], key: str, lo: int, hi: int) -> int:
     v = msg.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise HandshakeError(f"vchan handshake: {key} must be an integer in [{lo}, {hi}]")
     return v
-
-
-def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """The file descriptors an ``SCM_RIGHTS`` message carried (``recvmsg`` ancdata).
-
-    The caller owns them and must close every one, also on error.
-    """
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-            fds.extend(a)
-    return fds
 
 
 def _new_eventfd() -> int:
@@ -269,19 +215,8 @@ class VchanStream(trio.abc.HalfCloseableStream):
         max_bytes = operator.index(max_bytes)
         if max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        self._begin_receive()
-        try:
-            await trio.lowlevel.checkpoint()
-            while True:
-                self._check_open()
-                data = self._ring.read_bytes(max_bytes)
-                if data:
-                    self._last_read = len(data)
-                    return data
-                if await self._wait_readable():
-                    return data
-        finally:
-            self._receiving = False
+        ring = self._ring
+        return await self._receive(lambda: ring.read_bytes(max_bytes), b"")
 
     async def receive_into(self, buf: bytearray | memoryview) -> int:
         """Receive into ``buf``; returns the byte count, 0 at end of stream.
@@ -291,17 +226,22 @@ class VchanStream(trio.abc.HalfCloseableStream):
         """
         if len(buf) < 1:
             raise ValueError("buffer must not be empty")
+        ring = self._ring
+        return await self._receive(lambda: ring.read_into(buf), 0)
+
+    async def _receive(self, read: Callable[[], _R], eof: _R) -> _R:
+        """Run ``read`` until it returns something (a non-empty result) or EOF."""
         self._begin_receive()
         try:
             await trio.lowlevel.checkpoint()
             while True:
                 self._check_open()
-                n = self._ring.read_into(buf)
-                if n:
-                    self._last_read = n
-                    return n
+                got = read()
+                if got:
+                    self._last_read = got if isinstance(got, int) else len(got)
+                    return got
                 if await self._wait_readable():
-                    return n
+                    return eof
         finally:
             self._receiving = False
 
@@ -503,19 +443,16 @@ class VchanListener(trio.abc.Listener[VchanStream]):
             conn.close()
 
     async def _refuse(self, conn: trio.socket.SocketType, why: str, code: str) -> None:
-        try:
-            await conn.send(_encode({"ok": False, "code": code, "error": why}))
-        except OSError:
-            pass
+        await send_refusal(conn, why, code)
         raise HandshakeError(why)
 
     async def _handshake(self, conn: trio.socket.SocketType) -> VchanStream:
-        creds = _peer_credentials(conn)  # type: ignore[arg-type]
+        creds = peer_credentials(conn)
         if creds.uid not in self._allow_uids:
             await self._refuse(
                 conn, f"uid {creds.uid} is not allowed to connect to {self.service!r}", "auth"
             )
-        hello = await _recv_msg(conn)
+        hello = await recv_message(conn, "vchan")
         if hello.get("meshlink") != "vchan" or hello.get("version") != PROTOCOL_VERSION:
             await self._refuse(conn, f"unsupported vchan hello (want version {PROTOCOL_VERSION})",
                                "version")
@@ -532,7 +469,7 @@ class VchanListener(trio.abc.Listener[VchanStream]):
             os.close(peer)
             raise
         try:
-            reply = _encode(
+            reply = encode(
                 {"ok": True, "version": PROTOCOL_VERSION, "ctrl_ref": 0,
                  "left_order": left, "right_order": right}
             )
@@ -637,26 +574,11 @@ async def connect_vchan(
                 errno.ENOENT, f"no live vchan service {service!r} in {store.path}"
             ) from exc
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await sock.send(_encode({"meshlink": "vchan", "version": PROTOCOL_VERSION,
-                                     "read_min": read_min, "write_min": write_min}))
-            data, ancdata, _flags, _addr = await sock.recvmsg(
-                _MAX_HELLO + 4, socket.CMSG_SPACE(3 * 4)
-            )
-        fds = received_fds(ancdata)
+            await sock.send(encode({"meshlink": "vchan", "version": PROTOCOL_VERSION,
+                                    "read_min": read_min, "write_min": write_min}))
+            reply, fds = await recv_message_with_fds(sock, 3, "vchan")
         try:
-            if len(data) < 4:
-                raise HandshakeError("server closed the connection during the vchan handshake")
-            (length,) = struct.unpack(">I", data[:4])
-            body = data[4:]
-            if length > _MAX_HELLO:
-                raise HandshakeError("vchan handshake reply too long")
-            if len(body) < length:
-                body += await _recv_exact(sock, length - len(body))
-            reply = _decode(body[:length])
-            if reply.get("ok") is not True:
-                why = str(reply.get("error", "refused"))
-                cls = AuthError if reply.get("code") == "auth" else HandshakeError
-                raise cls(f"vchan server {service!r} refused the connection: {why}")
+            check_reply(reply, f"vchan server {service!r} refused the connection")
             if len(fds) != 3:
                 raise HandshakeError(f"vchan handshake carried {len(fds)} fds, expected 3")
             ctrl_ref = _int_field(reply, "ctrl_ref", 0, 2**32 - 1)
@@ -667,7 +589,7 @@ async def connect_vchan(
                 os.close(fd)
             raise
         os.close(memfd)  # the mapping keeps the pages alive
-        creds = _peer_credentials(sock)  # type: ignore[arg-type]
+        creds = peer_credentials(sock)
         raw = socket.socket(fileno=sock.detach())
         return VchanStream(ring, own, peer, raw, creds)
     finally:

@@ -26,12 +26,10 @@ from __future__ import annotations
 import array
 import errno as _errno
 import fcntl
-import json
 import logging
 import mmap
 import os
 import socket
-import struct
 from collections import deque
 from collections.abc import Collection, Mapping
 from types import TracebackType
@@ -42,7 +40,6 @@ import trio
 
 from .._doorbell import Doorbell, spin
 from .._errors import (
-    AuthError,
     ConnectionLost,
     DiskError,
     HandshakeError,
@@ -51,8 +48,15 @@ from .._errors import (
     ServiceNotFound,
 )
 from .._native import ffi, lib
+from .._rendezvous import (
+    check_reply,
+    encode,
+    peer_credentials,
+    recv_message,
+    recv_message_with_fds,
+    send_refusal,
+)
 from ..hoststore import HostStore
-from ..vchan import received_fds
 from .backends import Backend, MmapBackend, NullBackend
 
 __all__ = ["BlkDisk", "open_blk", "serve_blk"]
@@ -71,33 +75,12 @@ PROTOCOL_VERSION = 1
 DEFAULT_RING_ORDER = 1
 HANDSHAKE_TIMEOUT = 5.0
 SPIN_SECONDS = 50e-6
-_MAX_MSG = 4096
 _FREE, _INFLIGHT, _ORPHAN, _DONE = range(4)
 _STATUS_ERRNO = {lib.ML_BLK_RSP_ERROR: _errno.EIO, lib.ML_BLK_RSP_EOPNOTSUPP: _errno.ENOTSUP}
 
 
 def _rendezvous_name(service: str) -> str:
     return f"{service}.blk"
-
-
-def _encode(msg: dict[str, object]) -> bytes:
-    body = json.dumps(msg, separators=(",", ":")).encode()
-    return struct.pack(">I", len(body)) + body
-
-
-def _decode(data: bytes) -> tuple[dict[str, object], bytes]:
-    if len(data) < 4:
-        raise HandshakeError("blk handshake: connection closed early")
-    (n,) = struct.unpack(">I", data[:4])
-    if n > _MAX_MSG or len(data) < 4 + n:
-        raise HandshakeError("blk handshake: bad message length")
-    try:
-        msg = json.loads(data[4 : 4 + n])
-    except ValueError as exc:
-        raise HandshakeError(f"blk handshake: malformed message: {exc}") from exc
-    if not isinstance(msg, dict):
-        raise HandshakeError("blk handshake: malformed message")
-    return msg, data[4 + n :]
 
 
 # --------------------------------------------------------------------------
@@ -557,21 +540,10 @@ async def _connect(target: str, host_store: HostStore | str | os.PathLike[str] |
         hello = {"meshlink": "blk", "version": PROTOCOL_VERSION, "disk": disk,
                  "ring_order": order, "pool_pages": pool_pages}
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await sock.sendmsg([_encode(hello)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                   array.array("i", [memfd, peer, own]))])
-            data = b""
-            while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
-                chunk = await sock.recv(_MAX_MSG)
-                if not chunk:
-                    raise HandshakeError("blk server closed the connection during the handshake")
-                data += chunk
-                if len(data) > _MAX_MSG + 4:
-                    raise HandshakeError("blk handshake reply too long")
-        reply, _ = _decode(data)
-        if reply.get("ok") is not True:
-            why = str(reply.get("error", "refused"))
-            cls = AuthError if reply.get("code") == "auth" else HandshakeError
-            raise cls(f"blk server {service!r} refused {disk!r}: {why}")
+            await sock.sendmsg([encode(hello)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                  array.array("i", [memfd, peer, own]))])
+            reply = await recv_message(sock, "blk")
+        check_reply(reply, f"blk server {service!r} refused {disk!r}")
         size = reply.get("size")
         if not isinstance(size, int) or size < 0:
             raise HandshakeError("blk handshake: bad disk size")
@@ -743,27 +715,21 @@ class _Conn:
 
 async def _handshake(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
                      allow_uids: frozenset[int]) -> _Conn:
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", raw)
-    data, anc, _flags, _addr = await conn.recvmsg(_MAX_MSG + 4, socket.CMSG_SPACE(3 * 4))
-    fds = received_fds(anc)
+    uid = peer_credentials(conn).uid
+    try:
+        hello, fds = await recv_message_with_fds(conn, 3, "blk")
+    except HandshakeError as exc:
+        await send_refusal(conn, str(exc), "refused")
+        raise
 
     async def refuse(why: str, code: str = "refused") -> None:
         for fd in fds:
             os.close(fd)
-        try:
-            await conn.send(_encode({"ok": False, "code": code, "error": why}))
-        except OSError:
-            pass
+        await send_refusal(conn, why, code)
         raise HandshakeError(why)
 
     if uid not in allow_uids:
         await refuse(f"uid {uid} is not allowed", "auth")
-    try:
-        hello, _ = _decode(data)
-    except HandshakeError as exc:
-        await refuse(str(exc))
-        raise
     if hello.get("meshlink") != "blk" or hello.get("version") != PROTOCOL_VERSION:
         await refuse(f"unsupported blk hello (want version {PROTOCOL_VERSION})", "version")
     name = hello.get("disk")
@@ -793,7 +759,7 @@ async def _handshake(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
     features = {"flush": backend.capabilities.can_flush, "barrier": True,
                 "discard": backend.capabilities.can_trim,
                 "max_indirect_segments": MAX_INDIRECT_SEGMENTS}
-    await conn.send(_encode({"ok": True, "version": PROTOCOL_VERSION, "size": backend.size,
+    await conn.send(encode({"ok": True, "version": PROTOCOL_VERSION, "size": backend.size,
                              "sector_size": SECTOR, "read_only": backend.read_only,
                              "features": features}))
     bell = Doorbell(own, peer, socket.socket(fileno=conn.detach()))
