@@ -107,8 +107,6 @@ long ml_vchan_arm_read(ml_vchan *v);
 long ml_vchan_arm_write(ml_vchan *v);
 /* Peer's live byte (0, 1, 2) or ML_ECORRUPT for any other value. */
 int ml_vchan_peer_live(ml_vchan *v);
-/* Our own view: 1 while we have not closed. */
-int ml_vchan_is_server(const ml_vchan *v);
 /*
  * Clear our live byte and signal the peer unconditionally.  The rings stay
  * mapped (a half-closed stream may still read) until ml_vchan_free().
@@ -142,8 +140,6 @@ int ml_local_client_new(int memfd, uint32_t ctrl_ref, int own_evfd,
 /* Orders a channel runs with (validated copies, not shared memory). */
 int ml_vchan_left_order(const ml_vchan *v);
 int ml_vchan_right_order(const ml_vchan *v);
-/* Pointer to the control page (tests and the hostile-peer harness). */
-void *ml_vchan_ctrl_page(ml_vchan *v);
 
 /* cffi:end */
 

@@ -266,11 +266,6 @@ size_t ml_vchan_write_size(const ml_vchan *v)
     return v->write.size;
 }
 
-int ml_vchan_is_server(const ml_vchan *v)
-{
-    return v->is_server;
-}
-
 int ml_vchan_left_order(const ml_vchan *v)
 {
     return v->left_order;
@@ -279,9 +274,4 @@ int ml_vchan_left_order(const ml_vchan *v)
 int ml_vchan_right_order(const ml_vchan *v)
 {
     return v->right_order;
-}
-
-void *ml_vchan_ctrl_page(ml_vchan *v)
-{
-    return v->ctrl;
 }
