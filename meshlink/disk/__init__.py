@@ -36,6 +36,7 @@ from .backends import (
     open_backend,
 )
 from .blk import BlkDisk, open_blk, serve_blk
+from .blk import rendezvous_name as blk_rendezvous_name
 from .nbd import Export, NBDDisk, NBDServer, TLSMode, list_exports, open_nbd
 
 log = logging.getLogger("meshlink.disk")
@@ -92,7 +93,7 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
     target = target.removeprefix("blk://")
     service, _, disk_name = target.partition("/")
     store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
-    if explicit_blk or store.is_live(_blk_name(service)):
+    if explicit_blk or store.is_live(blk_rendezvous_name(service)):
         async with open_blk(target, host_store=store) as blk:
             yield blk
         return
@@ -125,10 +126,6 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
             return
     tried = "; ".join(failures) or "no usable endpoint"
     raise ResolveError(f"disk {target!r}: not served on this host, and over NBD: {tried}")
-
-
-def _blk_name(service: str) -> str:
-    return f"{service}.blk"
 
 
 async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,

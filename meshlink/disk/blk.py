@@ -79,7 +79,8 @@ _FREE, _INFLIGHT, _ORPHAN, _DONE = range(4)
 _STATUS_ERRNO = {lib.ML_BLK_RSP_ERROR: _errno.EIO, lib.ML_BLK_RSP_EOPNOTSUPP: _errno.ENOTSUP}
 
 
-def _rendezvous_name(service: str) -> str:
+def rendezvous_name(service: str) -> str:
+    """The host-store name under which ``service`` offers its disks on the blk ring."""
     return f"{service}.blk"
 
 
@@ -511,7 +512,7 @@ async def _connect(target: str, host_store: HostStore | str | os.PathLike[str] |
     if not sep or not disk:
         raise LocalProtocolError(f"blk target must be 'service/disk', got {target!r}")
     store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
-    path = store.socket_path(_rendezvous_name(service))
+    path = store.socket_path(rendezvous_name(service))
     entries = int(lib.ml_blk_ring_entries(order))
     ring_pages = 1 << order
     pool_pages = entries * (SLOT_PAGES + 1)
@@ -791,7 +792,7 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
     """
     store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
     uids = frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
-    pub = store.claim(_rendezvous_name(service))
+    pub = store.claim(rendezvous_name(service))
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(pub.socket_path))
