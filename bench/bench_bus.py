@@ -32,7 +32,7 @@ import trio
 from meshlink.bus import BusConfig, Connection, Handlers, serve_bus
 
 try:
-    from meshlink.vchan import connect_vchan, open_vchan_listener
+    from meshlink.transport.vchan import connect_vchan, open_vchan_listener
 
     HAVE_VCHAN = True
 except ImportError:  # pragma: no cover - vchan not built

@@ -25,8 +25,8 @@ from pathlib import Path
 import trio
 import trustme
 
-from meshlink.api import connect
-from meshlink.tls import TLSConfig
+from meshlink.service import connect
+from meshlink.transport.tls import TLSConfig
 
 NAME = "bench-echo"
 

@@ -22,7 +22,7 @@ import time
 
 import trio
 
-from meshlink.vchan import connect_vchan, open_vchan_listener
+from meshlink.transport.vchan import connect_vchan, open_vchan_listener
 
 CHUNK = 64 * 1024
 PING = 64

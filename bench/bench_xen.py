@@ -35,10 +35,10 @@ async def _child_stream(provider: str, arg: str, ring: int) -> trio.abc.HalfClos
     while True:
         try:
             if provider == "xen":
-                from meshlink.xenvchan import connect_xen_vchan
+                from meshlink.transport.vchan.xen import connect_xen_vchan
 
                 return await connect_xen_vchan(1, arg)
-            from meshlink.vchan import connect_vchan
+            from meshlink.transport.vchan import connect_vchan
 
             return await connect_vchan("bench", host_store=arg, read_min=ring, write_min=ring)
         except Exception:
@@ -73,13 +73,13 @@ Served = tuple[trio.abc.HalfCloseableStream, "subprocess.Popen[bytes]"]
 async def _serve(provider: str, tmp: Path, ring: int, mode: str, amount: int,
                  env: dict[str, str]) -> Served:
     if provider == "xen":
-        from meshlink.xenvchan import XenVchanServer
+        from meshlink.transport.vchan.xen import XenVchanServer
 
         port = f"b{time.monotonic_ns()}"
         server = await XenVchanServer.publish(2, port, read_min=ring, write_min=ring)
         arg = port
     else:
-        from meshlink.vchan import open_vchan_listener
+        from meshlink.transport.vchan import open_vchan_listener
 
         store = tmp / f"store{time.monotonic_ns()}"
         store.mkdir(mode=0o700)

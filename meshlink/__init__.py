@@ -4,7 +4,7 @@
 for co-located peers), TLS and TCP at once; ``async with
 meshlink.connect(name) as conn`` reaches it over the best channel the policy
 allows and gives a message-bus :class:`~meshlink.bus.Connection`.  The
-transports (:mod:`meshlink.vchan`), the bus (:mod:`meshlink.bus`) and the disk
+transports (:mod:`meshlink.transport.vchan`), the bus (:mod:`meshlink.bus`) and the disk
 service (:mod:`meshlink.disk`) are usable on their own.  See README.md.
 """
 
@@ -25,8 +25,8 @@ from ._errors import (
     ServiceNotFound,
     TransportError,
 )
-from .api import MeshConnection, Server, connect, serve
-from .tls import TLSConfig
+from .service import MeshConnection, Server, connect, serve
+from .transport.tls import TLSConfig
 
 __all__ = [
     "AddressInUse",

@@ -6,7 +6,7 @@ A host store is one directory per host (per "co-location domain").  A server
 that offers service ``NAME`` over vchan holds an exclusive ``flock`` on
 ``NAME.lock`` for as long as it serves, and listens on the Unix socket
 ``NAME.sock``.  A client connects to that socket and receives the shared
-memory and event file descriptors (see :mod:`meshlink.vchan`).
+memory and event file descriptors (see :mod:`meshlink.transport.vchan`).
 
 Why a lock file as well as the socket: a server killed with SIGKILL leaves its
 socket file behind, and a client connecting to it gets ``ECONNREFUSED`` -- but a

@@ -14,7 +14,7 @@ meshlink imports the submodules, never this package's namespace, so importing
 
 from __future__ import annotations
 
-# meshlink first: its package may import meshlink.api, which imports our
+# meshlink first: its package may import meshlink.service, which imports our
 # submodules; doing it here, before any of them, makes both import orders work.
 import meshlink  # noqa: F401  (import order, see above)
 

@@ -91,7 +91,7 @@ async def conn(request: pytest.FixtureRequest, tcp_peer: PeerProcess) -> AsyncIt
         async with Connection.open(stream, name="client") as c:
             yield c
     else:
-        from meshlink.vchan import connect_vchan
+        from meshlink.transport.vchan import connect_vchan
 
         peer: VchanPeerProcess = request.getfixturevalue("vchan_peer")
         vstream = await connect_vchan("bus-test", host_store=peer.store)

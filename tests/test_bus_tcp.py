@@ -60,7 +60,7 @@ async def test_sigstopped_peer_is_detected_within_timeout(transport: str, tmp_pa
         if transport == "tcp":
             stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
         else:
-            from meshlink.vchan import connect_vchan
+            from meshlink.transport.vchan import connect_vchan
 
             stream = await connect_vchan("bus-test", host_store=store)
         async with Connection.open(stream, config=config) as conn:

@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from meshlink import AuthError, ResolveError
-from meshlink.api import Server, connect, serve
 from meshlink.bus import Handlers
 from meshlink.hoststore import HostStore
+from meshlink.service import Server, connect, serve
 from resolver import Resolver
 from resolver.hoststore import HostStoreSource, ServiceRecord, default_host_id, write_record
 
@@ -124,7 +124,7 @@ async def test_dead_vchan_socket_falls_back_to_tcp_with_a_log_line(
 async def test_mutual_tls_refuses_a_client_without_a_valid_certificate(
     server: Server, store: Path, certs: Certs, which: str
 ) -> None:
-    from meshlink.tls import TLSConfig
+    from meshlink.transport.tls import TLSConfig
 
     tls = TLSConfig(None, None, certs.ca) if which == "no_cert" else certs.client_tls(which)
     with pytest.raises(AuthError):

@@ -1,4 +1,4 @@
-"""meshlink.tls: our mutual-TLS contexts pass trio's two-way stream conformance suite."""
+"""meshlink.transport.tls: our mutual-TLS contexts pass trio's two-way stream conformance suite."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import trio
 from trio.testing import check_two_way_stream
 
 from meshlink import AuthError
-from meshlink.tls import TLSConfig, peer_names, tls_client_stream, tls_server_handshake
+from meshlink.transport.tls import TLSConfig, peer_names, tls_client_stream, tls_server_handshake
 
 from .helpers.connect_certs import Certs, make_certs
 

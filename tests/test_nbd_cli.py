@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meshlink.disk.cli import add_disk_commands, parse_size
+from meshlink.cli.disk import add_disk_commands, parse_size
 from meshlink.disk.nbd import _const as c
 from meshlink.disk.nbd._proto import Reply
 from tests.nbd_helpers import SERVE, RawClient, nbd_server, run

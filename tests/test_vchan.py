@@ -12,7 +12,7 @@ import trio.testing
 
 from meshlink import AddressInUse, AuthError, LocalProtocolError, ServiceNotFound
 from meshlink.hoststore import HostStore
-from meshlink.vchan import VchanStream, connect_vchan, open_vchan_listener
+from meshlink.transport.vchan import VchanStream, connect_vchan, open_vchan_listener
 
 from .conftest import Peer
 

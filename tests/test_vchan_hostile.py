@@ -19,7 +19,7 @@ import trio
 
 from meshlink import ConnectionLost, RingCorruptError
 from meshlink._native import ffi, lib
-from meshlink.vchan import connect_vchan, open_vchan_listener
+from meshlink.transport.vchan import connect_vchan, open_vchan_listener
 
 from .conftest import HELPERS, Peer
 

@@ -1,4 +1,4 @@
-"""meshlink.vchan_cli (xencat-like) and provider selection: help and exit
+"""meshlink.cli.vchan (xencat-like) and provider selection: help and exit
 codes, CLI <-> CLI over the emulated Xen and over the host store, CLI <->
 libxenvchan, and the clear error when Xen is forced where there is none."""
 
@@ -17,7 +17,7 @@ from .xenemu.fixtures import PEER_DOMID, PY_DOMID, XenHost, xen_host, xenemu
 
 __all__ = ["xen_host", "xenemu"]
 
-CLI = [sys.executable, "-m", "meshlink.vchan_cli"]
+CLI = [sys.executable, "-m", "meshlink.cli.vchan"]
 
 
 def no_xen_env() -> dict[str, str]:
@@ -45,7 +45,7 @@ def test_forcing_xen_without_xen_is_a_clear_error() -> None:
     assert out.returncode == 1
     assert "Xen provider unavailable" in out.stderr and "/dev/xen" in out.stderr
     # The environment variable forces it too; the default stays local.
-    code = ("import meshlink.xenvchan as x\n"
+    code = ("import meshlink.transport.vchan.xen as x\n"
             "assert x.select_provider() == 'local'\n"
             "import os; os.environ['MESHLINK_PROVIDER'] = 'xen'\n"
             "try:\n    x.select_provider()\nexcept Exception as e:\n"
@@ -58,7 +58,7 @@ def test_forcing_xen_without_xen_is_a_clear_error() -> None:
 
 def test_missing_xen_libraries_are_named() -> None:
     env = {**no_xen_env(), "MESHLINK_XEN_LIBDIR": "/nonexistent"}
-    code = ("import meshlink\nfrom meshlink.xenvchan import require_xen\n"
+    code = ("import meshlink\nfrom meshlink.transport.vchan.xen import require_xen\n"
             "try:\n    require_xen()\nexcept meshlink.ProviderUnavailable as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, env=env)

@@ -10,9 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-import meshlink.xenvchan
+import meshlink.transport.vchan.xen
 from meshlink import ConnectionLost, ServiceNotFound
-from meshlink.xenvchan import (
+from meshlink.transport.vchan.xen import (
     XenVchanServer,
     XenVchanStream,
     connect_xen_vchan,
@@ -280,7 +280,7 @@ async def test_half_closeable_stream_conformance_over_xen(
     # clear their live byte, as libxenvchan expects); a writer on a full ring
     # gives up after the grace period.  Shorten it: trio's suite expects
     # BrokenResourceError "eventually" a dozen times.
-    monkeypatch.setattr(meshlink.xenvchan, "CLOSED_PEER_GRACE", 0.2)
+    monkeypatch.setattr(meshlink.transport.vchan.xen, "CLOSED_PEER_GRACE", 0.2)
     async def flipped() -> tuple[XenVchanStream, XenVchanStream]:
         c, s = await xen_pair()
         return s, c

@@ -23,7 +23,7 @@ from resolver._types import Policy
 
 from .._errors import MeshlinkError, ResolveError
 from ..hoststore import HostStore
-from ..tls import TLSConfig
+from ..transport.tls import TLSConfig
 from .backends import (
     BACKEND_KINDS,
     Backend,

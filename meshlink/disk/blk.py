@@ -38,7 +38,6 @@ from typing import Any
 import outcome
 import trio
 
-from .._doorbell import Doorbell, spin
 from .._errors import (
     ConnectionLost,
     DiskError,
@@ -48,7 +47,9 @@ from .._errors import (
     ServiceNotFound,
 )
 from .._native import ffi, lib
-from .._rendezvous import (
+from ..hoststore import HostStore
+from ..transport.doorbell import Doorbell, spin
+from ..transport.rendezvous import (
     check_reply,
     encode,
     peer_credentials,
@@ -56,7 +57,6 @@ from .._rendezvous import (
     recv_message_with_fds,
     send_refusal,
 )
-from ..hoststore import HostStore
 from .backends import Backend, MmapBackend, NullBackend
 
 __all__ = ["BlkDisk", "open_blk", "serve_blk"]

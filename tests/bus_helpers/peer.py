@@ -47,7 +47,7 @@ async def serve(args: list[str]) -> None:
 
 async def serve_vchan(args: list[str]) -> None:
     from meshlink.bus import serve_bus_listeners
-    from meshlink.vchan import open_vchan_listener
+    from meshlink.transport.vchan import open_vchan_listener
 
     store, rest = args[0], args[1:]
     config = BusConfig()

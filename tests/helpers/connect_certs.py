@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trustme
 
-from meshlink.tls import TLSConfig
+from meshlink.transport.tls import TLSConfig
 
 
 @dataclass

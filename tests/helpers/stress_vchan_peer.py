@@ -33,7 +33,7 @@ import sys
 import trio
 import trio.lowlevel
 
-from meshlink.vchan import connect_vchan, open_vchan_listener
+from meshlink.transport.vchan import connect_vchan, open_vchan_listener
 
 
 def chunk_sizes(rng: random.Random, ring: int, count: int) -> list[int]:

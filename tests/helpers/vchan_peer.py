@@ -20,7 +20,7 @@ import sys
 
 import trio
 
-from meshlink.vchan import connect_vchan, open_vchan_listener
+from meshlink.transport.vchan import connect_vchan, open_vchan_listener
 
 BLOCK = random.Random(1234).randbytes((1 << 20) + 4093)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshlink._native import ffi, lib
-from meshlink._ring import choose_orders
+from meshlink.transport.vchan.ring import choose_orders
 
 HERE = Path(__file__).parent
 XEN_HEADER = Path("/usr/include/xen/io/libxenvchan.h")

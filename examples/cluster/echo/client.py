@@ -14,7 +14,7 @@ import argparse
 import trio
 
 import meshlink
-from meshlink.tls import TLSConfig
+from meshlink.transport.tls import TLSConfig
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ import trio
 
 import meshlink
 from meshlink.bus import Handlers
-from meshlink.tls import TLSConfig
+from meshlink.transport.tls import TLSConfig
 
 handlers = Handlers()
 

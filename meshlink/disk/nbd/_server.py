@@ -660,11 +660,11 @@ def server_ssl_context(cert: str, key: str | None = None,
                        ca: str | None = None) -> ssl.SSLContext:
     """A TLS 1.2+ server context; with ``ca``, client certificates are required.
 
-    The same context meshlink's other TLS servers use (:class:`meshlink.tls.TLSConfig`).
+    The same context meshlink's other TLS servers use (:class:`meshlink.transport.tls.TLSConfig`).
 
     Raises:
         LocalProtocolError: unreadable or invalid files.
     """
-    from ...tls import TLSConfig
+    from ...transport.tls import TLSConfig
 
     return TLSConfig(cert, key, ca).server_context()

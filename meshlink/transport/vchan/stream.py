@@ -25,7 +25,7 @@ clean EOF and "socket gone, live byte still 1" is a crash
 
 *Waiting.*  C never blocks.  To wait, a task arms the notify bit in the
 peer's byte, re-checks the ring, and only then sleeps on the doorbell
-(:mod:`meshlink._doorbell`: our eventfd and the liveness socket in one epoll
+(:mod:`meshlink.transport.doorbell`: our eventfd and the liveness socket in one epoll
 set, one sleeper, the other waiters parked).  Before arming, it polls
 cooperatively (each turn yields to trio), because waking a sleeping process
 costs tens of microseconds: a writer for 50 us, a reader for about twice its
@@ -40,46 +40,29 @@ libxenvchan, everything written before a close is delivered.
 
 from __future__ import annotations
 
-import array
-import errno
 import operator
-import os
 import socket
 import time
-from collections.abc import Callable, Collection
-from pathlib import Path
+from collections.abc import Callable
 from typing import TypeVar
 
 import trio
 
-from ._doorbell import Doorbell, spin
-from ._errors import (
+from ..._errors import (
     ConnectionLost,
-    HandshakeError,
-    LocalProtocolError,
-    ServiceNotFound,
 )
-from ._rendezvous import (
+from ..doorbell import Doorbell, spin
+from ..rendezvous import (
     PeerCredentials,
-    check_reply,
-    encode,
-    peer_credentials,
-    recv_message,
-    recv_message_with_fds,
-    send_refusal,
 )
-from ._ring import VchanRing, choose_orders
-from .hoststore import HostStore, Publication
+from .ring import VchanRing
 
 _R = TypeVar("_R", bytes, int)
 
 __all__ = [
     "DEFAULT_RING_SIZE",
-    "PeerCredentials",
-    "VchanListener",
+    "MAX_RING_SIZE",
     "VchanStream",
-    "connect_vchan",
-    "open_vchan_listener",
 ]
 
 #: Default size of each ring (bytes).  bench/bench_vchan.py with 64 KiB writes:
@@ -87,8 +70,6 @@ __all__ = [
 #: bulk rate of 1 MiB ones (~8 vs ~8.6 GB/s here) at a quarter of the memory.
 DEFAULT_RING_SIZE = 1 << 18
 MAX_RING_SIZE = 1 << 20
-PROTOCOL_VERSION = 1
-HANDSHAKE_TIMEOUT = 5.0
 #: How long a writer polls cooperatively for space before arming and sleeping.
 SPIN_SECONDS = 50e-6
 #: Bounds of a reader's adaptive spin (see VchanStream._read_spin_budget).
@@ -98,15 +79,6 @@ MAX_READ_SPIN = 250e-6
 BULK_READ = 16384
 
 
-def _int_field(msg: dict[str, object], key: str, lo: int, hi: int) -> int:
-    v = msg.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise HandshakeError(f"vchan handshake: {key} must be an integer in [{lo}, {hi}]")
-    return v
-
-
-def _new_eventfd() -> int:
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
 class VchanStream(trio.abc.HalfCloseableStream):
@@ -132,7 +104,7 @@ class VchanStream(trio.abc.HalfCloseableStream):
         on_event: Callable[[], None] | None = None,
         owns_fds: bool = True,
     ) -> None:
-        # Other providers (meshlink.xenvchan): no liveness socket (the ring's
+        # Other providers (meshlink.transport.vchan.xen): no liveness socket (the ring's
         # live bytes carry death), an event fd that ``on_event`` acknowledges
         # instead of reading it, and fds owned by the ring (owns_fds=False).
         self._ring = ring
@@ -383,214 +355,3 @@ class VchanStream(trio.abc.HalfCloseableStream):
             self._bell.close()
             self._ring.free()
         await trio.lowlevel.checkpoint()
-
-
-class VchanListener(trio.abc.Listener[VchanStream]):
-    """Accepts vchan connections for one service of a host store.
-
-    Made by :func:`open_vchan_listener`.
-
-    Attributes:
-        service: the service name.
-        store: the :class:`~meshlink.hoststore.HostStore` it is published in.
-    """
-
-    def __init__(
-        self,
-        sock: trio.socket.SocketType,
-        publication: Publication,
-        store: HostStore,
-        allow_uids: frozenset[int],
-        read_min: int,
-        write_min: int,
-    ) -> None:
-        self._sock = sock
-        self._publication = publication
-        self.store = store
-        self.service = publication.service
-        self._allow_uids = allow_uids
-        self._read_min = read_min
-        self._write_min = write_min
-        self._closed = False
-
-    async def accept(self) -> VchanStream:
-        """Wait for a client and complete its handshake.
-
-        Clients that fail the handshake (not allowed, malformed hello, too
-        slow) are answered with an error and dropped; ``accept`` keeps
-        waiting for the next one.
-
-        Raises:
-            trio.ClosedResourceError: the listener was closed.
-        """
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("listener closed")
-            try:
-                conn, _ = await self._sock.accept()
-            except OSError as exc:
-                if self._closed:
-                    raise trio.ClosedResourceError("listener closed") from exc
-                raise
-            stream: VchanStream | None = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                try:
-                    stream = await self._handshake(conn)
-                except (HandshakeError, OSError):
-                    pass
-            if stream is not None:
-                return stream
-            conn.close()
-
-    async def _refuse(self, conn: trio.socket.SocketType, why: str, code: str) -> None:
-        await send_refusal(conn, why, code)
-        raise HandshakeError(why)
-
-    async def _handshake(self, conn: trio.socket.SocketType) -> VchanStream:
-        creds = peer_credentials(conn)
-        if creds.uid not in self._allow_uids:
-            await self._refuse(
-                conn, f"uid {creds.uid} is not allowed to connect to {self.service!r}", "auth"
-            )
-        hello = await recv_message(conn, "vchan")
-        if hello.get("meshlink") != "vchan" or hello.get("version") != PROTOCOL_VERSION:
-            await self._refuse(conn, f"unsupported vchan hello (want version {PROTOCOL_VERSION})",
-                               "version")
-        cli_read = _int_field(hello, "read_min", 0, MAX_RING_SIZE)
-        cli_write = _int_field(hello, "write_min", 0, MAX_RING_SIZE)
-        # Left ring: client -> server; right ring: server -> client.
-        left, right = choose_orders(max(self._read_min, cli_write), max(self._write_min, cli_read))
-        own = _new_eventfd()
-        peer = _new_eventfd()
-        try:
-            ring = VchanRing.server(left, right, own, peer)
-        except BaseException:
-            os.close(own)
-            os.close(peer)
-            raise
-        try:
-            reply = encode(
-                {"ok": True, "version": PROTOCOL_VERSION, "ctrl_ref": 0,
-                 "left_order": left, "right_order": right}
-            )
-            fds = array.array("i", [ring.memfd, peer, own])
-            await conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        except BaseException:
-            ring.free()
-            os.close(own)
-            os.close(peer)
-            raise
-        raw = socket.socket(fileno=conn.detach())
-        return VchanStream(ring, own, peer, raw, creds)
-
-    async def aclose(self) -> None:
-        """Stop listening and withdraw the service from the host store."""
-        if not self._closed:
-            self._closed = True
-            self._sock.close()
-            self._publication.withdraw()
-        await trio.lowlevel.checkpoint()
-
-
-async def open_vchan_listener(
-    service: str,
-    *,
-    host_store: HostStore | str | os.PathLike[str] | None = None,
-    allow_uids: Collection[int] | None = None,
-    read_min: int = DEFAULT_RING_SIZE,
-    write_min: int = DEFAULT_RING_SIZE,
-    backlog: int = 128,
-) -> VchanListener:
-    """Publish ``service`` in the host store and listen for vchan clients.
-
-    Args:
-        service: the service name (see :func:`~meshlink.hoststore.validate_service_name`).
-        host_store: a :class:`HostStore` or its directory (default: see
-            :mod:`meshlink.hoststore`).
-        allow_uids: user ids allowed to connect (default: only our own uid).
-        read_min: minimum size of the ring this server reads (<= 1 MiB).
-        write_min: minimum size of the ring this server writes (<= 1 MiB).
-        backlog: listen backlog of the rendezvous socket.
-
-    Returns:
-        A :class:`VchanListener`; close it to withdraw the service.
-
-    Raises:
-        AddressInUse: a live server already publishes ``service``.
-        LocalProtocolError: bad name or ring size.
-    """
-    for what, size in (("read_min", read_min), ("write_min", write_min)):
-        if not 0 <= size <= MAX_RING_SIZE:
-            raise LocalProtocolError(f"{what} must be in [0, {MAX_RING_SIZE}], got {size}")
-    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
-    pub = store.claim(service)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.bind(str(pub.socket_path))
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        pub.withdraw()
-        raise
-    uids = frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
-    return VchanListener(sock, pub, store, uids, read_min, write_min)
-
-
-async def connect_vchan(
-    service: str,
-    *,
-    host_store: HostStore | str | os.PathLike[str] | None = None,
-    read_min: int = DEFAULT_RING_SIZE,
-    write_min: int = DEFAULT_RING_SIZE,
-) -> VchanStream:
-    """Connect to ``service`` over vchan through the host store.
-
-    Args:
-        service: the service name.
-        host_store: a :class:`HostStore` or its directory.
-        read_min: minimum size of the ring we read (the server may choose more).
-        write_min: minimum size of the ring we write.
-
-    Returns:
-        A connected :class:`VchanStream`.
-
-    Raises:
-        ServiceNotFound: no live server publishes ``service`` (a socket left
-            by a crashed server counts as none).
-        AuthError: the server refused us (for example, our uid is not allowed).
-        HandshakeError: the handshake failed.
-        RingCorruptError: the server's shared pages are not acceptable.
-
-    Cancellation: safe; nothing is left behind.
-    """
-    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
-    path: Path = store.socket_path(service)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            await sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise ServiceNotFound(
-                errno.ENOENT, f"no live vchan service {service!r} in {store.path}"
-            ) from exc
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await sock.send(encode({"meshlink": "vchan", "version": PROTOCOL_VERSION,
-                                    "read_min": read_min, "write_min": write_min}))
-            reply, fds = await recv_message_with_fds(sock, 3, "vchan")
-        try:
-            check_reply(reply, f"vchan server {service!r} refused the connection")
-            if len(fds) != 3:
-                raise HandshakeError(f"vchan handshake carried {len(fds)} fds, expected 3")
-            ctrl_ref = _int_field(reply, "ctrl_ref", 0, 2**32 - 1)
-            memfd, own, peer = fds
-            ring = VchanRing.client(memfd, ctrl_ref, own, peer)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        os.close(memfd)  # the mapping keeps the pages alive
-        creds = peer_credentials(sock)
-        raw = socket.socket(fileno=sock.detach())
-        return VchanStream(ring, own, peer, raw, creds)
-    finally:
-        sock.close()

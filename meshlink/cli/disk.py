@@ -29,9 +29,9 @@ from typing import Any
 import trio
 
 from .._errors import MeshlinkError
-from .backends import BACKEND_KINDS, open_backend
-from .blk import open_blk, serve_blk
-from .nbd import (
+from ..disk.backends import BACKEND_KINDS, open_backend
+from ..disk.blk import open_blk, serve_blk
+from ..disk.nbd import (
     Export,
     NBDServer,
     TLSMode,
@@ -41,7 +41,7 @@ from .nbd import (
     parse_listen_address,
     server_ssl_context,
 )
-from .nbd import _const as c
+from ..disk.nbd import _const as c
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
 

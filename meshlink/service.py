@@ -58,8 +58,8 @@ from ._errors import (
 )
 from .bus import BusConfig, Connection, Handlers, serve_bus
 from .hoststore import HostStore, validate_service_name
-from .tls import TLSConfig, tls_client_stream, tls_server_handshake
-from .vchan import VchanListener, connect_vchan, open_vchan_listener
+from .transport.tls import TLSConfig, tls_client_stream, tls_server_handshake
+from .transport.vchan import VchanListener, connect_vchan, open_vchan_listener
 
 __all__ = ["MeshConnection", "Server", "connect", "serve"]
 

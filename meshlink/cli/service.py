@@ -26,10 +26,10 @@ from typing import Any
 
 import trio
 
-from ._errors import MeshlinkError
-from .api import Server, connect, serve
-from .bus import Handlers, RemoteError
-from .tls import TLSConfig
+from .._errors import MeshlinkError
+from ..bus import Handlers, RemoteError
+from ..service import Server, connect, serve
+from ..transport.tls import TLSConfig
 
 __all__ = ["echo_handlers", "main"]
 
@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client(p)
     p.set_defaults(func=_cmd_call)
 
-    for module, func in (("meshlink.disk.cli", "add_disk_commands"),
-                         ("meshlink.vchan_cli", "add_vchan_commands")):
+    for module, func in (("meshlink.cli.disk", "add_disk_commands"),
+                         ("meshlink.cli.vchan", "add_vchan_commands")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The rings are the ones :mod:`meshlink.vchan` uses (``native/vchan_ring.c``);
+The rings are the ones :mod:`meshlink.transport.vchan.stream` uses (``native/vchan_ring.c``);
 only the provider underneath changes (``native/xen_provider.c``): pages are
 shared with ``xengntshr`` and mapped with ``xengnttab``, the wakeup is an
 event channel, and the rendezvous is XenStore, all exactly as Xen's
@@ -45,7 +45,7 @@ from typing import Any
 
 import trio
 
-from ._errors import (
+from ..._errors import (
     AuthError,
     ConnectionLost,
     HandshakeError,
@@ -55,9 +55,9 @@ from ._errors import (
     RingCorruptError,
     ServiceNotFound,
 )
-from ._native import ffi, lib
-from ._ring import VchanRing
-from .vchan import DEFAULT_RING_SIZE, MAX_RING_SIZE, VchanStream
+from ..._native import ffi, lib
+from .ring import VchanRing
+from .stream import DEFAULT_RING_SIZE, MAX_RING_SIZE, VchanStream
 
 __all__ = [
     "CLOSED_PEER_GRACE",
@@ -161,7 +161,7 @@ def _raise_setup_error(rc: int, err: int, detail: str, what: str) -> None:
 
 
 class XenVchanStream(VchanStream):
-    """A :class:`~meshlink.vchan.VchanStream` over the Xen provider.
+    """A :class:`~meshlink.transport.vchan.stream.VchanStream` over the Xen provider.
 
     Same behaviour as the local one (half-close, checkpoints, backpressure),
     plus libxenvchan's packet mode (:meth:`send_packet`,

@@ -19,7 +19,7 @@ local; ``--local`` maps the path onto a host-store service name
 (``vchan-<path>``) so the same commands work between two processes here.
 
 Exit codes: 0 done, 1 failed (message on stderr), 2 usage, 130 interrupted.
-Also runnable as ``python -m meshlink.vchan_cli server|client ...``.
+Also runnable as ``python -m meshlink.cli.vchan server|client ...``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,14 @@ from typing import Any
 
 import trio
 
-from ._errors import MeshlinkError, ServiceNotFound
-from .vchan import DEFAULT_RING_SIZE, MAX_RING_SIZE, connect_vchan, open_vchan_listener
-from .xenvchan import connect_xen_vchan, open_xen_vchan_server, select_provider
+from .._errors import MeshlinkError, ServiceNotFound
+from ..transport.vchan import (
+    DEFAULT_RING_SIZE,
+    MAX_RING_SIZE,
+    connect_vchan,
+    open_vchan_listener,
+)
+from ..transport.vchan.xen import connect_xen_vchan, open_xen_vchan_server, select_provider
 
 __all__ = ["add_vchan_commands", "local_service_name", "main"]
 
@@ -200,9 +205,9 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``python -m meshlink.vchan_cli server|client ...``; returns the exit code."""
+    """Run ``python -m meshlink.cli.vchan server|client ...``; returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m meshlink.vchan_cli",
+        prog="python -m meshlink.cli.vchan",
         description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
