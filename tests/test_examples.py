@@ -1,4 +1,4 @@
-"""The README's first command keeps working: the cluster demo exits 0.
+"""The README's first command keeps working (the cluster demo exits 0), and so do the guides.
 
 The demo runs the echo server with meshlink.serve, one co-located client
 (which must get vchan) and one client forced through TLS.
@@ -22,16 +22,17 @@ def test_cluster_demo_runs() -> None:
     assert "demo: OK" in out.stdout
 
 
-def _runnable_readme_examples() -> list[str]:
+def _runnable_doc_examples() -> list[str]:
     import re
 
-    text = (ROOT / "README.md").read_text()
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    text = "\n".join(d.read_text() for d in docs)
     return [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "trio.run(main)" in b]
 
 
-def test_readme_examples_run() -> None:
-    """Every complete example in the README (those ending in trio.run) runs as written."""
-    examples = _runnable_readme_examples()
+def test_doc_examples_run() -> None:
+    """Every complete example in the README and docs/ (those ending in trio.run) runs as written."""
+    examples = _runnable_doc_examples()
     assert len(examples) >= 2
     for code in examples:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
