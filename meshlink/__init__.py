@@ -6,7 +6,13 @@ meshlink.connect(name) as conn`` reaches it over the best channel the policy
 allows and gives a message-bus :class:`~meshlink.bus.Connection`.  The
 transports (:mod:`meshlink.transport.vchan`), the bus (:mod:`meshlink.bus`) and the disk
 service (:mod:`meshlink.disk`) are usable on their own.  See README.md.
+
+The names from :mod:`meshlink.service` (and with them the bus) are imported
+on first use, not by ``import meshlink``: code that needs only a transport or
+the disk service, such as ``meshlink disk``/``vchan``, starts without them.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     AddressInUse,
@@ -25,8 +31,10 @@ from ._errors import (
     ServiceNotFound,
     TransportError,
 )
-from .service import MeshConnection, Server, connect, serve
-from .transport.tls import TLSConfig
+
+if TYPE_CHECKING:
+    from .service import MeshConnection, Server, connect, serve
+    from .transport.tls import TLSConfig
 
 __all__ = [
     "AddressInUse",
@@ -50,3 +58,21 @@ __all__ = [
     "connect",
     "serve",
 ]
+
+#: Names imported on first access (PEP 562), and the module each comes from.
+_LAZY = {"MeshConnection": ".service", "Server": ".service", "connect": ".service",
+         "serve": ".service", "TLSConfig": ".transport.tls"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

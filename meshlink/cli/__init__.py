@@ -1,5 +1,6 @@
-"""The ``meshlink`` command: one entry point, a module per command group."""
+"""The ``meshlink`` command: one entry and exit-code policy (``_app``), a module per
+command group (``service``, ``disk``, ``vchan``)."""
 
-from .service import main
+from ._app import main
 
 __all__ = ["main"]

@@ -1,14 +1,12 @@
 """Command line: ``disk serve``, ``disk info`` and ``disk cp``.
 
-``add_disk_commands(subparsers)`` registers ``disk serve|info|cp ...``
-under a parent parser (the ``meshlink`` console script); ``main(argv)`` is the
-standalone form behind ``python -m meshlink.disk serve ...``.  Each
-subcommand stores its handler as ``args.func(args) -> int``.
-
-Exit codes: 0 success (including a clean stop on SIGINT/SIGTERM), 1 runtime
-failure (cannot open the backend, address in use, server refused), 2 usage.
-Errors go to stderr.  ``serve`` prints one ``ready <uri>`` line on stdout once
-it accepts connections (not with ``--stdio``, where stdout is the protocol).
+``configure(parser)`` adds the subcommands to the ``meshlink disk`` parser,
+or to the root parser of the standalone ``python -m meshlink.disk ...``;
+entry, exit codes and error messages are :mod:`._app`'s (runtime failures,
+such as a backend that cannot be opened or an address in use, exit 1).
+``serve`` prints one ``ready <uri>`` line on stdout once it accepts
+connections (not with ``--stdio``, where stdout is the protocol), and a clean
+stop on SIGINT/SIGTERM is a success.
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ from ..disk.nbd import (
     server_ssl_context,
 )
 from ..disk.nbd import _const as c
+from ._app import CommandFailed, add_group, add_verbose, run_group
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -90,7 +89,7 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-ca", help="CA for client certificates (makes them required)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more")
+    add_verbose(p)
     p.set_defaults(func=_cmd_serve)
 
 
@@ -123,7 +122,10 @@ def _add_cp(sub: Any) -> None:
     p.set_defaults(func=_cmd_cp)
 
 
-def _register(sub: Any) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``serve``, ``info`` and ``cp`` to a parser (``meshlink disk`` or standalone)."""
+    parser.description = "Serve, inspect or copy disks over the blk ring or NBD."
+    sub = parser.add_subparsers(dest="disk_command", metavar="{serve,info,cp}", required=True)
     _add_serve(sub)
     _add_info(sub)
     _add_cp(sub)
@@ -135,42 +137,30 @@ def add_disk_commands(subparsers: Any) -> argparse.ArgumentParser:
     Returns:
         The ``disk`` parser.
     """
-    disk = subparsers.add_parser("disk", help="serve, inspect or copy disks (blk ring, NBD)",
-                                 description="Serve, inspect or copy disks over the blk "
-                                             "ring or NBD.")
-    sub = disk.add_subparsers(dest="disk_command", metavar="{serve,info,cp}", required=True)
-    _register(sub)
-    return disk  # type: ignore[no-any-return]
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
+    return add_group(subparsers, "disk")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
     if args.blk and not args.nbd:
-        return _fail("--blk is the default; combine it only with --nbd")
+        raise CommandFailed("--blk is the default; combine it only with --nbd")
     ssl_context: ssl.SSLContext | None = None
     if args.tls != "off":
         if not (args.tls_cert and args.tls_key):
-            return _fail("--tls optional/required needs --tls-cert and --tls-key")
+            raise CommandFailed("--tls optional/required needs --tls-cert and --tls-key")
         try:
             ssl_context = server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
         except MeshlinkError as exc:
-            return _fail(f"cannot load TLS files: {exc}")
+            raise CommandFailed(f"cannot load TLS files: {exc}") from exc
     if args.listen:
         try:
             parse_listen_address(args.listen)
         except ValueError as exc:
-            return _fail(str(exc))
+            raise CommandFailed(str(exc)) from exc
     try:
         backend = open_backend(args.backend, path=args.path, size=args.size,
                                read_only=args.read_only, overlay_path=args.overlay)
     except (ValueError, MeshlinkError) as exc:
-        return _fail(f"cannot open the {args.backend} backend: {exc}")
+        raise CommandFailed(f"cannot open the {args.backend} backend: {exc}") from exc
     service, _, disk_name = args.name.partition("/")
     disk_name = disk_name or "disk0"
     export = args.name if args.nbd and not args.blk else disk_name
@@ -179,7 +169,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     args.blk_target = (service, disk_name, backend) if (args.blk or not args.nbd) else None
     try:
         return trio.run(_serve, server, args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before trio's handler is in: still a clean stop
         return 0
     finally:
         backend.close()
@@ -196,8 +186,8 @@ async def _serve(server: NBDServer, args: argparse.Namespace) -> int:
                                                   host_store=args.host_store,
                                                   task_status=task_status))
             except (OSError, MeshlinkError) as exc:
-                nursery.cancel_scope.cancel()
-                return _fail(f"cannot serve {service!r} over the blk ring: {exc}")
+                raise CommandFailed(
+                    f"cannot serve {service!r} over the blk ring: {exc}") from exc
             print(f"ready blk://{service}/{disk_name} (host store {store.path})", flush=True)
             if not args.nbd:
                 return 0
@@ -211,8 +201,7 @@ async def _serve(server: NBDServer, args: argparse.Namespace) -> int:
             try:
                 listeners = await open_listeners(args.listen or "127.0.0.1:10809")
             except (OSError, MeshlinkError) as exc:
-                nursery.cancel_scope.cancel()
-                return _fail(f"cannot listen on {args.listen}: {exc}")
+                raise CommandFailed(f"cannot listen on {args.listen}: {exc}") from exc
         await nursery.start(server.serve_listeners, listeners)
         for uri in _uris(listeners, args.name):
             if activated:  # our parent speaks NBD to us; keep stdout quiet
@@ -249,8 +238,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if not _is_nbd(args.url):
         try:
             info = trio.run(_blk_info, args.url.removeprefix("blk://"), args.host_store)
-        except (ValueError, MeshlinkError, OSError) as exc:
-            return _fail(str(exc))
+        except ValueError as exc:  # a malformed SERVICE/DISK
+            raise CommandFailed(str(exc)) from exc
         _print_info(info, args.json)
         return 0
     ctx: ssl.SSLContext | None = None
@@ -260,8 +249,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             ctx.load_cert_chain(args.tls_cert, args.tls_key)
     try:
         info = trio.run(_info, args.url, ctx)
-    except (ValueError, MeshlinkError, OSError) as exc:
-        return _fail(str(exc))
+    except ValueError as exc:  # a malformed URI
+        raise CommandFailed(str(exc)) from exc
     _print_info(info, args.json)
     return 0
 
@@ -377,8 +366,8 @@ async def _copy(args: argparse.Namespace) -> tuple[int, float]:
 def _cmd_cp(args: argparse.Namespace) -> int:
     try:
         size, elapsed = trio.run(_copy, args)
-    except (ValueError, MeshlinkError, OSError) as exc:
-        return _fail(str(exc))
+    except ValueError as exc:  # a malformed disk spec
+        raise CommandFailed(str(exc)) from exc
     print(f"copied {size} bytes in {elapsed:.2f} s "
           f"({size / max(elapsed, 1e-9) / (1 << 20):.1f} MiB/s)", file=sys.stderr)
     return 0
@@ -408,19 +397,9 @@ async def _info(url: str, ctx: ssl.SSLContext | None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m meshlink.disk {serve,info} ...``.
+    """``python -m meshlink.disk serve|info|cp ...``: this group as a command of its own.
 
     Returns:
         The process exit code.
     """
-    parser = argparse.ArgumentParser(prog="python -m meshlink.disk",
-                                     description="Serve, inspect or copy meshlink disks.")
-    sub = parser.add_subparsers(dest="disk_command", metavar="{serve,info,cp}", required=True)
-    _register(sub)
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    return run_group("disk", "python -m meshlink.disk", argv)

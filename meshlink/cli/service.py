@@ -1,4 +1,4 @@
-"""The ``meshlink`` command: serve, resolve, list, connect to and call services by name.
+"""The ``meshlink`` service commands: serve, resolve, list, connect to and call services by name.
 
     meshlink serve-echo NAME            run the capitalising echo service
     meshlink resolve NAME --explain     show the ranked endpoints and why
@@ -6,36 +6,34 @@
     meshlink connect NAME               send stdin lines, print the replies
     meshlink call NAME METHOD [ARG...]  one RPC, print the result as JSON
 
-Subcommand groups of other modules (``meshlink disk ...``,
-``meshlink vchan ...``) are added when those modules are installed.
-
-Exit codes: 0 success; 1 the operation failed (message on stderr); 2 usage
-error; 130 interrupted.
+These are the top-level commands, so this module is imported on every run:
+the bus, the resolver and the transports are imported by the handlers that
+use them, not here.  Entry, exit codes and error messages: :mod:`._app`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
 import sys
-from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._errors import MeshlinkError
-from ..bus import Handlers, RemoteError
-from ..service import Server, connect, serve
-from ..transport.tls import TLSConfig
+from ._app import CommandFailed, add_verbose
 
-__all__ = ["echo_handlers", "main"]
+if TYPE_CHECKING:
+    from ..bus import Handlers
+    from ..transport.tls import TLSConfig
+
+__all__ = ["add_service_commands", "echo_handlers"]
 
 
 def echo_handlers() -> Handlers:
     """The capitalising echo service: ``echo(text) -> TEXT``."""
+    from ..bus import Handlers
+
     handlers = Handlers()
 
     async def echo(text: str) -> str:
@@ -69,7 +67,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", help="our certificate chain, PEM (or $MESHLINK_TLS_CERT)")
     p.add_argument("--tls-key", help="our private key, PEM (or $MESHLINK_TLS_KEY)")
     p.add_argument("--tls-ca", help="CA of the peers, PEM (or $MESHLINK_TLS_CA)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    add_verbose(p)
 
 
 def _add_client(p: argparse.ArgumentParser) -> None:
@@ -81,6 +79,8 @@ def _add_client(p: argparse.ArgumentParser) -> None:
 
 
 def _tls(args: argparse.Namespace, allow: list[str] | None = None) -> TLSConfig | None:
+    from ..transport.tls import TLSConfig
+
     return TLSConfig.from_env(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca,
                               allow_names=allow)
 
@@ -104,6 +104,8 @@ def _resolver(args: argparse.Namespace) -> Any:
 
 
 def _cmd_serve_echo(args: argparse.Namespace) -> int:
+    from ..service import Server, serve
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(partial(
@@ -132,8 +134,7 @@ def _cmd_resolve(args: argparse.Namespace) -> int:
         for choice in ranking.rejected:
             print(f"-  {choice.endpoint.url} rejected\n   {choice.reason}")
     if not ranking.chosen:
-        print(f"error: no usable endpoint for {args.name!r}", file=sys.stderr)
-        return 1
+        raise CommandFailed(f"no usable endpoint for {args.name!r}")
     return 0
 
 
@@ -162,6 +163,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:
+    from ..service import connect
+
     async def run() -> None:
         async with connect(args.name, **_connect_kwargs(args)) as conn:
             print(f"connected to {args.name} over {conn.transport} "
@@ -185,6 +188,8 @@ def _json_arg(text: str) -> Any:
 
 
 def _cmd_call(args: argparse.Namespace) -> int:
+    from ..service import connect
+
     async def run() -> Any:
         async with connect(args.name, **_connect_kwargs(args)) as conn:
             if args.verbose:
@@ -196,15 +201,8 @@ def _cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``meshlink`` argument parser, with optional groups of other modules."""
-    parser = argparse.ArgumentParser(
-        prog="meshlink",
-        description="Serve and reach meshlink services by name: vchan shared memory when "
-                    "co-located, TLS or TCP otherwise.",
-        epilog="exit codes: 0 ok, 1 failed (message on stderr), 2 usage, 130 interrupted")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def add_service_commands(sub: Any) -> None:
+    """Add serve-echo, resolve, ls, connect and call to the root's subparsers."""
     p = sub.add_parser("serve-echo", help="run the capitalising echo service",
                        description="Serve the echo service (echo(text) -> TEXT) on vchan, TLS "
                                    "and TCP; prints one line 'serving NAME: URL...' when ready. "
@@ -256,53 +254,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*")
     _add_client(p)
     p.set_defaults(func=_cmd_call)
-
-    for module, func in (("meshlink.cli.disk", "add_disk_commands"),
-                         ("meshlink.cli.vchan", "add_vchan_commands")):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and module.startswith(exc.name):
-                continue  # deliberate: that group is not installed
-            raise
-        getattr(mod, func)(sub)
-    return parser
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error inside nested exception groups, else the group itself."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``meshlink`` command.
-
-    Returns:
-        The exit code (0 ok, 1 failed, 2 usage, 130 interrupted).
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    verbose = getattr(args, "verbose", 0) or 0
-    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        try:
-            code: int = args.func(args)
-        except BaseExceptionGroup as group:
-            raise _single(group) from None
-    except KeyboardInterrupt:
-        return 130
-    except RemoteError as exc:
-        print(f"error: the service raised {exc}", file=sys.stderr)
-        return 1
-    except (MeshlinkError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return code
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -18,8 +18,8 @@ when ``/dev/xen`` exists (or ``--xen`` / ``MESHLINK_PROVIDER=xen``), else
 local; ``--local`` maps the path onto a host-store service name
 (``vchan-<path>``) so the same commands work between two processes here.
 
-Exit codes: 0 done, 1 failed (message on stderr), 2 usage, 130 interrupted.
-Also runnable as ``python -m meshlink.cli.vchan server|client ...``.
+Also runnable as ``python -m meshlink.cli.vchan server|client ...``; entry,
+exit codes and error messages are :mod:`._app`'s.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from .._errors import MeshlinkError, ServiceNotFound
+from .._errors import ServiceNotFound
 from ..transport.vchan import (
     DEFAULT_RING_SIZE,
     MAX_RING_SIZE,
@@ -41,8 +41,9 @@ from ..transport.vchan import (
     open_vchan_listener,
 )
 from ..transport.vchan.xen import connect_xen_vchan, open_xen_vchan_server, select_provider
+from ._app import add_group, run_group
 
-__all__ = ["add_vchan_commands", "local_service_name", "main"]
+__all__ = ["add_vchan_commands", "configure", "local_service_name", "main"]
 
 _CHUNK = 1 << 16
 
@@ -107,18 +108,21 @@ def _add_roles(sub: Any) -> None:
                    help="keep trying this long while the server is not there yet")
 
 
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``server`` and ``client`` to a parser (``meshlink vchan`` or standalone)."""
+    parser.description = __doc__.split("\n\n")[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = parser.add_subparsers(dest="vchan_role", metavar="{server,client}", required=True)
+    _add_roles(sub)
+
+
 def add_vchan_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``vchan server|client`` under an argparse subparsers object.
 
     Returns:
         The ``vchan`` parser.
     """
-    vchan = subparsers.add_parser("vchan", help="a vchan end on stdin/stdout (like xencat)",
-                                  description=__doc__.split("\n\n")[1],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = vchan.add_subparsers(dest="vchan_role", metavar="{server,client}", required=True)
-    _add_roles(sub)
-    return vchan  # type: ignore[no-any-return]
+    return add_group(subparsers, "vchan")
 
 
 async def _open(args: argparse.Namespace, provider: str) -> trio.abc.HalfCloseableStream:
@@ -184,37 +188,14 @@ async def _run(args: argparse.Namespace) -> None:
         await stream.aclose()
 
 
-def _single(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _cmd(args: argparse.Namespace) -> int:
-    try:
-        try:
-            trio.run(_run, args)
-        except BaseExceptionGroup as group:
-            raise _single(group) from None
-    except KeyboardInterrupt:
-        return 130
-    except (MeshlinkError, trio.BrokenResourceError, OSError) as exc:
-        print(f"meshlink vchan {args.role}: error: {exc}", file=sys.stderr)
-        return 1
+    trio.run(_run, args)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m meshlink.cli.vchan server|client ...``; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m meshlink.cli.vchan",
-        description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="vchan_role", metavar="{server,client}", required=True)
-    _add_roles(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run_group("vchan", "python -m meshlink.cli.vchan", argv)
 
 
 if __name__ == "__main__":
