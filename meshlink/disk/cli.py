@@ -41,7 +41,7 @@ from .nbd import (
     parse_listen_address,
     server_ssl_context,
 )
-from .nbd import _const as c
+from .nbd import wire as c
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
 
