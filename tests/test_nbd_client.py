@@ -15,7 +15,7 @@ import trio
 from meshlink import ConnectionLost, DiskError, HandshakeError
 from meshlink.disk import MemoryBackend, NullBackend
 from meshlink.disk.nbd import Export, NBDServer, list_exports, open_listeners, open_nbd
-from meshlink.disk.nbd import _const as c
+from meshlink.disk.nbd import wire as c
 from tests.nbd_helpers import need, wait_until_accepting
 
 MIB = 1 << 20
@@ -141,7 +141,8 @@ async def test_server_death_is_connection_lost(tmp_path: Path) -> None:
 async def test_no_silent_short_reads() -> None:
     """A server claiming success with fewer bytes than asked is a protocol error."""
     from meshlink import RemoteProtocolError
-    from meshlink.disk.nbd._proto import ClientTransmission, Negotiated
+    from meshlink.disk.nbd.client_handshake import Negotiated
+    from meshlink.disk.nbd.client_transmission import ClientTransmission
 
     tx = ClientTransmission(Negotiated("", MIB, 1, True, {}))
     cookie, _ = tx.request(c.CMD_READ, 0, 100)

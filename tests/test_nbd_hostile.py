@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from meshlink.disk.nbd import _const as c
-from meshlink.disk.nbd._proto import Reply
+from meshlink.disk.nbd import wire as c
+from meshlink.disk.nbd.client_transmission import Reply
 from tests.nbd_helpers import RawClient, Server, nbd_server
 
 MIB = 1 << 20

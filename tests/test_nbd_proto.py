@@ -8,26 +8,24 @@ from collections.abc import Callable
 import pytest
 
 from meshlink import LocalProtocolError, RemoteProtocolError
-from meshlink.disk.nbd import _const as c
-from meshlink.disk.nbd._proto import (
-    NEED_DATA,
+from meshlink.disk.nbd import wire as c
+from meshlink.disk.nbd.client_handshake import ClientHandshake, ExportList, Negotiated
+from meshlink.disk.nbd.client_transmission import ClientTransmission
+from meshlink.disk.nbd.sansio import NEED_DATA, HardDisconnect, StartTLS
+from meshlink.disk.nbd.server_handshake import (
     Aborted,
-    BadRequest,
-    ClientHandshake,
-    ClientTransmission,
-    Disconnect,
     EnterTransmission,
     ExportInfo,
-    ExportList,
-    HardDisconnect,
-    Negotiated,
-    Request,
     ServerHandshake,
-    ServerTransmission,
-    StartTLS,
     TLSMode,
-    transmission_flags,
 )
+from meshlink.disk.nbd.server_transmission import (
+    BadRequest,
+    Disconnect,
+    Request,
+    ServerTransmission,
+)
+from meshlink.disk.nbd.wire import transmission_flags
 
 FLAGS = transmission_flags(read_only=False, can_flush=True, can_fua=True, can_trim=True,
                            can_zero=True, can_fast_zero=True, can_multi_conn=True,

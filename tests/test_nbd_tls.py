@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from meshlink.disk.nbd import _const as c
 from meshlink.disk.nbd import open_nbd
+from meshlink.disk.nbd import wire as c
 from tests.nbd_helpers import Server, nbd_server, need, run
 
 trustme = pytest.importorskip("trustme")

@@ -39,7 +39,7 @@ from ..disk.nbd import (
     parse_listen_address,
     server_ssl_context,
 )
-from ..disk.nbd import _const as c
+from ..disk.nbd import wire as c
 from ._app import CommandFailed, add_group, add_verbose, run_group
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)

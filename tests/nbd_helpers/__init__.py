@@ -178,7 +178,8 @@ class RawClient:
         """Negotiate structured replies (+ base:allocation) and GO; return the flags."""
         import struct
 
-        from meshlink.disk.nbd._proto import ClientTransmission, Negotiated
+        from meshlink.disk.nbd.client_handshake import Negotiated
+        from meshlink.disk.nbd.client_transmission import ClientTransmission
 
         contexts: dict[int, str] = {}
         if structured:
@@ -210,7 +211,7 @@ class RawClient:
     def request(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
                 payload: bytes = b"", *, send: bool = True) -> tuple[int, bytes]:
         """Register a request with the core; send header + payload unless told not to."""
-        from meshlink.disk.nbd._proto import ClientTransmission
+        from meshlink.disk.nbd.client_transmission import ClientTransmission
 
         assert isinstance(self.tx, ClientTransmission)
         cookie, header = self.tx.request(cmd, offset, length, flags)
@@ -220,7 +221,8 @@ class RawClient:
 
     def reply(self) -> object:
         """Block until the next complete reply (a ``Reply``)."""
-        from meshlink.disk.nbd._proto import NEED_DATA, ClientTransmission
+        from meshlink.disk.nbd.client_transmission import ClientTransmission
+        from meshlink.disk.nbd.sansio import NEED_DATA
 
         assert isinstance(self.tx, ClientTransmission)
         while True:

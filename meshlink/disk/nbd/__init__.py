@@ -2,15 +2,19 @@
 
 Server: :class:`NBDServer` with :class:`Export` entries, listening on TCP,
 Unix sockets, stdin/stdout or systemd socket activation, with optional TLS.
-Client: :func:`open_nbd` yields an :class:`NBDDisk`.  The sans-io protocol
-core lives in ``_proto`` and can be driven by any event loop.
+Client: :func:`open_nbd` yields an :class:`NBDDisk`.
+
+Where things live: ``wire`` (constants, record layouts, encoders); the
+sans-io machines ``server_handshake``, ``server_transmission``,
+``client_handshake``, ``client_transmission`` (shared parts in ``sansio``),
+which any event loop can drive; and their trio adapters ``server`` and
+``client``.
 """
 
 from __future__ import annotations
 
-from ._client import NBDDisk, list_exports, open_nbd, parse_nbd_url
-from ._proto import TLSMode
-from ._server import (
+from .client import NBDDisk, list_exports, open_nbd, parse_nbd_url
+from .server import (
     Export,
     NBDServer,
     activation_listeners,
@@ -18,6 +22,7 @@ from ._server import (
     parse_listen_address,
     server_ssl_context,
 )
+from .server_handshake import TLSMode
 
 __all__ = [
     "Export",

@@ -27,17 +27,10 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..._errors import ConnectionLost, DiskError, HandshakeError, RemoteProtocolError
-from . import _const as c
-from ._proto import (
-    NEED_DATA,
-    ClientHandshake,
-    ClientTransmission,
-    ExportList,
-    Negotiated,
-    OptionError,
-    Reply,
-    StartTLS,
-)
+from . import wire as c
+from .client_handshake import ClientHandshake, ExportList, Negotiated, OptionError
+from .client_transmission import ClientTransmission, Reply
+from .sansio import NEED_DATA, StartTLS
 
 _ERRNO_TEXT = {c.EPERM: "operation not permitted", c.EIO: "input/output error",
                c.ENOMEM: "cannot allocate memory", c.EINVAL: "invalid argument",

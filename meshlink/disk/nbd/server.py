@@ -1,7 +1,11 @@
-"""The NBD server: a trio adapter around the sans-io core in ``_proto``.
+"""The NBD server: a trio adapter around the sans-io server machines.
 
 Theory of operation
 -------------------
+The protocol itself lives in ``server_handshake`` (option phase),
+``server_transmission`` (request parsing) and ``wire`` (reply encoders);
+this module only moves bytes and calls the backend.
+
 Each connection runs the handshake in trio over a :class:`trio.abc.Stream`
 (a TCP or Unix :class:`trio.SocketStream`, stdin/stdout, or a
 :class:`trio.SSLStream` once STARTTLS has run).  The adapter only loops:
@@ -53,20 +57,11 @@ import trio
 
 from ..._errors import AddressInUse, DiskError, RemoteProtocolError
 from ..backends._base import Backend, Buffer
-from . import _const as c
-from ._proto import (
-    NEED_DATA,
-    Aborted,
-    BadRequest,
-    Disconnect,
-    EnterTransmission,
-    ExportInfo,
-    HardDisconnect,
-    Request,
-    ServerHandshake,
-    ServerTransmission,
-    StartTLS,
-    TLSMode,
+from . import wire as c
+from .sansio import NEED_DATA, HardDisconnect, StartTLS
+from .server_handshake import Aborted, EnterTransmission, ExportInfo, ServerHandshake, TLSMode
+from .server_transmission import BadRequest, Disconnect, Request, ServerTransmission
+from .wire import (
     block_status_reply,
     clip_extents,
     error_reply,
