@@ -8,7 +8,7 @@ nbdkit's memory plugin over a Unix socket driven by fio's nbd engine.
 Goals (issue 5): sequential read >= 0.3x memcpy and >= 2x nbdkit; 4 KiB QD32
 random read IOPS >= 1.5x nbdkit.
 
-Usage: python3 bench/bench_blk.py [--seconds S]
+Usage: python3 -m bench.bench_blk [--seconds S]
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import random
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +29,7 @@ import trio
 from meshlink.disk.backends import open_backend
 from meshlink.disk.blk import BlkDisk, open_blk, serve_blk
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_nbd import fio, spawn  # noqa: E402  (shared peer-driving helpers)
+from ._peers import Child, child_argv, fio, listening, nbdkit_memory
 
 SIZE = 1 << 30
 MIB = 1 << 20
@@ -127,33 +125,27 @@ def main() -> int:
     have_nbdkit = bool(shutil.which("nbdkit") and shutil.which("fio"))
     ours_runs: dict[tuple[str, str], list[float]] = {}
     peer_runs: dict[str, list[float]] = {}
-    srv = subprocess.Popen([sys.executable, __file__, "--server", store],
-                           stdout=subprocess.PIPE, text=True)
     sock = str(tmp / "nbdkit.sock")
     with ExitStack() as stack:
+        srv = stack.enter_context(Child(child_argv(__spec__.name, "--server", store)))
         if have_nbdkit:
-            stack.enter_context(spawn(["nbdkit", "--foreground", "--exit-with-parent", "-U",
-                                       sock, "memory", "1G"], socket.AF_UNIX, sock))
+            stack.enter_context(listening(nbdkit_memory("1G", "-U", sock), socket.AF_UNIX, sock))
         uri = f"nbd+unix:///?socket={sock}"
-        try:
-            assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
-            for _ in range(args.rounds):
-                for key, v in trio.run(ours, store, args.seconds).items():
-                    ours_runs.setdefault(key, []).append(v)
-                figures = {"memcpy 1M MiB/s": memcpy_rate(MIB, args.seconds),
-                           "memcpy 4k MiB/s": memcpy_rate(4096, args.seconds)}
-                if have_nbdkit:
-                    figures["nbdkit seq read 1M QD8 MiB/s"] = fio(
-                        uri, "read", "1M", 8, args.seconds)["mib_s"]
-                    figures["nbdkit randread 4k QD1 IOPS"] = fio(
-                        uri, "randread", "4k", 1, args.seconds)["iops"]
-                    figures["nbdkit randread 4k QD32 IOPS"] = fio(
-                        uri, "randread", "4k", 32, args.seconds)["iops"]
-                for name, v in figures.items():
-                    peer_runs.setdefault(name, []).append(v)
-        finally:
-            srv.terminate()
-            srv.wait()
+        assert srv.first_line.strip() == "ready"
+        for _ in range(args.rounds):
+            for key, v in trio.run(ours, store, args.seconds).items():
+                ours_runs.setdefault(key, []).append(v)
+            figures = {"memcpy 1M MiB/s": memcpy_rate(MIB, args.seconds),
+                       "memcpy 4k MiB/s": memcpy_rate(4096, args.seconds)}
+            if have_nbdkit:
+                figures["nbdkit seq read 1M QD8 MiB/s"] = fio(
+                    uri, "read", "1M", 8, args.seconds)["mib_s"]
+                figures["nbdkit randread 4k QD1 IOPS"] = fio(
+                    uri, "randread", "4k", 1, args.seconds)["iops"]
+                figures["nbdkit randread 4k QD32 IOPS"] = fio(
+                    uri, "randread", "4k", 32, args.seconds)["iops"]
+            for name, v in figures.items():
+                peer_runs.setdefault(name, []).append(v)
     res = {k: statistics.median(v) for k, v in ours_runs.items()}
     peers = {k: statistics.median(v) for k, v in peer_runs.items()}
     print(f"# blk ring (Python client, this process) vs peers, same run, "

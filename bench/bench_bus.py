@@ -11,7 +11,7 @@ Prints, for 64-byte messages:
 then the ratios the bus issue sets as goals.  Absolute figures drift on shared
 machines; the ratios from one run are what count.
 
-Usage: python3 bench/bench_bus.py [--messages N] [--calls N] [--rate R] [--repeat K]
+Usage: python3 -m bench.bench_bus [--messages N] [--calls N] [--rate R] [--repeat K]
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import argparse
 import os
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +35,9 @@ try:
     HAVE_VCHAN = True
 except ImportError:  # pragma: no cover - vchan not built
     HAVE_VCHAN = False
+
+from ._figures import percentile, print_load_average
+from ._peers import Child, child_argv, free_port
 
 PAYLOAD = b"m" * 64
 CHILD_PREFIX: list[str] = os.environ.get("BENCH_CHILD_PREFIX", "").split()
@@ -143,26 +144,14 @@ def zmq_rep(endpoint: str) -> None:
 # --- driver ------------------------------------------------------------------------
 
 
-class Child:
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, *CHILD_PREFIX, os.path.abspath(__file__), "--child", *args],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().split()
-        if not line or line[0] != "READY":
-            raise RuntimeError(f"child {args} failed to start")
-        self.where = line[1]
-
-    def readline(self) -> str:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.readline()
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+def start_child(*args: str) -> tuple[Child, str]:
+    """This script as a child playing role ``args``; returns it and where it listens."""
+    child = Child(child_argv(__spec__.name, "--child", *args, prefix=CHILD_PREFIX))
+    line = child.first_line.split()
+    if not line or line[0] != "READY":
+        child.stop()
+        raise RuntimeError(f"child {args} failed to start")
+    return child, line[1]
 
 
 def _where(kind: str, tmp: str) -> str:
@@ -176,11 +165,11 @@ def with_bus_peer(kind: str, fn: Callable[[Connection], Any]) -> Any:
         where = _where(kind, tmp)
         if kind == "vchan":
             os.mkdir(where, 0o700)
-        child = Child("bus", kind, where)
+        child, address = start_child("bus", kind, where)
         try:
 
             async def main() -> Any:
-                stream = await _connect(kind, child.where)
+                stream = await _connect(kind, address)
                 async with Connection.open(stream, name="bench", config=CONFIG) as conn:
                     return await fn(conn)
 
@@ -238,9 +227,9 @@ def zmq_oneway(transport: str, count: int) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         endpoint = (
-            f"ipc://{tmp}/push.ipc" if transport == "ipc" else f"tcp://127.0.0.1:{_free_port()}"
+            f"ipc://{tmp}/push.ipc" if transport == "ipc" else f"tcp://127.0.0.1:{free_port()}"
         )
-        child = Child("zmq-pull", endpoint, str(count))
+        child, _ = start_child("zmq-pull", endpoint, str(count))
         ctx = zmq.Context()
         s = ctx.socket(zmq.PUSH)
         s.connect(endpoint)
@@ -260,7 +249,7 @@ def zmq_reqrep(calls: int) -> list[float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         endpoint = f"ipc://{tmp}/rep.ipc"
-        child = Child("zmq-rep", endpoint)
+        child, _ = start_child("zmq-rep", endpoint)
         ctx = zmq.Context()
         s = ctx.socket(zmq.REQ)
         s.connect(endpoint)
@@ -281,16 +270,9 @@ def zmq_reqrep(calls: int) -> list[float]:
             child.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+    """Quantile ``q`` of ``samples`` (seconds) in microseconds."""
+    return percentile(samples, q) * 1e6
 
 
 def main() -> None:
@@ -313,7 +295,7 @@ def main() -> None:
         return
 
     # Other jobs on a shared machine move every figure: say how loaded it was.
-    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    print_load_average("start")
     na = "n/a (vchan not available)"
     rates: dict[str, float] = {}
     lat: dict[str, tuple[float, float]] = {}
@@ -407,7 +389,7 @@ def main() -> None:
         if name in lat:
             p50, p99 = lat[name]
             print(f"  {'p99/p50 ' + name:52s} {p99 / p50:6.2f}x  [<= 3x]")
-    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    print_load_average("end")
 
 
 if __name__ == "__main__":

@@ -7,14 +7,13 @@ connect (vchan handshake / TCP / TLS handshake, then the bus hello), call
 call on an already open connection (the floor), and the wall time of the
 ``meshlink call`` command (a fresh interpreter each time) for orientation.
 
-Usage: python3 bench/bench_connect.py [--n N] [--cli-n N]
+Usage: python3 -m bench.bench_connect [--n N] [--cli-n N]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,12 +27,10 @@ import trustme
 from meshlink.service import connect
 from meshlink.transport.tls import TLSConfig
 
+from ._figures import percentile as pct
+from ._peers import Child
+
 NAME = "bench-echo"
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 async def measure(store: str, tls: TLSConfig, n: int) -> dict[str, list[float]]:
@@ -77,13 +74,10 @@ def main() -> int:
         ca.issue_cert("bench").private_key_and_cert_chain_pem.write_to_path(str(d / "cli.pem"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLINK_")}
         store = str(d / "store")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "meshlink.cli", "serve-echo", NAME, "--host-store", store,
-             "--tls-cert", str(d / "srv.pem"), "--tls-ca", str(d / "ca.pem")],
-            stdout=subprocess.PIPE, text=True, env=env)
-        try:
-            assert server.stdout is not None
-            print(server.stdout.readline().rstrip())
+        with Child([sys.executable, "-m", "meshlink.cli", "serve-echo", NAME, "--host-store",
+                    store, "--tls-cert", str(d / "srv.pem"), "--tls-ca", str(d / "ca.pem")],
+                   env=env, stop_timeout=30) as server:
+            print(server.first_line.rstrip())
             tls = TLSConfig(str(d / "cli.pem"), None, str(d / "ca.pem"))
             res = trio.run(measure, store, tls, a.n)
             print(f"\nname -> first reply, {a.n} connects each (in-process, after warm-up):")
@@ -102,9 +96,6 @@ def main() -> int:
                 walls.append(time.perf_counter() - t0)
             print(f"`meshlink call` command, wall (interpreter start included), vchan: "
                   f"median {statistics.median(walls) * 1e3:.0f} ms over {a.cli_n} runs")
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
     return 0
 
 

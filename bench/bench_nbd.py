@@ -14,13 +14,12 @@ round of each server is kept (the machines this runs on are noisy; the best
 round is the least disturbed).  Ratios are ours / nbdkit; >= 1.0 means we are
 at least as fast.  Run time: about two minutes with the defaults.
 
-Usage: python bench/bench_nbd.py [--seconds 3] [--rounds 2]
+Usage: python3 -m bench.bench_nbd [--seconds 3] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -28,65 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
-SIZE_MIB = 256
+from ._peers import fio, free_port, listening, nbdkit_memory, timed
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_accepting(family: int, addr: str | tuple[str, int], proc: subprocess.Popen[bytes]
-                   ) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited early ({proc.args})")
-        with socket.socket(family) as s:
-            try:
-                s.connect(addr)
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"nothing accepted on {addr}") from None
-        time.sleep(0.02)  # no readiness signal from nbdkit -f; retry the socket
-
-
-@contextmanager
-def spawn(args: list[str], family: int, addr: str | tuple[str, int]) -> Iterator[None]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_accepting(family, addr, proc)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def fio(uri: str, rw: str, bs: str, qd: int, seconds: float) -> dict[str, float]:
-    out = subprocess.run(
-        ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-         f"--iodepth={qd}", f"--size={SIZE_MIB}M", "--time_based", f"--runtime={seconds}",
-         "--ramp_time=0.5", "--output-format=json"],
-        capture_output=True, text=True, check=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    side = job["write" if "write" in rw else "read"]
-    return {"iops": float(side["iops"]), "mib_s": float(side["bw"]) / 1024}
-
-
-def timed(cmd: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
-    return time.perf_counter() - start
+SIZE_MIB = 256  # fio's span (_peers.FIO_SPAN_MIB) is the same: it covers each whole export
 
 
 def main() -> int:
@@ -109,20 +56,19 @@ def main() -> int:
     socks = {"ours": str(tmp / "ours.sock"), "nbdkit": str(tmp / "nbdkit.sock")}
     ours = [sys.executable, "-m", "meshlink.disk", "serve", "bench", "--backend", "memory",
             "--size", f"{SIZE_MIB}M", "--nbd"]
-    nbdkit = ["nbdkit", "--foreground", "--exit-with-parent", "memory", f"{SIZE_MIB}M"]
     uris: dict[tuple[str, str], str] = {}
     results: dict[tuple[str, str, str], float] = {}
     started = time.monotonic()
     with ExitStack() as stack:
-        stack.enter_context(spawn(ours + ["--listen", f"unix:{socks['ours']}"],
-                                  socket.AF_UNIX, socks["ours"]))
-        stack.enter_context(spawn(ours + ["--listen", f"127.0.0.1:{ports['ours']}"],
-                                  socket.AF_INET, ("127.0.0.1", ports["ours"])))
-        stack.enter_context(spawn(nbdkit[:3] + ["-U", socks["nbdkit"]] + nbdkit[3:],
-                                  socket.AF_UNIX, socks["nbdkit"]))
-        stack.enter_context(spawn(nbdkit[:3] + ["-i", "127.0.0.1", "-p",
-                                                str(ports["nbdkit"])] + nbdkit[3:],
-                                  socket.AF_INET, ("127.0.0.1", ports["nbdkit"])))
+        stack.enter_context(listening(ours + ["--listen", f"unix:{socks['ours']}"],
+                                      socket.AF_UNIX, socks["ours"]))
+        stack.enter_context(listening(ours + ["--listen", f"127.0.0.1:{ports['ours']}"],
+                                      socket.AF_INET, ("127.0.0.1", ports["ours"])))
+        stack.enter_context(listening(nbdkit_memory(f"{SIZE_MIB}M", "-U", socks["nbdkit"]),
+                                      socket.AF_UNIX, socks["nbdkit"]))
+        stack.enter_context(listening(nbdkit_memory(f"{SIZE_MIB}M", "-i", "127.0.0.1",
+                                                    "-p", str(ports["nbdkit"])),
+                                      socket.AF_INET, ("127.0.0.1", ports["nbdkit"])))
         for server in ("ours", "nbdkit"):
             uris[(server, "unix")] = f"nbd+unix:///bench?socket={socks[server]}"
             uris[(server, "tcp")] = f"nbd://127.0.0.1:{ports[server]}/bench"

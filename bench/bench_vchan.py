@@ -6,7 +6,7 @@ bulk >= 3x TCP and >= 1.5x Unix; ping-pong p50 <= 0.6x Unix.  All three go
 through trio streams; absolute figures drift on shared machines, the ratios
 measured in one run are what count.
 
-Usage: python3 bench/bench_vchan.py [--bulk-mib N] [--pings N] [--ring-order K] [--repeat R]
+Usage: python3 -m bench.bench_vchan [--bulk-mib N] [--pings N] [--ring-order K] [--repeat R]
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ import time
 import trio
 
 from meshlink.transport.vchan import connect_vchan, open_vchan_listener
+
+from ._figures import percentile
+from ._peers import child_argv
+from ._streams import echo, ping_rtts
 
 CHUNK = 64 * 1024
 PING = 64
@@ -49,11 +53,7 @@ async def child(kind: str, arg: str, mode: str, amount: int, ring: int) -> None:
             got += len(data)
         await stream.send_all(b"k")
     else:
-        for _ in range(amount):
-            buf = b""
-            while len(buf) < PING:
-                buf += await stream.receive_some(PING - len(buf))
-            await stream.send_all(buf)
+        await echo(stream, amount, PING)
     await stream.aclose()
 
 
@@ -62,25 +62,25 @@ Opened = tuple[trio.abc.Stream, subprocess.Popen[bytes], list[trio.abc.AsyncReso
 
 async def _open(kind: str, mode: str, amount: int, ring: int) -> Opened:
     closers: list[trio.abc.AsyncResource] = []
-    argv = [sys.executable, __file__, "--child", kind, "", mode, str(amount), str(ring)]
+
+    def argv(arg: str) -> list[str]:
+        return child_argv(__spec__.name, "--child", kind, arg, mode, str(amount), str(ring))
+
     if kind == "vchan":
         store = tempfile.mkdtemp(prefix="mlbench")
         listener = await open_vchan_listener("bench", host_store=store, read_min=ring,
                                              write_min=ring)
         closers.append(listener)
-        argv[4] = store
-        proc = subprocess.Popen(argv)
+        proc = subprocess.Popen(argv(store))
         stream: trio.abc.Stream = await listener.accept()
     elif kind == "tcp":
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         closers.extend(listeners)
-        argv[4] = str(listeners[0].socket.getsockname()[1])
-        proc = subprocess.Popen(argv)
+        proc = subprocess.Popen(argv(str(listeners[0].socket.getsockname()[1])))
         stream = await listeners[0].accept()
     else:
         a, b = socket.socketpair()
-        argv[4] = str(b.fileno())
-        proc = subprocess.Popen(argv, pass_fds=[b.fileno()])
+        proc = subprocess.Popen(argv(str(b.fileno())), pass_fds=[b.fileno()])
         b.close()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(a))
     return stream, proc, closers
@@ -103,21 +103,13 @@ async def bulk(kind: str, total: int, ring: int) -> float:
 
 async def pingpong(kind: str, count: int, ring: int) -> tuple[float, float]:
     stream, proc, closers = await _open(kind, "ping", count, ring)
-    msg = b"p" * PING
-    lat: list[float] = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        await stream.send_all(msg)
-        buf = b""
-        while len(buf) < PING:
-            buf += await stream.receive_some(PING - len(buf))
-        lat.append(time.perf_counter() - t0)
+    lat = await ping_rtts(stream, count, PING)
     await stream.aclose()
     for c in closers:
         await c.aclose()
     proc.wait()
-    lat = sorted(lat[count // 10:])  # drop warm-up
-    return lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
+    lat = lat[count // 10:]  # drop warm-up
+    return percentile(lat, 0.5) * 1e6, percentile(lat, 0.99) * 1e6
 
 
 async def main(args: argparse.Namespace) -> None:

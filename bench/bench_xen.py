@@ -2,17 +2,19 @@
 
 Same run, same rings, two processes each: bulk throughput (64 KiB send_all,
 one direction) and 64-byte ping-pong round trip p50/p99, then the ratios
-Xen/local.  The Xen side runs over tests/xenemu (built here with gcc): grants
+Xen/local.  The Xen side runs over tests/xenemu (built here with gcc, by its
+build script run as a program: the tests own the emulation): grants
 are pages of a shared file, an event channel is a datagram socket, XenStore
 is a directory tree -- so this measures meshlink's Xen provider code path,
 not a real hypervisor.
 
-Usage: python3 bench/bench_xen.py [--bulk-mib N] [--pings N] [--ring-order K] [--repeat R]
+Usage: python3 -m bench.bench_xen [--bulk-mib N] [--pings N] [--ring-order K] [--repeat R]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -23,9 +25,12 @@ from pathlib import Path
 
 import trio
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from ._figures import percentile
+from ._peers import child_argv
+from ._streams import echo, ping_rtts
 
+# Builds the emulated Xen userspace; prints where it put it (see its main()).
+XENEMU_BUILD = Path(__file__).resolve().parent.parent / "tests" / "xenemu" / "build.py"
 CHUNK = 64 * 1024
 PING = 64
 
@@ -57,11 +62,7 @@ async def child(provider: str, arg: str, mode: str, amount: int, ring: int) -> N
             await stream.send_all(block[:n])
             left -= n
     else:
-        for _ in range(amount):
-            got = b""
-            while len(got) < PING:
-                got += await stream.receive_some(PING - len(got))
-            await stream.send_all(got)
+        await echo(stream, amount, PING)
     while await stream.receive_some():
         pass
     await stream.aclose()
@@ -86,8 +87,8 @@ async def _serve(provider: str, tmp: Path, ring: int, mode: str, amount: int,
         listener = await open_vchan_listener("bench", host_store=store, read_min=ring,
                                              write_min=ring)
         arg = str(store)
-    proc = subprocess.Popen([sys.executable, __file__, "--child", provider, arg, mode,
-                             str(amount), str(ring)], env={**os.environ, **env})
+    proc = subprocess.Popen(child_argv(__spec__.name, "--child", provider, arg, mode,
+                                       str(amount), str(ring)), env={**os.environ, **env})
     if provider == "xen":
         stream: trio.abc.HalfCloseableStream = await server.wait_connected()
     else:
@@ -114,19 +115,10 @@ async def bulk(provider: str, tmp: Path, ring: int, total: int, env: dict[str, s
 async def pingpong(provider: str, tmp: Path, ring: int, count: int,
                    env: dict[str, str]) -> tuple[float, float]:
     stream, proc = await _serve(provider, tmp, ring, "ping", count, env)
-    msg = b"p" * PING
-    rtts = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        await stream.send_all(msg)
-        got = b""
-        while len(got) < PING:
-            got += await stream.receive_some(PING - len(got))
-        rtts.append(time.perf_counter() - t0)
+    rtts = await ping_rtts(stream, count, PING)
     await stream.aclose()
     proc.wait(60)
-    rtts.sort()
-    return rtts[len(rtts) // 2] * 1e6, rtts[int(len(rtts) * 0.99)] * 1e6
+    return percentile(rtts, 0.5) * 1e6, percentile(rtts, 0.99) * 1e6
 
 
 async def main(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> None:
@@ -153,16 +145,14 @@ async def main(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> None
 
 def _setup(tmp: Path) -> dict[str, str]:
     """Build the emulation and make this process emulated domain 1."""
-    from tests.xenemu.build import build, missing_prerequisites
-
-    why = missing_prerequisites()
-    if why:
-        sys.exit(f"cannot build the Xen emulation: {why}")
-    emu = build(tmp / "emu")
+    built = subprocess.run([sys.executable, str(XENEMU_BUILD), str(tmp / "emu")],
+                           capture_output=True, text=True)
+    if built.returncode:
+        sys.exit(f"cannot build the Xen emulation: {built.stderr.strip()}")
+    libdir = json.loads(built.stdout)["libdir"]
     root = tmp / "xenhost"
     root.mkdir()
-    os.environ.update(MESHLINK_XEN_LIBDIR=str(emu.libdir), XENEMU_DIR=str(root),
-                      XENEMU_DOMID="1")
+    os.environ.update(MESHLINK_XEN_LIBDIR=libdir, XENEMU_DIR=str(root), XENEMU_DOMID="1")
     return {"XENEMU_DOMID": "2"}
 
 

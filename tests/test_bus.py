@@ -1,5 +1,5 @@
 """Bus behaviour, each test run over an in-memory stream pair, over real TCP to a
-peer process (tests/bus_helpers/peer.py) and over vchan to a peer process."""
+peer process (tests/helpers/bus_peer.py) and over vchan to a peer process."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from meshlink.bus import (
 )
 from meshlink.bus._proto import PROTOCOL_VERSION, BusProtocol, Hello
 
-from .bus_helpers.service import make_handlers
+from .helpers.bus_service import make_handlers
 
-PEER = Path(__file__).parent / "bus_helpers" / "peer.py"
+PEER = Path(__file__).parent / "helpers" / "bus_peer.py"
 
 
 class PeerProcess:

@@ -22,7 +22,7 @@ from meshlink.bus import (
 )
 from meshlink.bus._proto import PROTOCOL_VERSION, BusProtocol, Hello, Notify, Request
 
-from .bus_helpers.service import make_handlers
+from .helpers.bus_service import make_handlers
 
 
 class CountingStream(trio.abc.Stream):

@@ -14,7 +14,7 @@ from meshlink import ConnectionLost, HandshakeError, RemoteProtocolError
 from meshlink.bus import BusConfig, serve_bus
 from meshlink.bus._proto import NEED_DATA, PROTOCOL_VERSION, BusProtocol, ConnectionClosed, Hello
 
-from .bus_helpers.service import make_handlers
+from .helpers.bus_service import make_handlers
 
 CONFIG = BusConfig(heartbeat_interval=None, handshake_timeout=5, max_frame_size=65536)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from meshlink.cli.disk import add_disk_commands, parse_size
 from meshlink.disk.nbd import wire as c
 from meshlink.disk.nbd.client_transmission import Reply
-from tests.nbd_helpers import SERVE, RawClient, nbd_server, run
+from tests.helpers.nbd import SERVE, RawClient, nbd_server, run
 
 DISK = [sys.executable, "-m", "meshlink.disk"]
 

@@ -16,7 +16,7 @@ from meshlink import ConnectionLost, DiskError, HandshakeError
 from meshlink.disk import MemoryBackend, NullBackend
 from meshlink.disk.nbd import Export, NBDServer, list_exports, open_listeners, open_nbd
 from meshlink.disk.nbd import wire as c
-from tests.nbd_helpers import need, wait_until_accepting
+from tests.helpers.nbd import need, wait_until_accepting
 
 MIB = 1 << 20
 

@@ -13,7 +13,7 @@ import pytest
 
 from meshlink.disk.nbd import wire as c
 from meshlink.disk.nbd.client_transmission import Reply
-from tests.nbd_helpers import RawClient, Server, nbd_server
+from tests.helpers.nbd import RawClient, Server, nbd_server
 
 MIB = 1 << 20
 

@@ -14,7 +14,7 @@ import trio
 
 from meshlink.disk.nbd import open_nbd
 from meshlink.disk.nbd import wire as c
-from tests.nbd_helpers import Server, nbd_server, need, run
+from tests.helpers.nbd import Server, nbd_server, need, run
 
 trustme = pytest.importorskip("trustme")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nbd_helpers import nbd_server, need, random_image, run, sha256
+from tests.helpers.nbd import nbd_server, need, random_image, run, sha256
 
 MIB = 1 << 20
 

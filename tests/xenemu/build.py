@@ -7,13 +7,19 @@ scripts, and ``vchan_peer`` linked against Debian's real
 ``libxenvchan.so.4.17``.  Processes find the emulation through
 ``LD_LIBRARY_PATH``; ``XenEmu.env(domid)`` gives the environment of one
 emulated domain.
+
+Run as a program (``python3 tests/xenemu/build.py OUT``) it builds into OUT and
+prints the paths as JSON: bench/bench_xen.py uses the emulation that way, so
+the benchmarks need no import from the tests package.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,3 +76,29 @@ def build(out: Path) -> XenEmu:
         check=True, capture_output=True, text=True,
     )
     return XenEmu(libdir, peer)
+
+
+def main(argv: list[str]) -> int:
+    """Build into ``argv[0]``; print ``{"libdir": ..., "peer": ...}``.
+
+    Exit status 2 with the reason on stderr when the emulation cannot be built
+    here (missing prerequisites or a compiler error).
+    """
+    if len(argv) != 1:
+        print("usage: build.py OUT", file=sys.stderr)
+        return 2
+    why = missing_prerequisites()
+    if why is not None:
+        print(why, file=sys.stderr)
+        return 2
+    try:
+        emu = build(Path(argv[0]))
+    except subprocess.CalledProcessError as e:
+        print(f"{' '.join(e.cmd)} failed:\n{e.stderr}", file=sys.stderr)
+        return 2
+    print(json.dumps({"libdir": str(emu.libdir), "peer": str(emu.peer)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

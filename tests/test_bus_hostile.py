@@ -19,7 +19,7 @@ from meshlink import ConnectionLost
 from meshlink.bus import BusConfig, Connection
 from meshlink.bus._proto import PROTOCOL_VERSION, BusProtocol, Hello
 
-PEER = Path(__file__).parent / "bus_helpers" / "peer.py"
+PEER = Path(__file__).parent / "helpers" / "bus_peer.py"
 
 
 def spawn_server(*args: str) -> tuple[subprocess.Popen[str], int]:

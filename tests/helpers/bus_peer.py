@@ -1,14 +1,14 @@
 """A bus peer in its own process, for the bus tests and benchmark.
 
-Usage: python peer.py serve [--heartbeat INTERVAL TIMEOUT]
-  Serves tests/bus_helpers/service.py on 127.0.0.1 (an ephemeral port) and
+Usage: python bus_peer.py serve [--heartbeat INTERVAL TIMEOUT]
+  Serves tests/helpers/bus_service.py on 127.0.0.1 (an ephemeral port) and
   prints ``PORT <n>`` on stdout, then serves until killed.
 
-Usage: python peer.py serve-vchan STORE [--heartbeat INTERVAL TIMEOUT]
+Usage: python bus_peer.py serve-vchan STORE [--heartbeat INTERVAL TIMEOUT]
   The same over vchan: publishes service ``bus-test`` in host store STORE and
   prints ``READY``.
 
-Usage: python peer.py rss-publisher PORT COUNT
+Usage: python bus_peer.py rss-publisher PORT COUNT
   Connects to PORT, serves a ``go`` method that publishes COUNT messages on
   topic ``t`` (64-byte payload) to the caller's subscriptions and returns
   ``[baseline_rss, max_rss]`` in bytes (current RSS sampled every 10,000).
@@ -25,7 +25,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from meshlink.bus import BusConfig, Connection, Handlers, current_connection  # noqa: E402
-from tests.bus_helpers.service import make_handlers  # noqa: E402
+from tests.helpers.bus_service import make_handlers  # noqa: E402
 
 
 def rss() -> int:
