@@ -131,7 +131,7 @@ async def test_flushed_file_write_survives_kill9(tmp_path: Path, store: Path,
 
 async def _raw(disk: BlkDisk, fill: object) -> int:
     """Submit one hand-made request through a disk's ring; return the status."""
-    from meshlink.disk import blk
+    from meshlink.disk.blk import front as blk
 
     slot = disk._free.popleft()
     req = disk._reqs[slot]
@@ -245,7 +245,7 @@ async def test_garbage_ring_indices_drop_only_that_client(blk_server: tuple[Path
             # The server hangs up on it.  Wait for that without touching the
             # ring (a new request would republish a sane req_prod): a waiter
             # on a slot that was never pushed is failed when the peer goes.
-            from meshlink.disk import blk
+            from meshlink.disk.blk import front as blk
 
             slot = hostile._free.popleft()
             hostile._state[slot] = blk._INFLIGHT
