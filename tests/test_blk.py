@@ -320,3 +320,25 @@ async def test_barrier_and_flush_are_acknowledged_in_order(blk_server: tuple[Pat
         for i in range(8):
             assert image[i * 65536 : (i + 1) * 65536] == bytes([i + 1]) * 65536
             REFERENCE["file"][i * 65536 : (i + 1) * 65536] = bytes([i + 1]) * 65536
+
+
+def test_backend_maps_only_a_sealed_memfd_of_the_announced_size() -> None:
+    """The grant provider refuses frontend memory that could shrink or is mis-sized."""
+    from meshlink._errors import HandshakeError
+    from meshlink.disk.blk.ring import BackRing, FrontRing
+
+    front = FrontRing(0, 4)
+    try:
+        with pytest.raises(HandshakeError):
+            BackRing(front.memfd, 0, 5, 8, False)  # one page more than shared
+        back = BackRing(front.memfd, 0, 4, 8, False)
+        back.close()
+    finally:
+        front.close()
+    unsealed = os.memfd_create("unsealed")
+    try:
+        os.ftruncate(unsealed, 5 * 4096)
+        with pytest.raises(HandshakeError):
+            BackRing(unsealed, 0, 4, 8, False)
+    finally:
+        os.close(unsealed)
