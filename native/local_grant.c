@@ -20,9 +20,54 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "grant.h"
 #include "provider.h"
 
 #define MAX_GRANTS ((ML_PAGE_SIZE - 24u) / 4u)
+
+/* Most pages one ml_local_pages_* region may hold: far above the blk ring's
+ * largest need (16 ring pages + 512 slots * 257 pages) and small enough that
+ * every byte size below fits a 32-bit size_t and off_t. */
+#define MAX_REGION_PAGES (1u << 18)
+
+/*
+ * A fresh memfd of `npages` zeroed pages, sealed so that neither side can
+ * pull pages out from under the other.  Returns the fd, or -1 (errno kept).
+ */
+static int sealed_memfd(const char *name, size_t npages)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return -1;
+    if (ftruncate(fd, (off_t)(npages * ML_PAGE_SIZE)) < 0 ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+/*
+ * Check a peer's memfd before mapping any of it: a whole number of pages,
+ * sealed against shrinking (an unsealed one could be truncated under us and
+ * turn every access into SIGBUS).  The size is read once; *fd_pages is the
+ * only copy used afterwards.
+ */
+static int check_peer_memfd(int memfd, size_t *fd_pages)
+{
+    struct stat st;
+    if (fstat(memfd, &st) < 0)
+        return ML_ESYS;
+    if (st.st_size <= 0 || st.st_size % ML_PAGE_SIZE)
+        return ML_ECORRUPT;
+    int seals = fcntl(memfd, F_GET_SEALS);
+    if (seals < 0 || !(seals & F_SEAL_SHRINK))
+        return ML_ECORRUPT;
+    *fd_pages = (size_t)st.st_size / ML_PAGE_SIZE;
+    return ML_OK;
+}
 
 static void local_release(struct ml_vchan *v)
 {
@@ -109,13 +154,8 @@ int ml_local_server_new(int left_order, int right_order, int own_evfd, int peer_
         return ML_ENOMEM;
     v->is_server = 1;
 
-    v->memfd = memfd_create("meshlink-vchan", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    v->memfd = sealed_memfd("meshlink-vchan", npages);
     if (v->memfd < 0)
-        goto fail;
-    if (ftruncate(v->memfd, (off_t)(npages * ML_PAGE_SIZE)) < 0)
-        goto fail;
-    /* Seal the size so neither side can pull pages out from under the other. */
-    if (fcntl(v->memfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
         goto fail;
     v->map_len = npages * ML_PAGE_SIZE;
     v->map_base = mmap(NULL, v->map_len, PROT_READ | PROT_WRITE, MAP_SHARED, v->memfd, 0);
@@ -158,15 +198,10 @@ int ml_local_client_new(int memfd, uint32_t ctrl_ref, int own_evfd, int peer_evf
     (void)own_evfd;
     if (!out)
         return ML_EINVAL;
-    struct stat st;
-    if (fstat(memfd, &st) < 0)
-        return ML_ESYS;
-    if (st.st_size <= 0 || st.st_size % ML_PAGE_SIZE)
-        return ML_ECORRUPT;
-    int seals = fcntl(memfd, F_GET_SEALS);
-    if (seals < 0 || !(seals & F_SEAL_SHRINK))
-        return ML_ECORRUPT;
-    size_t fd_pages = (size_t)st.st_size / ML_PAGE_SIZE;
+    size_t fd_pages;
+    int checked = check_peer_memfd(memfd, &fd_pages);
+    if (checked < 0)
+        return checked;
 
     struct ml_vchan *v = vchan_alloc(peer_evfd);
     if (!v)
@@ -228,4 +263,98 @@ int ml_local_client_new(int memfd, uint32_t ctrl_ref, int own_evfd, int peer_evf
 fail:
     ml_vchan_free(v);
     return rc;
+}
+
+/* --- page regions for other rings (grant.h) ------------------------------ */
+
+struct ml_grant_pages {
+    uint8_t *base;
+    size_t len;
+    int memfd; /* sharing side until dropped; -1 otherwise */
+};
+
+int ml_local_pages_share(uint32_t npages, ml_grant_pages **out)
+{
+    if (!out || npages == 0 || npages > MAX_REGION_PAGES)
+        return ML_EINVAL;
+    struct ml_grant_pages *p = calloc(1, sizeof *p);
+    if (!p)
+        return ML_ENOMEM;
+    p->len = (size_t)npages * ML_PAGE_SIZE;
+    p->memfd = sealed_memfd("meshlink-blk", npages);
+    if (p->memfd < 0)
+        goto fail;
+    void *base = mmap(NULL, p->len, PROT_READ | PROT_WRITE, MAP_SHARED, p->memfd, 0);
+    if (base == MAP_FAILED)
+        goto fail;
+    p->base = base;
+    *out = p;
+    return ML_OK;
+
+fail:
+    ml_grant_pages_free(p);
+    return ML_ESYS;
+}
+
+int ml_local_pages_map(int memfd, uint32_t npages, ml_grant_pages **out)
+{
+    if (!out || npages == 0 || npages > MAX_REGION_PAGES)
+        return ML_EINVAL;
+    size_t fd_pages;
+    int rc = check_peer_memfd(memfd, &fd_pages);
+    if (rc < 0)
+        return rc;
+    /* Exactly the announced size: the ring layout the peer described (ring
+     * pages, then data pages) must be what the memfd holds, no more, no less. */
+    if (fd_pages != npages)
+        return ML_ECORRUPT;
+    struct ml_grant_pages *p = calloc(1, sizeof *p);
+    if (!p)
+        return ML_ENOMEM;
+    p->memfd = -1;
+    p->len = (size_t)npages * ML_PAGE_SIZE;
+    void *base = mmap(NULL, p->len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    if (base == MAP_FAILED) {
+        int saved = errno;
+        free(p);
+        errno = saved;
+        return ML_ESYS;
+    }
+    p->base = base;
+    *out = p;
+    return ML_OK;
+}
+
+uint8_t *ml_grant_pages_base(const ml_grant_pages *p)
+{
+    return p->base;
+}
+
+size_t ml_grant_pages_len(const ml_grant_pages *p)
+{
+    return p->len;
+}
+
+int ml_grant_pages_fd(const ml_grant_pages *p)
+{
+    return p->memfd;
+}
+
+void ml_grant_pages_drop_fd(ml_grant_pages *p)
+{
+    if (p->memfd >= 0)
+        close(p->memfd);
+    p->memfd = -1;
+}
+
+void ml_grant_pages_free(ml_grant_pages *p)
+{
+    if (!p)
+        return;
+    int saved = errno; /* keep the errno a failed constructor reports */
+    if (p->base)
+        munmap(p->base, p->len);
+    ml_grant_pages_drop_fd(p);
+    free(p);
+    errno = saved;
 }

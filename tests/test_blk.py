@@ -131,7 +131,7 @@ async def test_flushed_file_write_survives_kill9(tmp_path: Path, store: Path,
 
 async def _raw(disk: BlkDisk, fill: object) -> int:
     """Submit one hand-made request through a disk's ring; return the status."""
-    from meshlink.disk import blk
+    from meshlink.disk.blk import front as blk
 
     slot = disk._free.popleft()
     req = disk._reqs[slot]
@@ -245,7 +245,7 @@ async def test_garbage_ring_indices_drop_only_that_client(blk_server: tuple[Path
             # The server hangs up on it.  Wait for that without touching the
             # ring (a new request would republish a sane req_prod): a waiter
             # on a slot that was never pushed is failed when the peer goes.
-            from meshlink.disk import blk
+            from meshlink.disk.blk import front as blk
 
             slot = hostile._free.popleft()
             hostile._state[slot] = blk._INFLIGHT
@@ -320,3 +320,25 @@ async def test_barrier_and_flush_are_acknowledged_in_order(blk_server: tuple[Pat
         for i in range(8):
             assert image[i * 65536 : (i + 1) * 65536] == bytes([i + 1]) * 65536
             REFERENCE["file"][i * 65536 : (i + 1) * 65536] = bytes([i + 1]) * 65536
+
+
+def test_backend_maps_only_a_sealed_memfd_of_the_announced_size() -> None:
+    """The grant provider refuses frontend memory that could shrink or is mis-sized."""
+    from meshlink._errors import HandshakeError
+    from meshlink.disk.blk.ring import BackRing, FrontRing
+
+    front = FrontRing(0, 4)
+    try:
+        with pytest.raises(HandshakeError):
+            BackRing(front.memfd, 0, 5, 8, False)  # one page more than shared
+        back = BackRing(front.memfd, 0, 4, 8, False)
+        back.close()
+    finally:
+        front.close()
+    unsealed = os.memfd_create("unsealed")
+    try:
+        os.ftruncate(unsealed, 5 * 4096)
+        with pytest.raises(HandshakeError):
+            BackRing(unsealed, 0, 4, 8, False)
+    finally:
+        os.close(unsealed)

@@ -15,6 +15,7 @@ from ._base import (
     Backend,
     Buffer,
     Capabilities,
+    DirectMemory,
     Extent,
 )
 from .cow import CowBackend
@@ -72,6 +73,7 @@ __all__ = [
     "Buffer",
     "Capabilities",
     "CowBackend",
+    "DirectMemory",
     "Extent",
     "FileBackend",
     "MemoryBackend",

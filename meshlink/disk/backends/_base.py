@@ -30,6 +30,14 @@ present, for large reads so the bytes go from backend memory to the socket
 with one kernel copy.  Likewise ``write_views(offset, length) -> list[memoryview]``
 returns writable views of the storage itself; a front end receives large
 WRITE payloads straight into them (then calls ``flush`` if FUA was asked).
+
+Declared capabilities for native front ends: a front end that can serve a
+disk without calling Python per request (the blk ring's native loop) asks the
+backend, through :class:`Capabilities`, whether it may.  ``stores_nothing``
+says reads are zeroes and writes vanish (the null disk), so nothing need be
+called at all; ``direct_memory`` says the backend implements
+:class:`DirectMemory` and its ``direct_buffer()`` may hand out the disk as one
+writable buffer.  Front ends never look at a backend's class or private fields.
 """
 
 from __future__ import annotations
@@ -66,6 +74,11 @@ class Capabilities:
         can_extents: ``extents`` reports real allocation (otherwise one data extent).
         blocking: calls may block on I/O (disk, page faults); an async front
             end should run them in a worker thread rather than inline.
+        stores_nothing: reads return zeroes and writes, discards and flushes
+            change nothing, so a front end may answer every request itself
+            without calling the backend.
+        direct_memory: the backend implements :class:`DirectMemory`; its
+            ``direct_buffer()`` may return the whole disk as one writable buffer.
     """
 
     can_flush: bool = True
@@ -77,6 +90,8 @@ class Capabilities:
     can_cache: bool = False
     can_extents: bool = True
     blocking: bool = False
+    stores_nothing: bool = False
+    direct_memory: bool = False
 
 
 @runtime_checkable
@@ -174,6 +189,29 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release resources.  Idempotent."""
         ...
+
+
+@runtime_checkable
+class DirectMemory(Backend, Protocol):
+    """A backend whose data is one buffer in this process (declared by ``direct_memory``)."""
+
+    def direct_buffer(self) -> memoryview | None:
+        """The whole disk as one writable, contiguous byte buffer, or None.
+
+        Bytes stored into it *are* writes and reading it *is* a read, so a
+        front end may copy requests' data to and from it directly.  None when
+        the backend cannot offer that now (read-only, empty); the front end
+        then calls the ordinary methods.  The view stays valid until ``close``.
+        """
+        ...
+
+
+def direct_buffer(backend: Backend) -> memoryview | None:
+    """Ask ``backend`` for its memory as one buffer, if it declares it can (else None)."""
+    if not backend.capabilities.direct_memory:
+        return None
+    assert isinstance(backend, DirectMemory), "direct_memory declared without direct_buffer"
+    return backend.direct_buffer()
 
 
 def check_range(size: int, offset: int, length: int) -> None:

@@ -76,7 +76,14 @@ class MmapBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(can_cache=True, blocking=True)
+        return Capabilities(can_cache=True, blocking=True, direct_memory=True)
+
+    def direct_buffer(self) -> memoryview | None:
+        """The writable mapping itself (None when read-only or empty): a front
+        end copying into it writes the file, as :meth:`write` does."""
+        if self._read_only or not self._size or self._view.readonly:
+            return None
+        return self._view
 
     def read(self, offset: int, length: int) -> Buffer:
         return self._view[offset : offset + length]

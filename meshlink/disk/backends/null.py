@@ -41,7 +41,8 @@ class NullBackend:
     @property
     def capabilities(self) -> Capabilities:
         # Nothing is volatile, so flush/FUA are honest no-ops; zeroing is free.
-        return Capabilities(can_cache=True)
+        # stores_nothing: a front end may answer every request without us.
+        return Capabilities(can_cache=True, stores_nothing=True)
 
     def read(self, offset: int, length: int) -> Buffer:
         if length <= len(self._zero):

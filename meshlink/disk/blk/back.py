@@ -1,0 +1,295 @@
+"""The blk ring's backend: serving disks to frontends on this host.
+
+:func:`serve_blk` publishes ``<service>.blk`` and serves each frontend on its
+own task.  The handshake checks the client's uid and the hello, then maps
+the frontend's pages through the local grant provider (which checks the
+memfd's seals and size, see :mod:`.ring`) and answers with the disk's size
+and features.
+
+Requests are served in ring order.  Each is copied out of the ring once and
+validated in C (``native/blkring.c``) before Python sees it; only then are
+its pages read or written.  A backend that declares it stores nothing, or
+that hands out its whole disk as one buffer (:mod:`..backends`'s declared
+capabilities), is served entirely by the native loop; others by a Python
+loop that calls the backend.  FLUSH_DISKCACHE flushes the backend;
+WRITE_BARRIER is served after everything before it (the loop is sequential),
+flushed before and after.  A frontend's liveness is its rendezvous socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import trio
+
+from ..._errors import DiskError, HandshakeError, RingCorruptError
+from ...hoststore import HostStore
+from ...transport.doorbell import Doorbell, spin
+from ...transport.rendezvous import encode, peer_credentials, recv_message_with_fds, send_refusal
+from ..backends import Backend
+from ..backends._base import direct_buffer
+from .handshake import (
+    HANDSHAKE_TIMEOUT,
+    MAX_INDIRECT_SEGMENTS,
+    PROTOCOL_VERSION,
+    SPIN_SECONDS,
+    rendezvous_name,
+)
+from .ring import (
+    OP_DISCARD,
+    OP_FLUSH_DISKCACHE,
+    OP_READ,
+    OP_WRITE,
+    OP_WRITE_BARRIER,
+    RSP_EOPNOTSUPP,
+    RSP_ERROR,
+    RSP_OKAY,
+    SECTOR,
+    BackRing,
+)
+
+__all__ = ["serve_blk"]
+
+log = logging.getLogger("meshlink.disk.blk")
+
+
+class _Conn:
+    """One frontend's ring as the server sees it."""
+
+    def __init__(self, backend: Backend, ring: BackRing, bell: Doorbell) -> None:
+        self.backend = backend
+        self.ring = ring
+        self.bell = bell
+        self.checked = ring.new_checked()
+        caps = backend.capabilities
+        # The native loop serves the whole ring when the backend says it may:
+        # it stores nothing (null), or it lends its whole disk as one buffer.
+        self.native = False
+        if caps.stores_nothing:
+            ring.serve_natively(None)
+            self.native = True
+        else:
+            disk = direct_buffer(backend)
+            if disk is not None:
+                ring.serve_natively(disk)
+                self.native = True
+        self.blocking = caps.blocking
+        # The Backend protocol's optional zero-copy extensions (non-blocking
+        # backends only: they hand out views of memory the loop copies into).
+        self.read_vectored: Any = None if self.blocking else getattr(
+            backend, "read_vectored", None)
+        self.write_views: Any = None if self.blocking else getattr(
+            backend, "write_views", None)
+
+    def close(self) -> None:
+        self.ring.close()
+        self.bell.close()
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        if self.blocking:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
+
+    async def _serve_one(self, c: Any) -> int:
+        op = c.op
+        b = self.backend
+        offset, length = int(c.offset), int(c.length)
+        try:
+            if op == OP_READ:
+                if self.read_vectored is not None:
+                    return self._read_pieces(c)
+                else:
+                    data = await self._call(b.read, offset, length)
+                    self.ring.scatter(c, data)
+            elif op in (OP_WRITE, OP_WRITE_BARRIER):
+                if op == OP_WRITE_BARRIER:
+                    await self._call(b.flush)
+                if length and self.write_views is not None:
+                    pos = 0
+                    for view in self.write_views(offset, length):
+                        self.ring.copy_from(c, pos, view)
+                        pos += len(view)
+                elif length:
+                    buf = bytearray(length)
+                    self.ring.gather(c, buf)
+                    await self._call(b.write, offset, buf)
+                if op == OP_WRITE_BARRIER:
+                    await self._call(b.flush)
+            elif op == OP_FLUSH_DISKCACHE:
+                await self._call(b.flush)
+            elif op == OP_DISCARD:
+                if not b.capabilities.can_trim:
+                    return RSP_EOPNOTSUPP
+                await self._call(b.discard, offset, length)
+        except DiskError as exc:
+            log.warning("blk request %d failed: %s", op, exc)
+            return RSP_ERROR
+        return RSP_OKAY
+
+    def _read_pieces(self, c: Any) -> int:
+        """A READ from a backend's own memory, piece by piece: one copy, no await."""
+        try:
+            pos = 0
+            copy_to = self.ring.copy_to
+            for piece in self.read_vectored(int(c.offset), int(c.length)):
+                copy_to(c, pos, piece)
+                pos += len(piece)
+        except DiskError as exc:
+            log.warning("blk read failed: %s", exc)
+            return RSP_ERROR
+        return RSP_OKAY
+
+    async def _serve_available(self) -> int:
+        """Serve every request published now; returns how many."""
+        ring = self.ring
+        if self.native:
+            n, notify = ring.serve_direct()
+            if notify:
+                self.bell.ring()
+            return n
+        served = 0
+        c = self.checked
+        while ring.get(c):
+            status = int(c.status)
+            if status == RSP_OKAY:
+                if c.op == OP_READ and self.read_vectored is not None:
+                    status = self._read_pieces(c)  # the hot path, without a coroutine
+                else:
+                    status = await self._serve_one(c)
+            ring.put(c, status)
+            served += 1
+        if served and ring.push():
+            self.bell.ring()
+        return served
+
+    async def run(self) -> None:
+        while True:
+            if await self._serve_available():
+                continue
+            if await spin(self.ring.pending, SPIN_SECONDS):
+                continue
+            if self.ring.final_check():
+                continue
+            if self.bell.peer_dead:
+                return
+            await self.bell.wait()
+
+
+async def _handshake(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
+                     allow_uids: frozenset[int]) -> _Conn:
+    uid = peer_credentials(conn).uid
+    try:
+        hello, fds = await recv_message_with_fds(conn, 3, "blk")
+    except HandshakeError as exc:
+        await send_refusal(conn, str(exc), "refused")
+        raise
+
+    async def refuse(why: str, code: str = "refused") -> None:
+        for fd in fds:
+            os.close(fd)
+        await send_refusal(conn, why, code)
+        raise HandshakeError(why)
+
+    if uid not in allow_uids:
+        await refuse(f"uid {uid} is not allowed", "auth")
+    if hello.get("meshlink") != "blk" or hello.get("version") != PROTOCOL_VERSION:
+        await refuse(f"unsupported blk hello (want version {PROTOCOL_VERSION})", "version")
+    name = hello.get("disk")
+    backend = disks.get(name) if isinstance(name, str) else None
+    if backend is None:
+        await refuse(f"no disk named {name!r} (have: {', '.join(sorted(disks))})", "nodisk")
+        raise AssertionError  # unreachable: refuse raised
+    order = hello.get("ring_order")
+    pool = hello.get("pool_pages")
+    if (not isinstance(order, int) or not 0 <= order <= 4 or not isinstance(pool, int)
+            or not 0 <= pool <= 512 * (MAX_INDIRECT_SEGMENTS + 1) or len(fds) != 3):
+        await refuse("bad ring parameters")
+        raise AssertionError
+    memfd, own, peer = fds
+    try:
+        # The local grant provider checks the memfd (sealed, exactly the
+        # announced pages) before mapping any of it.
+        ring = BackRing(memfd, order, pool, backend.size // SECTOR, backend.read_only)
+    except (OSError, HandshakeError) as exc:
+        await refuse(str(exc))  # closes the memfd with the eventfds
+        raise
+    os.close(memfd)  # the mapping keeps the pages
+    try:
+        return await _accept(conn, backend, ring, own, peer)
+    except BaseException:
+        ring.close()
+        raise
+
+
+async def _accept(conn: trio.socket.SocketType, backend: Backend, ring: BackRing,
+                  own: int, peer: int) -> _Conn:
+    """Answer a good hello with the disk's size and features; the ring is live."""
+    features = {"flush": backend.capabilities.can_flush, "barrier": True,
+                "discard": backend.capabilities.can_trim,
+                "max_indirect_segments": MAX_INDIRECT_SEGMENTS}
+    await conn.send(encode({"ok": True, "version": PROTOCOL_VERSION, "size": backend.size,
+                             "sector_size": SECTOR, "read_only": backend.read_only,
+                             "features": features}))
+    bell = Doorbell(own, peer, socket.socket(fileno=conn.detach()))
+    return _Conn(backend, ring, bell)
+
+
+async def serve_blk(service: str, disks: Mapping[str, Backend], *,
+                    host_store: HostStore | str | os.PathLike[str] | None = None,
+                    allow_uids: Collection[int] | None = None,
+                    task_status: trio.TaskStatus[HostStore] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``disks`` (name -> backend) over the blk ring until cancelled.
+
+    Publishes ``<service>.blk`` in the host store; clients open
+    ``"<service>/<disk>"`` with :func:`open_blk`.  A client that breaks the
+    protocol (hostile ring indices, bad handshake) is dropped and logged;
+    the others are unaffected.
+
+    Args:
+        service: the service name.
+        disks: backends by disk name.
+        host_store: the host store (default: see :mod:`meshlink.hoststore`).
+        allow_uids: uids allowed to connect (default: our own).
+        task_status: ``nursery.start`` reports the host store once listening.
+
+    Raises:
+        AddressInUse: a live server already serves ``service`` here.
+
+    Cancellation: withdraws the service and closes every client's ring.
+    """
+    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+    uids = frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
+    pub = store.claim(rendezvous_name(service))
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(pub.socket_path))
+        sock.listen(128)
+        task_status.started(store)
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(_serve_client, conn, disks, uids)
+    finally:
+        sock.close()
+        pub.withdraw()
+
+
+async def _serve_client(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
+                        uids: frozenset[int]) -> None:
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            c = await _handshake(conn, disks, uids)
+    except (HandshakeError, OSError, trio.TooSlowError) as exc:
+        log.info("blk client refused: %s", exc)
+        conn.close()
+        return
+    try:
+        await c.run()
+    except RingCorruptError as exc:
+        log.warning("blk client dropped: %s", exc)
+    finally:
+        c.close()
