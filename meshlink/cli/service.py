@@ -26,6 +26,8 @@ from typing import Any
 
 import trio
 
+from resolver import ResolverError
+
 from .._errors import MeshlinkError
 from ..bus import Handlers, RemoteError
 from ..service import Server, connect, serve
@@ -298,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RemoteError as exc:
         print(f"error: the service raised {exc}", file=sys.stderr)
         return 1
-    except (MeshlinkError, OSError) as exc:
+    except (MeshlinkError, ResolverError, OSError) as exc:  # resolve/ls ask the resolver
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return code

@@ -38,6 +38,8 @@ from typing import Any
 import outcome
 import trio
 
+from resolver import HostStore, blk_entry_name
+
 from .._errors import (
     ConnectionLost,
     DiskError,
@@ -45,9 +47,9 @@ from .._errors import (
     LocalProtocolError,
     RingCorruptError,
     ServiceNotFound,
+    resolver_errors,
 )
 from .._native import ffi, lib
-from ..hoststore import HostStore
 from ..transport.doorbell import Doorbell, spin
 from ..transport.rendezvous import (
     check_reply,
@@ -77,11 +79,6 @@ HANDSHAKE_TIMEOUT = 5.0
 SPIN_SECONDS = 50e-6
 _FREE, _INFLIGHT, _ORPHAN, _DONE = range(4)
 _STATUS_ERRNO = {lib.ML_BLK_RSP_ERROR: _errno.EIO, lib.ML_BLK_RSP_EOPNOTSUPP: _errno.ENOTSUP}
-
-
-def rendezvous_name(service: str) -> str:
-    """The host-store name under which ``service`` offers its disks on the blk ring."""
-    return f"{service}.blk"
 
 
 # --------------------------------------------------------------------------
@@ -493,7 +490,7 @@ def open_blk(target: str, *, host_store: HostStore | str | os.PathLike[str] | No
 
     Args:
         target: ``"storage-node/disk0"``; the service must run on this host.
-        host_store: the host store (default: see :mod:`meshlink.hoststore`).
+        host_store: the host store (default: see :mod:`resolver.hoststore.store`).
         ring_order: ring-page-order 0..4 (32..512 requests in flight).
 
     Raises:
@@ -511,8 +508,9 @@ async def _connect(target: str, host_store: HostStore | str | os.PathLike[str] |
     service, sep, disk = target.partition("/")
     if not sep or not disk:
         raise LocalProtocolError(f"blk target must be 'service/disk', got {target!r}")
-    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
-    path = store.socket_path(rendezvous_name(service))
+    with resolver_errors():
+        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        path = store.socket_path(blk_entry_name(service))
     entries = int(lib.ml_blk_ring_entries(order))
     ring_pages = 1 << order
     pool_pages = entries * (SLOT_PAGES + 1)
@@ -781,7 +779,7 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
     Args:
         service: the service name.
         disks: backends by disk name.
-        host_store: the host store (default: see :mod:`meshlink.hoststore`).
+        host_store: the host store (default: see :mod:`resolver.hoststore.store`).
         allow_uids: uids allowed to connect (default: our own).
         task_status: ``nursery.start`` reports the host store once listening.
 
@@ -790,9 +788,10 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
 
     Cancellation: withdraws the service and closes every client's ring.
     """
-    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
     uids = frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
-    pub = store.claim(rendezvous_name(service))
+    with resolver_errors():
+        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        pub = store.claim(blk_entry_name(service))
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(pub.socket_path))
