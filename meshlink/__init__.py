@@ -5,7 +5,10 @@ for co-located peers), TLS and TCP at once; ``async with
 meshlink.connect(name) as conn`` reaches it over the best channel the policy
 allows and gives a message-bus :class:`~meshlink.bus.Connection`.  The
 transports (:mod:`meshlink.transport.vchan`), the bus (:mod:`meshlink.bus`) and the disk
-service (:mod:`meshlink.disk`) are usable on their own.  See README.md.
+service (:mod:`meshlink.disk`) are usable on their own.  Names are resolved
+by the :mod:`resolver` package (host store, rules, zeroconf), which meshlink
+builds on; every error a ``connect`` user may catch and every type it hands
+out is importable from here.  See README.md.
 
 The names from :mod:`meshlink.service` (and with them the bus) are imported
 on first use, not by ``import meshlink``: code that needs only a transport or
@@ -20,6 +23,7 @@ from ._errors import (
     ConnectionLost,
     DiskError,
     HandshakeError,
+    InvalidName,
     LocalProtocolError,
     MeshlinkError,
     ProtocolError,
@@ -29,30 +33,38 @@ from ._errors import (
     RingCorruptError,
     RulesError,
     ServiceNotFound,
+    StoreError,
     TransportError,
 )
 
 if TYPE_CHECKING:
+    from .bus import BusConfig, Connection, Handlers, RemoteError
     from .service import MeshConnection, Server, connect, serve
     from .transport.tls import TLSConfig
 
 __all__ = [
     "AddressInUse",
     "AuthError",
+    "BusConfig",
+    "Connection",
     "ConnectionLost",
     "DiskError",
+    "Handlers",
     "HandshakeError",
+    "InvalidName",
     "LocalProtocolError",
     "MeshConnection",
     "MeshlinkError",
     "ProtocolError",
     "ProviderUnavailable",
+    "RemoteError",
     "RemoteProtocolError",
     "ResolveError",
     "RingCorruptError",
     "RulesError",
     "Server",
     "ServiceNotFound",
+    "StoreError",
     "TLSConfig",
     "TransportError",
     "connect",
@@ -60,7 +72,8 @@ __all__ = [
 ]
 
 #: Names imported on first access (PEP 562), and the module each comes from.
-_LAZY = {"MeshConnection": ".service", "Server": ".service", "connect": ".service",
+_LAZY = {"BusConfig": ".bus", "Connection": ".bus", "Handlers": ".bus", "RemoteError": ".bus",
+         "MeshConnection": ".service", "Server": ".service", "connect": ".service",
          "serve": ".service", "TLSConfig": ".transport.tls"}
 
 

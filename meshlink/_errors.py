@@ -4,11 +4,25 @@ Errors are split by blame and by layer.  Where trio already names the meaning
 (a peer that vanished is a :class:`trio.BrokenResourceError`), our class inherits
 both, so ``except trio.BrokenResourceError`` keeps working for generic stream
 code and ``except meshlink.MeshlinkError`` catches everything of ours.
+
+The naming layer (:mod:`resolver`) has its own errors; where a class here
+means the same, it also subclasses the resolver's (``ResolveError``,
+``RulesError``, ``AddressInUse`` for ``NameInUse``, ``ServiceNotFound``,
+``InvalidName``, ``StoreError``), and :func:`resolver_errors` turns what the
+resolver raises into these at every place meshlink calls it.  So both
+``except meshlink.ResolveError`` and ``except resolver.ResolveError`` catch
+what meshlink raises.
 """
 
 from __future__ import annotations
 
+import errno as _errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import trio
+
+from resolver import errors as naming
 
 
 class MeshlinkError(Exception):
@@ -56,12 +70,20 @@ class AuthError(HandshakeError):
     """The peer is not allowed to connect (credentials, certificates)."""
 
 
-class ServiceNotFound(TransportError, OSError):
-    """No live service of that name is published where we looked."""
+class ServiceNotFound(TransportError, naming.ServiceNotFound):
+    """No live service of that name is published where we looked (an OSError)."""
 
 
-class AddressInUse(TransportError, OSError):
-    """A live server already publishes this service name."""
+class AddressInUse(TransportError, naming.NameInUse):
+    """A live server already publishes this service name (an OSError, EADDRINUSE)."""
+
+
+class InvalidName(LocalProtocolError, naming.InvalidName):
+    """A service name (or a vchan port name) is not acceptable (also a ValueError)."""
+
+
+class StoreError(TransportError, naming.StoreError):
+    """The host store directory or XenStore cannot be used."""
 
 
 class ProviderUnavailable(TransportError):
@@ -71,7 +93,7 @@ class ProviderUnavailable(TransportError):
 # --- resolver and disk errors -----------------------------------------------
 
 
-class ResolveError(MeshlinkError):
+class ResolveError(MeshlinkError, naming.ResolveError):
     """A name could not be resolved to any usable endpoint."""
 
 
@@ -87,16 +109,47 @@ class DiskError(MeshlinkError):
         self.errno = errno
 
 
-class RulesError(ResolveError):
+class RulesError(ResolveError, naming.RulesError):
     """A static rules file is malformed; the message names the file and line.
+
+    Made as ``RulesError(path, line, reason)`` (see :class:`resolver.RulesError`).
 
     Attributes:
         path: the rules file.
         line: the 1-based line of the error (0 when unknown).
+        reason: the message without the ``path:line:`` prefix.
     """
 
-    def __init__(self, path: str, line: int, message: str) -> None:
-        where = f"{path}:{line}" if line else path
-        super().__init__(f"{where}: {message}")
-        self.path = path
-        self.line = line
+
+def _ours(exc: naming.ResolverError) -> MeshlinkError:
+    """The meshlink error meaning what the resolver's ``exc`` means."""
+    if isinstance(exc, naming.RulesError):
+        return RulesError(exc.path, exc.line, exc.reason)
+    if isinstance(exc, naming.ResolveError):
+        return ResolveError(*exc.args)
+    if isinstance(exc, naming.NameInUse):
+        return AddressInUse(exc.errno or _errno.EADDRINUSE, exc.strerror or str(exc))
+    if isinstance(exc, naming.ServiceNotFound):
+        return ServiceNotFound(exc.errno or _errno.ENOENT, exc.strerror or str(exc))
+    if isinstance(exc, naming.InvalidName):
+        return InvalidName(*exc.args)
+    if isinstance(exc, naming.StoreError):
+        return StoreError(*exc.args)
+    return MeshlinkError(*exc.args)
+
+
+@contextmanager
+def resolver_errors() -> Iterator[None]:
+    """Raise meshlink's error for any resolver error inside the block.
+
+    The one place resolver errors become meshlink errors: every call meshlink
+    makes into :mod:`resolver` (host store, resolution, XenStore registry)
+    runs inside it, so meshlink users see only :class:`MeshlinkError` classes.
+    The resolver's error is chained as the cause.
+    """
+    try:
+        yield
+    except naming.ResolverError as exc:
+        if isinstance(exc, MeshlinkError):
+            raise
+        raise _ours(exc) from exc

@@ -13,12 +13,13 @@ entry is stale, ignored by resolvers and replaced by the next server.
 
 ``connect(name)`` resolves the name (:class:`resolver.Resolver`: host store,
 rules file, zeroconf; ranked vchan > tls > tcp) and tries each endpoint in
-order.  Co-location is proved, not guessed: a vchan endpoint is ranked only
-when its advertised host id is ours, and used only if the vchan handshake
-succeeds; any failure is logged on ``meshlink.connect`` and the next endpoint
-is tried.  The bus handshake is part of each attempt, so a TLS server that
-refuses our certificate (TLS 1.3 says so only after the handshake) also counts
-as a failed attempt.  ``conn.transport`` says what was used.
+order (:mod:`meshlink.transport.dial`).  Co-location is proved, not guessed:
+a vchan endpoint is ranked only when its advertised host id is ours, and used
+only if the vchan handshake succeeds; any failure is logged on
+``meshlink.connect`` and the next endpoint is tried.  The bus handshake is
+part of each attempt, so a TLS server that refuses our certificate (TLS 1.3
+says so only after the handshake) also counts as a failed attempt.
+``conn.transport`` says what was used.
 
 Alternatives rejected: racing all endpoints at once (happy eyeballs) would
 open TCP connections that the policy says must not be made when a better
@@ -41,11 +42,22 @@ from typing import Any
 
 import trio
 
-# Submodules only (never the ``resolver`` namespace): see resolver/__init__.py.
-from resolver._resolver import Resolver
-from resolver._types import Choice, Endpoint, Policy
-from resolver.hoststore import ServiceRecord, default_host_id, remove_record, write_record
-from resolver.zeroconf import Advertisement, Registration, ZeroconfConfig
+from resolver import (
+    Advertisement,
+    Choice,
+    Endpoint,
+    HostStore,
+    InvalidName,
+    Policy,
+    Resolver,
+    ServiceRecord,
+    ZeroconfConfig,
+    default_host_id,
+    remove_record,
+    validate_service_name,
+    write_record,
+)
+from resolver.zeroconf import Registration
 from resolver.zeroconf import register as zeroconf_register
 
 from ._errors import (
@@ -54,12 +66,12 @@ from ._errors import (
     HandshakeError,
     LocalProtocolError,
     MeshlinkError,
-    ResolveError,
+    resolver_errors,
 )
 from .bus import BusConfig, Connection, Handlers, serve_bus
-from .hoststore import HostStore, validate_service_name
-from .transport.tls import TLSConfig, tls_client_stream, tls_server_handshake
-from .transport.vchan import VchanListener, connect_vchan, open_vchan_listener
+from .transport.dial import dial, open_first
+from .transport.tls import TLSConfig, tls_server_handshake
+from .transport.vchan import VchanListener, open_vchan_listener
 
 __all__ = ["MeshConnection", "Server", "connect", "serve"]
 
@@ -147,7 +159,7 @@ async def serve(
         name: the service name.
         handlers: the bus handlers every connection serves.
         host_store: where to publish the vchan rendezvous (default as in
-            :mod:`meshlink.hoststore`).
+            :mod:`resolver.hoststore.store`).
         bind: the address the TCP and TLS listeners bind.
         advertise: addresses to advertise for TCP/TLS (default: ``bind``, or
             the zeroconf interfaces when ``bind`` is a wildcard).
@@ -168,7 +180,9 @@ async def serve(
 
     Raises:
         AddressInUse: a live server already publishes ``name`` in the host store.
-        LocalProtocolError: bad name, or TLS required but not configured.
+        LocalProtocolError: bad name (:class:`~meshlink.InvalidName`), or TLS
+            required but not configured.
+        StoreError: the host store cannot be used.
         OSError: a TCP port could not be bound.
 
     Cancellation:
@@ -179,7 +193,8 @@ async def serve(
     Backpressure:
         Per connection, as set by ``config``; accepting is not limited.
     """
-    validate_service_name(name)
+    with resolver_errors():
+        validate_service_name(name)
     if tls is None:
         tls = TLSConfig.from_env()
     if tls is not None and not tls.can_serve:
@@ -192,7 +207,8 @@ async def serve(
         tls_port = None
     zc = ZeroconfConfig.from_env() if zeroconf is None else (
         ZeroconfConfig() if zeroconf is True else (zeroconf or None))
-    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+    with resolver_errors():
+        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
     hid = host_id or default_host_id(store)
     ssl_ctx = tls.server_context() if tls is not None else None
 
@@ -232,7 +248,7 @@ async def serve(
             server.endpoints.insert(0, Endpoint("vchan", name, store=str(store.path),
                                                 host_id=hid))
             # No checkpoint between binding and the record: resolvers in other
-            # processes may still see the entry without it (see resolver._rank).
+            # processes may still see the entry without it (see resolver.rank).
             write_record(store, ServiceRecord(
                 name, hid, server.transports,
                 tuple(ep.url for ep in server.endpoints if ep.scheme != "vchan"),
@@ -294,40 +310,25 @@ async def _serve_one(
         serve_logger.info("%s: connection ended with an error: %r", name, exc)
 
 
-def _auth_cause(exc: BaseException) -> BaseException | None:
-    """The TLS alert buried in a failed bus handshake, if that is what it was."""
+def _tls_refusal(ep: Endpoint, exc: BaseException) -> BaseException:
+    """A TLS server's refusal of our certificate, seen only in the bus handshake.
+
+    TLS 1.3 servers reject a client certificate after the client's handshake
+    has completed, so the refusal surfaces as a broken bus handshake; the TLS
+    alert buried in its causes says it was a credentials problem.
+    """
     import ssl
 
+    if ep.scheme != "tls" or isinstance(exc, AuthError):
+        return exc
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLError):
-            return seen
+            err = AuthError(f"TLS server refused us: {seen}")
+            err.__cause__ = exc
+            return err
         seen = seen.__cause__ or seen.__context__
-    return None
-
-
-async def _open_stream(
-    ep: Endpoint, name: str, resolver: Resolver, tls: TLSConfig | None
-) -> trio.abc.Stream:
-    if ep.scheme == "vchan":
-        return await connect_vchan(ep.host, host_store=ep.store or resolver.store)
-    tcp = await trio.open_tcp_stream(ep.host, ep.port)
-    if ep.scheme == "tcp":
-        return tcp
-    if tls is None or not tls.can_connect:
-        await tcp.aclose()
-        raise LocalProtocolError("TLS endpoint but no CA configured (tls= or MESHLINK_TLS_CA)")
-    stream = await tls_client_stream(tcp, tls.client_context(), name)
-    if ep.fingerprint:
-        import hashlib
-
-        der = stream.getpeercert(binary_form=True)
-        seen = hashlib.sha256(der).hexdigest() if der else ""
-        if seen != ep.fingerprint:
-            logger.warning("%s: server certificate fingerprint %s differs from the advertised "
-                           "%s (the CA vouches for it; advertisement may be stale)",
-                           name, seen[:16], ep.fingerprint[:16])
-    return stream
+    return exc
 
 
 @asynccontextmanager
@@ -357,7 +358,7 @@ async def connect(
         handlers: what this end serves to the server (the bus is symmetric).
         resolver: a :class:`resolver.Resolver`; by default one is built from
             ``host_store``, ``rules``, ``zeroconf`` and ``host_id``.
-        host_store: our host store (default as in :mod:`meshlink.hoststore`).
+        host_store: our host store (default as in :mod:`resolver.hoststore.store`).
         rules: rules file path or parsed rules (default ``$MESHLINK_RULES``).
         zeroconf: DNS-SD lookup config, ``True``, ``False``, or ``None`` for
             ``$MESHLINK_ZEROCONF`` (unset: off).
@@ -381,6 +382,7 @@ async def connect(
         AuthError: every attempt failed and at least one was refused for its
             credentials (TLS certificate, vchan uid).
         RulesError: the rules file is malformed.
+        LocalProtocolError: a bad name (:class:`~meshlink.InvalidName`) or pin.
 
     Cancellation:
         Safe at any point: a half-made transport is closed.  Leaving the block
@@ -391,53 +393,37 @@ async def connect(
     """
     if tls is None:
         tls = TLSConfig.from_env()
-    if resolver is None:
-        resolver = Resolver(host_store=host_store, rules=rules, zeroconf=zeroconf,
-                            host_id=host_id, tls_configured=tls is not None and tls.can_connect)
     policy = Policy(require_tls=require_tls, forbid_vchan=forbid_vchan, pin=pin)
-    try:
-        choices = await resolver.resolve(name, policy)
-    except ValueError as exc:
-        raise LocalProtocolError(f"bad pin: {exc}") from exc
-    failures: list[str] = []
-    auth_error: BaseException | None = None
-    last: BaseException | None = None
-    async with AsyncExitStack() as stack:
-        conn: MeshConnection | None = None
-        for choice in choices:
-            ep = choice.endpoint
-            try:
-                with trio.fail_after(attempt_timeout):
-                    stream = await _open_stream(ep, name, resolver, tls)
-                # Not inside the fail_after: the connection's nursery outlives this
-                # statement.  The bus bounds its own handshake (handshake_timeout).
-                opened = await stack.enter_async_context(
-                    MeshConnection.open(stream, handlers, name=client_name, config=config))
-                assert isinstance(opened, MeshConnection)
-                conn = opened
-            except (MeshlinkError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-                err: BaseException = exc
-                if ep.scheme == "tls" and not isinstance(exc, AuthError):
-                    cause = _auth_cause(exc)
-                    if cause is not None:
-                        err = AuthError(f"TLS server refused us: {cause}")
-                        err.__cause__ = exc
-                if isinstance(err, AuthError) and auth_error is None:
-                    auth_error = err
-                last = err
-                failures.append(f"{ep.url}: {err}")
-                logger.warning("%s: %s failed (%s); falling back to the next endpoint",
-                               name, ep.url, err)
-                continue
-            conn.transport = ep.scheme
-            conn.endpoint = ep
-            conn.choice = choice
-            logger.info("%s: connected over %s to %s (%s)", name, ep.scheme, ep.url,
-                        choice.reason)
-            break
-        if conn is None:
-            summary = "; ".join(failures)
-            if auth_error is not None:
-                raise AuthError(f"could not connect to {name!r}: {summary}") from auth_error
-            raise ResolveError(f"could not connect to {name!r}: {summary}") from last
+    with resolver_errors():
+        if resolver is None:
+            resolver = Resolver(host_store=host_store, rules=rules, zeroconf=zeroconf,
+                                host_id=host_id,
+                                tls_configured=tls is not None and tls.can_connect)
+        try:
+            choices = await resolver.resolve(name, policy)
+        except InvalidName:
+            raise
+        except ValueError as exc:
+            raise LocalProtocolError(f"bad pin: {exc}") from exc
+    store = resolver.store
+
+    @asynccontextmanager
+    async def attempt(ep: Endpoint) -> AsyncIterator[MeshConnection]:
+        with trio.fail_after(attempt_timeout):
+            stream = await dial(ep, host_store=store, tls=tls, server_hostname=name)
+        # Not inside the fail_after: the connection's nursery outlives this
+        # statement.  The bus bounds its own handshake (handshake_timeout).
+        async with MeshConnection.open(stream, handlers, name=client_name,
+                                       config=config) as opened:
+            assert isinstance(opened, MeshConnection)
+            yield opened
+
+    async with open_first(choices, attempt, subject=name, log=logger, blame=_tls_refusal,
+                          failure=f"could not connect to {name!r}") as (conn, choice):
+        ep = choice.endpoint
+        conn.transport = ep.scheme
+        conn.endpoint = ep
+        conn.choice = choice
+        logger.info("%s: connected over %s to %s (%s)", name, ep.scheme, ep.url,
+                    choice.reason)
         yield conn

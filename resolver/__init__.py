@@ -1,4 +1,4 @@
-"""Name resolution for meshlink: host store, static rules and zeroconf registries.
+"""Name resolution: host store, static rules and zeroconf registries.
 
 ``Resolver.resolve(name)`` asks every configured source for endpoints of
 ``name`` (the host store for co-located services, a static rules file, and
@@ -6,22 +6,41 @@ zeroconf DNS-SD when enabled) and ranks them with the pure function
 :func:`rank` (vchan > tls > tcp by default), giving the reason for each place.
 See README.md, "Services by name".
 
+This is the naming layer: it owns the service-name rule (``names``), the host
+store and its files (``hoststore``), the XenStore registry (``xenstore``, over
+a client the caller provides) and its own errors (``errors``).  It does not
+depend on meshlink; meshlink builds on it and turns these errors into its
+own (each meshlink class also subclasses the one here).
+
 Modules: ``_types`` (endpoints, policy), ``_rank`` (the ranking), one per
 source (``hoststore``, ``rules``, ``zeroconf``), ``_resolver`` (combines them).
-meshlink imports the submodules, never this package's namespace, so importing
-``resolver`` first or ``meshlink`` first both work.
 """
 
 from __future__ import annotations
 
-# meshlink first: its package may import meshlink.service, which imports our
-# submodules; doing it here, before any of them, makes both import orders work.
-import meshlink  # noqa: F401  (import order, see above)
-
 from ._rank import rank
 from ._resolver import Resolver
 from ._types import SCHEMES, Choice, Endpoint, LocalFacts, Policy, Ranking, Scheme
-from .hoststore import ServiceRecord, default_host_id
+from .errors import (
+    InvalidName,
+    NameInUse,
+    ResolveError,
+    ResolverError,
+    RulesError,
+    ServiceNotFound,
+    StoreError,
+)
+from .hoststore import (
+    HostStore,
+    HostStoreSource,
+    Publication,
+    ServiceRecord,
+    blk_entry_name,
+    default_host_id,
+    remove_record,
+    write_record,
+)
+from .names import validate_service_name
 from .rules import Rules, load_rules, parse_rules
 from .zeroconf import Advertisement, ZeroconfConfig
 
@@ -30,16 +49,30 @@ __all__ = [
     "Advertisement",
     "Choice",
     "Endpoint",
+    "HostStore",
+    "HostStoreSource",
+    "InvalidName",
     "LocalFacts",
+    "NameInUse",
     "Policy",
+    "Publication",
     "Ranking",
+    "ResolveError",
     "Resolver",
+    "ResolverError",
     "Rules",
+    "RulesError",
     "Scheme",
+    "ServiceNotFound",
     "ServiceRecord",
+    "StoreError",
     "ZeroconfConfig",
+    "blk_entry_name",
     "default_host_id",
     "load_rules",
     "parse_rules",
     "rank",
+    "remove_record",
+    "validate_service_name",
+    "write_record",
 ]

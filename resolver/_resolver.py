@@ -7,13 +7,12 @@ import os
 
 import trio
 
-from meshlink._errors import ResolveError
-from meshlink.hoststore import HostStore, validate_service_name
-
 from . import zeroconf as zc
 from ._rank import rank
 from ._types import Choice, Endpoint, LocalFacts, Policy, Ranking
-from .hoststore import HostStoreSource, default_host_id
+from .errors import ResolveError
+from .hoststore import HostStore, HostStoreSource, default_host_id
+from .names import validate_service_name
 from .rules import Rules, rules_from
 from .zeroconf import ZeroconfConfig
 
@@ -26,8 +25,8 @@ class Resolver:
     """Resolves service names to ranked endpoints.
 
     Args:
-        host_store: our host store (a :class:`~meshlink.hoststore.HostStore`
-            or its path; default as in :mod:`meshlink.hoststore`).
+        host_store: our host store (a :class:`~resolver.hoststore.HostStore`
+            or its path; default as in :mod:`resolver.hoststore.store`).
         rules: parsed rules, a rules file path, or ``None`` for
             ``$MESHLINK_RULES`` (unset: no rules).
         zeroconf: a :class:`ZeroconfConfig`, ``False`` to disable, or ``None``
@@ -38,7 +37,7 @@ class Resolver:
 
     Raises:
         RulesError: the rules file is malformed (file and line in the message).
-        TransportError: the host store cannot be used.
+        StoreError: the host store cannot be used.
     """
 
     def __init__(
@@ -67,7 +66,7 @@ class Resolver:
         """Every endpoint the sources know for ``name``, unranked, sources in order.
 
         Raises:
-            LocalProtocolError: ``name`` is not a valid service name.
+            InvalidName: ``name`` is not a valid service name.
 
         Cancellation:
             Safe; a zeroconf query still running finishes in its thread.
@@ -109,6 +108,7 @@ class Resolver:
             ResolveError: no usable endpoint (the message lists what was
                 rejected and why).
             RulesError: a suffix rewrite produced an invalid endpoint.
+            ValueError: ``policy.pin`` is not an endpoint URL.
 
         Cancellation, Backpressure: as :meth:`candidates`.
         """

@@ -17,7 +17,7 @@ where names live without any network discovery::
 
 The file is read with :mod:`tomllib`.  Every error -- TOML syntax, a wrong
 type, a malformed endpoint URL, an unknown key -- raises
-:class:`meshlink.RulesError` naming the file and the line.  TOML parsers do not
+:class:`~resolver.errors.RulesError` naming the file and the line.  TOML parsers do not
 report positions of values, so for semantic errors the line is found by
 searching the text for the offending key or string; this is exact for the
 usual one-entry-per-line layout.
@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshlink._errors import RulesError
-
 from ._types import Endpoint
+from .errors import RulesError
 
 __all__ = ["ENV_VAR", "Rewrite", "Rules", "load_rules"]
 
@@ -68,7 +67,7 @@ class Rules:
         """Endpoints for ``name``: the exact entry, else the longest matching suffix.
 
         Raises:
-            ResolveError: a rewrite produced an invalid endpoint for this name
+            RulesError: a rewrite produced an invalid endpoint for this name
                 (for example a host that is not a valid DNS label).
         """
         exact = self.names.get(name)

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from meshlink import AuthError, ResolveError
+from meshlink import AuthError
 from meshlink.bus import Handlers
-from meshlink.hoststore import HostStore
 from meshlink.service import Server, connect, serve
-from resolver import Resolver
+from resolver import HostStore, ResolveError, Resolver
 from resolver.hoststore import HostStoreSource, ServiceRecord, default_host_id, write_record
 
 from .helpers.connect_certs import Certs, make_certs

@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from meshlink import ResolveError
-from meshlink._errors import RulesError
-from meshlink.hoststore import HostStore
-from resolver import Endpoint, LocalFacts, Policy, Resolver, parse_rules, rank
+from resolver import (
+    Endpoint,
+    HostStore,
+    LocalFacts,
+    Policy,
+    ResolveError,
+    Resolver,
+    RulesError,
+    parse_rules,
+    rank,
+)
 from resolver.hoststore import HostStoreSource, ServiceRecord, default_host_id, write_record
 
 ME = LocalFacts("host-a")

@@ -11,8 +11,8 @@ import trio
 import trio.testing
 
 from meshlink import AddressInUse, AuthError, LocalProtocolError, ServiceNotFound
-from meshlink.hoststore import HostStore
 from meshlink.transport.vchan import VchanStream, connect_vchan, open_vchan_listener
+from resolver import HostStore
 
 from .conftest import Peer
 
@@ -134,7 +134,7 @@ def test_default_store_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 
 
 def test_default_store_must_be_private(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from meshlink import TransportError
+    from resolver import StoreError as TransportError
 
     monkeypatch.delenv("MESHLINK_HOST_STORE", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))

@@ -1,4 +1,4 @@
-"""meshlink.xenstore_registry over the emulated XenStore: publish, lookup by
+"""meshlink.transport.xenstore over the emulated XenStore: publish, lookup by
 name from another domain, permissions, withdraw."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from meshlink import ServiceNotFound
-from meshlink.xenstore_registry import lookup, prepare_index, publish, withdraw
+from meshlink.transport.xenstore import lookup, prepare_index, publish, withdraw
 
 from .xenemu.fixtures import XenHost, xen_host, xenemu
 

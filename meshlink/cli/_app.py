@@ -29,6 +29,8 @@ from typing import Any
 
 import trio
 
+from resolver import ResolverError
+
 from .._errors import MeshlinkError
 
 __all__ = ["EXIT_CODES", "CommandFailed", "add_group", "add_verbose", "main", "run_group"]
@@ -153,7 +155,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
             raise _single(group) from None
     except KeyboardInterrupt:
         return 130
-    except (CommandFailed, MeshlinkError, OSError, trio.BrokenResourceError) as exc:
+    # ResolverError: `resolve` and `ls` ask the resolver directly.
+    except (CommandFailed, MeshlinkError, ResolverError, OSError,
+            trio.BrokenResourceError) as exc:
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 1
     return code

@@ -87,7 +87,7 @@ def _add_common(p: argparse.ArgumentParser, role: str) -> None:
     prov.add_argument("--local", dest="provider", action="store_const", const="local",
                       help="use the local provider through the host store")
     p.add_argument("--host-store", metavar="DIR",
-                   help="host store directory for --local (default: see meshlink.hoststore)")
+                   help="host store directory for --local (default: see resolver.hoststore)")
     p.set_defaults(func=_cmd, role=role)
 
 

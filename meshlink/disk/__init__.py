@@ -18,11 +18,10 @@ from collections.abc import AsyncIterator, Mapping
 
 import trio
 
-from resolver._resolver import Resolver
-from resolver._types import Policy
+from resolver import Endpoint, HostStore, Policy, Resolver, blk_entry_name
 
-from .._errors import MeshlinkError, ResolveError
-from ..hoststore import HostStore
+from .._errors import resolver_errors
+from ..transport.dial import open_first
 from ..transport.tls import TLSConfig
 from .backends import (
     BACKEND_KINDS,
@@ -36,7 +35,6 @@ from .backends import (
     open_backend,
 )
 from .blk import BlkDisk, open_blk, serve_blk
-from .blk import rendezvous_name as blk_rendezvous_name
 from .nbd import Export, NBDDisk, NBDServer, TLSMode, list_exports, open_nbd
 
 log = logging.getLogger("meshlink.disk")
@@ -66,7 +64,7 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
         target: ``SERVICE/DISK``, ``blk://SERVICE/DISK``, or an ``nbd://``,
             ``nbds://``, ``nbd+unix://`` or ``nbds+unix://`` URI.
         ssl_context: client TLS context for NBD (default: from ``tls``).
-        host_store: host store for the blk ring (default: see :mod:`meshlink.hoststore`).
+        host_store: host store for the blk ring (default: see :mod:`resolver.hoststore.store`).
         resolver: resolver for the network path (default: ``Resolver(host_store=...)``).
         tls: certificates for NBD over TLS (default: ``MESHLINK_TLS_*``); the
             server's certificate must name ``SERVICE``.
@@ -92,8 +90,10 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
     explicit_blk = target.startswith("blk://")
     target = target.removeprefix("blk://")
     service, _, disk_name = target.partition("/")
-    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
-    if explicit_blk or store.is_live(blk_rendezvous_name(service)):
+    with resolver_errors():
+        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        co_located = explicit_blk or store.is_live(blk_entry_name(service))
+    if co_located:
         async with open_blk(target, host_store=store) as blk:
             yield blk
         return
@@ -102,30 +102,24 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
     tls = tls if tls is not None else TLSConfig.from_env()
     if ssl_context is None and tls is not None and tls.can_connect:
         ssl_context = tls.client_context()
-    resolver = resolver or Resolver(host_store=store, tls_configured=ssl_context is not None)
-    choices = await resolver.resolve(service + NBD_NAME_SUFFIX,
-                                     Policy(require_tls=require_tls, forbid_vchan=True))
-    failures: list[str] = []
-    async with contextlib.AsyncExitStack() as stack:
-        for choice in choices:
-            ep = choice.endpoint
-            if ep.scheme not in ("tls", "tcp"):
-                continue
-            host = f"[{ep.host}]" if ":" in ep.host else ep.host
-            url = f"{'nbds' if ep.scheme == 'tls' else 'nbd'}://{host}:{ep.port}/{disk_name}"
-            try:
-                nbd = await stack.enter_async_context(open_nbd(
-                    url, ssl_context=ssl_context if ep.scheme == "tls" else None,
-                    server_hostname=service, max_in_flight=max_in_flight))
-            except (MeshlinkError, OSError, ValueError) as exc:
-                log.warning("disk %s: %s failed (%s); trying the next endpoint",
-                            target, url, exc)
-                failures.append(f"{url}: {exc}")
-                continue
-            yield nbd
-            return
-    tried = "; ".join(failures) or "no usable endpoint"
-    raise ResolveError(f"disk {target!r}: not served on this host, and over NBD: {tried}")
+    with resolver_errors():
+        resolver = resolver or Resolver(host_store=store, tls_configured=ssl_context is not None)
+        choices = await resolver.resolve(service + NBD_NAME_SUFFIX,
+                                         Policy(require_tls=require_tls, forbid_vchan=True))
+
+    def nbd_url(ep: Endpoint) -> str:
+        host = f"[{ep.host}]" if ":" in ep.host else ep.host
+        return f"{'nbds' if ep.scheme == 'tls' else 'nbd'}://{host}:{ep.port}/{disk_name}"
+
+    def attempt(ep: Endpoint) -> contextlib.AbstractAsyncContextManager[NBDDisk]:
+        return open_nbd(nbd_url(ep), ssl_context=ssl_context if ep.scheme == "tls" else None,
+                        server_hostname=service, max_in_flight=max_in_flight)
+
+    network = [c for c in choices if c.endpoint.scheme in ("tls", "tcp")]
+    failure = f"disk {target!r}: not served on this host, and over NBD"
+    async with open_first(network, attempt, subject=f"disk {target}", failure=failure,
+                          log=log, describe=nbd_url) as (nbd, _):
+        yield nbd
 
 
 async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,

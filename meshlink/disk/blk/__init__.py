@@ -26,6 +26,5 @@ from __future__ import annotations
 
 from .back import serve_blk
 from .front import BlkDisk, open_blk
-from .handshake import rendezvous_name as rendezvous_name  # used by meshlink.disk.open
 
 __all__ = ["BlkDisk", "open_blk", "serve_blk"]

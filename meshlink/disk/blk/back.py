@@ -26,8 +26,9 @@ from typing import Any
 
 import trio
 
-from ..._errors import DiskError, HandshakeError, RingCorruptError
-from ...hoststore import HostStore
+from resolver import HostStore, blk_entry_name
+
+from ..._errors import DiskError, HandshakeError, RingCorruptError, resolver_errors
 from ...transport.doorbell import Doorbell, spin
 from ...transport.rendezvous import encode, peer_credentials, recv_message_with_fds, send_refusal
 from ..backends import Backend
@@ -37,7 +38,6 @@ from .handshake import (
     MAX_INDIRECT_SEGMENTS,
     PROTOCOL_VERSION,
     SPIN_SECONDS,
-    rendezvous_name,
 )
 from .ring import (
     OP_DISCARD,
@@ -252,7 +252,7 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
     Args:
         service: the service name.
         disks: backends by disk name.
-        host_store: the host store (default: see :mod:`meshlink.hoststore`).
+        host_store: the host store (default: see :mod:`resolver.hoststore`).
         allow_uids: uids allowed to connect (default: our own).
         task_status: ``nursery.start`` reports the host store once listening.
 
@@ -261,9 +261,10 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
 
     Cancellation: withdraws the service and closes every client's ring.
     """
-    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
     uids = frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
-    pub = store.claim(rendezvous_name(service))
+    with resolver_errors():
+        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        pub = store.claim(blk_entry_name(service))
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(pub.socket_path))

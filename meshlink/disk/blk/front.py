@@ -22,6 +22,8 @@ from typing import Any
 import outcome
 import trio
 
+from resolver import HostStore, blk_entry_name
+
 from ..._errors import (
     ConnectionLost,
     DiskError,
@@ -29,11 +31,11 @@ from ..._errors import (
     LocalProtocolError,
     RingCorruptError,
     ServiceNotFound,
+    resolver_errors,
 )
-from ...hoststore import HostStore
 from ...transport.doorbell import Doorbell, spin
 from ...transport.rendezvous import check_reply, encode, recv_message
-from .handshake import HANDSHAKE_TIMEOUT, PROTOCOL_VERSION, SPIN_SECONDS, rendezvous_name
+from .handshake import HANDSHAKE_TIMEOUT, PROTOCOL_VERSION, SPIN_SECONDS
 from .ring import (
     OP_DISCARD,
     OP_FLUSH_DISKCACHE,
@@ -456,7 +458,7 @@ def open_blk(target: str, *, host_store: HostStore | str | os.PathLike[str] | No
 
     Args:
         target: ``"storage-node/disk0"``; the service must run on this host.
-        host_store: the host store (default: see :mod:`meshlink.hoststore`).
+        host_store: the host store (default: see :mod:`resolver.hoststore.store`).
         ring_order: ring-page-order 0..4 (32..512 requests in flight).
 
     Raises:
@@ -474,8 +476,9 @@ async def _connect(target: str, host_store: HostStore | str | os.PathLike[str] |
     service, sep, disk = target.partition("/")
     if not sep or not disk:
         raise LocalProtocolError(f"blk target must be 'service/disk', got {target!r}")
-    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
-    path = store.socket_path(rendezvous_name(service))
+    with resolver_errors():
+        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        path = store.socket_path(blk_entry_name(service))
     pool_pages = ring_entries(order) * (SLOT_PAGES + 1)
     # The pages come from the local grant provider: a sealed memfd we pass on.
     ring = FrontRing(order, pool_pages)

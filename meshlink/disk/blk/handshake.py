@@ -1,6 +1,6 @@
 """What the blk frontend and backend agree on outside the ring itself.
 
-The rendezvous name a service publishes, the hello's protocol version, how
+The hello's protocol version, how
 long a handshake may take, and how long an idle end spins before sleeping.
 Both ends import these from here so the two halves cannot drift apart.
 """
@@ -12,7 +12,6 @@ __all__ = [
     "MAX_INDIRECT_SEGMENTS",
     "PROTOCOL_VERSION",
     "SPIN_SECONDS",
-    "rendezvous_name",
 ]
 
 PROTOCOL_VERSION = 1
@@ -24,7 +23,3 @@ SPIN_SECONDS = 50e-6
 #: frontend sends INDIRECT only when its whole slot fits.
 MAX_INDIRECT_SEGMENTS = 256
 
-
-def rendezvous_name(service: str) -> str:
-    """The host-store name under which ``service`` offers its disks on the blk ring."""
-    return f"{service}.blk"

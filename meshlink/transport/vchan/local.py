@@ -20,8 +20,9 @@ from pathlib import Path
 
 import trio
 
-from ..._errors import HandshakeError, LocalProtocolError, ServiceNotFound
-from ...hoststore import HostStore, Publication
+from resolver import HostStore, Publication
+
+from ..._errors import HandshakeError, LocalProtocolError, ServiceNotFound, resolver_errors
 from ..rendezvous import (
     check_reply,
     encode,
@@ -57,7 +58,7 @@ class VchanListener(trio.abc.Listener[VchanStream]):
 
     Attributes:
         service: the service name.
-        store: the :class:`~meshlink.hoststore.HostStore` it is published in.
+        store: the :class:`~resolver.HostStore` it is published in.
     """
 
     def __init__(
@@ -169,9 +170,9 @@ async def open_vchan_listener(
     """Publish ``service`` in the host store and listen for vchan clients.
 
     Args:
-        service: the service name (see :func:`~meshlink.hoststore.validate_service_name`).
-        host_store: a :class:`HostStore` or its directory (default: see
-            :mod:`meshlink.hoststore`).
+        service: the service name (see :func:`~resolver.validate_service_name`).
+        host_store: a :class:`~resolver.HostStore` or its directory (default: see
+            :mod:`resolver.hoststore.store`).
         allow_uids: user ids allowed to connect (default: only our own uid).
         read_min: minimum size of the ring this server reads (<= 1 MiB).
         write_min: minimum size of the ring this server writes (<= 1 MiB).
@@ -182,13 +183,15 @@ async def open_vchan_listener(
 
     Raises:
         AddressInUse: a live server already publishes ``service``.
-        LocalProtocolError: bad name or ring size.
+        LocalProtocolError: bad name (:class:`~meshlink.InvalidName`) or ring size.
+        StoreError: the host store cannot be used.
     """
     for what, size in (("read_min", read_min), ("write_min", write_min)):
         if not 0 <= size <= MAX_RING_SIZE:
             raise LocalProtocolError(f"{what} must be in [0, {MAX_RING_SIZE}], got {size}")
-    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
-    pub = store.claim(service)
+    with resolver_errors():
+        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        pub = store.claim(service)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(pub.socket_path))
@@ -228,8 +231,9 @@ async def connect_vchan(
 
     Cancellation: safe; nothing is left behind.
     """
-    store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
-    path: Path = store.socket_path(service)
+    with resolver_errors():
+        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        path: Path = store.socket_path(service)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:

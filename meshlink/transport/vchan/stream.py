@@ -7,7 +7,7 @@ libxenvchan lays them out (``native/``, DESIGN.md section 2).  This module
 adds what a trio stream needs on top:
 
 *Rendezvous.*  A server claims its service name in the host store
-(:mod:`meshlink.hoststore`) and listens on a Unix socket there.  A client
+(:mod:`resolver.hoststore`) and listens on a Unix socket there.  A client
 connects and sends a small JSON hello with the ring sizes it wants; the server
 checks the client's credentials (``SO_PEERCRED``) against its allow list --
 the local analogue of a grant table naming the one domain that may map a

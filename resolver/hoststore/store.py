@@ -1,4 +1,4 @@
-"""The host store: where co-located services publish their rendezvous sockets.
+"""The host store directory: claims, liveness, and the names of its files.
 
 Theory of operation
 -------------------
@@ -6,7 +6,10 @@ A host store is one directory per host (per "co-location domain").  A server
 that offers service ``NAME`` over vchan holds an exclusive ``flock`` on
 ``NAME.lock`` for as long as it serves, and listens on the Unix socket
 ``NAME.sock``.  A client connects to that socket and receives the shared
-memory and event file descriptors (see :mod:`meshlink.transport.vchan`).
+memory and event file descriptors (meshlink's vchan transport).  Beside them
+a server may write ``NAME.meshlink.json``, its record (see
+:mod:`resolver.hoststore.records`), and a disk server claims ``NAME.blk``.
+Every file name of the store is built here and nowhere else.
 
 Why a lock file as well as the socket: a server killed with SIGKILL leaves its
 socket file behind, and a client connecting to it gets ``ECONNREFUSED`` -- but a
@@ -28,35 +31,27 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import AddressInUse, LocalProtocolError, TransportError
+from ..errors import NameInUse, StoreError
+from ..names import NAME_RE, validate_service_name
 
-__all__ = ["HostStore", "Publication", "validate_service_name"]
+__all__ = ["ENV_VAR", "HostStore", "Publication", "blk_entry_name"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ENV_VAR = "MESHLINK_HOST_STORE"
+_SOCKET, _LOCK, _RECORD, _BLK = ".sock", ".lock", ".meshlink.json", ".blk"
 
 
-def validate_service_name(name: str) -> str:
-    """Check that ``name`` can be a service name and return it.
+def blk_entry_name(service: str) -> str:
+    """The host-store name under which ``service`` offers its disks on the blk ring.
 
-    Service names are 1..128 characters of ``[A-Za-z0-9._-]`` starting with a
-    letter or digit, so that they are safe as file names and DNS-SD labels.
-
-    Raises:
-        LocalProtocolError: the name is not acceptable.
+    A disk server claims it like any service name (lock and socket), so one
+    service may serve the bus and its disks side by side.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise LocalProtocolError(
-            f"invalid service name {name!r}: use 1-128 characters of [A-Za-z0-9._-], "
-            "starting with a letter or digit"
-        )
-    return name
+    return f"{service}{_BLK}"
 
 
 def _default_path() -> tuple[Path, bool]:
@@ -106,7 +101,7 @@ class HostStore:
             ``$XDG_RUNTIME_DIR/meshlink`` or ``/tmp/meshlink-<uid>``.
 
     Raises:
-        TransportError: the directory cannot be created, or a default
+        StoreError: the directory cannot be created, or a default
             directory is not private to this user.
     """
 
@@ -120,11 +115,11 @@ class HostStore:
             p.mkdir(mode=0o700, parents=True, exist_ok=True)
             st = p.stat()
         except OSError as exc:
-            raise TransportError(f"cannot use host store {p}: {exc}") from exc
+            raise StoreError(f"cannot use host store {p}: {exc}") from exc
         if not stat.S_ISDIR(st.st_mode):
-            raise TransportError(f"host store {p} is not a directory")
+            raise StoreError(f"host store {p} is not a directory")
         if vet and (st.st_uid != os.getuid() or st.st_mode & 0o022):
-            raise TransportError(
+            raise StoreError(
                 f"host store {p} is not private (owner uid {st.st_uid}, mode "
                 f"{stat.S_IMODE(st.st_mode):o}); set {ENV_VAR} to a directory you own"
             )
@@ -134,11 +129,23 @@ class HostStore:
         return f"HostStore({str(self.path)!r})"
 
     def socket_path(self, service: str) -> Path:
-        """Path of the rendezvous socket of ``service``."""
-        return self.path / f"{validate_service_name(service)}.sock"
+        """Path of the rendezvous socket of ``service``.
+
+        Raises:
+            InvalidName: ``service`` is not a valid service name.
+        """
+        return self.path / f"{validate_service_name(service)}{_SOCKET}"
+
+    def record_path(self, service: str) -> Path:
+        """Path of the record ``service`` publishes about itself (a JSON file).
+
+        Raises:
+            InvalidName: ``service`` is not a valid service name.
+        """
+        return self.path / f"{validate_service_name(service)}{_RECORD}"
 
     def _lock_path(self, service: str) -> Path:
-        return self.path / f"{validate_service_name(service)}.lock"
+        return self.path / f"{validate_service_name(service)}{_LOCK}"
 
     def claim(self, service: str) -> Publication:
         """Claim ``service`` for this process, clearing a crashed server's leftovers.
@@ -148,7 +155,8 @@ class HostStore:
             :meth:`Publication.withdraw` when done.
 
         Raises:
-            AddressInUse: a live server already holds the name.
+            NameInUse: a live server already holds the name.
+            InvalidName: ``service`` is not a valid service name.
         """
         lock_path = self._lock_path(service)
         while True:
@@ -157,7 +165,7 @@ class HostStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise AddressInUse(
+                raise NameInUse(
                     errno.EADDRINUSE, f"service {service!r} is already served in {self.path}"
                 ) from None
             # The file we locked may have been unlinked by a server that was
@@ -193,8 +201,8 @@ class HostStore:
     def services(self) -> Iterator[tuple[str, bool]]:
         """Yield ``(name, live)`` for every entry in the store, sorted by name."""
         names = sorted(
-            {p.stem for p in self.path.iterdir() if p.suffix in (".sock", ".lock")}
+            {p.stem for p in self.path.iterdir() if p.suffix in (_SOCKET, _LOCK)}
         )
         for name in names:
-            if _NAME_RE.match(name):
+            if NAME_RE.match(name):
                 yield name, self.is_live(name)

@@ -1,9 +1,9 @@
-"""Host store registry: co-located services and the host id that proves co-location.
+"""Host store records: what a live server says about itself, and the host id.
 
 Theory of operation
 -------------------
 A server that offers vchan claims its name in the host store
-(:mod:`meshlink.hoststore`: a ``flock``-held lock file and a Unix socket) and,
+(:mod:`resolver.hoststore.store`: a ``flock``-held lock file and a Unix socket) and,
 beside them, writes ``NAME.meshlink.json`` with what a client needs to choose:
 its host id, the transports it offers and their TCP/TLS addresses, and its TLS
 certificate fingerprint.  The record is trusted only while the lock is held:
@@ -26,9 +26,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshlink.hoststore import HostStore, validate_service_name
-
-from ._types import Endpoint
+from .._types import Endpoint
+from ..names import validate_service_name
+from .store import HostStore
 
 __all__ = [
     "HOST_ID_ENV",
@@ -42,7 +42,6 @@ __all__ = [
 HOST_ID_ENV = "MESHLINK_HOST_ID"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 RECORD_VERSION = 1
-_SUFFIX = ".meshlink.json"
 
 
 def default_host_id(store: HostStore, boot_id_path: str = BOOT_ID_PATH) -> str:
@@ -103,13 +102,9 @@ class ServiceRecord:
             return None
 
 
-def _record_path(store: HostStore, name: str) -> Path:
-    return store.path / f"{validate_service_name(name)}{_SUFFIX}"
-
-
 def write_record(store: HostStore, record: ServiceRecord) -> None:
     """Publish ``record`` atomically (call while holding the name's claim)."""
-    path = _record_path(store, record.name)
+    path = store.record_path(record.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(record.to_json())
     os.replace(tmp, path)
@@ -118,7 +113,7 @@ def write_record(store: HostStore, record: ServiceRecord) -> None:
 def remove_record(store: HostStore, name: str) -> None:
     """Withdraw the record of ``name`` (idempotent)."""
     try:
-        _record_path(store, name).unlink()
+        store.record_path(name).unlink()
     except FileNotFoundError:
         pass
 
@@ -138,7 +133,7 @@ class HostStoreSource:
         if not self.store.is_live(name):
             return None
         try:
-            text = _record_path(self.store, name).read_text()
+            text = self.store.record_path(name).read_text()
         except (OSError, UnicodeDecodeError):
             return None
         rec = ServiceRecord.from_json(text)

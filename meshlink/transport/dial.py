@@ -1,0 +1,152 @@
+"""Dialing what the resolver ranked: one dial per scheme, one try-in-order loop.
+
+Theory of operation
+-------------------
+:class:`resolver.Resolver` turns a name into endpoints, best first, each with
+the reason for its place.  Opening them is this module's job, and it is the
+same for every client: try each endpoint in order, one at a time; a failed
+attempt is logged (which endpoint, why) and the next one is tried; when all
+fail, one :class:`~meshlink.ResolveError` lists every attempt and its reason
+(or :class:`~meshlink.AuthError` when one was refused for its credentials,
+so a bad certificate is not reported as "unreachable").
+
+``meshlink.connect`` opens a bus connection per attempt (vchan, TLS or TCP,
+:func:`dial`); ``meshlink.disk.open`` opens an NBD client per attempt.  Both
+go through :func:`open_first`.  Endpoints are tried sequentially, never raced:
+a better transport that works must stop a worse one from being opened at all
+(for example, no plain TCP connection when vchan succeeds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import TypeVar
+
+import trio
+
+from resolver import Choice, Endpoint, HostStore
+
+from .._errors import AuthError, LocalProtocolError, MeshlinkError, ResolveError
+from .tls import TLSConfig, tls_client_stream
+from .vchan import VchanStream, connect_vchan
+
+__all__ = ["ATTEMPT_ERRORS", "dial", "dial_tcp", "dial_tls", "dial_vchan", "open_first"]
+
+logger = logging.getLogger("meshlink.connect")
+
+#: What a failed attempt may raise; anything else is a bug and propagates.
+ATTEMPT_ERRORS = (MeshlinkError, OSError, ValueError, trio.BrokenResourceError,
+                  trio.TooSlowError)
+T = TypeVar("T")
+
+
+async def dial_vchan(ep: Endpoint, host_store: HostStore) -> VchanStream:
+    """Open a vchan to ``ep`` through its host store (``host_store`` if it names none)."""
+    return await connect_vchan(ep.host, host_store=ep.store or host_store)
+
+
+async def dial_tcp(ep: Endpoint) -> trio.SocketStream:
+    """Open a plain TCP connection to ``ep``."""
+    return await trio.open_tcp_stream(ep.host, ep.port)
+
+
+async def dial_tls(ep: Endpoint, tls: TLSConfig | None,
+                   server_hostname: str) -> trio.SSLStream[trio.abc.Stream]:
+    """Open TLS to ``ep``, verifying that the server's certificate names ``server_hostname``.
+
+    A certificate that the CA vouches for but whose fingerprint differs from
+    the advertised one is accepted with a warning: the advertisement may be stale.
+
+    Raises:
+        LocalProtocolError: we have no CA to verify the server with.
+        AuthError: the server's certificate was refused.
+    """
+    tcp = await dial_tcp(ep)
+    if tls is None or not tls.can_connect:
+        await tcp.aclose()
+        raise LocalProtocolError("TLS endpoint but no CA configured (tls= or MESHLINK_TLS_CA)")
+    stream = await tls_client_stream(tcp, tls.client_context(), server_hostname)
+    if ep.fingerprint:
+        der = stream.getpeercert(binary_form=True)
+        seen = hashlib.sha256(der).hexdigest() if der else ""
+        if seen != ep.fingerprint:
+            logger.warning("%s: server certificate fingerprint %s differs from the advertised "
+                           "%s (the CA vouches for it; advertisement may be stale)",
+                           server_hostname, seen[:16], ep.fingerprint[:16])
+    return stream
+
+
+async def dial(ep: Endpoint, *, host_store: HostStore, tls: TLSConfig | None,
+               server_hostname: str) -> trio.abc.Stream:
+    """Open a byte stream to ``ep`` with the dial of its scheme."""
+    if ep.scheme == "vchan":
+        return await dial_vchan(ep, host_store)
+    if ep.scheme == "tls":
+        return await dial_tls(ep, tls, server_hostname)
+    return await dial_tcp(ep)
+
+
+def _unchanged(ep: Endpoint, exc: BaseException) -> BaseException:
+    return exc
+
+
+@asynccontextmanager
+async def open_first(
+    choices: Sequence[Choice],
+    open_one: Callable[[Endpoint], AbstractAsyncContextManager[T]],
+    *,
+    subject: str,
+    failure: str,
+    log: logging.Logger,
+    describe: Callable[[Endpoint], str] = lambda ep: ep.url,
+    blame: Callable[[Endpoint, BaseException], BaseException] = _unchanged,
+) -> AsyncIterator[tuple[T, Choice]]:
+    """Enter ``open_one(endpoint)`` for each choice in order until one works.
+
+    Use as ``async with open_first(...) as (resource, choice):``; the resource
+    is closed when the block is left.
+
+    Args:
+        choices: the resolver's ranking, best first.
+        open_one: opens one endpoint (an async context manager).
+        subject: what is being opened, first in each log line (a service name).
+        failure: the start of the error message when every attempt fails.
+        log: the logger that gets one warning per failed attempt.
+        describe: how an endpoint is named in logs and errors (default: its URL).
+        blame: may re-classify an attempt's error (for example, a TLS refusal
+            buried in a later handshake becomes an :class:`AuthError`).
+
+    Raises:
+        AuthError: every attempt failed and one was refused for its credentials.
+        ResolveError: every attempt failed (the message lists each and why;
+            the last error is chained), or there was nothing to try.
+
+    Cancellation:
+        Safe at any point: a half-open attempt is closed by its ``open_one``.
+    """
+    failures: list[str] = []
+    auth_error: BaseException | None = None
+    last: BaseException | None = None
+    async with AsyncExitStack() as stack:
+        for choice in choices:
+            ep = choice.endpoint
+            try:
+                opened = await stack.enter_async_context(open_one(ep))
+            except ATTEMPT_ERRORS as exc:
+                err = blame(ep, exc)
+                if isinstance(err, AuthError) and auth_error is None:
+                    auth_error = err
+                last = err
+                failures.append(f"{describe(ep)}: {err}")
+                log.warning("%s: %s failed (%s); falling back to the next endpoint",
+                            subject, describe(ep), err)
+                continue
+            yield opened, choice
+            return
+    summary = "; ".join(failures) or "no usable endpoint"
+    if auth_error is not None:
+        raise AuthError(f"{failure}: {summary}") from auth_error
+    raise ResolveError(f"{failure}: {summary}") from last
