@@ -17,7 +17,7 @@ the disk service, such as ``meshlink disk``/``vchan``, starts without them.
 
 from typing import TYPE_CHECKING, Any
 
-from ._errors import (
+from .errors import (
     AddressInUse,
     AuthError,
     ConnectionLost,

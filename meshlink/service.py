@@ -60,7 +60,8 @@ from resolver import (
 from resolver.zeroconf import Registration
 from resolver.zeroconf import register as zeroconf_register
 
-from ._errors import (
+from .bus import BusConfig, Connection, Handlers, serve_bus
+from .errors import (
     AddressInUse,
     AuthError,
     HandshakeError,
@@ -68,7 +69,6 @@ from ._errors import (
     MeshlinkError,
     resolver_errors,
 )
-from .bus import BusConfig, Connection, Handlers, serve_bus
 from .transport.dial import dial, open_first
 from .transport.tls import TLSConfig, tls_server_handshake
 from .transport.vchan import VchanListener, open_vchan_listener

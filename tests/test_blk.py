@@ -324,8 +324,8 @@ async def test_barrier_and_flush_are_acknowledged_in_order(blk_server: tuple[Pat
 
 def test_backend_maps_only_a_sealed_memfd_of_the_announced_size() -> None:
     """The grant provider refuses frontend memory that could shrink or is mis-sized."""
-    from meshlink._errors import HandshakeError
     from meshlink.disk.blk.ring import BackRing, FrontRing
+    from meshlink.errors import HandshakeError
 
     front = FrontRing(0, 4)
     try:

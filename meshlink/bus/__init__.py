@@ -5,7 +5,7 @@ policies, credit-controlled message streams and heartbeats, over vchan, TCP,
 TLS or an in-memory stream pair.  See README.md, "The message bus", for a tour.
 """
 
-from .._errors import ConnectionLost, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ..errors import ConnectionLost, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._connection import (
     BusConfig,
     Connection,

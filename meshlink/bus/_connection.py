@@ -63,7 +63,7 @@ from typing import Any, Final, Literal, TypeVar
 import outcome
 import trio
 
-from .._errors import (
+from ..errors import (
     ConnectionLost,
     HandshakeError,
     LocalProtocolError,

@@ -1,6 +1,6 @@
 """Errors specific to the message bus.
 
-They extend the hierarchy of :mod:`meshlink._errors`: everything the bus raises
+They extend the hierarchy of :mod:`meshlink.errors`: everything the bus raises
 on purpose is a :class:`meshlink.MeshlinkError`.  A dead peer is
 :class:`meshlink.ConnectionLost` (also a :class:`trio.BrokenResourceError`);
 malformed input is :class:`meshlink.RemoteProtocolError`; a misuse of the API
@@ -9,7 +9,7 @@ by our caller is :class:`meshlink.LocalProtocolError`.
 
 from __future__ import annotations
 
-from .._errors import HandshakeError, MeshlinkError, RemoteProtocolError
+from ..errors import HandshakeError, MeshlinkError, RemoteProtocolError
 
 
 class RemoteError(MeshlinkError):

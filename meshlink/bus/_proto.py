@@ -55,7 +55,7 @@ from typing import Any, Final, Protocol
 
 import msgpack
 
-from .._errors import LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError
 from ._errors import PeerClosedError, VersionMismatch
 
 __all__ = [

@@ -31,7 +31,7 @@ import trio
 
 from resolver import ResolverError
 
-from .._errors import MeshlinkError
+from ..errors import MeshlinkError
 
 __all__ = ["EXIT_CODES", "CommandFailed", "add_group", "add_verbose", "main", "run_group"]
 

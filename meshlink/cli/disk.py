@@ -26,7 +26,6 @@ from typing import Any
 
 import trio
 
-from .._errors import MeshlinkError
 from ..disk.backends import BACKEND_KINDS, open_backend
 from ..disk.blk import open_blk, serve_blk
 from ..disk.nbd import (
@@ -40,6 +39,7 @@ from ..disk.nbd import (
     server_ssl_context,
 )
 from ..disk.nbd import wire as c
+from ..errors import MeshlinkError
 from ._app import CommandFailed, add_group, add_verbose, run_group
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)

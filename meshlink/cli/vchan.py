@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from .._errors import ServiceNotFound
+from ..errors import ServiceNotFound
 from ..transport.vchan import (
     DEFAULT_RING_SIZE,
     MAX_RING_SIZE,

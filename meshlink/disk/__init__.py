@@ -20,7 +20,7 @@ import trio
 
 from resolver import Endpoint, HostStore, Policy, Resolver, blk_entry_name
 
-from .._errors import resolver_errors
+from ..errors import resolver_errors
 from ..transport.dial import open_first
 from ..transport.tls import TLSConfig
 from .backends import (

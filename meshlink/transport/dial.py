@@ -29,7 +29,7 @@ import trio
 
 from resolver import Choice, Endpoint, HostStore
 
-from .._errors import AuthError, LocalProtocolError, MeshlinkError, ResolveError
+from ..errors import AuthError, LocalProtocolError, MeshlinkError, ResolveError
 from .tls import TLSConfig, tls_client_stream
 from .vchan import VchanStream, connect_vchan
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .._errors import AuthError, HandshakeError
+from ..errors import AuthError, HandshakeError
 
 __all__ = [
     "MAX_MESSAGE",

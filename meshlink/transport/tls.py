@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from .._errors import AuthError, HandshakeError, LocalProtocolError
+from ..errors import AuthError, HandshakeError, LocalProtocolError
 
 __all__ = ["ENV_ALLOW", "ENV_CA", "ENV_CERT", "ENV_KEY", "TLSConfig", "peer_names"]
 

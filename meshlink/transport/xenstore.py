@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 from resolver import xenstore as registry
 from resolver.xenstore import XenService
 
-from .._errors import ProviderUnavailable, resolver_errors
 from .._native import ffi, lib
+from ..errors import ProviderUnavailable, resolver_errors
 
 __all__ = ["NativeXenStore", "XenService", "lookup", "prepare_index", "publish", "withdraw"]
 

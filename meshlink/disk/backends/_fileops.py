@@ -12,7 +12,7 @@ import ctypes
 import errno
 import os
 
-from ..._errors import DiskError
+from ...errors import DiskError
 from ._base import STATE_HOLE, STATE_ZERO, Extent, coalesce
 
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 
-from ..._errors import DiskError
+from ...errors import DiskError
 from ._base import Buffer, Capabilities, Extent
 from ._fileops import (
     FALLOC_FL_KEEP_SIZE,

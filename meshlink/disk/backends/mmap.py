@@ -12,7 +12,7 @@ import errno
 import mmap
 import os
 
-from ..._errors import DiskError
+from ...errors import DiskError
 from ._base import Buffer, Capabilities, Extent
 from ._fileops import (
     FALLOC_FL_KEEP_SIZE,

@@ -28,7 +28,7 @@ import trio
 
 from resolver import HostStore, blk_entry_name
 
-from ..._errors import DiskError, HandshakeError, RingCorruptError, resolver_errors
+from ...errors import DiskError, HandshakeError, RingCorruptError, resolver_errors
 from ...transport.doorbell import Doorbell, spin
 from ...transport.rendezvous import encode, peer_credentials, recv_message_with_fds, send_refusal
 from ..backends import Backend

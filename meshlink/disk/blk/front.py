@@ -24,7 +24,7 @@ import trio
 
 from resolver import HostStore, blk_entry_name
 
-from ..._errors import (
+from ...errors import (
     ConnectionLost,
     DiskError,
     HandshakeError,

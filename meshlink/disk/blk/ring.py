@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..._errors import HandshakeError, LocalProtocolError, RingCorruptError
 from ..._native import ffi, lib
+from ...errors import HandshakeError, LocalProtocolError, RingCorruptError
 
 __all__ = [
     "OP_DISCARD",

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..._errors import ConnectionLost, DiskError, HandshakeError, RemoteProtocolError
+from ...errors import ConnectionLost, DiskError, HandshakeError, RemoteProtocolError
 from . import wire as c
 from .client_handshake import ClientHandshake, ExportList, Negotiated, OptionError
 from .client_transmission import ClientTransmission, Reply

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Final, TypeAlias
 
-from ..._errors import LocalProtocolError, RemoteProtocolError
+from ...errors import LocalProtocolError, RemoteProtocolError
 from . import wire as c
 from .sansio import NEED_DATA, NeedData, RecvBuffer, StartTLS
 

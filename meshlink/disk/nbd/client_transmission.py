@@ -17,7 +17,7 @@ import dataclasses
 import struct
 from typing import TypeAlias
 
-from ..._errors import LocalProtocolError, RemoteProtocolError
+from ...errors import LocalProtocolError, RemoteProtocolError
 from . import wire as c
 from .client_handshake import Negotiated
 from .sansio import NEED_DATA, NeedData, RecvBuffer

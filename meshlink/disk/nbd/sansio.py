@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Final
 
-from ..._errors import LocalProtocolError, RemoteProtocolError
+from ...errors import LocalProtocolError, RemoteProtocolError
 
 
 class NeedData:

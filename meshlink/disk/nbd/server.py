@@ -55,7 +55,7 @@ from typing import Any
 
 import trio
 
-from ..._errors import AddressInUse, DiskError, RemoteProtocolError
+from ...errors import AddressInUse, DiskError, RemoteProtocolError
 from ..backends._base import Backend, Buffer
 from . import wire as c
 from .sansio import NEED_DATA, HardDisconnect, StartTLS

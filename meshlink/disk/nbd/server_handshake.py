@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final, TypeAlias
 
-from ..._errors import LocalProtocolError, RemoteProtocolError
+from ...errors import LocalProtocolError, RemoteProtocolError
 from . import wire as c
 from .sansio import NEED_DATA, HardDisconnect, NeedData, RecvBuffer, StartTLS
 

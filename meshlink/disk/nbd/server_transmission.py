@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Final, TypeAlias
 
-from ..._errors import LocalProtocolError
+from ...errors import LocalProtocolError
 from . import wire as c
 from .sansio import NEED_DATA, HardDisconnect, NeedData, RecvBuffer
 from .server_handshake import EnterTransmission

@@ -22,7 +22,7 @@ import trio
 
 from resolver import HostStore, Publication
 
-from ..._errors import HandshakeError, LocalProtocolError, ServiceNotFound, resolver_errors
+from ...errors import HandshakeError, LocalProtocolError, ServiceNotFound, resolver_errors
 from ..rendezvous import (
     check_reply,
     encode,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..._errors import LocalProtocolError, RingCorruptError, TransportError
 from ..._native import ffi, lib
+from ...errors import LocalProtocolError, RingCorruptError, TransportError
 
 __all__ = ["VchanRing", "choose_orders"]
 

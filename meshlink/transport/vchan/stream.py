@@ -48,7 +48,7 @@ from typing import TypeVar
 
 import trio
 
-from ..._errors import (
+from ...errors import (
     ConnectionLost,
 )
 from ..doorbell import Doorbell, spin

@@ -45,7 +45,8 @@ from typing import Any
 
 import trio
 
-from ..._errors import (
+from ..._native import ffi, lib
+from ...errors import (
     AuthError,
     ConnectionLost,
     HandshakeError,
@@ -55,7 +56,6 @@ from ..._errors import (
     RingCorruptError,
     ServiceNotFound,
 )
-from ..._native import ffi, lib
 from .ring import VchanRing
 from .stream import DEFAULT_RING_SIZE, MAX_RING_SIZE, VchanStream
 
