@@ -14,7 +14,8 @@ Layout, lowest first (each module imports only the ones before it):
 
 from .._errors import ConnectionLost, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .codec import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION, ExtCodec
-from .connection import BusConfig, Connection
+from .config import BusConfig
+from .connection import Connection
 from .errors import PeerClosedError, RemoteError, VersionMismatch
 from .handlers import Handlers
 from .pubsub import Subscription

@@ -4,33 +4,23 @@ Theory of operation
 -------------------
 A :class:`Connection` drives one :class:`~.proto.BusProtocol` over one trio
 stream (vchan, TCP, TLS, an in-memory pair: anything with
-``send_all``/``receive_some``).  It runs a few tasks:
+``send_all``/``receive_some``) and runs its tasks: the *writer*
+(:mod:`.writer`); the *reader*, which feeds each chunk to the core and has
+every complete frame in it dispatched (:mod:`.dispatch`) before the next read;
+the *heartbeat*, which pings every ``heartbeat_interval`` and declares the peer
+lost when nothing at all arrived for ``heartbeat_timeout``; the *notify
+runner* and the request *workers* (:mod:`.rpc`); one task per incoming stream
+(:mod:`.streams`).
 
-* the *writer* owns ``send_all`` and batches the frames produced in one
-  scheduler tick into one write (:mod:`.writer`).
-* the *reader* owns ``receive_some``: each chunk is fed to the core and every
-  complete frame in it is dispatched before the next read.  Dispatch never
-  waits, which keeps the reader (and with it replies, credit and pongs) moving
-  however slow the application is.
-* the *heartbeat* sends a ping every ``heartbeat_interval`` and declares the
-  peer lost when nothing at all arrived for ``heartbeat_timeout``.
-* the *notify runner* runs notification handlers one at a time, in order.
-* long-lived *workers* run request handlers (one at a time each; as many as
-  requests in flight, at most our ``max_concurrency``); one task per incoming
-  stream runs its handler.
+Dispatch never waits, which keeps the reader (and with it replies, credit and
+pongs) moving however slow the application is: a slow consumer cannot stall
+the heartbeat, which measures liveness, not speed.  Memory stays bounded by the
+outgoing buffer's limit (:mod:`.writer`) and the credit windows of whatever
+queues at the receiver (:mod:`.flow`).
 
-Backpressure has two layers, so memory stays bounded end to end: the outgoing
-buffer's limit (:mod:`.writer`) and the credit windows of everything that
-queues at the receiver (:mod:`.flow`).  Requests are bounded by the peer's
-``max_concurrency`` instead (a semaphore here).  Because the reader never waits
-on the application, a slow consumer cannot stall the heartbeat: the heartbeat
-measures liveness, not speed.
-
-Subscriptions (:mod:`.pubsub`) and message streams (:mod:`.streams`) live on
-the connection but see only a :class:`~.link.Link` of it.  The hot paths
-(:meth:`Connection.notify`, :meth:`Connection.call`, :meth:`Connection.publish`
-and the reader's dispatch) stay here, inline, and touch the writer's buffer
-directly: a function call per message is a measurable share of the budget.
+The hottest entry points (:meth:`Connection.notify`, :meth:`Connection.publish`)
+stay here and touch the writer's buffer inline: a function call per message is
+a measurable share of the budget.
 
 Closing: ``aclose`` (or leaving ``Connection.open``) cancels the handlers,
 fails pending operations with :class:`trio.ClosedResourceError`, queues a close
@@ -43,15 +33,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from functools import partial
-from types import CoroutineType
 from typing import Any, Final, Literal
 
-import outcome
 import trio
 
 from .._errors import (
@@ -61,36 +46,32 @@ from .._errors import (
     MeshlinkError,
     RemoteProtocolError,
 )
-from .codec import DEFAULT_MAX_CONTAINER_LEN, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION, ExtCodec
-from .errors import PeerClosedError, RemoteError
+from .codec import PROTOCOL_VERSION
+from .config import BusConfig
+from .dispatch import Dispatcher
+from .errors import PeerClosedError
 from .events import (
     NEED_DATA,
     Cancel,
-    Channel,
     Close,
     ConnectionClosed,
     Credit,
-    Error,
-    Event,
     Hello,
     Ping,
-    Pong,
     StreamEnd,
-    StreamOpen,
     StreamReset,
-    Subscribe,
-    Subscribed,
     Unsubscribe,
 )
-from .flow import CreditIn, CreditOut, Wakeup
-from .handlers import Handlers, InContext
+from .flow import CreditOut
+from .handlers import Handlers
 from .link import Link
 from .proto import BusProtocol
 from .pubsub import PubSub, Subscription
+from .rpc import Rpc
 from .streams import MessageStream, StreamTable
 from .writer import SCHEDULE_EVERY, Writer
 
-__all__ = ["CURRENT", "FEATURES", "BusConfig", "Connection"]
+__all__ = ["CURRENT", "FEATURES", "Connection"]
 
 logger = logging.getLogger("meshlink.bus")
 
@@ -103,68 +84,6 @@ _checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
 #: The connection whose handler runs in the current context (set by the
 #: reader, the notify runner and, through them, every handler task).
 CURRENT: contextvars.ContextVar[Connection] = contextvars.ContextVar("meshlink_bus_connection")
-
-
-@dataclass(frozen=True, slots=True)
-class BusConfig:
-    """Limits and timers of one connection (both ends choose their own).
-
-    Attributes:
-        max_concurrency: requests (and, separately, streams) the peer may run
-            here at once; announced in the handshake.
-        notify_window: bytes of notifications buffered here before the peer
-            must wait for credit.
-        stream_window: bytes buffered per incoming message stream.
-        subscription_window: bytes buffered per block-policy subscription.
-        send_buffer_size: bytes of outgoing frames buffered before producers wait.
-        max_frame_size: largest frame accepted (default 16 MiB).
-        max_container_len: longest msgpack array/map accepted.
-        heartbeat_interval: seconds between pings; ``None`` disables heartbeats.
-        heartbeat_timeout: seconds without any incoming byte after which the peer
-            is declared lost.
-        handshake_timeout: seconds allowed for the peer's hello.
-        close_timeout: seconds ``aclose`` spends flushing before it gives up.
-        ext_types: msgpack ext types allowed (none by default).
-    """
-
-    max_concurrency: int = 64
-    notify_window: int = 256 * 1024
-    stream_window: int = 256 * 1024
-    subscription_window: int = 256 * 1024
-    send_buffer_size: int = 1024 * 1024
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    max_container_len: int = DEFAULT_MAX_CONTAINER_LEN
-    heartbeat_interval: float | None = 5.0
-    heartbeat_timeout: float = 15.0
-    handshake_timeout: float = 10.0
-    close_timeout: float = 1.0
-    ext_types: Sequence[ExtCodec] = ()
-
-
-class _Sink:
-    """The connection's frame handlers under the names :class:`FrameSink` uses
-    (``Connection.notify`` is taken by the public API)."""
-
-    __slots__ = ("error", "event", "notifications", "publish", "reply", "request", "stream_data")
-
-    def __init__(self, conn: Connection) -> None:
-        self.notifications = conn._on_notifications
-        self.request = conn._on_request
-        self.reply = conn._on_reply
-        self.error = conn._on_error
-        self.publish = conn._pubsub.on_publish
-        self.stream_data = conn._streams.on_data
-        self.event = conn._on_event
-
-
-class _Worker:
-    """A long-lived task that runs request handlers, one at a time."""
-
-    __slots__ = ("job", "task")
-
-    def __init__(self, task: trio.lowlevel.Task, job: tuple[int, str, list[Any]]) -> None:
-        self.task = task
-        self.job = job
 
 
 class Connection:
@@ -213,17 +132,17 @@ class Connection:
         self._closed = trio.Event()
         self._work: trio.Nursery | None = None
         self._last_rx = 0.0
-        # rpc
-        self._next_call_id = 0
-        self._calls: dict[int, trio.lowlevel.Task] = {}
-        self._call_slots = trio.Semaphore(1)  # resized after the handshake
-        self._handler_scopes: dict[int, trio.CancelScope] = {}
-        self._idle_workers: list[_Worker] = []
-        # notify
-        self._notify_out = CreditOut(1)
-        self._notify_in = CreditIn(cfg.notify_window)
-        self._notify_queue: deque[tuple[str, list[Any], int]] = deque()
-        self._notify_wakeup = Wakeup()
+        self._rpc = Rpc(
+            self._proto,
+            self._writer,
+            self._handlers,
+            cfg.notify_window,
+            check_usable=self._check_usable,
+            failed=self._failed,
+            send_control=self._send_control,
+            spawn=self._spawn,
+        )
+        self._notify_out = CreditOut(1)  # the peer's notify window, once its hello is in
         # what subscriptions and streams may ask of us
         link = Link(
             check_usable=self._check_usable,
@@ -236,7 +155,17 @@ class Connection:
         )
         self._pubsub = PubSub(link)
         self._streams = StreamTable(link, cfg.stream_window, cfg.max_concurrency)
-        self._sink = _Sink(self)
+        self._sink = Dispatcher(
+            self._proto,
+            self._append,
+            self._rpc,
+            self._pubsub,
+            self._streams,
+            self._handlers,
+            spawn=self._spawn,
+            refill_notify=self._refill_notify,
+            peer_closed=self._on_peer_closed,
+        )
 
     # --- opening -------------------------------------------------------------
 
@@ -348,6 +277,11 @@ class Connection:
         if handshake_error is not None:
             self._raise_handshake_error(handshake_error)
 
+    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Start a background task of this connection (see :meth:`_guard`)."""
+        assert self._work is not None
+        self._work.start_soon(self._guard, fn)
+
     async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run a background task; a bug in it fails this connection, not the nursery
         of a server that also serves other connections."""
@@ -384,7 +318,7 @@ class Connection:
             proto.receive_data(data)
             event = proto.next_event()
         self._notify_out = CreditOut(event.notify_window)
-        self._call_slots = trio.Semaphore(event.max_concurrency)
+        self._rpc.call_slots = trio.Semaphore(event.max_concurrency)
         self._streams.peer_window = event.stream_window
 
     # --- properties ------------------------------------------------------------
@@ -473,9 +407,7 @@ class Connection:
         self._shutdown.set()
 
     def _wake_all(self) -> None:
-        calls, self._calls = self._calls, {}
-        for task in calls.values():
-            trio.lowlevel.reschedule(task, outcome.Error(self._closed_error()))
+        self._rpc.fail_calls(self._closed_error)
         self._writer.space_lot.unpark_all()
         self._notify_out.lot.unpark_all()
         self._pubsub.wake_all()
@@ -495,6 +427,19 @@ class Connection:
         exc.__cause__ = err
         return exc
 
+    def _refill_notify(self, amount: int) -> None:
+        self._notify_out.refill(amount)
+
+    def _on_peer_closed(self, clean: bool) -> None:
+        if clean:
+            self._peer_closed_cleanly = True
+            self._fail(ConnectionLost("the peer closed the bus connection"))
+        else:
+            self._fail(ConnectionLost("the peer closed the transport without a close frame"))
+
+    def _failed(self) -> bool:
+        return self._error is not None
+
     def _check_usable(self) -> None:
         if self._error is not None:
             raise self._closed_error()
@@ -506,7 +451,7 @@ class Connection:
                 raise trio.EndOfChannel
             raise self._closed_error()
 
-    def _send_control(self, event: Credit | StreamEnd | StreamReset | Unsubscribe) -> None:
+    def _send_control(self, event: Cancel | Credit | StreamEnd | StreamReset | Unsubscribe) -> None:
         if self._error is None:
             self._append(self._proto.send(event))
 
@@ -517,12 +462,13 @@ class Connection:
         proto = self._proto
         stream = self._stream
         sink = self._sink
-        queue = self._notify_queue
+        queue = self._rpc.notify_queue
+        notify_wakeup = self._rpc.notify_wakeup
         try:
             while True:
                 ended = proto.receive_frames(sink)
                 if queue:
-                    self._notify_wakeup.set()  # once per chunk, not per frame
+                    notify_wakeup.set()  # once per chunk, not per frame
                 if ended:
                     return
                 data = await stream.receive_some(_RECEIVE_SIZE)
@@ -536,103 +482,6 @@ class Connection:
             lost = ConnectionLost(f"receiving from the peer failed: {exc!r}")
             lost.__cause__ = exc
             self._fail(lost)
-
-    # The reader's frame handlers (a FrameSink, see _Sink).  None of them waits.
-
-    def _on_notifications(self, batch: list[tuple[str, list[Any], int]], total: int) -> None:
-        credit = self._notify_in
-        unacked = credit.unacked
-        # Frame by frame the rule is "unacked and unacked + size > window"
-        # (a frame larger than the window may come alone).  Over a batch the
-        # total can only exceed the window if some frame broke that rule, unless
-        # the batch is that one lone frame.
-        if unacked + total > credit.window and (unacked or len(batch) > 1):
-            raise RemoteProtocolError(f"peer overran the notify window of {credit.window} bytes")
-        credit.unacked = unacked + total
-        self._notify_queue.extend(batch)
-
-    def _on_request(self, id: int, method: str, args: list[Any]) -> None:
-        idle = self._idle_workers
-        if idle:
-            worker = idle.pop()
-            worker.job = (id, method, args)
-            trio.lowlevel.reschedule(worker.task)
-        else:
-            assert self._work is not None
-            self._work.start_soon(self._guard, partial(self._worker, id, method, args))
-
-    def _on_reply(self, id: int, result: Any) -> None:
-        self._call_slots.release()
-        task = self._calls.pop(id, None)
-        if task is not None:
-            trio.lowlevel.reschedule(task, outcome.Value(result))
-        # else: deliberate no-op, the caller was cancelled; the slot is free now
-
-    def _on_error(self, id: int, type: str, message: str) -> None:
-        self._call_slots.release()
-        task = self._calls.pop(id, None)
-        if task is not None:
-            trio.lowlevel.reschedule(task, outcome.Error(RemoteError(type, message)))
-        # else: deliberate no-op, the caller was cancelled; the slot is free now
-
-    def _on_event(self, event: Event) -> None:
-        """The rare frame kinds."""
-        proto = self._proto
-        t = type(event)
-        if t is Credit:
-            assert isinstance(event, Credit)
-            if event.channel is Channel.NOTIFY:
-                self._notify_out.refill(event.amount)
-            elif event.channel is Channel.SUBSCRIPTION:
-                self._pubsub.on_credit(event)
-            else:
-                self._streams.on_credit(event)
-        elif t is Cancel:
-            assert isinstance(event, Cancel)
-            scope = self._handler_scopes.get(event.id)
-            if scope is not None:
-                scope.cancel()
-            # else: deliberate no-op, the handler finished before the cancel arrived
-        elif t is Ping:
-            assert isinstance(event, Ping)
-            self._append(proto.send(Pong(event.nonce)))
-        elif t is Pong:
-            pass  # deliberate: any incoming byte already proved liveness
-        elif t is Subscribe:
-            assert isinstance(event, Subscribe)
-            self._pubsub.on_subscribe(event)
-            self._append(proto.send(Subscribed(event.id)))
-        elif t is Subscribed:
-            assert isinstance(event, Subscribed)
-            self._pubsub.on_subscribed(event)
-        elif t is Unsubscribe:
-            assert isinstance(event, Unsubscribe)
-            self._pubsub.on_unsubscribe(event)
-        elif t is StreamOpen:
-            assert isinstance(event, StreamOpen)
-            self._on_stream_open(event)
-        elif t is StreamEnd:
-            assert isinstance(event, StreamEnd)
-            self._streams.on_end(event)
-        elif t is StreamReset:
-            assert isinstance(event, StreamReset)
-            self._streams.on_reset(event)
-        elif t is Close:
-            self._peer_closed_cleanly = True
-            self._fail(ConnectionLost("the peer closed the bus connection"))
-        elif t is ConnectionClosed:
-            self._fail(ConnectionLost("the peer closed the transport without a close frame"))
-        else:  # pragma: no cover - the core hands the other kinds to the fast methods
-            raise RemoteProtocolError(f"unexpected frame {event!r:.80}")
-
-    def _on_stream_open(self, event: StreamOpen) -> None:
-        fn = self._handlers.streams.get(event.method)
-        stream = self._streams.accept(event, fn is not None)
-        if stream is not None:
-            assert fn is not None and self._work is not None
-            self._work.start_soon(
-                self._guard, partial(self._streams.run_handler, stream, fn, event.args)
-            )
 
     # --- heartbeats --------------------------------------------------------------
 
@@ -698,102 +547,9 @@ class Connection:
             while the outgoing buffer is full.
         """
         if timeout is None:
-            return await self._call(method, args)
+            return await self._rpc.call(method, args)
         with trio.fail_after(timeout):
-            return await self._call(method, args)
-
-    async def _call(self, method: str, args: tuple[Any, ...]) -> Any:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._check_usable()
-        try:
-            # A free slot costs no trip through the scheduler (latency matters here).
-            self._call_slots.acquire_nowait()
-        except trio.WouldBlock:
-            await self._call_slots.acquire()
-        writer = self._writer
-        try:
-            while len(writer.outbuf) >= self._cfg.send_buffer_size:
-                await writer.space_lot.park()
-                self._check_usable()
-            self._check_usable()
-            call_id = self._next_call_id
-            self._next_call_id += 1
-            data = self._proto.pack_request(call_id, method, args)
-        except BaseException:
-            self._call_slots.release()
-            raise
-        writer.outbuf += data
-        writer.wakeup.set()
-        self._calls[call_id] = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            # The slot stays taken until the peer answers the cancel: it still
-            # counts the handler against our concurrency limit until then.
-            self._calls.pop(call_id, None)
-            if self._error is None:
-                self._append(self._proto.send(Cancel(call_id)))
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
-
-    async def _worker(self, id: int, method: str, args: list[Any]) -> None:
-        """Run request handlers: this one, then whatever the reader hands over.
-
-        Workers outlive their requests and wait in ``_idle_workers``, so a
-        request costs a reschedule rather than a new task (about 6 us here).
-        The core caps requests in flight at our ``max_concurrency``, which
-        caps the workers too.  Each handler runs in a fresh copy of the
-        connection's context, as it would in a task of its own.
-        """
-        me = _Worker(trio.lowlevel.current_task(), (id, method, args))
-        idle = self._idle_workers
-        base = contextvars.copy_context()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            idle.remove(me)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        while True:
-            await self._handle_request(*me.job, base.copy())
-            idle.append(me)
-            await trio.lowlevel.wait_task_rescheduled(abort)
-
-    async def _handle_request(
-        self, id: int, method: str, args: list[Any], context: contextvars.Context
-    ) -> None:
-        fn = self._handlers.methods.get(method)
-        scope = trio.CancelScope()
-        self._handler_scopes[id] = scope
-        failure: tuple[str, str] | None = None
-        result: Any = None
-        try:
-            with scope:
-                if fn is None:
-                    failure = ("MethodNotFound", f"no method {method!r}")
-                else:
-                    try:
-                        coro = fn(*args)
-                        if type(coro) is CoroutineType:
-                            result = await InContext(coro, context)
-                        else:  # some other awaitable: no context of its own
-                            result = await coro
-                    except Exception as exc:
-                        failure = (type(exc).__name__, str(exc))
-        finally:
-            del self._handler_scopes[id]
-        if scope.cancelled_caught:
-            failure = ("Cancelled", "the handler was cancelled")
-        if self._error is not None:
-            return
-        proto = self._proto
-        if failure is None:
-            try:
-                data = proto.pack_reply(id, result)
-            except LocalProtocolError as exc:
-                data = proto.send(Error(id, "LocalProtocolError", str(exc)))
-        else:
-            data = proto.send(Error(id, *failure))
-        await self._writer.send_reply(data)
+            return await self._rpc.call(method, args)
 
     # --- notify --------------------------------------------------------------------
 
@@ -849,34 +605,8 @@ class Connection:
         await writer.send_flow(data, credit)
 
     async def _notify_runner(self) -> None:
-        CURRENT.set(self)
-        queue = self._notify_queue
-        credit = self._notify_in
-        quarter = credit.window // 4
-        methods = self._handlers.methods
-        pending = 0  # bytes run and not yet credited back
-        popleft = queue.popleft
-        get = methods.get
-        while True:
-            if not queue:
-                await self._notify_wakeup.wait()
-            # Run the whole batch the reader queued; credit goes back every
-            # quarter window and when the queue runs dry.
-            while queue:
-                method, args, size = popleft()
-                fn = get(method)
-                if fn is None:
-                    logger.warning("notification for unknown method %r ignored", method)
-                else:
-                    try:
-                        await fn(*args)
-                    except Exception:
-                        logger.exception("notification handler %r raised", method)
-                pending += size
-                if pending >= quarter or not queue:
-                    credit.unacked -= pending
-                    self._send_control(Credit(Channel.NOTIFY, pending))
-                    pending = 0
+        CURRENT.set(self)  # for the handlers, run in this task
+        await self._rpc.run_notifications()
 
     # --- pub/sub -------------------------------------------------------------------
 

@@ -1,18 +1,16 @@
 """What a bus connection serves to its peer: methods and stream handlers, by name.
 
 :class:`Handlers` is a plain registry; the connection looks a name up when a
-request, notification or stream-open frame arrives.  :class:`InContext` is
-how a request handler runs inside a long-lived worker task while behaving as
-if it had a task of its own (see ``Connection`` for the workers).
+request, notification or stream-open frame arrives (:mod:`.rpc` runs methods,
+:mod:`.streams` runs stream handlers).
 """
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["Handlers", "InContext", "MethodHandler", "StreamHandler"]
+__all__ = ["Handlers", "MethodHandler", "StreamHandler"]
 
 MethodHandler = Callable[..., Awaitable[Any]]
 StreamHandler = Callable[..., Awaitable[None]]
@@ -58,40 +56,3 @@ class Handlers:
     def add_stream(self, name: str, fn: StreamHandler) -> None:
         """Register ``fn`` as the stream handler called ``name``."""
         self.streams[name] = fn
-
-
-class InContext:
-    """Await a coroutine with every step run in ``context`` (as its own task would).
-
-    Handlers run in long-lived worker tasks; this keeps the context variables
-    a handler sets from leaking into the next handler that worker runs.
-    """
-
-    __slots__ = ("_context", "_coro")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
-        self._coro = coro
-        self._context = context
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro = self._coro
-        run = self._context.run
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                if error is None:
-                    yielded = run(coro.send, value)
-                else:
-                    yielded = run(coro.throw, error)
-            except StopIteration as stop:
-                return stop.value
-            try:
-                value = yield yielded
-                error = None
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # Cancelled included: pass it in
-                error = exc
-                value = None

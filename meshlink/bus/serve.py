@@ -14,7 +14,8 @@ from typing import Any
 import trio
 
 from .._errors import MeshlinkError
-from .connection import CURRENT, BusConfig, Connection
+from .config import BusConfig
+from .connection import CURRENT, Connection
 from .handlers import Handlers
 
 __all__ = ["current_connection", "serve_bus", "serve_bus_listeners"]
