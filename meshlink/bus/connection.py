@@ -138,7 +138,6 @@ class Connection:
             self._handlers,
             cfg.notify_window,
             check_usable=self._check_usable,
-            failed=self._failed,
             send_control=self._send_control,
             spawn=self._spawn,
         )
@@ -407,7 +406,7 @@ class Connection:
         self._shutdown.set()
 
     def _wake_all(self) -> None:
-        self._rpc.fail_calls(self._closed_error)
+        self._rpc.end(self._closed_error)
         self._writer.space_lot.unpark_all()
         self._notify_out.lot.unpark_all()
         self._pubsub.wake_all()
@@ -436,9 +435,6 @@ class Connection:
             self._fail(ConnectionLost("the peer closed the bus connection"))
         else:
             self._fail(ConnectionLost("the peer closed the transport without a close frame"))
-
-    def _failed(self) -> bool:
-        return self._error is not None
 
     def _check_usable(self) -> None:
         if self._error is not None:

@@ -105,7 +105,6 @@ class Rpc:
         handlers: what we serve (its methods are looked up by name).
         notify_window: our notify window, in bytes.
         check_usable: raises once the connection has ended.
-        failed: true once the connection has ended.
         send_control: queue a control frame unless the connection has ended.
         spawn: start a background task of the connection (a new worker).
 
@@ -121,7 +120,7 @@ class Rpc:
     __slots__ = (
         "_calls",
         "_check_usable",
-        "_failed",
+        "_ended",
         "_handler_scopes",
         "_idle_workers",
         "_handlers",
@@ -144,7 +143,6 @@ class Rpc:
         notify_window: int,
         *,
         check_usable: Callable[[], None],
-        failed: Callable[[], bool],
         send_control: Callable[[Cancel | Credit | StreamEnd | StreamReset | Unsubscribe], None],
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
     ) -> None:
@@ -152,7 +150,7 @@ class Rpc:
         self._writer = writer
         self._handlers = handlers
         self._check_usable = check_usable
-        self._failed = failed
+        self._ended = False  # see end()
         self._send_control = send_control
         self._spawn = spawn
         # our calls
@@ -167,8 +165,14 @@ class Rpc:
         self.notify_queue: deque[tuple[str, list[Any], int]] = deque()
         self.notify_wakeup = Wakeup()
 
-    def fail_calls(self, error: Callable[[], BaseException]) -> None:
-        """Wake every pending call with a fresh ``error()``: the connection ended."""
+    def end(self, error: Callable[[], BaseException]) -> None:
+        """The connection ended: wake every pending call with a fresh ``error()``.
+
+        The connection calls this in the same step as it records why it
+        ended, so from here on no handler's reply is sent; keeping the flag
+        here spares every request a call back into the connection to ask.
+        """
+        self._ended = True
         calls, self._calls = self._calls, {}
         for task in calls.values():
             trio.lowlevel.reschedule(task, outcome.Error(error()))
@@ -280,7 +284,7 @@ class Rpc:
             del self._handler_scopes[id]
         if scope.cancelled_caught:
             failure = ("Cancelled", "the handler was cancelled")
-        if self._failed():
+        if self._ended:
             return
         proto = self._proto
         if failure is None:
