@@ -287,5 +287,5 @@ class NeedData:
         return "NEED_DATA"
 
 
-#: Returned by :meth:`BusProtocol.next_event` when no complete frame is buffered.
+#: Returned by :meth:`.proto.BusProtocol.next_event` when no complete frame is buffered.
 NEED_DATA: Final = NeedData()

@@ -17,8 +17,8 @@ waits for the frame's credit window, see :mod:`.flow`).  Control frames (pong,
 credit, cancel, close) skip that limit (:meth:`Writer.append`): they are small
 and bounded by what the peer sends us.
 
-The hottest producers (``Connection.notify`` and ``Connection.call``) append
-to :attr:`Writer.outbuf` and set :attr:`Writer.wakeup` themselves rather than
+The hottest producers (``Connection.notify`` and ``Rpc.call``) append to
+:attr:`Writer.outbuf` and set :attr:`Writer.wakeup` themselves rather than
 call in here: one function call per message is a measurable share of a
 one-way stream.  That is why the fields they touch are public.
 
