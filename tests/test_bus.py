@@ -21,7 +21,9 @@ from meshlink.bus import (
     RemoteError,
     serve_bus,
 )
-from meshlink.bus._proto import PROTOCOL_VERSION, BusProtocol, Hello
+from meshlink.bus.codec import PROTOCOL_VERSION
+from meshlink.bus.events import Hello
+from meshlink.bus.proto import BusProtocol
 
 from .helpers.bus_service import make_handlers
 

@@ -20,7 +20,9 @@ from meshlink.bus import (
     VersionMismatch,
     serve_bus,
 )
-from meshlink.bus._proto import PROTOCOL_VERSION, BusProtocol, Hello, Notify, Request
+from meshlink.bus.codec import PROTOCOL_VERSION
+from meshlink.bus.events import Hello, Notify, Request
+from meshlink.bus.proto import BusProtocol
 
 from .helpers.bus_service import make_handlers
 

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from meshlink import ConnectionLost, HandshakeError, RemoteProtocolError
 from meshlink.bus import BusConfig, serve_bus
-from meshlink.bus._proto import NEED_DATA, PROTOCOL_VERSION, BusProtocol, ConnectionClosed, Hello
+from meshlink.bus.codec import PROTOCOL_VERSION
+from meshlink.bus.events import NEED_DATA, ConnectionClosed, Hello
+from meshlink.bus.proto import BusProtocol
 
 from .helpers.bus_service import make_handlers
 

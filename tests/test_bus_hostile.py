@@ -17,7 +17,9 @@ import trio
 
 from meshlink import ConnectionLost
 from meshlink.bus import BusConfig, Connection
-from meshlink.bus._proto import PROTOCOL_VERSION, BusProtocol, Hello
+from meshlink.bus.codec import PROTOCOL_VERSION
+from meshlink.bus.events import Hello
+from meshlink.bus.proto import BusProtocol
 
 PEER = Path(__file__).parent / "helpers" / "bus_peer.py"
 

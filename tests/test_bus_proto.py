@@ -9,10 +9,9 @@ import pytest
 
 from meshlink import LocalProtocolError, RemoteProtocolError
 from meshlink.bus import ExtCodec, PeerClosedError, VersionMismatch
-from meshlink.bus._proto import (
+from meshlink.bus.codec import PROTOCOL_VERSION
+from meshlink.bus.events import (
     NEED_DATA,
-    PROTOCOL_VERSION,
-    BusProtocol,
     Cancel,
     Channel,
     Close,
@@ -35,6 +34,7 @@ from meshlink.bus._proto import (
     Subscribed,
     Unsubscribe,
 )
+from meshlink.bus.proto import BusProtocol
 
 
 def hello(name: str = "x", version: int = PROTOCOL_VERSION, **kw: Any) -> Hello:

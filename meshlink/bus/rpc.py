@@ -1,0 +1,341 @@
+"""Methods called by name, both ways: our calls and their replies, the peer's
+requests and notifications run on our handlers.
+
+Theory of operation
+-------------------
+A call packs a request with a fresh id, parks the calling task and is
+rescheduled by the reader with the reply (or the error) for that id.  The
+peer's ``max_concurrency`` bounds our calls in flight (a semaphore); a
+cancelled call sends a cancel frame and keeps its slot until the peer answers,
+because the peer still counts the handler until then.
+
+The peer's requests run on long-lived *workers*, one handler at a time each:
+a request costs a reschedule of an idle worker rather than a new task (about
+6 us here).  The core caps requests in flight at our ``max_concurrency``,
+which caps the workers too.  Each handler runs in a fresh copy of the
+connection's context (:class:`InContext`), as it would in a task of its own.
+
+The peer's notifications run one at a time, in order, in one task; the
+notify window (credit, see :mod:`.flow`) bounds how many bytes of them may
+queue here, and credit goes back as they run.
+
+Nothing here waits in the reader: the ``on_*`` methods only queue, reschedule
+or raise :class:`~meshlink.RemoteProtocolError`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from functools import partial
+from types import CoroutineType
+from typing import Any
+
+import outcome
+import trio
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .errors import RemoteError
+from .events import Cancel, Channel, Credit, Error, StreamEnd, StreamReset, Unsubscribe
+from .flow import CreditIn, Wakeup
+from .handlers import Handlers
+from .proto import BusProtocol
+from .writer import Writer
+
+__all__ = ["InContext", "Rpc"]
+
+logger = logging.getLogger("meshlink.bus")
+
+
+class InContext:
+    """Await a coroutine with every step run in ``context`` (as its own task would).
+
+    Handlers run in long-lived worker tasks; this keeps the context variables
+    a handler sets from leaking into the next handler that worker runs.
+    """
+
+    __slots__ = ("_context", "_coro")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+        self._coro = coro
+        self._context = context
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self._coro
+        run = self._context.run
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                if error is None:
+                    yielded = run(coro.send, value)
+                else:
+                    yielded = run(coro.throw, error)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                value = yield yielded
+                error = None
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # Cancelled included: pass it in
+                error = exc
+                value = None
+
+
+class _Worker:
+    """A long-lived task that runs request handlers, one at a time."""
+
+    __slots__ = ("job", "task")
+
+    def __init__(self, task: trio.lowlevel.Task, job: tuple[int, str, list[Any]]) -> None:
+        self.task = task
+        self.job = job
+
+
+class Rpc:
+    """The method calls of one connection, both ways.
+
+    Args:
+        proto: the connection's protocol core (packs requests and replies).
+        writer: the connection's writer (replies and requests go out there).
+        handlers: what we serve (its methods are looked up by name).
+        notify_window: our notify window, in bytes.
+        check_usable: raises once the connection has ended.
+        send_control: queue a control frame unless the connection has ended.
+        spawn: start a background task of the connection (a new worker).
+
+    Attributes:
+        call_slots: our calls the peer will still accept (its
+            ``max_concurrency``, set once its hello is in).
+        notify_queue: notifications received and not yet run:
+            ``(method, args, wire size)``.
+        notify_wakeup: wakes the notify runner; the reader sets it once per
+            chunk that queued notifications.
+    """
+
+    __slots__ = (
+        "_calls",
+        "_check_usable",
+        "_ended",
+        "_handler_scopes",
+        "_idle_workers",
+        "_handlers",
+        "_next_call_id",
+        "_notify_in",
+        "_proto",
+        "_send_control",
+        "_spawn",
+        "_writer",
+        "call_slots",
+        "notify_queue",
+        "notify_wakeup",
+    )
+
+    def __init__(
+        self,
+        proto: BusProtocol,
+        writer: Writer,
+        handlers: Handlers,
+        notify_window: int,
+        *,
+        check_usable: Callable[[], None],
+        send_control: Callable[[Cancel | Credit | StreamEnd | StreamReset | Unsubscribe], None],
+        spawn: Callable[[Callable[[], Awaitable[None]]], None],
+    ) -> None:
+        self._proto = proto
+        self._writer = writer
+        self._handlers = handlers
+        self._check_usable = check_usable
+        self._ended = False  # see end()
+        self._send_control = send_control
+        self._spawn = spawn
+        # our calls
+        self._next_call_id = 0
+        self._calls: dict[int, trio.lowlevel.Task] = {}
+        self.call_slots = trio.Semaphore(1)  # resized after the handshake
+        # the peer's requests
+        self._handler_scopes: dict[int, trio.CancelScope] = {}
+        self._idle_workers: list[_Worker] = []
+        # the peer's notifications
+        self._notify_in = CreditIn(notify_window)
+        self.notify_queue: deque[tuple[str, list[Any], int]] = deque()
+        self.notify_wakeup = Wakeup()
+
+    def end(self, error: Callable[[], BaseException]) -> None:
+        """The connection ended: wake every pending call with a fresh ``error()``.
+
+        The connection calls this in the same step as it records why it
+        ended, so from here on no handler's reply is sent; keeping the flag
+        here spares every request a call back into the connection to ask.
+        """
+        self._ended = True
+        calls, self._calls = self._calls, {}
+        for task in calls.values():
+            trio.lowlevel.reschedule(task, outcome.Error(error()))
+
+    # --- our calls -----------------------------------------------------------------
+
+    async def call(self, method: str, args: tuple[Any, ...]) -> Any:
+        """``Connection.call`` without its timeout convenience."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_usable()
+        try:
+            # A free slot costs no trip through the scheduler (latency matters here).
+            self.call_slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self.call_slots.acquire()
+        writer = self._writer
+        try:
+            while len(writer.outbuf) >= writer.buffer_size:
+                await writer.space_lot.park()
+                self._check_usable()
+            self._check_usable()
+            call_id = self._next_call_id
+            self._next_call_id += 1
+            data = self._proto.pack_request(call_id, method, args)
+        except BaseException:
+            self.call_slots.release()
+            raise
+        writer.outbuf += data
+        writer.wakeup.set()
+        self._calls[call_id] = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            # The slot stays taken until the peer answers the cancel: it still
+            # counts the handler against our concurrency limit until then.
+            self._calls.pop(call_id, None)
+            self._send_control(Cancel(call_id))
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def on_reply(self, id: int, result: Any) -> None:
+        self.call_slots.release()
+        task = self._calls.pop(id, None)
+        if task is not None:
+            trio.lowlevel.reschedule(task, outcome.Value(result))
+        # else: deliberate no-op, the caller was cancelled; the slot is free now
+
+    def on_error(self, id: int, type: str, message: str) -> None:
+        self.call_slots.release()
+        task = self._calls.pop(id, None)
+        if task is not None:
+            trio.lowlevel.reschedule(task, outcome.Error(RemoteError(type, message)))
+        # else: deliberate no-op, the caller was cancelled; the slot is free now
+
+    # --- the peer's requests -------------------------------------------------------
+
+    def on_request(self, id: int, method: str, args: list[Any]) -> None:
+        idle = self._idle_workers
+        if idle:
+            worker = idle.pop()
+            worker.job = (id, method, args)
+            trio.lowlevel.reschedule(worker.task)
+        else:
+            self._spawn(partial(self._worker, id, method, args))
+
+    def on_cancel(self, id: int) -> None:
+        scope = self._handler_scopes.get(id)
+        if scope is not None:
+            scope.cancel()
+        # else: deliberate no-op, the handler finished before the cancel arrived
+
+    async def _worker(self, id: int, method: str, args: list[Any]) -> None:
+        """Run request handlers: this one, then whatever the reader hands over."""
+        me = _Worker(trio.lowlevel.current_task(), (id, method, args))
+        idle = self._idle_workers
+        base = contextvars.copy_context()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            idle.remove(me)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            await self._handle_request(*me.job, base.copy())
+            idle.append(me)
+            await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _handle_request(
+        self, id: int, method: str, args: list[Any], context: contextvars.Context
+    ) -> None:
+        fn = self._handlers.methods.get(method)
+        scope = trio.CancelScope()
+        self._handler_scopes[id] = scope
+        failure: tuple[str, str] | None = None
+        result: Any = None
+        try:
+            with scope:
+                if fn is None:
+                    failure = ("MethodNotFound", f"no method {method!r}")
+                else:
+                    try:
+                        coro = fn(*args)
+                        if type(coro) is CoroutineType:
+                            result = await InContext(coro, context)
+                        else:  # some other awaitable: no context of its own
+                            result = await coro
+                    except Exception as exc:
+                        failure = (type(exc).__name__, str(exc))
+        finally:
+            del self._handler_scopes[id]
+        if scope.cancelled_caught:
+            failure = ("Cancelled", "the handler was cancelled")
+        if self._ended:
+            return
+        proto = self._proto
+        if failure is None:
+            try:
+                data = proto.pack_reply(id, result)
+            except LocalProtocolError as exc:
+                data = proto.send(Error(id, "LocalProtocolError", str(exc)))
+        else:
+            data = proto.send(Error(id, *failure))
+        await self._writer.send_reply(data)
+
+    # --- the peer's notifications --------------------------------------------------
+
+    def on_notifications(self, batch: list[tuple[str, list[Any], int]], total: int) -> None:
+        credit = self._notify_in
+        unacked = credit.unacked
+        # Frame by frame the rule is "unacked and unacked + size > window"
+        # (a frame larger than the window may come alone).  Over a batch the
+        # total can only exceed the window if some frame broke that rule, unless
+        # the batch is that one lone frame.
+        if unacked + total > credit.window and (unacked or len(batch) > 1):
+            raise RemoteProtocolError(f"peer overran the notify window of {credit.window} bytes")
+        credit.unacked = unacked + total
+        self.notify_queue.extend(batch)
+
+    async def run_notifications(self) -> None:
+        """The notify runner: run queued notifications in order, forever."""
+        queue = self.notify_queue
+        credit = self._notify_in
+        quarter = credit.window // 4
+        methods = self._handlers.methods
+        pending = 0  # bytes run and not yet credited back
+        popleft = queue.popleft
+        get = methods.get
+        while True:
+            if not queue:
+                await self.notify_wakeup.wait()
+            # Run the whole batch the reader queued; credit goes back every
+            # quarter window and when the queue runs dry.
+            while queue:
+                method, args, size = popleft()
+                fn = get(method)
+                if fn is None:
+                    logger.warning("notification for unknown method %r ignored", method)
+                else:
+                    try:
+                        await fn(*args)
+                    except Exception:
+                        logger.exception("notification handler %r raised", method)
+                pending += size
+                if pending >= quarter or not queue:
+                    credit.unacked -= pending
+                    self._send_control(Credit(Channel.NOTIFY, pending))
+                    pending = 0
