@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "ml_errors.h"
 #include "provider.h"
 
 #define MAX_GRANTS ((ML_PAGE_SIZE - 24u) / 4u)
