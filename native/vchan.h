@@ -10,8 +10,8 @@
  * value is reported as ML_ECORRUPT instead of being used.
  *
  * Memory and events come from a provider (provider.h): the local provider
- * (memfd pages + eventfd, local_grant.c / local_event.c) or, later, Xen's
- * grant tables and event channels.
+ * (memfd pages + eventfd, local_grant.c / local_event.c) or Xen's grant
+ * tables and event channels (xen_vchan.c).
  */
 #ifndef MESHLINK_VCHAN_H
 #define MESHLINK_VCHAN_H
