@@ -33,9 +33,14 @@ def _cdef_of(header: Path) -> str | None:
     return text[m.end() : text.index(_END, m.end())]
 
 
+# The status codes every C function returns come first, from their one
+# header (native/ml_errors.h): the Python side reads them as lib.ML_* and
+# never spells the numbers itself.
+_ERRORS = NATIVE / "ml_errors.h"
+
 _HEADERS: list[Path] = []
 _PARTS: list[str] = []
-for _h in sorted(NATIVE.glob("*.h")):
+for _h in sorted(NATIVE.glob("*.h"), key=lambda h: (h != _ERRORS, h.name)):
     _part = _cdef_of(_h)
     if _part is not None:
         _HEADERS.append(_h)

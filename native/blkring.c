@@ -20,7 +20,7 @@
 #include <string.h>
 
 #include "blkring.h"
-#include "vchan.h" /* error codes */
+#include "ml_errors.h"
 
 #define SRING_HEADER 64u
 #define SLOT_SIZE 112u

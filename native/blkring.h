@@ -18,6 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ml_errors.h" /* what every call below returns */
+
 /* cffi:begin -- from here to cffi:end this header is also read by cffi
  * (meshlink/_ffi_build.py): only declarations, integer #defines and enums. */
 

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <unistd.h>
 
+#include "ml_errors.h"
 #include "provider.h"
 
 int ml_local_event_notify(struct ml_vchan *v)

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "grant.h"
+#include "ml_errors.h"
 #include "provider.h"
 
 #define MAX_GRANTS ((ML_PAGE_SIZE - 24u) / 4u)

@@ -5,8 +5,8 @@
  * Internal to native/.  A provider fills in struct ml_provider; the ring code
  * (vchan_ring.c) only ever calls provider->notify, and vchan_setup.c calls
  * provider->release when a channel is freed.  The local provider lives in
- * local_grant.c (memfd pages) and local_event.c (eventfd); a Xen provider
- * (gntshr/gnttab + evtchn) plugs in the same way.
+ * local_grant.c (memfd pages) and local_event.c (eventfd); the Xen provider
+ * (gntshr/gnttab + evtchn, xen_vchan.c) plugs in the same way.
  */
 #ifndef MESHLINK_PROVIDER_H
 #define MESHLINK_PROVIDER_H

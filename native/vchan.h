@@ -10,8 +10,8 @@
  * value is reported as ML_ECORRUPT instead of being used.
  *
  * Memory and events come from a provider (provider.h): the local provider
- * (memfd pages + eventfd, local_grant.c / local_event.c) or, later, Xen's
- * grant tables and event channels.
+ * (memfd pages + eventfd, local_grant.c / local_event.c) or Xen's grant
+ * tables and event channels (xen_vchan.c).
  */
 #ifndef MESHLINK_VCHAN_H
 #define MESHLINK_VCHAN_H
@@ -19,20 +19,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ml_errors.h" /* what every call below returns */
+
 /* cffi:begin -- from here to cffi:end this header is also read by cffi
  * (meshlink/_ffi_build.py), so it holds only declarations, integer
  * #defines and enums: no expressions, no includes. */
-
-/* Status codes: >= 0 is success (often a byte count); errors are negative. */
-enum ml_status {
-    ML_OK = 0,
-    ML_ECORRUPT = -2, /* the peer wrote impossible values into shared memory */
-    ML_EINVAL = -3,   /* bad argument from our own caller */
-    ML_ETOOBIG = -4,  /* packet larger than the ring */
-    ML_ENOMEM = -5,
-    ML_ESYS = -6,     /* a system call failed; errno is preserved */
-    ML_ECLOSED = -7   /* operation on a channel we closed ourselves */
-};
 
 #define ML_VCHAN_NOTIFY_WRITE 0x1
 #define ML_VCHAN_NOTIFY_READ 0x2

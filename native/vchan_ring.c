@@ -17,6 +17,7 @@
  */
 #include <string.h>
 
+#include "ml_errors.h"
 #include "provider.h"
 
 /* The orders in the shared page must stay what we validated at setup. */

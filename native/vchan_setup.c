@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ml_errors.h"
 #include "provider.h"
 
 #define SMALL_RING_OFFSET 1024u

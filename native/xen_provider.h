@@ -1,12 +1,14 @@
 /*
  * xen_provider.h - the Xen provider: vchan rings over Xen grant tables and
  * event channels, rendezvous through XenStore, exactly as libxenvchan does
- * it (Xen 4.17 tools/libs/vchan; DESIGN.md sections 2 and 7).
+ * it (Xen 4.17 tools/libs/vchan; DESIGN.md sections 2 and 7), and a thin
+ * XenStore client.
  *
  * libxenevtchn.so.1, libxengnttab.so.1 and libxenstore.so.4 are loaded with
  * dlopen on first use (never linked), so meshlink builds and runs where Xen
  * is absent; every entry point then fails with ML_ESYS and ml_xen_error()
- * says what is missing.
+ * says what is missing.  Implemented by xen_lib.c (loading, errors, probe),
+ * xen_vchan.c (the channel) and xen_store.c (XenStore access).
  */
 #ifndef MESHLINK_XEN_PROVIDER_H
 #define MESHLINK_XEN_PROVIDER_H
@@ -14,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ml_errors.h" /* what every call below returns */
 #include "vchan.h"
 
 /* cffi:begin -- from here to cffi:end this header is also read by cffi

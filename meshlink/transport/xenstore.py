@@ -3,7 +3,7 @@
 :mod:`resolver.xenstore` holds the registry's logic (which nodes, which
 permissions, what counts as "not found") over any
 :class:`~resolver.xenstore.XenStoreClient`; :class:`NativeXenStore` is that
-client over ``native/xen_provider.c`` (real Xen, or the tests' emulation).
+client over ``native/xen_store.c`` (real Xen, or the tests' emulation).
 The functions here open one connection per call, as XenStore's per-connection
 domain identity requires, and raise meshlink's errors.
 

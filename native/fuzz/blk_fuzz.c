@@ -34,7 +34,7 @@
 #include <string.h>
 
 #include "blkring.h"
-#include "vchan.h" /* error codes */
+#include "ml_errors.h"
 
 /* INDIRECT requests are part of the backend (blkring.h, DESIGN.md 3):
  * ml_blk_checked carries the effective op and the copied-out segments. */

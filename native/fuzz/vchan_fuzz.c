@@ -42,6 +42,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "ml_errors.h"
 #include "provider.h"
 
 #if defined(__has_feature)

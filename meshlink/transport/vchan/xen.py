@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The rings are the ones :mod:`meshlink.transport.vchan.stream` uses (``native/vchan_ring.c``);
-only the provider underneath changes (``native/xen_provider.c``): pages are
+only the provider underneath changes (``native/xen_vchan.c``): pages are
 shared with ``xengntshr`` and mapped with ``xengnttab``, the wakeup is an
 event channel, and the rendezvous is XenStore, all exactly as Xen's
 libxenvchan does it, so either end may be libxenvchan (or anything
