@@ -2,7 +2,7 @@
  * blkring.c - producer/consumer logic of the Xen block ring (blkif).
  *
  * Protocol: Xen 4.17 xen/io/ring.h (DEFINE_RING_TYPES, RING_PUSH_*_AND_CHECK_
- * NOTIFY, RING_FINAL_CHECK_FOR_*) and xen/io/blkif.h; DESIGN.md section 3.
+ * NOTIFY, RING_FINAL_CHECK_FOR_*) and xen/io/blkif.h; docs/blkif.md sections 1 and 4.
  *
  * Notify rule (both directions): after publishing a new producer index,
  * signal only if the range just published crosses the consumer's *_event

@@ -1,6 +1,6 @@
 /*
  * blkring.h - the Xen block ring (blkif), byte-compatible with Xen 4.17's
- * xen/io/blkif.h and xen/io/ring.h on the x86_64 ABI (DESIGN.md section 3).
+ * xen/io/blkif.h and xen/io/ring.h on the x86_64 ABI (docs/blkif.md sections 1-3).
  *
  * A shared ring is a 64-byte header (req_prod, req_event, rsp_prod,
  * rsp_event, padding) followed by a power-of-two number of 112-byte slots,

@@ -5,7 +5,7 @@
  * one side shares fresh pages, the other maps them after the same checks.
  *
  * A local grant is a page of one sealed memfd and a grant ref is its page
- * index (DESIGN.md section 2, "Local providers"), so "granting" pages 0..n-1
+ * index (docs/vchan.md section 8, "Local provider"), so "granting" pages 0..n-1
  * means handing the peer the memfd.  Implemented in local_grant.c.
  */
 #ifndef MESHLINK_GRANT_H

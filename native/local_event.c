@@ -1,8 +1,8 @@
 /*
  * local_event.c - the local event provider: an event channel is an eventfd.
  *
- * Each end owns one eventfd that its peer signals (DESIGN.md section 2,
- * "Local providers"), mirroring a Xen event channel, which is one port per
+ * Each end owns one eventfd that its peer signals (docs/vchan.md section 8,
+ * "Local provider"), mirroring a Xen event channel, which is one port per
  * end.  Waiting is not done here: trio waits for the fd to become readable.
  */
 #define _GNU_SOURCE

@@ -1,7 +1,7 @@
 /*
  * local_grant.c - the local grant provider: shared pages are the pages of one
- * memfd and a grant reference is a page index into it (DESIGN.md section 2,
- * "Local providers").  Also the local constructors of server and client
+ * memfd and a grant reference is a page index into it (docs/vchan.md section 8,
+ * "Local provider").  Also the local constructors of server and client
  * channels, which combine these pages with the eventfd provider.
  *
  * Safety against a hostile server: the client only maps a memfd that is

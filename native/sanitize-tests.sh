@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # sanitize-tests.sh - run the native-facing tests against an ASan+UBSan build
-# of the C core (DESIGN.md sections 2 and 3: every index, order and request a
+# of the C core (docs/vchan.md section 7 and docs/blkif.md section 6: every index, order and request a
 # peer controls is hostile; this proves the core never misuses memory while
 # the real tests drive it).
 #

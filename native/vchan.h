@@ -1,7 +1,7 @@
 /*
  * vchan.h - meshlink's vchan ring: a byte-compatible implementation of the
  * shared control page and data rings of Xen's libxenvchan
- * (xen/io/libxenvchan.h, Xen 4.17; DESIGN.md section 2).
+ * (xen/io/libxenvchan.h, Xen 4.17; docs/vchan.md).
  *
  * The ring code never blocks and never sleeps: every call either makes
  * progress or reports "nothing to do" (0) so that the caller (trio) can wait

@@ -1,7 +1,7 @@
 /*
  * vchan_ring.c - moves bytes through the two rings of a vchan.
  *
- * Protocol: Xen 4.17 xen/io/libxenvchan.h; DESIGN.md section 2.
+ * Protocol: Xen 4.17 xen/io/libxenvchan.h; docs/vchan.md sections 3-7.
  * Indices are free-running u32; data = prod - cons; offset = idx & (size-1).
  *
  * Hostile-peer rules followed throughout:

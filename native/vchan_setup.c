@@ -3,7 +3,7 @@
  * the server's initial control page.  Provider-independent.
  *
  * Protocol: Xen 4.17 xen/io/libxenvchan.h and libxenvchan's server_init;
- * DESIGN.md section 2.  Order 10 rings live at offset 1024 of the control
+ * docs/vchan.md section 2.  Order 10 rings live at offset 1024 of the control
  * page, order 11 at 2048 (one ring per slot); orders 12..20 use
  * 2^(order-12) separately granted pages listed in grants[], left ring first.
  */

@@ -1,7 +1,7 @@
 /*
  * xen_provider.h - the Xen provider: vchan rings over Xen grant tables and
  * event channels, rendezvous through XenStore, exactly as libxenvchan does
- * it (Xen 4.17 tools/libs/vchan; DESIGN.md sections 2 and 7), and a thin
+ * it (Xen 4.17 tools/libs/vchan; docs/vchan.md section 9), and a thin
  * XenStore client.
  *
  * libxenevtchn.so.1, libxengnttab.so.1 and libxenstore.so.4 are loaded with

@@ -6,7 +6,7 @@
  * local provider (vchan_ring.c, vchan_setup.c); only pages and events differ.
  *
  * Protocol: Xen 4.17 tools/libs/vchan/init.c conventions, xen/io/libxenvchan.h
- * layout; DESIGN.md sections 2 and 7.  The server shares the control page
+ * layout; docs/vchan.md section 9.  The server shares the control page
  * with unmap-notify at offsetof(srv_live), then the left ring's pages, then
  * the right ring's (refs listed in that order in grants[]), and writes
  * ring-ref and event-channel (decimal) under its XenStore path in one

@@ -5,7 +5,7 @@ Theory of operation
 Sources (host store, rules file, zeroconf) produce candidate endpoints; this
 module decides which to try and in what order, and says why for each one, so
 ``meshlink resolve NAME --explain`` can print the decision.  No I/O, no clock:
-the same input always gives the same output (DESIGN.md section 5).
+the same input always gives the same output (docs/architecture.md section 3).
 
 1. Duplicates (the same URL from several sources) are merged; the reason names
    every source.

@@ -1,6 +1,6 @@
 """The wire format of the bus: events to msgpack frames and back, within limits.
 
-The wire is a plain sequence of msgpack objects (DESIGN.md section 6), one per
+The wire is a plain sequence of msgpack objects (docs/bus-wire.md), one per
 frame, no length prefix: msgpack frames itself, and one ``msgpack.Unpacker`` per
 connection keeps a partial frame buffered until the rest arrives.
 

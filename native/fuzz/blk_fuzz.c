@@ -1,6 +1,6 @@
 /*
  * blk_fuzz.c - libFuzzer target for the blk ring backend (blkring.c) driven
- * by a hostile frontend.  Protocol: DESIGN.md section 3, Xen 4.17
+ * by a hostile frontend.  Protocol: docs/blkif.md, Xen 4.17
  * xen/io/ring.h and blkif.h.
  *
  * Theory of operation.  The input chooses a ring order (any byte: orders
@@ -36,7 +36,7 @@
 #include "blkring.h"
 #include "ml_errors.h"
 
-/* INDIRECT requests are part of the backend (blkring.h, DESIGN.md 3):
+/* INDIRECT requests are part of the backend (blkring.h, docs/blkif.md section 2):
  * ml_blk_checked carries the effective op and the copied-out segments. */
 #define HAVE_INDIRECT 1
 #define C_OP(c) ((c).op)
@@ -81,7 +81,7 @@ static uint64_t takeN(struct input *in, int bytes)
 #define take32(in) ((uint32_t)takeN((in), 4))
 #define take64(in) (takeN((in), 8))
 
-/* The shared header, by offset (DESIGN.md 3), read without the library. */
+/* The shared header, by offset (docs/blkif.md section 1), read without the library. */
 static uint32_t hdr_get(const uint8_t *ring, unsigned off)
 {
     uint32_t v;
@@ -125,7 +125,7 @@ struct mreq {
     uint8_t segs[MAX_SEGS][8]; /* gref u32, first u8, last u8, pad */
 };
 
-/* blkif's rules for one request, restated from DESIGN.md 3 independently of
+/* blkif's rules for one request, restated from docs/blkif.md section 6 independently of
  * blkring.c; an INDIRECT request's segments come from the pool page named by
  * its indirect grefs, read from `pages` as they are now.  Returns the status
  * the backend must answer with. */

@@ -1,7 +1,7 @@
 /*
  * vchan_fuzz.c - libFuzzer target for the vchan ring (vchan_ring.c,
  * vchan_setup.c, and the client constructor in local_grant.c) driven by a
- * hostile peer.  Protocol: DESIGN.md section 2, Xen 4.17 libxenvchan.h.
+ * hostile peer.  Protocol: docs/vchan.md, Xen 4.17 libxenvchan.h.
  *
  * Theory of operation.  The fuzz input is a control page header (indices,
  * orders, live and notify bytes, exactly as they sit in shared memory), a
@@ -19,7 +19,7 @@
  *    control header and the rings is an ASan report;
  *  - a model of the ring: every call's result is recomputed from a snapshot
  *    of the shared page taken before the call.  A data count above the ring
- *    size or tampered orders must give ML_ECORRUPT (DESIGN.md 2: report, never
+ *    size or tampered orders must give ML_ECORRUPT (docs/vchan.md section 3: report, never
  *    stall), otherwise the exact byte count; bytes read are the ring's bytes;
  *    bytes written land where they belong; notify fires exactly when the peer
  *    armed the bit;

@@ -2,7 +2,7 @@
 
 Usage: vchan_hostile.py STORE SERVICE MODE
 
-Modes (offsets from DESIGN.md section 2):
+Modes (offsets from docs/vchan.md section 1):
   prod   left.prod jumps far beyond left.cons (data count above ring size)
   cons   right.cons jumps ahead of right.prod (server's write ring corrupt)
   order  left_order becomes 30 (out of range)

@@ -47,7 +47,7 @@ def test_inpage_ring_offsets() -> None:
 
 
 def test_seed_control_page_orders_13_13() -> None:
-    # DESIGN.md 2: what a MirageOS server printed for orders 13/13, grants 9..12.
+    # docs/vchan.md section 1: what a MirageOS server printed for orders 13/13, grants 9..12.
     expected = bytes.fromhex(
         "00" * 16 + "0d000d00" + "02010100" + "09000000" "0a000000" "0b000000" "0c000000"
     )

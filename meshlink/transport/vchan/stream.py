@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The bytes move through two rings in shared memory laid out exactly as Xen's
-libxenvchan lays them out (``native/``, DESIGN.md section 2).  This module
+libxenvchan lays them out (``native/``, docs/vchan.md).  This module
 adds what a trio stream needs on top:
 
 *Rendezvous.*  A server claims its service name in the host store
