@@ -32,15 +32,9 @@ import trio
 from resolver import ResolverError
 
 from ..errors import MeshlinkError
+from ._common import EXIT_CODES, CommandFailed, add_verbose
 
 __all__ = ["EXIT_CODES", "CommandFailed", "add_group", "add_verbose", "main", "run_group"]
-
-EXIT_CODES = "exit codes: 0 ok, 1 failed (message on stderr), 2 usage, 130 interrupted"
-
-
-class CommandFailed(Exception):
-    """The command failed for a reason its message says in one line (exit 1)."""
-
 
 #: name -> (module, one-line summary): the groups of ``meshlink GROUP ...``.
 #: Each module has ``configure(parser)``, which adds the group's subcommands.
@@ -67,13 +61,6 @@ class _VersionAction(argparse.Action):
             text = "unknown (not installed)"
         print(f"{parser.prog} {text}")  # on stdout, as argparse's own version action
         parser.exit()
-
-
-def add_verbose(p: argparse.ArgumentParser) -> None:
-    """``-v`` on a subcommand too (``meshlink call -v ...``), adding to the root's count."""
-    # SUPPRESS: an absent -v here must not reset what the root parser counted.
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                   help="log more (-vv: debug)")
 
 
 def _new_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:

@@ -40,7 +40,8 @@ from ..disk.nbd import (
 )
 from ..disk.nbd import wire as c
 from ..errors import MeshlinkError
-from ._app import CommandFailed, add_group, add_verbose, run_group
+from ._app import add_group, run_group
+from ._common import CommandFailed, add_verbose
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._app import CommandFailed, add_verbose
+from ._common import CommandFailed, add_verbose
 
 if TYPE_CHECKING:
     from ..bus import Handlers
