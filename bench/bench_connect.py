@@ -1,7 +1,8 @@
 """``meshlink.connect`` latency: from a service name to the first reply, per transport.
 
-Starts ``meshlink serve-echo --tcp`` (vchan + mutual TLS + plain TCP, asked for) in its own process in
-a private host store, then, in this process, repeats: resolve the name,
+Starts ``meshlink serve-echo --tcp`` (vchan + mutual TLS + plain TCP, which
+must be asked for) as its own process in a private host store, then, in this
+process, repeats: resolve the name,
 connect (vchan handshake / TCP / TLS handshake, then the bus hello), call
 ``echo`` once, close.  Prints p50/p99 per transport, the time of the first
 call on an already open connection (the floor), and the wall time of the

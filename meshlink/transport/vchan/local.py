@@ -263,8 +263,11 @@ async def connect_vchan(
                     f"vchan server of {service!r} runs as uid {server.uid}, but its host "
                     f"store record belongs to uid {expect_uid}: refusing to talk to it")
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await sock.send(encode({"meshlink": "vchan", "version": PROTOCOL_VERSION,
-                                    "read_min": read_min, "write_min": write_min}))
+            try:
+                await sock.send(encode({"meshlink": "vchan", "version": PROTOCOL_VERSION,
+                                        "read_min": read_min, "write_min": write_min}))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a server refusing our uid may answer and hang up first: read why
             reply, fds = await recv_message_with_fds(sock, 3, "vchan")
         try:
             check_reply(reply, f"vchan server {service!r} refused the connection")
