@@ -1,7 +1,8 @@
 """``meshlink.connect`` latency: from a service name to the first reply, per transport.
 
-Starts ``meshlink serve-echo`` (vchan + mutual TLS + TCP) as its own process in
-a private host store, then, in this process, repeats: resolve the name,
+Starts ``meshlink serve-echo --tcp`` (vchan + mutual TLS + plain TCP, which
+must be asked for) as its own process in a private host store, then, in this
+process, repeats: resolve the name,
 connect (vchan handshake / TCP / TLS handshake, then the bus hello), call
 ``echo`` once, close.  Prints p50/p99 per transport, the time of the first
 call on an already open connection (the floor), and the wall time of the
@@ -75,7 +76,8 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLINK_")}
         store = str(d / "store")
         with Child([sys.executable, "-m", "meshlink.cli", "serve-echo", NAME, "--host-store",
-                    store, "--tls-cert", str(d / "srv.pem"), "--tls-ca", str(d / "ca.pem")],
+                    store, "--tls-cert", str(d / "srv.pem"), "--tls-ca", str(d / "ca.pem"),
+                    "--tcp"],
                    env=env, stop_timeout=30) as server:
             print(server.first_line.rstrip())
             tls = TLSConfig(str(d / "cli.pem"), None, str(d / "ca.pem"))

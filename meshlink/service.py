@@ -2,23 +2,29 @@
 
 Theory of operation
 -------------------
-``serve(name, handlers)`` listens at once on vchan (claiming ``name`` in the
-host store), on TLS and on plain TCP, runs the message bus
-(:func:`meshlink.bus.serve_bus`) on every accepted connection, and advertises
-itself: a record beside its host store entry (host id, TCP/TLS endpoints, TLS
-fingerprint) and, when enabled, a zeroconf DNS-SD registration.  It withdraws
-all of them when it stops -- cancelled, SIGTERM, or an error.  A server killed
-with SIGKILL cannot withdraw, but its host store lock dies with it, so its
-entry is stale, ignored by resolvers and replaced by the next server.
+``serve(name, handlers)`` listens on vchan (claiming ``name`` in the host
+store) and, when certificates are configured, on TLS; it listens on plain TCP
+only when asked (``allow_plaintext=True`` or ``$MESHLINK_ALLOW_PLAINTEXT``):
+plain TCP has no authentication at all, so it is never opened by default.
+It runs the message bus (:func:`meshlink.bus.serve_bus`) on every accepted
+connection, and advertises itself: a record beside its host store entry (host
+id, TCP/TLS endpoints, TLS fingerprint) and, when enabled, a zeroconf DNS-SD
+registration.  It withdraws all of them when it stops -- cancelled, SIGTERM,
+or an error.  A server killed with SIGKILL cannot withdraw, but its host store
+lock dies with it, so its entry is stale, ignored by resolvers and replaced by
+the next server.
 
 ``connect(name)`` resolves the name (:class:`resolver.Resolver`: host store,
 rules file, zeroconf; ranked vchan > tls > tcp) and tries each endpoint in
 order (:mod:`meshlink.transport.dial`).  Co-location is proved, not guessed:
 a vchan endpoint is ranked only when its advertised host id is ours, and used
-only if the vchan handshake succeeds; any failure is logged on
-``meshlink.connect`` and the next endpoint is tried.  The bus handshake is
+only if the vchan handshake succeeds (and the server's uid is the owner of its
+record); a failure is logged on ``meshlink.connect`` and the next endpoint is
+tried -- except a refusal of credentials (:class:`~meshlink.AuthError`), which
+ends the attempt at once: falling back to a weaker transport after being told
+"not you" would turn every refusal into a downgrade.  The bus handshake is
 part of each attempt, so a TLS server that refuses our certificate (TLS 1.3
-says so only after the handshake) also counts as a failed attempt.
+says so only after the handshake) is also an :class:`~meshlink.AuthError`.
 ``conn.transport`` says what was used.
 
 Alternatives rejected: racing all endpoints at once (happy eyeballs) would
@@ -70,16 +76,50 @@ from .errors import (
     resolver_errors,
 )
 from .transport.dial import dial, open_first
-from .transport.tls import TLSConfig, tls_server_handshake
+from .transport.tls import TLSConfig, ssl_reason, tls_server_handshake
 from .transport.vchan import VchanListener, open_vchan_listener
 
-__all__ = ["MeshConnection", "Server", "connect", "serve"]
+__all__ = ["ENV_ALLOW_PLAINTEXT", "MeshConnection", "Server", "check_port", "connect",
+           "plaintext_allowed", "serve"]
 
 logger = logging.getLogger("meshlink.connect")
 serve_logger = logging.getLogger("meshlink.serve")
 
 #: Default bound on one connection attempt (transport + TLS + bus handshake).
 ATTEMPT_TIMEOUT = 10.0
+#: Environment variable: ``1`` lets :func:`serve` listen on plain TCP when its
+#: ``allow_plaintext`` argument is not given (``0`` or unset: it does not).
+ENV_ALLOW_PLAINTEXT = "MESHLINK_ALLOW_PLAINTEXT"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def plaintext_allowed(allow_plaintext: bool | None = None) -> bool:
+    """Whether plain TCP may be served: the argument, else ``$MESHLINK_ALLOW_PLAINTEXT``.
+
+    Raises:
+        LocalProtocolError: the variable holds something other than a yes/no word.
+    """
+    if allow_plaintext is not None:
+        return allow_plaintext
+    value = os.environ.get(ENV_ALLOW_PLAINTEXT, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise LocalProtocolError(f"${ENV_ALLOW_PLAINTEXT} must be 1 or 0, not {value!r}")
+
+
+def check_port(what: str, port: int | None) -> None:
+    """Refuse a port number outside 0..65535 (0 = any free port; ``None`` = no listener).
+
+    Raises:
+        LocalProtocolError: ``port`` is not an integer in that range.
+    """
+    if port is None:
+        return
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise LocalProtocolError(f"{what} must be a port number in 1..65535 "
+                                 f"(or 0 for any free port), not {port!r}")
 
 
 class MeshConnection(Connection):
@@ -108,6 +148,7 @@ class Server:
         tcp_port: the plain TCP port, or 0.
         accepted: connections accepted so far, per transport.
         refused: connections refused (TLS authentication), per transport.
+        last_refusal: why the last refused TLS client was refused ("" if none).
     """
 
     name: str
@@ -117,6 +158,7 @@ class Server:
     tcp_port: int = 0
     accepted: dict[str, int] = field(default_factory=lambda: {"vchan": 0, "tls": 0, "tcp": 0})
     refused: dict[str, int] = field(default_factory=lambda: {"vchan": 0, "tls": 0, "tcp": 0})
+    last_refusal: str = ""
     _cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     @property
@@ -144,6 +186,7 @@ async def serve(
     tls: TLSConfig | None = None,
     tls_port: int | None = 0,
     tcp_port: int | None = 0,
+    allow_plaintext: bool | None = None,
     require_tls: bool = False,
     vchan: bool = True,
     allow_uids: Collection[int] | None = None,
@@ -153,23 +196,37 @@ async def serve(
     handle_sigterm: bool = True,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``handlers`` under ``name`` on vchan, TLS and TCP until stopped.
+    """Serve ``handlers`` under ``name`` on vchan and TLS (plain TCP if asked) until stopped.
+
+    What listens, by default: vchan through the host store (only the uids in
+    ``allow_uids``, default our own, are admitted) and, when a certificate is
+    configured, TLS on ``bind`` (loopback by default; with a CA, clients need
+    a certificate it signed and, with ``tls.allow_names``, one of those
+    names).  Plain TCP, which authenticates nobody, listens only with
+    ``allow_plaintext=True`` (or ``$MESHLINK_ALLOW_PLAINTEXT=1``), and only
+    on ``bind``.
 
     Args:
         name: the service name.
         handlers: the bus handlers every connection serves.
         host_store: where to publish the vchan rendezvous (default as in
             :mod:`resolver.hoststore.store`).
-        bind: the address the TCP and TLS listeners bind.
+        bind: the address the TCP and TLS listeners bind (default loopback
+            only: pass an interface address, or ``"0.0.0.0"``, to be
+            reachable from other hosts).
         advertise: addresses to advertise for TCP/TLS (default: ``bind``, or
             the zeroconf interfaces when ``bind`` is a wildcard).
         tls: certificates (default: ``MESHLINK_TLS_*``; none = no TLS).  With
             a CA, clients must present a certificate it signed (mutual TLS).
         tls_port: TLS port (0 = any free port; ``None`` = no TLS listener).
-        tcp_port: plain TCP port (0 = any; ``None`` = no plain TCP listener).
-        require_tls: offer no plain TCP at all.
+        tcp_port: plain TCP port when ``allow_plaintext`` (0 = any; ``None`` =
+            no plain TCP listener after all).
+        allow_plaintext: listen on plain TCP, unauthenticated and unencrypted
+            (``None``: ``$MESHLINK_ALLOW_PLAINTEXT``, unset = no).
+        require_tls: offer no plain TCP at all, and fail without a certificate.
         vchan: offer vchan through the host store.
-        allow_uids: uids allowed to connect over vchan (default: our own).
+        allow_uids: uids allowed to connect over every local path this server
+            opens (vchan; default: our own uid only).
         zeroconf: DNS-SD advertisement: a config, ``True`` (all interfaces),
             ``False``, or ``None`` for ``$MESHLINK_ZEROCONF`` (unset: off).
         host_id: the host id to advertise (default: boot id + host store path).
@@ -180,8 +237,10 @@ async def serve(
 
     Raises:
         AddressInUse: a live server already publishes ``name`` in the host store.
-        LocalProtocolError: bad name (:class:`~meshlink.InvalidName`), or TLS
-            required but not configured.
+        LocalProtocolError: bad name (:class:`~meshlink.InvalidName`), a port
+            outside 0..65535, a ``tcp_port`` without ``allow_plaintext``,
+            ``allow_plaintext`` with ``require_tls``, TLS required but not
+            configured, or nothing at all to listen on.
         StoreError: the host store cannot be used.
         OSError: a TCP port could not be bound.
 
@@ -195,16 +254,27 @@ async def serve(
     """
     with resolver_errors():
         validate_service_name(name)
+    check_port("tls_port", tls_port)
+    check_port("tcp_port", tcp_port)
+    plaintext = plaintext_allowed(allow_plaintext)
+    if plaintext and require_tls:
+        raise LocalProtocolError("allow_plaintext and require_tls contradict each other")
+    if not plaintext:
+        if tcp_port:  # a port asked for but not the plaintext: say so rather than ignore it
+            raise LocalProtocolError(f"tcp_port={tcp_port} needs allow_plaintext=True "
+                                     f"(or ${ENV_ALLOW_PLAINTEXT}=1): plain TCP is off by default")
+        tcp_port = None
     if tls is None:
         tls = TLSConfig.from_env()
     if tls is not None and not tls.can_serve:
         tls = None
-    if require_tls:
-        tcp_port = None
-        if tls is None or tls_port is None:
-            raise LocalProtocolError("require_tls needs a TLS certificate (tls= or MESHLINK_TLS_*)")
+    if require_tls and (tls is None or tls_port is None):
+        raise LocalProtocolError("require_tls needs a TLS certificate (tls= or MESHLINK_TLS_*)")
     if tls is None:
         tls_port = None
+    if not vchan and tls_port is None and tcp_port is None:
+        raise LocalProtocolError(f"service {name!r} would listen nowhere: no vchan, no TLS "
+                                 "certificate, and plain TCP not allowed")
     zc = ZeroconfConfig.from_env() if zeroconf is None else (
         ZeroconfConfig() if zeroconf is True else (zeroconf or None))
     with resolver_errors():
@@ -274,6 +344,7 @@ async def serve(
             except (AuthError, HandshakeError) as exc:
                 server.refused["tls"] += 1
                 serve_logger.warning("%s: TLS client refused: %s", name, exc)
+                server.last_refusal = str(exc)
                 await trio.aclose_forcefully(stream)
                 return
             server.accepted["tls"] += 1
@@ -324,7 +395,13 @@ def _tls_refusal(ep: Endpoint, exc: BaseException) -> BaseException:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLError):
-            err = AuthError(f"TLS server refused us: {seen}")
+            if isinstance(seen, ssl.SSLEOFError) or seen.reason == "UNEXPECTED_EOF_WHILE_READING":
+                why = ("it closed the session right after the handshake without an alert "
+                       "(our certificate is signed by its CA, but its name is probably not "
+                       "in the server's allow list)")
+            else:
+                why = ssl_reason(seen)
+            err = AuthError(f"TLS server refused our certificate: {why}")
             err.__cause__ = exc
             return err
         seen = seen.__cause__ or seen.__context__
@@ -379,8 +456,11 @@ async def connect(
     Raises:
         ResolveError: no usable endpoint, or every attempt failed (the message
             lists each attempt and why; the last error is chained).
-        AuthError: every attempt failed and at least one was refused for its
-            credentials (TLS certificate, vchan uid).
+        AuthError: an attempt was refused for credentials -- ours (TLS
+            certificate, vchan uid) or the server's (TLS certificate, or a
+            vchan server whose uid is not the owner of its host store record).
+            No later endpoint is tried: a refusal never falls back to a
+            weaker transport.
         RulesError: the rules file is malformed.
         LocalProtocolError: a bad name (:class:`~meshlink.InvalidName`) or pin.
 

@@ -30,9 +30,10 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture
 def server(store: Path) -> Iterator[str]:
-    """``meshlink serve-echo`` in its own process; yields its ready line."""
+    """``meshlink serve-echo --tcp`` in its own process; yields its ready line."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshlink.cli", "serve-echo", NAME, "--host-store", str(store)],
+        [sys.executable, "-m", "meshlink.cli", "serve-echo", NAME, "--host-store", str(store),
+         "--tcp"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline()

@@ -50,11 +50,11 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def server(store: Path, certs: Certs) -> AsyncIterator[Server]:
-    """An in-process echo server: vchan + mutual TLS + TCP."""
+    """An in-process echo server: vchan + mutual TLS + TCP (plain TCP asked for)."""
     async with trio.open_nursery() as nursery:
         srv: Server = await nursery.start(partial(
             serve, NAME, echo_handlers(), host_store=store, tls=certs.server_tls(),
-            handle_sigterm=False))
+            allow_plaintext=True, handle_sigterm=False))
         yield srv
         srv.stop()
 
@@ -92,7 +92,7 @@ async def test_dead_vchan_socket_falls_back_to_tcp_with_a_log_line(
         # the real service: plain TCP only, not in the host store
         srv: Server = await nursery.start(partial(
             serve, NAME, echo_handlers(), host_store=store, vchan=False, tls_port=None,
-            handle_sigterm=False))
+            allow_plaintext=True, handle_sigterm=False))
         # a live claim whose socket nobody listens on: the vchan handshake must fail
         pub = hs.claim(NAME)
         dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

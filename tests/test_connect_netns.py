@@ -109,7 +109,7 @@ async def test_remote_client_gets_tls_over_the_veth_colocated_gets_vchan(
     server = subprocess.Popen(
         pair.cmd(pair.a, sys.executable, "-m", "meshlink.cli", "serve-echo", NAME,
                  "--host-store", str(store_a), "--bind", ADDR_A, "--zeroconf", ADDR_A,
-                 "--allow-name", "client-1"),
+                 "--allow-name", "client-1", "--tcp"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=_env(certs.env("server")))
     procs.append(server)

@@ -2,7 +2,7 @@
 
 Makes a throwaway CA and certificates (with ``trustme``, installed by the
 README's ``.[test,bench]``), starts the echo server as its own process with
-``meshlink.serve`` in a private host store (vchan + mutual TLS + TCP), then runs
+``meshlink.serve`` in a private host store (vchan + mutual TLS; no plain TCP), then runs
 two client processes that connect *by name*:
 
 * a co-located client: the resolver finds the name in the host store with our

@@ -103,8 +103,27 @@ def _resolver(args: argparse.Namespace) -> Any:
 # --- commands -----------------------------------------------------------------------
 
 
+def _port_arg(text: str) -> int:
+    """A port number for argparse: 1..65535, or 0 for any free port (else usage error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1..65535 (0 = any free port)")
+    return port
+
+
 def _cmd_serve_echo(args: argparse.Namespace) -> int:
     from ..service import Server, serve
+
+    if args.tcp_port is not None and not args.tcp:
+        # argparse cannot tie two options together; same message shape and exit code.
+        print("meshlink serve-echo: error: --tcp-port needs --tcp (plain TCP is off "
+              "by default)", file=sys.stderr)
+        return 2
+    # --tcp: yes; --no-tcp: no; neither: $MESHLINK_ALLOW_PLAINTEXT decides (unset: no).
+    allow_plaintext = True if args.tcp else (False if args.no_tcp else None)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -113,7 +132,7 @@ def _cmd_serve_echo(args: argparse.Namespace) -> int:
                 bind=args.bind, advertise=args.advertise or None,
                 tls=_tls(args, args.allow_name or None),
                 tls_port=None if args.no_tls else args.tls_port,
-                tcp_port=None if args.no_tcp else args.tcp_port,
+                tcp_port=args.tcp_port or 0, allow_plaintext=allow_plaintext,
                 require_tls=args.require_tls, vchan=not args.no_vchan,
                 zeroconf=args.zeroconf, host_id=args.host_id))
             print(f"serving {server.name}: " + " ".join(ep.url for ep in server.endpoints),
@@ -204,18 +223,28 @@ def _cmd_call(args: argparse.Namespace) -> int:
 def add_service_commands(sub: Any) -> None:
     """Add serve-echo, resolve, ls, connect and call to the root's subparsers."""
     p = sub.add_parser("serve-echo", help="run the capitalising echo service",
-                       description="Serve the echo service (echo(text) -> TEXT) on vchan, TLS "
-                                   "and TCP; prints one line 'serving NAME: URL...' when ready. "
-                                   "SIGTERM withdraws it.")
+                       description="Serve the echo service (echo(text) -> TEXT) on vchan "
+                                   "(host store, own uid only) and, with a certificate, TLS; "
+                                   "on plain TCP (no authentication) only with --tcp or "
+                                   "$MESHLINK_ALLOW_PLAINTEXT=1.  Prints one line "
+                                   "'serving NAME: URL...' when ready.  SIGTERM withdraws it.")
     p.add_argument("name")
     _add_common(p)
-    p.add_argument("--bind", default="127.0.0.1", help="address for TCP/TLS (127.0.0.1)")
+    p.add_argument("--bind", default="127.0.0.1",
+                   help="address the TLS (and --tcp) listeners bind (default 127.0.0.1: "
+                        "this host only)")
     p.add_argument("--advertise", action="append", metavar="ADDR",
                    help="address to advertise (repeatable; default: --bind)")
-    p.add_argument("--tls-port", type=int, default=0, help="TLS port (default: any free)")
-    p.add_argument("--tcp-port", type=int, default=0, help="TCP port (default: any free)")
+    p.add_argument("--tls-port", type=_port_arg, default=0, help="TLS port (default: any free)")
+    tcp = p.add_mutually_exclusive_group()
+    tcp.add_argument("--tcp", action="store_true",
+                     help="also listen on plain TCP: anyone who can reach --bind may call "
+                          "the service (default: off, or $MESHLINK_ALLOW_PLAINTEXT)")
+    tcp.add_argument("--no-tcp", action="store_true",
+                     help="no plain TCP listener, whatever $MESHLINK_ALLOW_PLAINTEXT says")
+    p.add_argument("--tcp-port", type=_port_arg, default=None,
+                   help="TCP port with --tcp (default: any free)")
     p.add_argument("--no-tls", action="store_true", help="no TLS listener")
-    p.add_argument("--no-tcp", action="store_true", help="no plain TCP listener")
     p.add_argument("--no-vchan", action="store_true", help="do not publish in the host store")
     p.add_argument("--require-tls", action="store_true", help="TLS only (no plain TCP)")
     p.add_argument("--allow-name", action="append", metavar="NAME",

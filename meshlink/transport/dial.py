@@ -6,9 +6,19 @@ Theory of operation
 the reason for its place.  Opening them is this module's job, and it is the
 same for every client: try each endpoint in order, one at a time; a failed
 attempt is logged (which endpoint, why) and the next one is tried; when all
-fail, one :class:`~meshlink.ResolveError` lists every attempt and its reason
-(or :class:`~meshlink.AuthError` when one was refused for its credentials,
-so a bad certificate is not reported as "unreachable").
+fail, one :class:`~meshlink.ResolveError` lists every attempt and its reason.
+An attempt refused for credentials (:class:`~meshlink.AuthError`: a vchan
+server that does not admit our uid, a certificate refused either way, a server
+whose uid is not its record's owner) stops the loop at once and propagates:
+"you may not" must not become "try the next, weaker, transport", or a uid
+allow list would be worth nothing while the same service also listens on TCP.
+
+A vchan server proves who it is by its uid: the kernel reports the uid of the
+process listening on the rendezvous socket (``SO_PEERCRED``), and
+:func:`dial_vchan` requires it to be the owner of the service's record in the
+host store (the file a server rewrites each time it starts), or of the store
+directory when there is no record.  Another local user who managed to put a
+socket in the store is refused before a byte is sent to it.
 
 ``meshlink.connect`` opens a bus connection per attempt (vchan, TLS or TCP,
 :func:`dial`); ``meshlink.disk.open`` opens an NBD client per attempt.  Both
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TypeVar
@@ -43,9 +54,36 @@ ATTEMPT_ERRORS = (MeshlinkError, OSError, ValueError, trio.BrokenResourceError,
 T = TypeVar("T")
 
 
+def expected_server_uid(store: HostStore, service: str) -> int:
+    """The uid a vchan server of ``service`` must run as: its record's owner.
+
+    The record is written by the server itself each time it starts, so its
+    owner is the server's uid; without a record (a bare vchan listener) the
+    store directory's owner stands in.
+
+    Raises:
+        AuthError: neither can be examined (the store is unreadable to us).
+    """
+    for path in (store.record_path(service), store.path):
+        try:
+            return os.stat(path).st_uid
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise AuthError(f"cannot check the owner of {path}: {exc}") from exc
+    raise AuthError(f"host store {store.path} is gone: cannot check who serves {service!r}")
+
+
 async def dial_vchan(ep: Endpoint, host_store: HostStore) -> VchanStream:
-    """Open a vchan to ``ep`` through its host store (``host_store`` if it names none)."""
-    return await connect_vchan(ep.host, host_store=ep.store or host_store)
+    """Open a vchan to ``ep`` through its host store (``host_store`` if it names none).
+
+    Raises:
+        AuthError: the server refused our uid, or its uid is not the owner of
+            its record (see :func:`expected_server_uid`).
+    """
+    store = HostStore(ep.store) if ep.store else host_store
+    return await connect_vchan(ep.host, host_store=store,
+                               expect_uid=expected_server_uid(store, ep.host))
 
 
 async def dial_tcp(ep: Endpoint) -> trio.SocketStream:
@@ -120,7 +158,8 @@ async def open_first(
             buried in a later handshake becomes an :class:`AuthError`).
 
     Raises:
-        AuthError: every attempt failed and one was refused for its credentials.
+        AuthError: an attempt was refused for credentials (either end's); no
+            later endpoint is tried (the message lists the attempts so far).
         ResolveError: every attempt failed (the message lists each and why;
             the last error is chained), or there was nothing to try.
 
@@ -128,7 +167,6 @@ async def open_first(
         Safe at any point: a half-open attempt is closed by its ``open_one``.
     """
     failures: list[str] = []
-    auth_error: BaseException | None = None
     last: BaseException | None = None
     async with AsyncExitStack() as stack:
         for choice in choices:
@@ -137,16 +175,16 @@ async def open_first(
                 opened = await stack.enter_async_context(open_one(ep))
             except ATTEMPT_ERRORS as exc:
                 err = blame(ep, exc)
-                if isinstance(err, AuthError) and auth_error is None:
-                    auth_error = err
                 last = err
                 failures.append(f"{describe(ep)}: {err}")
+                if isinstance(err, AuthError):
+                    log.warning("%s: %s refused (%s); not trying other endpoints",
+                                subject, describe(ep), err)
+                    raise AuthError(f"{failure}: {'; '.join(failures)}") from err
                 log.warning("%s: %s failed (%s); falling back to the next endpoint",
                             subject, describe(ep), err)
                 continue
             yield opened, choice
             return
     summary = "; ".join(failures) or "no usable endpoint"
-    if auth_error is not None:
-        raise AuthError(f"{failure}: {summary}") from auth_error
     raise ResolveError(f"{failure}: {summary}") from last

@@ -14,6 +14,12 @@ environment: ``MESHLINK_TLS_CERT``, ``MESHLINK_TLS_KEY``, ``MESHLINK_TLS_CA``,
 With TLS 1.3 the server judges the client's certificate after the client has
 finished its side of the handshake, so a refused client learns it on its first
 read: :func:`meshlink.connect` turns that into :class:`~meshlink.AuthError`.
+For the client to learn *why*, the server sends the TLS alert OpenSSL wrote
+("unknown ca", "certificate required", ...) before closing: trio's
+``SSLStream`` drops it when a handshake fails, so :func:`tls_server_handshake`
+flushes it itself.  A certificate the CA vouches for but whose name is not in
+the allow list passes the handshake; the server then closes without a reason,
+and the client reports that it was refused after the handshake.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import trio
 
 from ..errors import AuthError, HandshakeError, LocalProtocolError
 
-__all__ = ["ENV_ALLOW", "ENV_CA", "ENV_CERT", "ENV_KEY", "TLSConfig", "peer_names"]
+__all__ = ["ENV_ALLOW", "ENV_CA", "ENV_CERT", "ENV_KEY", "TLSConfig", "peer_names", "ssl_reason"]
 
 ENV_CERT = "MESHLINK_TLS_CERT"
 ENV_KEY = "MESHLINK_TLS_KEY"
@@ -37,6 +43,29 @@ ENV_CA = "MESHLINK_TLS_CA"
 ENV_ALLOW = "MESHLINK_TLS_ALLOW"
 #: Bound on a TLS handshake (the transport's, not the bus's).
 HANDSHAKE_TIMEOUT = 10.0
+#: Bound on sending the alert that tells a refused client why.
+ALERT_TIMEOUT = 1.0
+
+
+async def _send_pending_alert(tls: trio.SSLStream[Any]) -> None:
+    """Send what OpenSSL queued after a failed handshake (the alert saying why).
+
+    trio keeps the outgoing TLS records in a private ``MemoryBIO`` and does not
+    flush it once the handshake has failed; without the alert the client sees
+    only an EOF.  Best effort: if trio's layout changes, the client still gets
+    the EOF, as before.
+    """
+    outgoing = getattr(tls, "_outgoing", None)
+    if not isinstance(outgoing, ssl.MemoryBIO):
+        return
+    data = outgoing.read()
+    if not data:
+        return
+    with trio.move_on_after(ALERT_TIMEOUT):
+        try:
+            await tls.transport_stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # deliberate: the client is gone; there is no one left to tell
 
 
 def peer_names(cert: dict[str, Any] | None) -> list[str]:
@@ -51,6 +80,14 @@ def peer_names(cert: dict[str, Any] | None) -> list[str]:
             if key == "commonName":
                 names.append(value)
     return names
+
+
+def ssl_reason(exc: ssl.SSLError) -> str:
+    """The readable part of an SSL error: "certificate verify failed: hostname mismatch ..."."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    text = exc.reason or str(exc)
+    return text.replace("_", " ").lower() if text.isupper() else text
 
 
 def _fingerprint_pem(path: str) -> str:
@@ -182,9 +219,9 @@ async def tls_client_stream(
         if isinstance(exc, trio.BrokenResourceError) and isinstance(
             exc.__cause__, ssl.SSLCertVerificationError
         ):
-            raise AuthError(f"server certificate refused: {exc.__cause__}") from exc
+            raise AuthError(f"server certificate refused: {ssl_reason(exc.__cause__)}") from exc
         if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
-            raise AuthError(f"TLS handshake refused: {exc.__cause__}") from exc
+            raise AuthError(f"TLS handshake refused: {ssl_reason(exc.__cause__)}") from exc
         if isinstance(exc, trio.TooSlowError | trio.BrokenResourceError | OSError):
             raise HandshakeError(f"TLS handshake failed: {exc!r}") from exc
         raise
@@ -213,7 +250,8 @@ async def tls_server_handshake(tls: trio.SSLStream[Any], config: TLSConfig) -> l
             await tls.do_handshake()
     except trio.BrokenResourceError as exc:
         if isinstance(exc.__cause__, ssl.SSLError):
-            raise AuthError(f"TLS client refused: {exc.__cause__}") from exc
+            await _send_pending_alert(tls)
+            raise AuthError(f"client certificate refused: {ssl_reason(exc.__cause__)}") from exc
         raise HandshakeError(f"TLS handshake failed: {exc!r}") from exc
     except trio.TooSlowError as exc:
         raise HandshakeError("TLS handshake timed out") from exc

@@ -22,7 +22,13 @@ import trio
 
 from resolver import HostStore, Publication
 
-from ...errors import HandshakeError, LocalProtocolError, ServiceNotFound, resolver_errors
+from ...errors import (
+    AuthError,
+    HandshakeError,
+    LocalProtocolError,
+    ServiceNotFound,
+    resolver_errors,
+)
 from ..rendezvous import (
     check_reply,
     encode,
@@ -210,6 +216,7 @@ async def connect_vchan(
     host_store: HostStore | str | os.PathLike[str] | None = None,
     read_min: int = DEFAULT_RING_SIZE,
     write_min: int = DEFAULT_RING_SIZE,
+    expect_uid: int | None = None,
 ) -> VchanStream:
     """Connect to ``service`` over vchan through the host store.
 
@@ -218,6 +225,9 @@ async def connect_vchan(
         host_store: a :class:`HostStore` or its directory.
         read_min: minimum size of the ring we read (the server may choose more).
         write_min: minimum size of the ring we write.
+        expect_uid: the uid the server must run as (``SO_PEERCRED`` of the
+            rendezvous socket), checked before anything is sent; ``None``
+            checks nothing.
 
     Returns:
         A connected :class:`VchanStream`.
@@ -225,7 +235,9 @@ async def connect_vchan(
     Raises:
         ServiceNotFound: no live server publishes ``service`` (a socket left
             by a crashed server counts as none).
-        AuthError: the server refused us (for example, our uid is not allowed).
+        AuthError: the server refused us (for example, our uid is not allowed),
+            the socket's permissions keep us out, or the server does not run
+            as ``expect_uid``.
         HandshakeError: the handshake failed.
         RingCorruptError: the server's shared pages are not acceptable.
 
@@ -242,9 +254,20 @@ async def connect_vchan(
             raise ServiceNotFound(
                 errno.ENOENT, f"no live vchan service {service!r} in {store.path}"
             ) from exc
+        except PermissionError as exc:
+            raise AuthError(f"not allowed to reach vchan service {service!r}: {exc}") from exc
+        if expect_uid is not None:
+            server = peer_credentials(sock)
+            if server.uid != expect_uid:
+                raise AuthError(
+                    f"vchan server of {service!r} runs as uid {server.uid}, but its host "
+                    f"store record belongs to uid {expect_uid}: refusing to talk to it")
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await sock.send(encode({"meshlink": "vchan", "version": PROTOCOL_VERSION,
-                                    "read_min": read_min, "write_min": write_min}))
+            try:
+                await sock.send(encode({"meshlink": "vchan", "version": PROTOCOL_VERSION,
+                                        "read_min": read_min, "write_min": write_min}))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a server refusing our uid may answer and hang up first: read why
             reply, fds = await recv_message_with_fds(sock, 3, "vchan")
         try:
             check_reply(reply, f"vchan server {service!r} refused the connection")
