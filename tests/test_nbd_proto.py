@@ -222,6 +222,11 @@ TX_TABLE = [
     ("write past end", req(c.CMD_WRITE, 1 << 20, 1) + b"x", BadRequest, c.ENOSPC),
     ("oversized write skipped", req(c.CMD_WRITE, 0, c.MAX_REQUEST + 1)
      + bytes(c.MAX_REQUEST + 1), BadRequest, c.EINVAL),
+    ("read wrapping 2^64", req(c.CMD_READ, (1 << 64) - 512, 1024), BadRequest, c.EINVAL),
+    ("read crossing 2^63-1", req(c.CMD_READ, (1 << 63) - 1, 2), BadRequest, c.EINVAL),
+    ("write wrapping 2^64", req(c.CMD_WRITE, (1 << 64) - 1, 2) + b"xy", BadRequest, c.ENOSPC),
+    ("zeroes wrapping 2^64", req(c.CMD_WRITE_ZEROES, (1 << 64) - 4096, 8192), BadRequest,
+     c.ENOSPC),
     ("unknown command", req(42), BadRequest, c.EINVAL),
     ("flag on wrong command", req(c.CMD_FLUSH, 0, 0, c.CMD_FLAG_DF), BadRequest, c.EINVAL),
     ("cache not advertised", req(c.CMD_CACHE, 0, 512), BadRequest, c.EINVAL),

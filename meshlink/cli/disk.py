@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -39,6 +40,7 @@ from ..disk.nbd import (
     server_ssl_context,
 )
 from ..disk.nbd import wire as c
+from ..disk.nbd.server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS
 from ..errors import MeshlinkError
 from ._app import add_group, run_group
 from ._common import CommandFailed, add_verbose
@@ -90,8 +92,30 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-ca", help="CA for client certificates (makes them required)")
+    p.add_argument("--handshake-timeout", type=_positive_float, default=HANDSHAKE_TIMEOUT,
+                   metavar="SECONDS", help="NBD: drop a client that has not finished the "
+                   f"option phase after this long (default {HANDSHAKE_TIMEOUT:g})")
+    p.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS,
+                   metavar="N", help="NBD: open connections at once; more are closed at "
+                   f"once (default {MAX_CONNECTIONS})")
     add_verbose(p)
     p.set_defaults(func=_cmd_serve)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _add_info(sub: Any) -> None:
@@ -166,7 +190,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     disk_name = disk_name or "disk0"
     export = args.name if args.nbd and not args.blk else disk_name
     server = NBDServer([Export(export, backend, args.description, args.read_only)],
-                       tls=args.tls, ssl_context=ssl_context)
+                       tls=args.tls, ssl_context=ssl_context,
+                       handshake_timeout=args.handshake_timeout,
+                       max_connections=args.max_connections)
     args.blk_target = (service, disk_name, backend) if (args.blk or not args.nbd) else None
     try:
         return trio.run(_serve, server, args)

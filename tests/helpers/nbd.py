@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,12 @@ class Server:
 @contextlib.contextmanager
 def nbd_server(tmp: Path, name: str = "disk", backend: str = "memory", *,
                size: str | None = "64M", extra: Sequence[str] = (), tcp: bool = False,
-               path: Path | None = None) -> Iterator[Server]:
-    """Run our NBD server on a fresh Unix socket (or a free TCP port); yield when ready."""
+               path: Path | None = None,
+               preexec_fn: Callable[[], None] | None = None) -> Iterator[Server]:
+    """Run our NBD server on a fresh Unix socket (or a free TCP port); yield when ready.
+
+    ``preexec_fn`` runs in the child before exec (e.g. to lower its rlimits).
+    """
     args = [*SERVE, name, "--backend", backend, "--nbd"]
     if size is not None:
         args += ["--size", size]
@@ -61,7 +65,8 @@ def nbd_server(tmp: Path, name: str = "disk", backend: str = "memory", *,
         sock = str(tmp / f"{name}-{os.getpid()}-{len(os.listdir(tmp))}.sock")
         args += ["--listen", f"unix:{sock}"]
     args += list(extra)
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=preexec_fn)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
@@ -260,3 +265,57 @@ def wait_until_accepting(path: str, proc: subprocess.Popen[bytes] | None = None,
             time.sleep(0.01)
         finally:
             probe.close()
+
+
+# --- looking at a server process from outside (Linux /proc) ----------------------------
+
+#: writev's number in /proc/PID/task/TID/syscall, per machine.
+_WRITEV = {"x86_64": 20, "aarch64": 66}
+
+
+def vm_rss(pid: int) -> int:
+    """The process's resident set size in bytes (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
+
+
+def fd_count(pid: int) -> int:
+    """How many file descriptors the process has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def threads_in_writev(pid: int) -> int:
+    """How many of the process's threads are blocked in ``writev`` right now.
+
+    Skips the test on machines whose syscall number we do not know.
+    """
+    number = _WRITEV.get(os.uname().machine)
+    if number is None:
+        pytest.skip(f"writev's syscall number unknown on {os.uname().machine}")
+    count = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                first = f.read().split(None, 1)[0]
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+        count += first == str(number)
+    return count
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll a condition on another process's state until it holds, or fail after ``timeout``.
+
+    For states that have no notification (a thread blocking, a descriptor
+    closing); the short pause between checks is a poll interval, not a guess.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)

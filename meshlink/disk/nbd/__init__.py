@@ -7,22 +7,21 @@ Client: :func:`open_nbd` yields an :class:`NBDDisk`.
 Where things live: ``wire`` (constants, record layouts, encoders); the
 sans-io machines ``server_handshake``, ``server_transmission``,
 ``client_handshake``, ``client_transmission`` (shared parts in ``sansio``),
-which any event loop can drive; and their trio adapters ``server`` and
-``client``.
+which any event loop can drive; their trio adapters ``server`` and
+``client``; and ``server_listen`` (listeners, the bounded accept loop).
 """
 
 from __future__ import annotations
 
 from .client import NBDDisk, list_exports, open_nbd, parse_nbd_url
-from .server import (
-    Export,
-    NBDServer,
+from .server import Export, NBDServer
+from .server_handshake import TLSMode
+from .server_listen import (
     activation_listeners,
     open_listeners,
     parse_listen_address,
     server_ssl_context,
 )
-from .server_handshake import TLSMode
 
 __all__ = [
     "Export",

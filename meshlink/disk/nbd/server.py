@@ -33,6 +33,13 @@ Reads may return views of backend memory; the threaded driver therefore sends
 queued replies before executing any write-type request, so a reply never shows
 bytes written after its request was executed.
 
+Limits, so that no client can hold the server's time, slots or memory: the
+option phase runs against one deadline (``handshake_timeout``);
+:meth:`NBDServer.serve_listeners` closes connections beyond
+``max_connections`` as soon as they are accepted; the threaded driver counts
+the READ data it has queued and writes it out at ``max_reply_bytes``, where
+the blocking ``writev`` stops the loop until the client drains its replies.
+
 Errors: a well-formed but invalid request gets an error reply from the core;
 a backend :class:`~meshlink.DiskError` becomes an error reply with its errno;
 only protocol breaches (bad magic, EOF mid-request) end the connection.  No
@@ -42,24 +49,23 @@ connection's failure reaches another one or the listener.
 from __future__ import annotations
 
 import dataclasses
-import errno as _errno
 import logging
+import math
 import os
 import select
 import socket as _socket
 import ssl
-import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
 
 import trio
 
-from ...errors import AddressInUse, DiskError, RemoteProtocolError
+from ...errors import DiskError, RemoteProtocolError
 from ..backends._base import Backend, Buffer
 from . import wire as c
 from .sansio import NEED_DATA, HardDisconnect, StartTLS
 from .server_handshake import Aborted, EnterTransmission, ExportInfo, ServerHandshake, TLSMode
+from .server_listen import RateLimitedLog, accept_connections
 from .server_transmission import BadRequest, Disconnect, Request, ServerTransmission
 from .wire import (
     block_status_reply,
@@ -84,6 +90,13 @@ _DIRECT_MIN = 65536  # writes from this size are received straight into the back
 #: the next one within a few tens of microseconds, and waking a blocked thread
 #: costs about that much again.  poll() releases the GIL on every turn.
 _BUSY_POLL = 40e-6
+#: Defaults of the per-client bounds (see :class:`NBDServer`).  Ten seconds is
+#: ample for a handshake, even over TLS on a slow link, yet frees a slot soon;
+#: 64 MiB of queued reply data is two maximum-size READs, which keeps a deep
+#: queue of large reads streaming while capping what one client can pin.
+HANDSHAKE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+MAX_REPLY_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +135,11 @@ class _Executor:
     thread, the async driver from the trio thread or ``to_thread``.
     """
 
-    def __init__(self, backend: Backend, tx: ServerTransmission) -> None:
+    def __init__(self, backend: Backend, tx: ServerTransmission,
+                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         self.backend = backend
         self.tx = tx
+        self.max_reply_bytes = max_reply_bytes
         self.structured = tx.structured
         caps = backend.capabilities
         self._can_zero = caps.can_zero
@@ -212,8 +227,16 @@ class _Executor:
         Raises:
             HardDisconnect: the client broke the protocol.
             OSError: the connection failed.
+
+        Backpressure: read data queued for one ``writev`` is counted, and the
+        queue is written out once it reaches ``max_reply_bytes``.  The
+        blocking ``writev`` then waits for the client to drain its socket, so
+        a client that pipelines reads but never reads the replies stops being
+        read from, and pins at most about ``max_reply_bytes`` plus one request.
         """
         tx = self.tx
+        limit = self.max_reply_bytes
+        queued = 0  # READ payload bytes in ``out``; a counter, so the hot path stays cheap
         execute = self.execute
         readv = os.readv
         read = self.backend.read
@@ -232,6 +255,7 @@ class _Executor:
                 if out:
                     _writev_all(wfd, out)
                     out = []
+                    queued = 0
                     views_pending = False
                     deadline = clock() + _BUSY_POLL
                     while not poller.poll(0) and clock() < deadline:
@@ -256,14 +280,17 @@ class _Executor:
                                          ev.offset))
                     out += pieces
                     views_pending = True
-                    if len(out) >= _IOV_MAX:
+                    queued += ev.length
+                    if queued >= limit or len(out) >= _IOV_MAX:
                         _writev_all(wfd, out)
                         out = []
+                        queued = 0
                         views_pending = False
                     continue
                 if views_pending and cmd in (c.CMD_WRITE, c.CMD_TRIM, c.CMD_WRITE_ZEROES):
                     _writev_all(wfd, out)
                     out = []
+                    queued = 0
                     views_pending = False
                 if ev.payload is None and cmd == c.CMD_WRITE:
                     out.append(self._direct_write(ev, rfd, write_views))
@@ -271,9 +298,11 @@ class _Executor:
                 out += execute(ev)
                 if cmd == c.CMD_READ:
                     views_pending = True
-                if len(out) >= _IOV_MAX:
+                    queued += ev.length
+                if queued >= limit or len(out) >= _IOV_MAX:
                     _writev_all(wfd, out)
                     out = []
+                    queued = 0
                     views_pending = False
             elif type(ev) is BadRequest:
                 out.append(self.error(ev.cookie, ev.errno, ev.message))
@@ -281,6 +310,27 @@ class _Executor:
                 if out:
                     _writev_all(wfd, out)
                 return "client sent NBD_CMD_DISC"
+
+    def run_thread(self, rfd: int, wfd: int) -> tuple[type[Exception] | None, str]:
+        """:meth:`run_blocking` for a worker thread: failures come back as values.
+
+        Returns:
+            ``(None, why it ended)``, or ``(HardDisconnect or OSError, message)``
+            for the caller to raise.
+
+        Why not let the exception through: ``trio.to_thread`` hands it over in
+        an outcome that the raising frame still holds, so exception, traceback
+        and frame form a cycle; the traceback also holds this thread's frames
+        and so the replies still queued (up to ``max_reply_bytes``) until the
+        next garbage collection.  Catching here frees them when the connection
+        drops.
+        """
+        try:
+            return None, self.run_blocking(rfd, wfd)
+        except HardDisconnect as exc:
+            return HardDisconnect, str(exc)
+        except OSError as exc:
+            return OSError, str(exc)
 
     def _direct_write(self, req: Request, rfd: int,
                       write_views: Callable[[int, int], list[memoryview]] | None) -> bytes:
@@ -328,8 +378,9 @@ class _Executor:
         Cancellation: stops between requests or mid-send (the connection is
         then unusable and is closed by the caller).
 
-        Backpressure: replies are sent before more requests are read, so a
-        client that does not read its replies stops being served.
+        Backpressure: each request's reply is sent before the next request is
+        executed, so at most one reply is pending and a client that does not
+        read its replies stops being served.
         """
         tx = self.tx
         offload = self.backend.capabilities.blocking
@@ -387,21 +438,40 @@ class NBDServer:
         default_export: export used for the empty name (default: the first).
         max_threads: connections served by worker threads at once; more
             connections still work, on the slower async driver.
+        handshake_timeout: seconds a client has from connecting to entering
+            the transmission phase (greeting, options, TLS); a client that is
+            silent or stalls that long is disconnected.  ``None``: no limit.
+        max_connections: open connections accepted by :meth:`serve_listeners`
+            at once; more are closed as soon as they are accepted.
+        max_reply_bytes: read data one connection may have queued for sending
+            before the server stops reading its requests until it drains them.
 
     Raises:
-        ValueError: TLS enabled without an ``ssl_context``.
+        ValueError: TLS enabled without an ``ssl_context``; a limit below 1
+            (or a timeout not above 0).
     """
 
     def __init__(self, exports: Iterable[Export] = (), *, tls: TLSMode | str = TLSMode.OFF,
                  ssl_context: ssl.SSLContext | None = None, default_export: str | None = None,
-                 max_threads: int = 256) -> None:
+                 max_threads: int = 256, handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         self._tls = TLSMode(tls)
         if self._tls is not TLSMode.OFF and ssl_context is None:
             raise ValueError("TLS needs an ssl_context")
+        if handshake_timeout is not None and not handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout must be above 0, got {handshake_timeout}")
+        if max_connections < 1 or max_reply_bytes < 1 or max_threads < 1:
+            raise ValueError("max_connections, max_reply_bytes and max_threads must be >= 1")
         self._ssl = ssl_context
         self._exports: dict[str, Export] = {}
         self._default = default_export
         self._limiter = trio.CapacityLimiter(max_threads)
+        self._handshake_timeout = math.inf if handshake_timeout is None else handshake_timeout
+        self._max_connections = max_connections
+        self._max_reply_bytes = max_reply_bytes
+        self._rlog = RateLimitedLog(log)
+        #: Open connections (counted from accept, or from :meth:`handle_stream`).
         self.connections = 0
         for export in exports:
             self.add_export(export)
@@ -440,42 +510,59 @@ class NBDServer:
             fds: ``(read fd, write fd)`` of the same connection if the threaded
                 driver may use them directly (plain sockets, stdio); None otherwise.
 
-        Never raises for anything the client does; protocol breaches and lost
-        connections are logged and end only this connection.
+        Never raises for anything the client does; protocol breaches, lost
+        connections and handshakes over ``handshake_timeout`` are logged and
+        end only this connection.
 
         Cancellation: closes the connection (forcefully); a worker thread
         serving it is woken by shutting the socket down.
         """
-        core = ServerHandshake(self._lookup, self._names, tls=self._tls)
         self.connections += 1
         try:
-            await stream.send_all(core.data_to_send())
-            while True:
-                ev = core.next_event()
-                out = core.data_to_send()
-                if isinstance(ev, Aborted):
-                    # The client may close without reading the ACK; that is fine.
-                    with trio.move_on_after(5):
-                        try:
-                            await stream.send_all(out)
-                        except (trio.BrokenResourceError, OSError):
-                            pass
-                    log.debug("client aborted the handshake")
-                    return
-                if out:
-                    await stream.send_all(out)
-                if ev is NEED_DATA:
-                    core.receive_data(await stream.receive_some(65536))
-                elif isinstance(ev, StartTLS):
-                    assert self._ssl is not None
-                    stream = trio.SSLStream(stream, self._ssl, server_side=True)
-                    await stream.do_handshake()
-                    fds = None  # TLS runs in trio; no raw fd access from here on
-                    core.tls_established()
-                elif isinstance(ev, EnterTransmission):
-                    why = await self._transmission(stream, ev, fds)
-                    log.debug("connection ended: %s", why)
-                    return
+            await self._serve(stream, fds)
+        finally:
+            self.connections -= 1
+
+    async def _serve(self, stream: trio.abc.Stream, fds: tuple[int, int] | None) -> None:
+        """handle_stream without the counting (the accept loop counts at accept)."""
+        core = ServerHandshake(self._lookup, self._names, tls=self._tls)
+        entered: EnterTransmission | None = None
+        try:
+            # The whole option phase, TLS included, runs against one deadline:
+            # until a client is in transmission it has proven nothing, and a
+            # silent one must not hold a connection slot for ever.
+            with trio.move_on_after(self._handshake_timeout):
+                await stream.send_all(core.data_to_send())
+                while entered is None:
+                    ev = core.next_event()
+                    out = core.data_to_send()
+                    if isinstance(ev, Aborted):
+                        # The client may close without reading the ACK; that is fine.
+                        with trio.move_on_after(5):
+                            try:
+                                await stream.send_all(out)
+                            except (trio.BrokenResourceError, OSError):
+                                pass
+                        log.debug("client aborted the handshake")
+                        return
+                    if out:
+                        await stream.send_all(out)
+                    if ev is NEED_DATA:
+                        core.receive_data(await stream.receive_some(65536))
+                    elif isinstance(ev, StartTLS):
+                        assert self._ssl is not None
+                        stream = trio.SSLStream(stream, self._ssl, server_side=True)
+                        await stream.do_handshake()
+                        fds = None  # TLS runs in trio; no raw fd access from here on
+                        core.tls_established()
+                    elif isinstance(ev, EnterTransmission):
+                        entered = ev
+            if entered is None:
+                log.info("dropping client: no transmission phase within %g s",
+                         self._handshake_timeout)
+                return
+            why = await self._transmission(stream, entered, fds)
+            log.debug("connection ended: %s", why)
         except HardDisconnect as exc:
             log.info("dropping client: %s", exc)
         except RemoteProtocolError as exc:
@@ -484,14 +571,13 @@ class NBDServer:
                 OSError) as exc:
             log.info("connection failed: %s", exc)
         finally:
-            self.connections -= 1
             await trio.aclose_forcefully(stream)
 
     async def _transmission(self, stream: trio.abc.Stream, ev: EnterTransmission,
                             fds: tuple[int, int] | None) -> str:
         export = self._find(ev.export.name)
         assert export is not None
-        executor = _Executor(export.backend, ServerTransmission(ev))
+        executor = _Executor(export.backend, ServerTransmission(ev), self._max_reply_bytes)
         if fds is None or self._limiter.available_tokens < 1:
             return await executor.run_async(stream)
         rfd, wfd = fds
@@ -499,9 +585,8 @@ class NBDServer:
         os.set_blocking(rfd, True)
         os.set_blocking(wfd, True)
         try:
-            return await trio.to_thread.run_sync(executor.run_blocking, rfd, wfd,
-                                                 abandon_on_cancel=True,
-                                                 limiter=self._limiter)
+            failure, detail = await trio.to_thread.run_sync(
+                executor.run_thread, rfd, wfd, abandon_on_cancel=True, limiter=self._limiter)
         finally:
             if sock is not None:
                 # Wakes an abandoned worker blocked in readv on this socket.
@@ -509,8 +594,18 @@ class NBDServer:
                     sock.shutdown(_socket.SHUT_RDWR)
                 except OSError:
                     pass
+        if failure is not None:
+            raise failure(detail)
+        return detail
 
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
+        """Serve an accepted socket; the accept loop already counted it."""
+        try:
+            await self._serve_socket(stream)
+        finally:
+            self.connections -= 1
+
+    async def _serve_socket(self, stream: trio.SocketStream) -> None:
         fd = stream.socket.fileno()
         # Bigger buffers mean fewer wake-ups per MiB (the kernel caps the value).
         # TCP gets only the send side: a fixed SO_RCVBUF would switch off the
@@ -526,7 +621,7 @@ class NBDServer:
                 stream.socket.setsockopt(_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
             except OSError:
                 pass
-        await self.handle_stream(stream, (fd, fd))
+        await self._serve(stream, (fd, fd))
 
     # -- listening ----------------------------------------------------------------------
 
@@ -537,11 +632,31 @@ class NBDServer:
 
         Cancellation: stops accepting and closes every connection.
 
-        Backpressure: none beyond the OS listen backlog; each connection costs
-        one task (and one worker thread while it is in the transmission phase).
+        Backpressure: at most ``max_connections`` connections are open at
+        once (over all listeners); one more is closed right after ``accept``
+        (a rate-limited warning says so).  Each connection costs one task
+        (and one worker thread while it is in the transmission phase).
+        When ``accept`` runs out of file descriptors the loop backs off
+        (see :func:`~meshlink.disk.nbd.server_listen.accept_connections`).
+
+        Raises:
+            OSError: a listener failed for good.
         """
-        await trio.serve_listeners(self._handle_socket, list(listeners),
-                                   task_status=task_status)
+        listeners = list(listeners)
+        async with trio.open_nursery() as nursery:
+
+            def admit(stream: trio.SocketStream) -> None:
+                if self.connections >= self._max_connections:
+                    self._rlog.warning("limit", "refusing a connection: %d open, the limit "
+                                       "(max_connections)", self.connections)
+                    stream.socket.close()
+                    return
+                self.connections += 1  # here, not in the task: admit() may run again first
+                nursery.start_soon(self._handle_socket, stream)
+
+            for listener in listeners:
+                nursery.start_soon(accept_connections, listener, admit, self._rlog)
+            task_status.started(listeners)
 
     async def serve_stdio(self, rfd: int = 0, wfd: int = 1) -> None:
         """Serve exactly one client on stdin/stdout (inetd / ``nbdkit -s`` style).
@@ -552,114 +667,3 @@ class NBDServer:
         wstream = trio.lowlevel.FdStream(os.dup(wfd))
         stream = trio.StapledStream(wstream, rstream)
         await self.handle_stream(stream, (rstream.fileno(), wstream.fileno()))
-
-
-# --- addresses and listeners -------------------------------------------------------
-
-
-def parse_listen_address(addr: str) -> tuple[str, str | tuple[str, int]]:
-    """Parse ``unix:/path``, ``tcp:host:port``, ``host:port`` or ``[v6]:port``.
-
-    Returns:
-        ``("unix", path)`` or ``("tcp", (host, port))``.
-
-    Raises:
-        ValueError: not an address we understand.
-    """
-    if addr.startswith("unix:"):
-        path = addr[5:]
-        if not path:
-            raise ValueError("unix: needs a path")
-        return "unix", path
-    if addr.startswith("tcp:"):
-        addr = addr[4:]
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected host:port, unix:/path or tcp:host:port, got {addr!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    return "tcp", (host, int(port))
-
-
-async def open_listeners(addr: str) -> list[trio.SocketListener]:
-    """Bind listeners for a ``--listen`` address.
-
-    A stale Unix socket file (nobody accepting) is replaced; a live one is not.
-
-    Raises:
-        AddressInUse: something already serves that address.
-        ValueError: bad address.
-        OSError: binding failed.
-    """
-    kind, where = parse_listen_address(addr)
-    if kind == "tcp":
-        assert isinstance(where, tuple)
-        host, port = where
-        try:
-            return list(await trio.open_tcp_listeners(port, host=host))
-        except OSError as exc:
-            if exc.errno == _errno.EADDRINUSE:
-                raise AddressInUse(f"{host}:{port} is in use") from exc
-            raise
-    assert isinstance(where, str)
-    path = where
-    _clear_stale_socket(path)
-    sock = trio.socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        await sock.bind(path)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return [trio.SocketListener(sock)]
-
-
-def _clear_stale_socket(path: str) -> None:
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise AddressInUse(f"{path} exists and is not a socket")
-        probe = _socket.socket(_socket.AF_UNIX)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody is accepting
-        else:
-            raise AddressInUse(f"a server is already listening on {path}")
-        finally:
-            probe.close()
-
-
-def activation_listeners(environ: dict[str, str] | None = None) -> list[trio.SocketListener]:
-    """Listeners passed by systemd-style socket activation (LISTEN_PID/LISTEN_FDS).
-
-    The variables are removed from ``environ`` (default ``os.environ``) so
-    children do not inherit them.
-
-    Returns:
-        One listener per passed fd (fds 3, 4, ...), or [] if not activated.
-    """
-    env: Any = os.environ if environ is None else environ
-    pid, count = env.get("LISTEN_PID"), env.get("LISTEN_FDS")
-    if pid is None or count is None or pid != str(os.getpid()):
-        return []
-    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        env.pop(key, None)
-    listeners = []
-    for fd in range(3, 3 + int(count)):
-        os.set_inheritable(fd, False)
-        sock = trio.socket.from_stdlib_socket(_socket.socket(fileno=fd))
-        listeners.append(trio.SocketListener(sock))
-    return listeners
-
-
-def server_ssl_context(cert: str, key: str | None = None,
-                       ca: str | None = None) -> ssl.SSLContext:
-    """A TLS 1.2+ server context; with ``ca``, client certificates are required.
-
-    The same context meshlink's other TLS servers use (:class:`meshlink.transport.tls.TLSConfig`).
-
-    Raises:
-        LocalProtocolError: unreadable or invalid files.
-    """
-    from ...transport.tls import TLSConfig
-
-    return TLSConfig(cert, key, ca).server_context()

@@ -1,0 +1,218 @@
+"""Listening for NBD clients: addresses, listeners, and a bounded accept loop.
+
+Why a module of its own: accepting is where a server meets clients it has not
+vetted yet, so the limits that keep one host from exhausting the server live
+here, next to the listeners they guard:
+
+* :func:`accept_connections` backs off (10 ms doubling to 1 s) when ``accept``
+  fails for lack of file descriptors or memory (``EMFILE``, ``ENFILE``,
+  ``ENOBUFS``, ``ENOMEM``).  The pending connection stays in the backlog and
+  keeps the listener readable, so retrying at once would spin a core; waiting
+  lets connections that are closing give their descriptors back.
+* :class:`RateLimitedLog` keeps a flood (refused connections, failing accepts)
+  to one log line per interval, with a count of what it held back, so a
+  client cannot fill the disk through our log.
+
+The connection limit itself is :class:`~meshlink.disk.nbd.NBDServer`'s
+(it knows how many connections are open); this module only accepts.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import math
+import os
+import socket as _socket
+import ssl
+import stat
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ...errors import AddressInUse
+
+#: accept() errors that mean "out of resources for now", not "broken listener".
+ACCEPT_CAPACITY_ERRNOS = frozenset({_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS,
+                                    _errno.ENOMEM})
+BACKOFF_FIRST = 0.01
+BACKOFF_MAX = 1.0
+
+
+class RateLimitedLog:
+    """At most one log line per ``interval`` seconds for each key.
+
+    Lines held back are counted and the count is added to the next line that
+    is written for that key.
+
+    Args:
+        logger: where lines go (at WARNING).
+        interval: seconds between two lines of one key.
+        clock: monotonic clock (a parameter so tests can drive it).
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._state: dict[str, tuple[float, int]] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` unless a line for ``key`` was written recently.
+
+        Returns:
+            Whether the line was written.
+        """
+        now = self._clock()
+        last, held = self._state.get(key, (-math.inf, 0))
+        if now - last < self._interval:
+            self._state[key] = (last, held + 1)
+            return False
+        if held:
+            msg += " (%d more since the last such message)"
+            args = (*args, held)
+        self._logger.warning(msg, *args)
+        self._state[key] = (now, 0)
+        return True
+
+
+async def accept_connections(listener: trio.SocketListener,
+                             admit: Callable[[trio.SocketStream], None],
+                             rlog: RateLimitedLog) -> None:
+    """Accept on ``listener`` until cancelled; hand every connection to ``admit``.
+
+    ``admit`` runs synchronously in this task (it must not block): it either
+    starts a task for the connection or closes it.
+
+    Raises:
+        OSError: ``accept`` failed for a reason other than lack of resources
+            (trio already retries the transient per-connection errors).
+
+    Cancellation: stops accepting; connections already admitted are not touched.
+    """
+    delay = 0.0
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                raise
+            delay = min(max(delay * 2, BACKOFF_FIRST), BACKOFF_MAX)
+            rlog.warning("accept", "cannot accept a connection: %s; retrying in %d ms",
+                         os.strerror(exc.errno or 0), round(delay * 1000))
+            await trio.sleep(delay)
+            continue
+        delay = 0.0
+        admit(stream)
+
+
+
+def parse_listen_address(addr: str) -> tuple[str, str | tuple[str, int]]:
+    """Parse ``unix:/path``, ``tcp:host:port``, ``host:port`` or ``[v6]:port``.
+
+    Returns:
+        ``("unix", path)`` or ``("tcp", (host, port))``.
+
+    Raises:
+        ValueError: not an address we understand.
+    """
+    if addr.startswith("unix:"):
+        path = addr[5:]
+        if not path:
+            raise ValueError("unix: needs a path")
+        return "unix", path
+    if addr.startswith("tcp:"):
+        addr = addr[4:]
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected host:port, unix:/path or tcp:host:port, got {addr!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return "tcp", (host, int(port))
+
+
+async def open_listeners(addr: str) -> list[trio.SocketListener]:
+    """Bind listeners for a ``--listen`` address.
+
+    A stale Unix socket file (nobody accepting) is replaced; a live one is not.
+
+    Raises:
+        AddressInUse: something already serves that address.
+        ValueError: bad address.
+        OSError: binding failed.
+    """
+    kind, where = parse_listen_address(addr)
+    if kind == "tcp":
+        assert isinstance(where, tuple)
+        host, port = where
+        try:
+            return list(await trio.open_tcp_listeners(port, host=host))
+        except OSError as exc:
+            if exc.errno == _errno.EADDRINUSE:
+                raise AddressInUse(f"{host}:{port} is in use") from exc
+            raise
+    assert isinstance(where, str)
+    path = where
+    _clear_stale_socket(path)
+    sock = trio.socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
+
+
+def _clear_stale_socket(path: str) -> None:
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise AddressInUse(f"{path} exists and is not a socket")
+        probe = _socket.socket(_socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody is accepting
+        else:
+            raise AddressInUse(f"a server is already listening on {path}")
+        finally:
+            probe.close()
+
+
+def activation_listeners(environ: dict[str, str] | None = None) -> list[trio.SocketListener]:
+    """Listeners passed by systemd-style socket activation (LISTEN_PID/LISTEN_FDS).
+
+    The variables are removed from ``environ`` (default ``os.environ``) so
+    children do not inherit them.
+
+    Returns:
+        One listener per passed fd (fds 3, 4, ...), or [] if not activated.
+    """
+    env: Any = os.environ if environ is None else environ
+    pid, count = env.get("LISTEN_PID"), env.get("LISTEN_FDS")
+    if pid is None or count is None or pid != str(os.getpid()):
+        return []
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    listeners = []
+    for fd in range(3, 3 + int(count)):
+        os.set_inheritable(fd, False)
+        sock = trio.socket.from_stdlib_socket(_socket.socket(fileno=fd))
+        listeners.append(trio.SocketListener(sock))
+    return listeners
+
+
+def server_ssl_context(cert: str, key: str | None = None,
+                       ca: str | None = None) -> ssl.SSLContext:
+    """A TLS 1.2+ server context; with ``ca``, client certificates are required.
+
+    The same context meshlink's other TLS servers use (:class:`meshlink.transport.tls.TLSConfig`).
+
+    Raises:
+        LocalProtocolError: unreadable or invalid files.
+    """
+    from ...transport.tls import TLSConfig
+
+    return TLSConfig(cert, key, ca).server_context()
