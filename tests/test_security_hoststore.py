@@ -97,6 +97,21 @@ def test_group_or_world_writable_store_needs_an_explicit_group(
         HostStore(d, group=gid + 1)
 
 
+def test_group_store_entries_are_usable_by_the_group(base: Path) -> None:
+    gid = os.getgid()
+    store = HostStore(base / "g", group=gid)
+    st = store.path.stat()
+    assert (st.st_mode & 0o7777, st.st_gid) == (0o2770, gid)
+    pub = store.claim("svc")
+    sock = _bind(pub)
+    write_record(store, ServiceRecord("svc", "host", ("vchan",)))
+    for entry in ("svc.lock", "svc.sock", "svc.meshlink.json"):
+        assert (store.path / entry).stat().st_mode & 0o777 == 0o660, entry
+    sock.close()
+    pub.withdraw()
+    remove_record(store, "svc")
+
+
 @as_root
 def test_default_store_planted_by_another_user_is_refused(
         base: Path, monkeypatch: pytest.MonkeyPatch) -> None:

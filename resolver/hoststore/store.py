@@ -254,6 +254,12 @@ class HostStore:
         """
         return self.path / f"{validate_service_name(service)}{_RECORD}"
 
+    def _share(self, fd: int, st: os.stat_result) -> None:
+        """In a group store, make a file we own usable by the group (umask aside)."""
+        if self.group is not None and st.st_uid == os.getuid() and \
+                stat.S_IMODE(st.st_mode) != self._file_mode:
+            os.fchmod(fd, self._file_mode)
+
     def _via_fd(self, name: str) -> str:
         """``name`` reached through our directory descriptor, if short enough to bind."""
         proc = f"/proc/self/fd/{self.dir_fd}/{name}"
@@ -294,6 +300,7 @@ class HostStore:
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 raise StoreError(f"{lock_name} in host store {self.path} is not a regular file")
+            self._share(fd, st)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -372,7 +379,9 @@ class HostStore:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                ident = _identity(os.fstat(fd))
+                st = os.fstat(fd)
+                self._share(fd, st)
+                ident = _identity(st)
             finally:
                 os.close(fd)
             os.replace(tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
