@@ -21,6 +21,7 @@ flushed before and after.  A frontend's liveness is its rendezvous socket.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -64,6 +65,8 @@ from .ring import (
 __all__ = ["serve_blk"]
 
 log = logging.getLogger("meshlink.disk.blk")
+#: accept() errors that mean "not now" (resources), not "stop serving".
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Conn:
@@ -283,7 +286,14 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
         task_status.started(store)
         async with trio.open_nursery() as nursery:
             while True:
-                tconn, _ = await sock.accept()
+                try:
+                    tconn, _ = await sock.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_RETRY:
+                        raise
+                    log.warning("blk accept failed, retrying: %s", exc)
+                    await trio.sleep(0.1)  # out of descriptors: back off, keep serving
+                    continue
                 conn = socket.socket(fileno=tconn.detach())
                 conn.setblocking(False)
                 if _admit(conn, uids, pending[0]):

@@ -43,6 +43,8 @@ __all__ = ["VchanListener", "connect_vchan", "open_vchan_listener"]
 
 PROTOCOL_VERSION = 1
 HANDSHAKE_TIMEOUT = 5.0
+#: Pause after accept() fails for lack of resources (EMFILE, ENOBUFS...).
+ACCEPT_BACKOFF = 0.1
 
 
 def _int_field(msg: dict[str, object], key: str, lo: int, hi: int) -> int:
@@ -145,7 +147,10 @@ class VchanListener(trio.abc.Listener[VchanStream]):
                 except OSError:
                     if self._closed:
                         raise trio.ClosedResourceError("listener closed") from None
-                    break  # e.g. EMFILE: the client is left in the backlog
+                    # Out of descriptors (EMFILE...): the client stays in the
+                    # backlog; back off instead of spinning on a readable socket.
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    break
                 conn.setblocking(False)
                 p = self._admit(conn)
                 if p is not None:
