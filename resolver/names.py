@@ -8,7 +8,9 @@ from .errors import InvalidName
 
 __all__ = ["validate_service_name"]
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Matched against the whole string (``fullmatch``): ``$`` would also accept
+#: a trailing newline, which is no file name we want.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def validate_service_name(name: str) -> str:
@@ -20,7 +22,7 @@ def validate_service_name(name: str) -> str:
     Raises:
         InvalidName: the name is not acceptable.
     """
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidName(
             f"invalid service name {name!r}: use 1-128 characters of [A-Za-z0-9._-], "
             "starting with a letter or digit"

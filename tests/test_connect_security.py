@@ -61,20 +61,28 @@ os.setresuid(65534, 65534, 65534)
 CALL = AS_NOBODY + "sys.exit(meshlink.cli._app.main(sys.argv[1:]))\n"
 
 
+#: nobody's primary group: the group a shared store is opened to in these tests.
+NOGROUP = 65534
+
+
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLINK_")}
     env["PYTHONPATH"] = str(ROOT)
+    env["MESHLINK_HOST_STORE_GROUP"] = str(NOGROUP)
     return env
 
 
 @pytest.fixture
-def shared_store() -> Iterator[Path]:
-    """A host store that ``nobody`` can reach (pytest's tmp_path is private to root)."""
+def shared_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A host store shared, on purpose, with nobody's group (pytest's tmp_path is
+    private to root): root:nogroup, mode 2770, as ``HostStore(group=...)`` wants."""
     top = Path(tempfile.mkdtemp(prefix="meshlink-sec-"))
     top.chmod(0o755)
     store = top / "store"
     store.mkdir()
-    store.chmod(0o755)
+    os.chown(store, 0, NOGROUP)
+    store.chmod(0o2770)
+    monkeypatch.setenv("MESHLINK_HOST_STORE_GROUP", str(NOGROUP))
     yield store
     shutil.rmtree(top)
 
@@ -208,19 +216,18 @@ async def test_client_refuses_server_certificate_and_says_why(
 
 @needs_root
 @pytest.mark.parametrize("socket_mode, says", [
-    (0o666, "uid 65534 is not allowed"),       # the server's allow list refuses
-    (0o755, "Permission denied"),              # the kernel refuses (socket not writable)
+    (None, "uid 65534 is not allowed"),        # the server's allow list refuses
+    (0o640, "Permission denied"),              # the kernel refuses (socket not writable)
 ])
 async def test_nobody_refused_on_vchan_does_not_fall_back_to_tcp(
-    shared_store: Path, socket_mode: int, says: str
+    shared_store: Path, socket_mode: int | None, says: str
 ) -> None:
     async with trio.open_nursery() as nursery:
         # root's server: vchan (root only, the default) and plain TCP, asked for
         srv = await _serve(nursery, shared_store, allow_plaintext=True)
-        # let nobody resolve the entry (the lock is 0600 by default) and reach the socket
-        (shared_store / f"{NAME}.lock").chmod(0o644)
-        (shared_store / f"{NAME}.meshlink.json").chmod(0o644)
-        (shared_store / f"{NAME}.sock").chmod(socket_mode)
+        # the group store lets nobody resolve the entry and reach the socket
+        if socket_mode is not None:
+            (shared_store / f"{NAME}.sock").chmod(socket_mode)
         out = await trio.run_process(
             [sys.executable, "-c", CALL, "call", NAME, "echo", "hi",
              "--host-store", str(shared_store)],
@@ -248,10 +255,9 @@ sys.stdin.read()
 @pytest.fixture
 def impostor_slot(shared_store: Path) -> Iterator[Path]:
     """Root's live claim and record for NAME, its socket path left for someone else."""
-    hs = HostStore(shared_store)
+    hs = HostStore(shared_store, group=NOGROUP)  # a store nobody's group may bind in
     pub = hs.claim(NAME)
     write_record(hs, ServiceRecord(NAME, default_host_id(hs), ("vchan",)))
-    shared_store.chmod(0o1777)  # a shared, sticky store another user can bind in
     yield pub.socket_path
     pub.withdraw()
 

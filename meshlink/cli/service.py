@@ -158,17 +158,31 @@ def _cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
+    import os
+
+    from resolver import HostStore, HostStoreSource
+    from resolver.hoststore import default_store_path
     from resolver.zeroconf import ZeroconfConfig, browse
 
-    res = _resolver(args)
+    from ..errors import resolver_errors
+
+    # Listing is read-only: a missing host store has no services, and is
+    # not created (nor are its parents) as a side effect.
     rows: list[tuple[str, str, str, str]] = []
-    for name, live, rec in res.hoststore.services():
-        if rec is not None:
-            rows.append((name, "hoststore", ",".join(rec.transports), " ".join(rec.endpoints)))
-        else:
-            rows.append((name, "hoststore", "vchan" if live else "-",
-                         "" if live else "(stale: server gone)"))
-    zc: ZeroconfConfig | None = res.zeroconf
+    path = default_store_path(args.host_store)
+    if os.path.lexists(path):
+        with resolver_errors():
+            store = HostStore(path, create=False)
+        for name, live, rec in HostStoreSource(store).services():
+            if rec is not None:
+                rows.append((name, "hoststore", ",".join(rec.transports),
+                             " ".join(rec.endpoints)))
+            else:
+                rows.append((name, "hoststore", "vchan" if live else "-",
+                             "" if live else "(stale: server gone)"))
+    zc: ZeroconfConfig | None = (
+        ZeroconfConfig.from_env() if args.zeroconf is None
+        else ZeroconfConfig() if args.zeroconf is True else args.zeroconf or None)
     if zc is not None:
         for ad in trio.run(browse, zc):
             where = " ".join(ep.url for ep in ad.endpoints() if ep.scheme != "vchan")

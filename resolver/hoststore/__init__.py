@@ -18,10 +18,18 @@ from .records import (
     remove_record,
     write_record,
 )
-from .store import ENV_VAR, HostStore, Publication, blk_entry_name
+from .store import (
+    ENV_VAR,
+    GROUP_ENV_VAR,
+    HostStore,
+    Publication,
+    blk_entry_name,
+    default_store_path,
+)
 
 __all__ = [
     "ENV_VAR",
+    "GROUP_ENV_VAR",
     "HOST_ID_ENV",
     "HostStore",
     "HostStoreSource",
@@ -29,6 +37,7 @@ __all__ = [
     "ServiceRecord",
     "blk_entry_name",
     "default_host_id",
+    "default_store_path",
     "remove_record",
     "write_record",
 ]

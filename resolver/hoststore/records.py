@@ -42,6 +42,8 @@ __all__ = [
 HOST_ID_ENV = "MESHLINK_HOST_ID"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 RECORD_VERSION = 1
+#: Records are a few hundred bytes; a longer file is not one of ours.
+MAX_RECORD = 1 << 16
 
 
 def default_host_id(store: HostStore, boot_id_path: str = BOOT_ID_PATH) -> str:
@@ -104,18 +106,15 @@ class ServiceRecord:
 
 def write_record(store: HostStore, record: ServiceRecord) -> None:
     """Publish ``record`` atomically (call while holding the name's claim)."""
-    path = store.record_path(record.name)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(record.to_json())
-    os.replace(tmp, path)
+    store.write_entry(store.record_path(record.name).name, record.to_json().encode())
 
 
 def remove_record(store: HostStore, name: str) -> None:
-    """Withdraw the record of ``name`` (idempotent)."""
-    try:
-        store.record_path(name).unlink()
-    except FileNotFoundError:
-        pass
+    """Withdraw the record of ``name`` if ``store`` wrote it and it is still there.
+
+    Idempotent; a record another server has written since is left alone.
+    """
+    store.remove_entry(store.record_path(name).name)
 
 
 class HostStoreSource:
@@ -132,9 +131,10 @@ class HostStoreSource:
         """The record of a *live* service, or ``None`` (absent, stale or malformed)."""
         if not self.store.is_live(name):
             return None
+        raw = self.store.read_entry(self.store.record_path(name).name, MAX_RECORD)
         try:
-            text = self.store.record_path(name).read_text()
-        except (OSError, UnicodeDecodeError):
+            text = raw.decode() if raw is not None else ""
+        except UnicodeDecodeError:
             return None
         rec = ServiceRecord.from_json(text)
         return rec if rec is not None and rec.name == name else None

@@ -1,7 +1,10 @@
 """The blk ring's backend: serving disks to frontends on this host.
 
 :func:`serve_blk` publishes ``<service>.blk`` and serves each frontend on its
-own task.  The handshake checks the client's uid and the hello, then maps
+own task.  The client's uid is checked before anything is read from it; at
+most ``MAX_PENDING`` handshakes run at once, each within the handshake
+timeout, and a malformed hello closes that connection only.  The handshake
+then checks the hello, maps
 the frontend's pages through the local grant provider (which checks the
 memfd's seals and size, see :mod:`.ring`) and answers with the disk's size
 and features.
@@ -18,11 +21,12 @@ flushed before and after.  A frontend's liveness is its rendezvous socket.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -30,7 +34,13 @@ from resolver import HostStore, blk_entry_name
 
 from ...errors import DiskError, HandshakeError, RingCorruptError, resolver_errors
 from ...transport.doorbell import Doorbell, spin
-from ...transport.rendezvous import encode, peer_credentials, recv_message_with_fds, send_refusal
+from ...transport.rendezvous import (
+    MAX_PENDING,
+    encode,
+    peer_credentials,
+    receive_hello,
+    refuse_now,
+)
 from ..backends import Backend
 from ..backends._base import direct_buffer
 from .handshake import (
@@ -55,6 +65,8 @@ from .ring import (
 __all__ = ["serve_blk"]
 
 log = logging.getLogger("meshlink.disk.blk")
+#: accept() errors that mean "not now" (resources), not "stop serving".
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Conn:
@@ -179,62 +191,62 @@ class _Conn:
             await self.bell.wait()
 
 
-async def _handshake(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
-                     allow_uids: frozenset[int]) -> _Conn:
-    uid = peer_credentials(conn).uid
+async def _handshake(conn: socket.socket, disks: Mapping[str, Backend]) -> _Conn:
+    """Read and check a frontend's hello (its uid is already checked); map its ring."""
     try:
-        hello, fds = await recv_message_with_fds(conn, 3, "blk")
+        hello, fds = await receive_hello(conn, "blk", 3)
     except HandshakeError as exc:
-        await send_refusal(conn, str(exc), "refused")
+        refuse_now(conn, str(exc), "refused")
         raise
 
-    async def refuse(why: str, code: str = "refused") -> None:
+    def refuse(why: str, code: str = "refused") -> NoReturn:
         for fd in fds:
             os.close(fd)
-        await send_refusal(conn, why, code)
+        refuse_now(conn, why, code)
         raise HandshakeError(why)
 
-    if uid not in allow_uids:
-        await refuse(f"uid {uid} is not allowed", "auth")
     if hello.get("meshlink") != "blk" or hello.get("version") != PROTOCOL_VERSION:
-        await refuse(f"unsupported blk hello (want version {PROTOCOL_VERSION})", "version")
+        refuse(f"unsupported blk hello (want version {PROTOCOL_VERSION})", "version")
     name = hello.get("disk")
     backend = disks.get(name) if isinstance(name, str) else None
     if backend is None:
-        await refuse(f"no disk named {name!r} (have: {', '.join(sorted(disks))})", "nodisk")
-        raise AssertionError  # unreachable: refuse raised
+        shown = name[:200] if isinstance(name, str) else name
+        refuse(f"no disk named {shown!r} (have: {', '.join(sorted(disks))})", "nodisk")
     order = hello.get("ring_order")
     pool = hello.get("pool_pages")
-    if (not isinstance(order, int) or not 0 <= order <= 4 or not isinstance(pool, int)
+    if (not isinstance(order, int) or isinstance(order, bool) or not 0 <= order <= 4
+            or not isinstance(pool, int) or isinstance(pool, bool)
             or not 0 <= pool <= 512 * (MAX_INDIRECT_SEGMENTS + 1) or len(fds) != 3):
-        await refuse("bad ring parameters")
-        raise AssertionError
+        refuse("bad ring parameters")
     memfd, own, peer = fds
     try:
         # The local grant provider checks the memfd (sealed, exactly the
         # announced pages) before mapping any of it.
         ring = BackRing(memfd, order, pool, backend.size // SECTOR, backend.read_only)
     except (OSError, HandshakeError) as exc:
-        await refuse(str(exc))  # closes the memfd with the eventfds
-        raise
+        refuse(str(exc))  # closes the memfd with the eventfds
     os.close(memfd)  # the mapping keeps the pages
     try:
-        return await _accept(conn, backend, ring, own, peer)
+        return _accept(conn, backend, ring, own, peer)
     except BaseException:
         ring.close()
         raise
 
 
-async def _accept(conn: trio.socket.SocketType, backend: Backend, ring: BackRing,
-                  own: int, peer: int) -> _Conn:
+def _accept(conn: socket.socket, backend: Backend, ring: BackRing,
+            own: int, peer: int) -> _Conn:
     """Answer a good hello with the disk's size and features; the ring is live."""
     features = {"flush": backend.capabilities.can_flush, "barrier": True,
                 "discard": backend.capabilities.can_trim,
                 "max_indirect_segments": MAX_INDIRECT_SEGMENTS}
-    await conn.send(encode({"ok": True, "version": PROTOCOL_VERSION, "size": backend.size,
-                             "sector_size": SECTOR, "read_only": backend.read_only,
-                             "features": features}))
-    bell = Doorbell(own, peer, socket.socket(fileno=conn.detach()))
+    # A small reply on a socket nobody has written to: it fits, or the
+    # frontend is dropped rather than waited for.
+    reply = encode({"ok": True, "version": PROTOCOL_VERSION, "size": backend.size,
+                    "sector_size": SECTOR, "read_only": backend.read_only,
+                    "features": features})
+    if conn.send(reply, socket.MSG_DONTWAIT) != len(reply):
+        raise HandshakeError("blk handshake: reply did not fit in the socket")
+    bell = Doorbell(own, peer, conn)
     return _Conn(backend, ring, bell)
 
 
@@ -266,28 +278,61 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
         store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
         pub = store.claim(blk_entry_name(service))
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    pending = [0]  # handshakes under way (a list: the tasks update it)
     try:
-        await sock.bind(str(pub.socket_path))
+        await sock.bind(pub.bind_path)
+        pub.bound()
         sock.listen(128)
         task_status.started(store)
         async with trio.open_nursery() as nursery:
             while True:
-                conn, _ = await sock.accept()
-                nursery.start_soon(_serve_client, conn, disks, uids)
+                try:
+                    tconn, _ = await sock.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_RETRY:
+                        raise
+                    log.warning("blk accept failed, retrying: %s", exc)
+                    await trio.sleep(0.1)  # out of descriptors: back off, keep serving
+                    continue
+                conn = socket.socket(fileno=tconn.detach())
+                conn.setblocking(False)
+                if _admit(conn, uids, pending[0]):
+                    pending[0] += 1
+                    nursery.start_soon(_serve_client, conn, disks, pending)
     finally:
         sock.close()
         pub.withdraw()
 
 
-async def _serve_client(conn: trio.socket.SocketType, disks: Mapping[str, Backend],
-                        uids: frozenset[int]) -> None:
+def _admit(conn: socket.socket, uids: frozenset[int], pending: int) -> bool:
+    """The uid check, before a byte is read; a refused client is told and closed."""
+    try:
+        uid = peer_credentials(conn).uid
+    except OSError:
+        conn.close()
+        return False
+    if uid not in uids:
+        refuse_now(conn, f"uid {uid} is not allowed", "auth")
+    elif pending >= MAX_PENDING:
+        refuse_now(conn, "busy with other handshakes", "busy")
+    else:
+        return True
+    log.info("blk client refused: uid %d%s", uid, "" if uid not in uids else " (busy)")
+    conn.close()
+    return False
+
+
+async def _serve_client(conn: socket.socket, disks: Mapping[str, Backend],
+                        pending: list[int]) -> None:
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            c = await _handshake(conn, disks, uids)
+            c = await _handshake(conn, disks)
     except (HandshakeError, OSError, trio.TooSlowError) as exc:
         log.info("blk client refused: %s", exc)
         conn.close()
         return
+    finally:
+        pending[0] -= 1
     try:
         await c.run()
     except RingCorruptError as exc:

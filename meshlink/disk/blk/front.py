@@ -11,7 +11,6 @@ requests; cancelled requests' slots are reclaimed when their responses arrive.
 
 from __future__ import annotations
 
-import array
 import errno as _errno
 import os
 import socket
@@ -34,7 +33,7 @@ from ...errors import (
     resolver_errors,
 )
 from ...transport.doorbell import Doorbell, spin
-from ...transport.rendezvous import check_reply, encode, recv_message
+from ...transport.rendezvous import check_reply, recv_message, send_hello
 from .handshake import HANDSHAKE_TIMEOUT, PROTOCOL_VERSION, SPIN_SECONDS
 from .ring import (
     OP_DISCARD,
@@ -495,8 +494,7 @@ async def _connect(target: str, host_store: HostStore | str | os.PathLike[str] |
         hello = {"meshlink": "blk", "version": PROTOCOL_VERSION, "disk": disk,
                  "ring_order": order, "pool_pages": pool_pages}
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await sock.sendmsg([encode(hello)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                  array.array("i", [ring.memfd, peer, own]))])
+            await send_hello(sock, hello, [ring.memfd, peer, own])
             reply = await recv_message(sock, "blk")
         check_reply(reply, f"blk server {service!r} refused {disk!r}")
         size = reply.get("size")

@@ -4,7 +4,8 @@ A server claims its service name in the host store and listens on a Unix
 socket there (:mod:`meshlink.transport.rendezvous` has the wire); a client
 connects, asks for ring sizes, and receives the sealed memfd and the two
 eventfds by ``SCM_RIGHTS``.  The server checks the client's uid
-(``SO_PEERCRED``) against its allow list before it answers; the client
+(``SO_PEERCRED``) against its allow list before it reads anything, and runs
+many handshakes at once, each under a deadline; the client
 validates and maps the pages itself.  Both ends then hold a
 :class:`~meshlink.transport.vchan.stream.VchanStream` over the local provider.
 """
@@ -15,6 +16,7 @@ import array
 import errno
 import os
 import socket
+from collections import deque
 from collections.abc import Collection
 from pathlib import Path
 
@@ -30,12 +32,15 @@ from ...errors import (
     resolver_errors,
 )
 from ..rendezvous import (
+    MAX_PENDING,
+    MessageReader,
+    PeerCredentials,
     check_reply,
     encode,
     peer_credentials,
-    recv_message,
     recv_message_with_fds,
-    send_refusal,
+    refuse_now,
+    send_hello,
 )
 from .ring import VchanRing, choose_orders
 from .stream import DEFAULT_RING_SIZE, MAX_RING_SIZE, VchanStream
@@ -44,6 +49,8 @@ __all__ = ["VchanListener", "connect_vchan", "open_vchan_listener"]
 
 PROTOCOL_VERSION = 1
 HANDSHAKE_TIMEOUT = 5.0
+#: Pause after accept() fails for lack of resources (EMFILE, ENOBUFS...).
+ACCEPT_BACKOFF = 0.1
 
 
 def _int_field(msg: dict[str, object], key: str, lo: int, hi: int) -> int:
@@ -57,10 +64,28 @@ def _new_eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
+class _Pending:
+    """A client whose hello is on its way: its socket, reader and deadline."""
+
+    def __init__(self, conn: socket.socket, creds: PeerCredentials, deadline: float) -> None:
+        self.conn = conn
+        self.creds = creds
+        self.deadline = deadline
+        self.reader = MessageReader("vchan")
+
+
 class VchanListener(trio.abc.Listener[VchanStream]):
     """Accepts vchan connections for one service of a host store.
 
     Made by :func:`open_vchan_listener`.
+
+    Handshakes run side by side, each bounded by :data:`HANDSHAKE_TIMEOUT`:
+    a client that connects and stays silent delays nobody.  A client whose
+    uid is not allowed is refused (``auth``) before anything is read from it,
+    and at most :data:`~meshlink.transport.rendezvous.MAX_PENDING` handshakes
+    are under way at once.  Between calls to :meth:`accept` the handshakes
+    in progress are kept (their state is data, not a task), so a slow but
+    honest client is not dropped because another one finished first.
 
     Attributes:
         service: the service name.
@@ -69,7 +94,7 @@ class VchanListener(trio.abc.Listener[VchanStream]):
 
     def __init__(
         self,
-        sock: trio.socket.SocketType,
+        sock: socket.socket,
         publication: Publication,
         store: HostStore,
         allow_uids: frozenset[int],
@@ -84,9 +109,12 @@ class VchanListener(trio.abc.Listener[VchanStream]):
         self._read_min = read_min
         self._write_min = write_min
         self._closed = False
+        self._accepting = False
+        self._pending: list[_Pending] = []
+        self._ready: deque[VchanStream] = deque()
 
     async def accept(self) -> VchanStream:
-        """Wait for a client and complete its handshake.
+        """Wait for a client that completes its handshake.
 
         Clients that fail the handshake (not allowed, malformed hello, too
         slow) are answered with an error and dropped; ``accept`` keeps
@@ -94,42 +122,108 @@ class VchanListener(trio.abc.Listener[VchanStream]):
 
         Raises:
             trio.ClosedResourceError: the listener was closed.
+            trio.BusyResourceError: another task is already in ``accept``.
         """
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("listener closed")
-            try:
-                conn, _ = await self._sock.accept()
-            except OSError as exc:
+        if self._accepting:
+            raise trio.BusyResourceError("another task is accepting on this listener")
+        self._accepting = True
+        try:
+            while not self._ready:
                 if self._closed:
-                    raise trio.ClosedResourceError("listener closed") from exc
-                raise
-            stream: VchanStream | None = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                    raise trio.ClosedResourceError("listener closed")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._accept_new, nursery)
+                    for p in self._pending:
+                        nursery.start_soon(self._advance, p, nursery)
+            return self._ready.popleft()
+        finally:
+            self._accepting = False
+
+    async def _accept_new(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(self._sock)
+            except (trio.ClosedResourceError, OSError) as exc:
+                raise trio.ClosedResourceError("listener closed") from exc
+            while True:
                 try:
-                    stream = await self._handshake(conn)
-                except (HandshakeError, OSError):
-                    pass
-            if stream is not None:
-                return stream
+                    conn, _ = self._sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    if self._closed:
+                        raise trio.ClosedResourceError("listener closed") from None
+                    # Out of descriptors (EMFILE...): the client stays in the
+                    # backlog; back off instead of spinning on a readable socket.
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    break
+                conn.setblocking(False)
+                p = self._admit(conn)
+                if p is not None:
+                    self._pending.append(p)
+                    nursery.start_soon(self._advance, p, nursery)
+
+    def _admit(self, conn: socket.socket) -> _Pending | None:
+        """The uid check, before anything is read; ``None`` if refused."""
+        try:
+            creds = peer_credentials(conn)
+        except OSError:
             conn.close()
-
-    async def _refuse(self, conn: trio.socket.SocketType, why: str, code: str) -> None:
-        await send_refusal(conn, why, code)
-        raise HandshakeError(why)
-
-    async def _handshake(self, conn: trio.socket.SocketType) -> VchanStream:
-        creds = peer_credentials(conn)
+            return None
         if creds.uid not in self._allow_uids:
-            await self._refuse(
-                conn, f"uid {creds.uid} is not allowed to connect to {self.service!r}", "auth"
-            )
-        hello = await recv_message(conn, "vchan")
+            refuse_now(conn, f"uid {creds.uid} is not allowed to connect to {self.service!r}",
+                       "auth")
+        elif len(self._pending) >= MAX_PENDING:
+            refuse_now(conn, f"{self.service!r} is busy with other handshakes", "busy")
+        else:
+            return _Pending(conn, creds, trio.current_time() + HANDSHAKE_TIMEOUT)
+        conn.close()
+        return None
+
+    async def _advance(self, p: _Pending, nursery: trio.Nursery) -> None:
+        # Every step below is synchronous, so being cancelled (another client
+        # finished first) never leaves a half-read message: p keeps the state.
+        with trio.move_on_at(p.deadline):
+            while True:
+                await trio.lowlevel.wait_readable(p.conn)
+                try:
+                    stream = self._step(p)
+                except (HandshakeError, OSError):
+                    self._drop(p)
+                    return
+                if stream is not None:
+                    self._pending.remove(p)
+                    self._ready.append(stream)
+                    nursery.cancel_scope.cancel()
+                    return
+        self._drop(p)  # too slow
+
+    def _drop(self, p: _Pending) -> None:
+        if p in self._pending:
+            self._pending.remove(p)
+        p.reader.close_fds()
+        p.conn.close()
+
+    def _step(self, p: _Pending) -> VchanStream | None:
+        """Read what the client sent; answer once its hello is complete."""
+        conn = p.conn
+        try:
+            hello = p.reader.poll(conn)
+        except HandshakeError as exc:
+            refuse_now(conn, str(exc), "refused")
+            raise
+        if hello is None:
+            return None
         if hello.get("meshlink") != "vchan" or hello.get("version") != PROTOCOL_VERSION:
-            await self._refuse(conn, f"unsupported vchan hello (want version {PROTOCOL_VERSION})",
-                               "version")
-        cli_read = _int_field(hello, "read_min", 0, MAX_RING_SIZE)
-        cli_write = _int_field(hello, "write_min", 0, MAX_RING_SIZE)
+            why = f"unsupported vchan hello (want version {PROTOCOL_VERSION})"
+            refuse_now(conn, why, "version")
+            raise HandshakeError(why)
+        try:
+            cli_read = _int_field(hello, "read_min", 0, MAX_RING_SIZE)
+            cli_write = _int_field(hello, "write_min", 0, MAX_RING_SIZE)
+        except HandshakeError as exc:
+            refuse_now(conn, str(exc), "refused")
+            raise
         # Left ring: client -> server; right ring: server -> client.
         left, right = choose_orders(max(self._read_min, cli_write), max(self._write_min, cli_read))
         own = _new_eventfd()
@@ -146,21 +240,32 @@ class VchanListener(trio.abc.Listener[VchanStream]):
                  "left_order": left, "right_order": right}
             )
             fds = array.array("i", [ring.memfd, peer, own])
-            await conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            # A few dozen bytes on a socket nobody has written to: it fits,
+            # and if it does not the client is dropped rather than waited for.
+            conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
+                         socket.MSG_DONTWAIT)
         except BaseException:
             ring.free()
             os.close(own)
             os.close(peer)
             raise
-        raw = socket.socket(fileno=conn.detach())
-        return VchanStream(ring, own, peer, raw, creds)
+        return VchanStream(ring, own, peer, conn, p.creds)
 
     async def aclose(self) -> None:
-        """Stop listening and withdraw the service from the host store."""
+        """Stop listening and withdraw the service from the host store.
+
+        Clients still in their handshake are dropped; accepted streams that
+        no :meth:`accept` returned yet are closed.
+        """
         if not self._closed:
             self._closed = True
+            trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
             self._publication.withdraw()
+            for p in list(self._pending):
+                self._drop(p)
+            while self._ready:
+                await trio.aclose_forcefully(self._ready.popleft())
         await trio.lowlevel.checkpoint()
 
 
@@ -198,14 +303,17 @@ async def open_vchan_listener(
     with resolver_errors():
         store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
         pub = store.claim(service)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        await sock.bind(str(pub.socket_path))
+        sock.setblocking(False)
+        sock.bind(pub.bind_path)
+        pub.bound()
         sock.listen(backlog)
     except BaseException:
         sock.close()
         pub.withdraw()
         raise
+    await trio.lowlevel.checkpoint()
     uids = frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
     return VchanListener(sock, pub, store, uids, read_min, write_min)
 
@@ -263,11 +371,8 @@ async def connect_vchan(
                     f"vchan server of {service!r} runs as uid {server.uid}, but its host "
                     f"store record belongs to uid {expect_uid}: refusing to talk to it")
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            try:
-                await sock.send(encode({"meshlink": "vchan", "version": PROTOCOL_VERSION,
-                                        "read_min": read_min, "write_min": write_min}))
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # a server refusing our uid may answer and hang up first: read why
+            await send_hello(sock, {"meshlink": "vchan", "version": PROTOCOL_VERSION,
+                                    "read_min": read_min, "write_min": write_min})
             reply, fds = await recv_message_with_fds(sock, 3, "vchan")
         try:
             check_reply(reply, f"vchan server {service!r} refused the connection")
