@@ -20,6 +20,7 @@ import trio
 
 from meshlink import DiskError, LocalProtocolError
 from meshlink.disk import check_listen_address, serve
+from meshlink.disk import open as open_disk
 from meshlink.disk.backends import (
     MAX_SIZE,
     CowBackend,
@@ -324,3 +325,12 @@ def test_cp_block_size_zero_is_refused(tmp_path: Path) -> None:
                           str(tmp_path / "b.img"), "--block-size", "0"],
                          capture_output=True, text=True, timeout=60)
     refused(out, 2, "block size")
+
+
+@pytest.mark.parametrize("value", [0, -1, 1025, True])
+async def test_open_refuses_max_in_flight_out_of_range(value: int, tmp_path: Path) -> None:
+    # 0 made every request wait forever on an empty semaphore; checked before connecting.
+    with trio.fail_after(30), pytest.raises(LocalProtocolError, match="max_in_flight"):
+        async with open_disk(f"nbd+unix:///d?socket={tmp_path / 'none.sock'}",
+                             max_in_flight=value):
+            pass

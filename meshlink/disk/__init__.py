@@ -40,6 +40,9 @@ from .nbd import Export, NBDDisk, NBDServer, TLSMode, list_exports, open_nbd
 log = logging.getLogger("meshlink.disk")
 
 
+#: Bounds of ``open(max_in_flight=)``: 0 would block every request forever.
+MAX_IN_FLIGHT = 1024
+
 #: Suffix of the name under which a service's NBD endpoints are resolved.
 NBD_NAME_SUFFIX = ".nbd"
 
@@ -69,8 +72,8 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
         tls: certificates for NBD over TLS (default: ``MESHLINK_TLS_*``); the
             server's certificate must name ``SERVICE``.
         require_tls: never use plain TCP for the network path.
-        max_in_flight: NBD requests pipelined at once (the blk ring pipelines
-            up to its ring size).
+        max_in_flight: NBD requests pipelined at once, 1..1024 (the blk ring
+            pipelines up to its ring size).
 
     Yields:
         The open disk.
@@ -80,8 +83,13 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
         ResolveError: not co-located and no usable NBD endpoint (the message
             lists every attempt).
         ValueError: an NBD URI this version cannot open.
+        LocalProtocolError: ``max_in_flight`` out of range (checked first).
         ConnectionLost / HandshakeError: see :func:`open_blk` and :func:`open_nbd`.
     """
+    if (not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool)
+            or not 1 <= max_in_flight <= MAX_IN_FLIGHT):
+        raise LocalProtocolError(f"max_in_flight must be 1..{MAX_IN_FLIGHT}, "
+                                 f"not {max_in_flight!r}")
     if target.startswith(("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")):
         async with open_nbd(target, ssl_context=ssl_context,
                             max_in_flight=max_in_flight) as disk:
