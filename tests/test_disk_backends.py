@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshlink import DiskError
+from meshlink import DiskError, LocalProtocolError
 from meshlink.disk.backends import (
     STATE_HOLE,
     STATE_ZERO,
@@ -25,7 +25,7 @@ from meshlink.disk.backends import (
     open_backend,
 )
 
-SIZE = 256 * 1024 + 1000  # deliberately not a multiple of any block size
+SIZE = 256 * 1024 + 1536  # whole sectors, deliberately not a multiple of cow's 4 KiB blocks
 
 Factory = Callable[[Path], Backend]
 
@@ -195,16 +195,16 @@ def test_file_errors_are_disk_errors(tmp_path: Path) -> None:
 
 def test_read_only_file_open(tmp_path: Path) -> None:
     path = tmp_path / "ro.img"
-    path.write_bytes(b"abc" * 1000)
+    path.write_bytes(b"abc" * 1024)
     os.chmod(path, 0o444)
     disk = open_backend("file", path=path, read_only=True)
-    assert disk.read_only and disk.size == 3000
+    assert disk.read_only and disk.size == 3072
     assert bytes(disk.read(0, 3)) == b"abc"
     disk.close()
 
 
 def test_open_backend_rejects_unknown() -> None:
-    with pytest.raises(ValueError):
-        open_backend("tape", size=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(LocalProtocolError, match="unknown backend"):
+        open_backend("tape", size=512)
+    with pytest.raises(LocalProtocolError, match="needs a size"):
         open_backend("memory")

@@ -22,7 +22,7 @@ def test_help_and_usage_errors() -> None:
     bad = run([*SERVE, "x", "--backend", "tape", "--nbd"], check=False)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
     missing = run([*SERVE, "x", "--backend", "memory", "--nbd"], check=False)
-    assert missing.returncode == 1 and "needs a size" in missing.stderr
+    assert missing.returncode == 2 and "needs a size" in missing.stderr
     # The blk ring is the default front end; --blk only adds it to --nbd.
     blk_alone = run([*SERVE, "x", "--backend", "null", "--size", "1M", "--blk"], check=False)
     assert blk_alone.returncode == 1 and "--nbd" in blk_alone.stderr

@@ -27,7 +27,8 @@ from typing import Any
 
 import trio
 
-from ..disk.backends import BACKEND_KINDS, open_backend
+from ..disk import check_listen_address
+from ..disk.backends import BACKEND_KINDS, MAX_SIZE, SECTOR, check_options, open_backend
 from ..disk.blk import open_blk, serve_blk
 from ..disk.nbd import (
     Export,
@@ -36,12 +37,11 @@ from ..disk.nbd import (
     activation_listeners,
     open_listeners,
     open_nbd,
-    parse_listen_address,
     server_ssl_context,
 )
 from ..disk.nbd import wire as c
 from ..disk.nbd.server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS
-from ..errors import MeshlinkError
+from ..errors import LocalProtocolError, MeshlinkError
 from ._app import add_group, run_group
 from ._common import CommandFailed, add_verbose
 
@@ -61,6 +61,47 @@ def parse_size(text: str) -> int:
     return number << (10 * " kmgtpe".index(unit)) if unit else number
 
 
+def parse_disk_size(text: str) -> int:
+    """Parse a disk size (as :func:`parse_size`): whole 512-byte sectors, at most 2**63-1.
+
+    Raises:
+        argparse.ArgumentTypeError: not a size, or not a valid disk size.
+    """
+    size = parse_size(text)
+    if size > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} is over the largest disk size "
+                                         f"(2**63-1 bytes)")
+    if size % SECTOR:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} ({size} bytes) is not a whole number of {SECTOR}-byte sectors")
+    return size
+
+
+def parse_block_size(text: str) -> int:
+    """Parse ``cp --block-size``: 1 byte .. 1 GiB (0 would never advance).
+
+    Raises:
+        argparse.ArgumentTypeError: not a size in that range.
+    """
+    size = parse_size(text)
+    if not 1 <= size <= 1 << 30:
+        raise argparse.ArgumentTypeError(f"{text!r}: the block size must be 1..1G")
+    return size
+
+
+def parse_listen(text: str) -> str:
+    """Check a ``--listen`` address (port 0..65535) without binding anything.
+
+    Raises:
+        argparse.ArgumentTypeError: not an address :func:`check_listen_address` accepts.
+    """
+    try:
+        check_listen_address(text)
+    except LocalProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve", help="export a disk backend over the blk ring and/or NBD",
@@ -74,16 +115,21 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--backend", choices=BACKEND_KINDS, required=True,
                    help="null, memory (sparse RAM), file, mmap, or cow (over --path)")
     p.add_argument("--path", help="file for file/mmap; the gold image for cow")
-    p.add_argument("--size", type=parse_size,
-                   help="size for null/memory; creates/resizes a file for file/mmap")
+    p.add_argument("--size", type=parse_disk_size,
+                   help="null/memory: the size (required); file/mmap: create or grow the "
+                        "file to it (whole 512-byte sectors)")
+    p.add_argument("--shrink", action="store_true",
+                   help="file/mmap: allow --size to cut the end off a bigger file")
     p.add_argument("--overlay", help="cow: keep written blocks in this file, not RAM")
+    p.add_argument("--overlay-reset", action="store_true",
+                   help="cow: discard the contents of an existing, non-empty --overlay")
     p.add_argument("--read-only", action="store_true", help="refuse writes")
     p.add_argument("--description", default="", help="text shown by nbdinfo")
     p.add_argument("--nbd", action="store_true", help="serve over NBD (instead of the blk ring)")
     p.add_argument("--blk", action="store_true", help="with --nbd: also serve over the blk ring")
     p.add_argument("--host-store", help="host store directory for the blk ring")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--listen", metavar="ADDR",
+    where.add_argument("--listen", metavar="ADDR", type=parse_listen,
                        help="host:port, tcp:host:port or unix:/path")
     where.add_argument("--stdio", action="store_true",
                        help="serve one client on stdin/stdout (inetd style)")
@@ -99,7 +145,7 @@ def _add_serve(sub: Any) -> None:
                    metavar="N", help="NBD: open connections at once; more are closed at "
                    f"once (default {MAX_CONNECTIONS})")
     add_verbose(p)
-    p.set_defaults(func=_cmd_serve)
+    p.set_defaults(func=_cmd_serve, serve_parser=p)
 
 
 def _positive_float(text: str) -> float:
@@ -141,7 +187,7 @@ def _add_cp(sub: Any) -> None:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--host-store", help="host store directory for the blk ring")
-    p.add_argument("--block-size", type=parse_size, default=4 << 20,
+    p.add_argument("--block-size", type=parse_block_size, default=4 << 20,
                    help="bytes per request batch (default 4M)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_cp)
@@ -165,9 +211,33 @@ def add_disk_commands(subparsers: Any) -> argparse.ArgumentParser:
     return add_group(subparsers, "disk")
 
 
+def _ignored_option(args: argparse.Namespace) -> str | None:
+    """Why an option given to ``serve`` would be ignored by the chosen front ends, or None."""
+    nbd_only = {"--listen": args.listen, "--stdio": args.stdio, "--tls": args.tls != "off",
+                "--tls-cert": args.tls_cert, "--tls-key": args.tls_key,
+                "--tls-ca": args.tls_ca, "--description": args.description}
+    for flag, given in nbd_only.items():
+        if given and not args.nbd:
+            return f"{flag} applies to NBD only: add --nbd (and --blk to keep the blk ring)"
+    if args.host_store and args.nbd and not args.blk:
+        return "--host-store applies to the blk ring only: add --blk to serve it too"
+    if args.tls == "off" and (args.tls_cert or args.tls_key or args.tls_ca):
+        return "--tls-cert/--tls-key/--tls-ca need --tls optional or --tls required"
+    return None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.blk and not args.nbd:
         raise CommandFailed("--blk is the default; combine it only with --nbd")
+    # Usage errors (exit 2), all found before anything is opened or created.
+    ignored = _ignored_option(args)
+    if ignored is not None:
+        args.serve_parser.error(ignored)
+    try:
+        check_options(args.backend, path=args.path, size=args.size, read_only=args.read_only,
+                      overlay_path=args.overlay, shrink=args.shrink, reset=args.overlay_reset)
+    except LocalProtocolError as exc:
+        args.serve_parser.error(str(exc))
     ssl_context: ssl.SSLContext | None = None
     if args.tls != "off":
         if not (args.tls_cert and args.tls_key):
@@ -176,15 +246,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             ssl_context = server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
         except MeshlinkError as exc:
             raise CommandFailed(f"cannot load TLS files: {exc}") from exc
-    if args.listen:
-        try:
-            parse_listen_address(args.listen)
-        except ValueError as exc:
-            raise CommandFailed(str(exc)) from exc
     try:
         backend = open_backend(args.backend, path=args.path, size=args.size,
-                               read_only=args.read_only, overlay_path=args.overlay)
-    except (ValueError, MeshlinkError) as exc:
+                               read_only=args.read_only, overlay_path=args.overlay,
+                               shrink=args.shrink, reset=args.overlay_reset)
+    except LocalProtocolError as exc:  # refused by what is on disk (shrink, overlay): usage
+        args.serve_parser.error(f"cannot open the {args.backend} backend: {exc}")
+    except MeshlinkError as exc:
         raise CommandFailed(f"cannot open the {args.backend} backend: {exc}") from exc
     service, _, disk_name = args.name.partition("/")
     disk_name = disk_name or "disk0"

@@ -20,7 +20,7 @@ import trio
 
 from resolver import Endpoint, HostStore, Policy, Resolver, blk_entry_name
 
-from ..errors import resolver_errors
+from ..errors import LocalProtocolError, resolver_errors
 from ..transport.dial import open_first
 from ..transport.tls import TLSConfig
 from .backends import (
@@ -39,6 +39,9 @@ from .nbd import Export, NBDDisk, NBDServer, TLSMode, list_exports, open_nbd
 
 log = logging.getLogger("meshlink.disk")
 
+
+#: Bounds of ``open(max_in_flight=)``: 0 would block every request forever.
+MAX_IN_FLIGHT = 1024
 
 #: Suffix of the name under which a service's NBD endpoints are resolved.
 NBD_NAME_SUFFIX = ".nbd"
@@ -69,8 +72,8 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
         tls: certificates for NBD over TLS (default: ``MESHLINK_TLS_*``); the
             server's certificate must name ``SERVICE``.
         require_tls: never use plain TCP for the network path.
-        max_in_flight: NBD requests pipelined at once (the blk ring pipelines
-            up to its ring size).
+        max_in_flight: NBD requests pipelined at once, 1..1024 (the blk ring
+            pipelines up to its ring size).
 
     Yields:
         The open disk.
@@ -80,8 +83,13 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
         ResolveError: not co-located and no usable NBD endpoint (the message
             lists every attempt).
         ValueError: an NBD URI this version cannot open.
+        LocalProtocolError: ``max_in_flight`` out of range (checked first).
         ConnectionLost / HandshakeError: see :func:`open_blk` and :func:`open_nbd`.
     """
+    if (not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool)
+            or not 1 <= max_in_flight <= MAX_IN_FLIGHT):
+        raise LocalProtocolError(f"max_in_flight must be 1..{MAX_IN_FLIGHT}, "
+                                 f"not {max_in_flight!r}")
     if target.startswith(("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")):
         async with open_nbd(target, ssl_context=ssl_context,
                             max_in_flight=max_in_flight) as disk:
@@ -122,6 +130,33 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
         yield nbd
 
 
+def check_listen_address(listen: str) -> None:
+    """Refuse an NBD listen address before anything is bound.
+
+    ``host:port``, ``tcp:host:port``, ``[v6]:port`` or ``unix:/path``; the
+    port is ``0`` (the kernel picks a free one; ``serve`` reports it through
+    the listeners) or ``1..65535``.
+
+    Raises:
+        LocalProtocolError: not an address of those forms, or a port out of range.
+    """
+    from .nbd import parse_listen_address
+
+    try:
+        kind, where = parse_listen_address(listen)
+    except ValueError as exc:
+        raise LocalProtocolError(f"listen address: {exc}") from None
+    if kind == "tcp":
+        assert isinstance(where, tuple)
+        port_text = listen.rpartition(":")[2]
+        if not port_text.isascii():  # int() would read other scripts' digits too
+            raise LocalProtocolError(f"listen address {listen!r}: the port must be "
+                                     f"written in ASCII digits")
+        if not 0 <= where[1] <= 65535:
+            raise LocalProtocolError(f"listen address {listen!r}: port {where[1]} is not "
+                                     f"in 1..65535 (or 0 for any free port)")
+
+
 async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
                 service: str | None = None,
                 host_store: HostStore | str | os.PathLike[str] | None = None,
@@ -146,6 +181,8 @@ async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
 
     Raises:
         AddressInUse: the NBD address or the service name is taken.
+        LocalProtocolError: ``listen`` is not a valid address (see
+            :func:`check_listen_address`); checked before anything is served.
         ValueError: neither ``listen`` nor ``service`` was given.
 
     Cancellation: stops listening, withdraws the service, closes every connection.
@@ -154,6 +191,8 @@ async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
 
     if listen is None and service is None:
         raise ValueError("serve needs listen= (NBD), service= (blk ring), or both")
+    if listen is not None:
+        check_listen_address(listen)
     async with trio.open_nursery() as nursery:
         if service is not None:
             await nursery.start(lambda task_status: serve_blk(service, exports,
@@ -182,6 +221,7 @@ __all__ = [
     "NBDServer",
     "NullBackend",
     "TLSMode",
+    "check_listen_address",
     "list_exports",
     "open",
     "open_backend",

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 
+from ...errors import LocalProtocolError
 from ._base import (
+    MAX_SIZE,
+    SECTOR,
     STATE_HOLE,
     STATE_ZERO,
     Backend,
@@ -17,6 +20,7 @@ from ._base import (
     Capabilities,
     DirectMemory,
     Extent,
+    check_size,
 )
 from .cow import CowBackend
 from .file import FileBackend
@@ -27,46 +31,112 @@ from .null import NullBackend
 #: Names accepted by :func:`open_backend` (and ``--backend`` on the CLI).
 BACKEND_KINDS = ("null", "memory", "file", "mmap", "cow")
 
+#: Per kind: the ``open_backend`` options it uses.  Anything else given for
+#: that kind is refused, never silently ignored.
+_USES: dict[str, tuple[str, ...]] = {
+    "null": ("size",),
+    "memory": ("size",),
+    "file": ("path", "size", "shrink"),
+    "mmap": ("path", "size", "shrink"),
+    "cow": ("path", "overlay_path", "reset"),
+}
+#: ``open_backend`` keyword -> CLI flag, for the messages.
+_FLAGS = {"path": "--path", "size": "--size", "shrink": "--shrink",
+          "overlay_path": "--overlay", "reset": "--overlay-reset", "read_only": "--read-only"}
+
+
+def check_options(kind: str, *, path: object = None, size: int | None = None,
+                  read_only: bool = False, overlay_path: object = None,
+                  shrink: bool = False, reset: bool = False) -> None:
+    """Refuse a backend kind or option combination before anything is opened.
+
+    The rules (also the guide's backends table): ``null``/``memory`` take only
+    a ``size`` (required); ``file``/``mmap`` take a ``path`` (required) and
+    optionally a ``size`` to create or grow the file (``shrink`` to make it
+    smaller; neither with ``read_only``); ``cow`` takes the gold image's
+    ``path`` (required; the size is the image's) and optionally an
+    ``overlay_path`` (``reset`` to discard an existing one; not with ``read_only``).
+    Messages name the CLI flags, since the CLI calls this too.
+
+    Raises:
+        LocalProtocolError: unknown kind, a missing or invalid option, or one
+            the kind would ignore.
+    """
+    if kind not in _USES:
+        raise LocalProtocolError(
+            f"unknown backend {kind!r}; choose from {', '.join(BACKEND_KINDS)}")
+    given = {"path": path is not None, "size": size is not None, "shrink": shrink,
+             "overlay_path": overlay_path is not None, "reset": reset}
+    for option, present in given.items():
+        if present and option not in _USES[kind]:
+            hint = " (its size is the gold image's)" if option == "size" else ""
+            raise LocalProtocolError(
+                f"{_FLAGS[option]} does not apply to the {kind} backend{hint}")
+    if kind in ("null", "memory") and size is None:
+        raise LocalProtocolError(f"the {kind} backend needs a size (--size)")
+    if kind not in ("null", "memory") and path is None:
+        raise LocalProtocolError(f"the {kind} backend needs a path (--path)")
+    if size is not None:
+        check_size(size, "--size")
+    if shrink and size is None:
+        raise LocalProtocolError("--shrink needs --size (the size to shrink the file to)")
+    if reset and overlay_path is None:
+        raise LocalProtocolError("--overlay-reset needs --overlay")
+    if read_only and size is not None and kind in ("file", "mmap"):
+        raise LocalProtocolError("--size creates or resizes the file; a --read-only disk "
+                                 "never does: give one or the other")
+    if read_only and overlay_path is not None:
+        raise LocalProtocolError("a --read-only cow disk never writes its --overlay")
+
 
 def open_backend(kind: str, *, path: str | os.PathLike[str] | None = None,
                  size: int | None = None, read_only: bool = False,
-                 overlay_path: str | os.PathLike[str] | None = None) -> Backend:
+                 overlay_path: str | os.PathLike[str] | None = None,
+                 shrink: bool = False, reset: bool = False) -> Backend:
     """Build a backend by name.
 
     Args:
         kind: one of :data:`BACKEND_KINDS`.
         path: the file for ``file``/``mmap``, the gold image for ``cow``.
         size: required for ``null``/``memory``; for ``file``/``mmap`` it
-            creates or resizes the file.
+            creates or grows the file.  Whole 512-byte sectors, at most 2**63-1.
         read_only: refuse writes.
         overlay_path: ``cow`` only: keep written blocks in this file, not RAM.
+        shrink: ``file``/``mmap``: allow ``size`` below the file's length.
+        reset: ``cow``: allow an existing non-empty overlay to be truncated.
 
     Returns:
         The backend (the caller owns it and must ``close`` it).
 
     Raises:
-        ValueError: unknown kind or missing argument.
-        DiskError: the file could not be opened.
+        LocalProtocolError: unknown kind, or options refused by :func:`check_options`
+            or by the backend (shrinking without ``shrink``, an overlay that is
+            the gold image...).
+        DiskError: the file could not be opened, or its size is not whole sectors.
     """
+    check_options(kind, path=path, size=size, read_only=read_only,
+                  overlay_path=overlay_path, shrink=shrink, reset=reset)
     if kind in ("null", "memory"):
-        if size is None:
-            raise ValueError(f"backend {kind!r} needs a size")
+        assert size is not None
         cls = NullBackend if kind == "null" else MemoryBackend
         return cls(size, read_only=read_only)
-    if path is None:
-        raise ValueError(f"backend {kind!r} needs a path")
+    assert path is not None
     if kind == "file":
-        return FileBackend(path, read_only=read_only, size=size)
+        return FileBackend(path, read_only=read_only, size=size, shrink=shrink)
     if kind == "mmap":
-        return MmapBackend(path, read_only=read_only, size=size)
-    if kind == "cow":
-        return CowBackend(FileBackend(path, read_only=True), overlay_path=overlay_path,
-                          read_only=read_only)
-    raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(BACKEND_KINDS)}")
+        return MmapBackend(path, read_only=read_only, size=size, shrink=shrink)
+    lower = FileBackend(path, read_only=True)
+    try:
+        return CowBackend(lower, overlay_path=overlay_path, read_only=read_only, reset=reset)
+    except BaseException:
+        lower.close()
+        raise
 
 
 __all__ = [
     "BACKEND_KINDS",
+    "MAX_SIZE",
+    "SECTOR",
     "STATE_HOLE",
     "STATE_ZERO",
     "Backend",
@@ -79,5 +149,7 @@ __all__ = [
     "MemoryBackend",
     "MmapBackend",
     "NullBackend",
+    "check_options",
+    "check_size",
     "open_backend",
 ]

@@ -31,6 +31,13 @@ with one kernel copy.  Likewise ``write_views(offset, length) -> list[memoryview
 returns writable views of the storage itself; a front end receives large
 WRITE payloads straight into them (then calls ``flush`` if FUA was asked).
 
+Sizes: every backend's size is a whole number of 512-byte sectors and at
+most ``2**63 - 1`` bytes (the largest ``off_t``; NBD's 64-bit size and the blk
+ring's sector count both hold it).  :func:`check_size` refuses anything else a
+caller passes (:class:`meshlink.LocalProtocolError`) and
+:func:`check_image_size` anything else found on disk (:class:`meshlink.DiskError`),
+so no front end ever sees a partial last sector or a size that overflows.
+
 Declared capabilities for native front ends: a front end that can serve a
 disk without calling Python per request (the blk ring's native loop) asks the
 backend, through :class:`Capabilities`, whether it may.  ``stores_nothing``
@@ -43,7 +50,15 @@ writable buffer.  Front ends never look at a backend's class or private fields.
 from __future__ import annotations
 
 import dataclasses
+import errno
 from typing import Protocol, TypeAlias, runtime_checkable
+
+from ...errors import DiskError, LocalProtocolError
+
+#: Every disk size is a whole number of these.
+SECTOR = 512
+#: The largest disk size: the largest ``off_t`` (pread/pwrite offsets are signed 64-bit).
+MAX_SIZE = (1 << 63) - 1
 
 #: What ``read`` returns and ``write`` accepts (``collections.abc.Buffer`` needs 3.12).
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -212,6 +227,47 @@ def direct_buffer(backend: Backend) -> memoryview | None:
         return None
     assert isinstance(backend, DirectMemory), "direct_memory declared without direct_buffer"
     return backend.direct_buffer()
+
+
+def _size_problem(size: object) -> str | None:
+    """Why ``size`` is not a valid disk size, or None when it is."""
+    if not isinstance(size, int) or isinstance(size, bool):
+        return f"must be an integer number of bytes, not {type(size).__name__}"
+    if size < 0:
+        return f"must not be negative (got {size})"
+    if size > MAX_SIZE:
+        return f"{size} bytes is over the largest disk size, 2**63-1 bytes"
+    if size % SECTOR:
+        return (f"{size} bytes is not a whole number of {SECTOR}-byte sectors "
+                f"(round up to {-(-size // SECTOR) * SECTOR})")
+    return None
+
+
+def check_size(size: object, what: str = "size") -> int:
+    """Return ``size`` if it is a valid disk size a caller asked for.
+
+    Raises:
+        LocalProtocolError: not an int in ``0..2**63-1`` that is a multiple of 512.
+    """
+    problem = _size_problem(size)
+    if problem is not None:
+        raise LocalProtocolError(f"{what} {problem}")
+    assert isinstance(size, int)
+    return size
+
+
+def check_image_size(size: int, what: str) -> int:
+    """Return ``size`` if the image ``what`` found on disk has a valid disk size.
+
+    Raises:
+        DiskError: (EINVAL) the file is not a whole number of sectors, or too big.
+    """
+    problem = _size_problem(size)
+    if problem is not None:
+        hint = ("; give a size to grow it to whole sectors"
+                if 0 < size <= MAX_SIZE and size % SECTOR else "")
+        raise DiskError(f"{what}: {problem}{hint}", errno.EINVAL)
+    return size
 
 
 def check_range(size: int, offset: int, length: int) -> None:

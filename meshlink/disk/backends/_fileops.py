@@ -11,9 +11,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 
-from ...errors import DiskError
-from ._base import STATE_HOLE, STATE_ZERO, Extent, coalesce
+from ...errors import DiskError, LocalProtocolError
+from ._base import STATE_HOLE, STATE_ZERO, Extent, check_image_size, check_size, coalesce
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -110,3 +111,63 @@ def file_extents(fd: int, offset: int, length: int, size: int) -> list[Extent]:
     except OSError:
         return [(end - offset, 0)]
     return coalesce(out)
+
+
+def open_image(path: str | os.PathLike[str], *, read_only: bool, size: int | None,
+               shrink: bool) -> tuple[int, int, bool]:
+    """Open the image of a ``file``/``mmap`` disk, creating or resizing it as asked.
+
+    Every argument is checked before the file is touched, so a refusal leaves
+    it exactly as it was.  A regular file is created when missing (``size``
+    given), grown to ``size``, and shrunk to it only with ``shrink``; a block
+    device's size is fixed, so ``size`` must equal it.  With no ``size`` the
+    file's own size is used and must be whole sectors.
+
+    Returns:
+        ``(fd, size, regular)``: the open descriptor (the caller owns it), the
+        disk size, and whether it is a regular file.
+
+    Raises:
+        LocalProtocolError: ``size`` is not a valid disk size, is given with
+            ``read_only`` (it would be ignored), is smaller than the file
+            without ``shrink``, or ``shrink`` is given without ``size``.
+        DiskError: the file cannot be opened or resized, or its own size is
+            not whole sectors or too big.
+    """
+    name = repr(os.fspath(path))
+    if size is not None:
+        check_size(size)
+        if read_only:
+            raise LocalProtocolError("a size creates or resizes the image, which a read-only "
+                                     "disk never does: give one or the other")
+    elif shrink:
+        raise LocalProtocolError("shrink only applies together with a (smaller) size")
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    if size is not None:
+        flags |= os.O_CREAT
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise disk_error(f"open {name}", exc) from exc
+    try:
+        st = os.fstat(fd)
+        regular = stat.S_ISREG(st.st_mode)
+        current = st.st_size if regular else os.lseek(fd, 0, os.SEEK_END)
+        if size is None:
+            return fd, check_image_size(current, f"image {name}"), regular
+        if not regular and size != current:
+            raise LocalProtocolError(f"{name} is a device of {current} bytes; its size "
+                                     f"cannot be set to {size}")
+        if size < current and not shrink:
+            raise LocalProtocolError(
+                f"{name} holds {current} bytes; a size of {size} would cut off its end "
+                f"(pass shrink=True / --shrink to do that on purpose)")
+        if size != current:
+            os.ftruncate(fd, size)
+        return fd, size, regular
+    except OSError as exc:
+        os.close(fd)
+        raise disk_error(f"open {name}", exc) from exc
+    except BaseException:
+        os.close(fd)
+        raise

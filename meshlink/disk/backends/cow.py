@@ -17,16 +17,34 @@ partial writes to different halves of one block would otherwise both start
 from the old block and one would lose the other's bytes.  Reads take no lock.
 
 The overlay is scratch space: it lives as long as this object and is not
-meant to be reopened.  Flush therefore only fsyncs the overlay file when there
-is one; it never touches the lower layer.
+meant to be reopened (which blocks it holds is known only in RAM).  Flush
+therefore only fsyncs the overlay file when there is one; it never touches
+the lower layer.
+
+The overlay file is checked before anything is written to it: it must be a
+regular file, must not be the gold image (or any file under it) by another
+name -- a symlink or hard link reaching the same inode -- and an existing,
+non-empty one is never truncated unless ``reset=True`` asks for it, because
+it may be somebody's data.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import threading
 
-from ._base import STATE_HOLE, STATE_ZERO, Backend, Buffer, Capabilities, Extent, coalesce
+from ...errors import LocalProtocolError
+from ._base import (
+    STATE_HOLE,
+    STATE_ZERO,
+    Backend,
+    Buffer,
+    Capabilities,
+    Extent,
+    check_size,
+    coalesce,
+)
 from ._fileops import disk_error
 
 _ZEROED = 0  # state marker: the block reads as zeroes
@@ -39,33 +57,74 @@ class CowBackend:
     Args:
         lower: the gold image (any backend; it is not written, flushed or trimmed).
         overlay_path: optional file to hold written blocks instead of RAM; it is
-            created or truncated.
+            created if missing.  An existing empty file is used as is.
         block_size: overlay granularity (power of two, 512..1 MiB).
-        read_only: refuse writes at the front end too.
+        read_only: refuse writes at the front end too (not with ``overlay_path``,
+            which would then never be written).
+        reset: allow an existing, non-empty ``overlay_path`` to be truncated
+            (its contents are lost); it is refused otherwise.
 
     Raises:
-        ValueError: bad block size.
-        DiskError: the overlay file cannot be created.
+        LocalProtocolError: bad block size; ``lower`` has an invalid size;
+            ``overlay_path`` is the gold image (or a link to it), not a regular
+            file, or an existing non-empty file without ``reset``; ``reset`` or
+            ``read_only`` given with no use.
+        DiskError: the overlay file cannot be opened or sized.
     """
 
     def __init__(self, lower: Backend, *, overlay_path: str | os.PathLike[str] | None = None,
-                 block_size: int = 4096, read_only: bool = False) -> None:
+                 block_size: int = 4096, read_only: bool = False, reset: bool = False) -> None:
         if block_size < 512 or block_size > (1 << 20) or block_size & (block_size - 1):
-            raise ValueError("block_size must be a power of two in 512..1 MiB")
+            raise LocalProtocolError("block_size must be a power of two in 512..1 MiB")
+        if overlay_path is None and reset:
+            raise LocalProtocolError("reset only applies to an overlay file")
+        if overlay_path is not None and read_only:
+            raise LocalProtocolError("a read-only cow disk never writes its overlay file: "
+                                     "give no overlay, or drop read-only")
         self._lower = lower
         self._bs = block_size
-        self._size = lower.size
+        self._size = check_size(lower.size, "the gold image's size")
         self._read_only = read_only
         self._blocks: dict[int, bytearray | int] = {}
         self._lock = threading.Lock()
         self._fd = -1
         if overlay_path is not None:
-            try:
-                self._fd = os.open(overlay_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC
-                                   | os.O_CLOEXEC, 0o600)
-                os.ftruncate(self._fd, self._size)
-            except OSError as exc:
-                raise disk_error(f"overlay {os.fspath(overlay_path)!r}", exc) from exc
+            self._fd = self._open_overlay(overlay_path, reset)
+
+    def _open_overlay(self, path: str | os.PathLike[str], reset: bool) -> int:
+        """Open, check, then size the overlay file; nothing is changed before the checks."""
+        name = repr(os.fspath(path))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise disk_error(f"overlay {name}", exc) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise LocalProtocolError(f"overlay {name} is not a regular file")
+            for lower_fd in _lower_fds(self._lower):
+                gold = os.fstat(lower_fd)
+                if (gold.st_dev, gold.st_ino) == (st.st_dev, st.st_ino):
+                    raise LocalProtocolError(
+                        f"overlay {name} is the gold image itself (same file by another "
+                        f"name or link); writes would change the image")
+            if st.st_size and not reset:
+                what = ("is not the gold image's size" if st.st_size != self._size
+                        else "already holds data")
+                raise LocalProtocolError(
+                    f"overlay {name} {what} ({st.st_size} bytes; the image has "
+                    f"{self._size}); its blocks cannot be reused, so pass reset=True / "
+                    f"--overlay-reset to discard them, or choose another file")
+            if st.st_size:
+                os.ftruncate(fd, 0)  # reset: drop the old blocks, not just the length
+            os.ftruncate(fd, self._size)
+        except OSError as exc:
+            os.close(fd)
+            raise disk_error(f"overlay {name}", exc) from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     @property
     def size(self) -> int:
@@ -232,3 +291,17 @@ class CowBackend:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _lower_fds(backend: Backend) -> list[int]:
+    """The open files under ``backend`` (through stacked cow layers), to compare inodes."""
+    out: list[int] = []
+    while True:
+        fileno = getattr(backend, "fileno", None)
+        if callable(fileno):
+            out.append(fileno())
+        if not isinstance(backend, CowBackend):
+            return out
+        if backend._fd >= 0:
+            out.append(backend._fd)
+        backend = backend.lower

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 
 from ...errors import DiskError
 from ._base import Buffer, Capabilities, Extent
@@ -23,6 +22,7 @@ from ._fileops import (
     disk_error,
     fallocate,
     file_extents,
+    open_image,
     write_zero_buffers,
 )
 
@@ -33,34 +33,23 @@ class FileBackend:
     Args:
         path: file to open.
         read_only: open O_RDONLY and refuse writes.
-        size: if given and the file is a regular file, create it if missing
-            and set its length to ``size`` (sparse).
+        size: create the file if missing and grow it to ``size`` (sparse); a
+            whole number of 512-byte sectors.  Not with ``read_only``.  For a
+            block device it must equal the device's size.
+        shrink: allow ``size`` to be smaller than the existing file, cutting
+            off its end (never done otherwise).
 
     Raises:
-        DiskError: the file cannot be opened (errno from the OS, mapped to NBD).
+        LocalProtocolError: a bad ``size``, or an argument combination that
+            would be ignored or would shrink the file without ``shrink``.
+        DiskError: the file cannot be opened (errno from the OS, mapped to
+            NBD), or, with no ``size``, its size is not whole sectors.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
-                 size: int | None = None) -> None:
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        if size is not None and not read_only:
-            flags |= os.O_CREAT
-        try:
-            self._fd = os.open(path, flags, 0o644)
-        except OSError as exc:
-            raise disk_error(f"open {os.fspath(path)!r}", exc) from exc
-        try:
-            st = os.fstat(self._fd)
-            if stat.S_ISREG(st.st_mode):
-                if size is not None and not read_only and st.st_size != size:
-                    os.ftruncate(self._fd, size)
-                self._size = size if size is not None and not read_only else st.st_size
-            else:
-                self._size = os.lseek(self._fd, 0, os.SEEK_END)
-            self._regular = stat.S_ISREG(st.st_mode)
-        except OSError as exc:
-            os.close(self._fd)
-            raise disk_error(f"open {os.fspath(path)!r}", exc) from exc
+                 size: int | None = None, shrink: bool = False) -> None:
+        self._fd, self._size, self._regular = open_image(path, read_only=read_only,
+                                                         size=size, shrink=shrink)
         self._read_only = read_only
         self._closed = False
 

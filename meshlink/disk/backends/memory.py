@@ -12,7 +12,7 @@ connection shares this one object.
 
 from __future__ import annotations
 
-from ._base import STATE_HOLE, STATE_ZERO, Buffer, Capabilities, Extent, coalesce
+from ._base import STATE_HOLE, STATE_ZERO, Buffer, Capabilities, Extent, check_size, coalesce
 
 CHUNK = 1 << 16
 
@@ -23,12 +23,14 @@ class MemoryBackend:
     Args:
         size: size in bytes (memory is only used for written chunks).
         read_only: refuse writes at the front end.
+
+    Raises:
+        LocalProtocolError: ``size`` is not a whole number of 512-byte sectors
+            in ``0..2**63-1``.
     """
 
     def __init__(self, size: int, *, read_only: bool = False) -> None:
-        if size < 0:
-            raise ValueError("size must be >= 0")
-        self._size = size
+        self._size = check_size(size)
         self._read_only = read_only
         self._chunks: dict[int, bytearray] = {}
         self._zero = memoryview(bytes(CHUNK))

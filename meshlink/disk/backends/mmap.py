@@ -20,6 +20,7 @@ from ._fileops import (
     disk_error,
     fallocate,
     file_extents,
+    open_image,
 )
 
 
@@ -29,31 +30,28 @@ class MmapBackend:
     Args:
         path: file to map.
         read_only: map PROT_READ and refuse writes.
-        size: if given (and not read-only), create the file if missing and set
-            its length to ``size``.
+        size: create the file if missing and grow it to ``size``; a whole
+            number of 512-byte sectors.  Not with ``read_only``.
+        shrink: allow ``size`` to be smaller than the existing file, cutting
+            off its end (never done otherwise).
 
     Raises:
-        DiskError: the file cannot be opened or mapped.
+        LocalProtocolError: a bad ``size``, or an argument combination that
+            would be ignored or would shrink the file without ``shrink``.
+        DiskError: the file cannot be opened or mapped, or, with no ``size``,
+            its size is not whole sectors.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
-                 size: int | None = None) -> None:
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        if size is not None and not read_only:
-            flags |= os.O_CREAT
+                 size: int | None = None, shrink: bool = False) -> None:
+        self._fd, self._size, _ = open_image(path, read_only=read_only, size=size,
+                                             shrink=shrink)
         try:
-            self._fd = os.open(path, flags, 0o644)
-        except OSError as exc:
-            raise disk_error(f"open {os.fspath(path)!r}", exc) from exc
-        try:
-            if size is not None and not read_only:
-                os.ftruncate(self._fd, size)
-            self._size = os.fstat(self._fd).st_size
             self._map: mmap.mmap | None = None
             if self._size:
                 prot = mmap.PROT_READ | (0 if read_only else mmap.PROT_WRITE)
                 self._map = mmap.mmap(self._fd, self._size, mmap.MAP_SHARED, prot)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             os.close(self._fd)
             if isinstance(exc, OSError):
                 raise disk_error(f"map {os.fspath(path)!r}", exc) from exc
@@ -61,6 +59,10 @@ class MmapBackend:
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
         self._read_only = read_only
         self._closed = False
+
+    def fileno(self) -> int:
+        """The open file descriptor (owned by this object)."""
+        return self._fd
 
     @property
     def size(self) -> int:

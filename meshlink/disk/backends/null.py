@@ -6,7 +6,7 @@ alone.  Every operation is a deliberate no-op; nothing is ever stored.
 
 from __future__ import annotations
 
-from ._base import STATE_HOLE, STATE_ZERO, Buffer, Capabilities, Extent
+from ._base import STATE_HOLE, STATE_ZERO, Buffer, Capabilities, Extent, check_size
 
 _ZERO_PAGE = bytes(1 << 20)
 
@@ -17,12 +17,14 @@ class NullBackend:
     Args:
         size: advertised size in bytes.
         read_only: refuse writes at the front end.
+
+    Raises:
+        LocalProtocolError: ``size`` is not a whole number of 512-byte sectors
+            in ``0..2**63-1``.
     """
 
     def __init__(self, size: int, *, read_only: bool = False) -> None:
-        if size < 0:
-            raise ValueError("size must be >= 0")
-        self._size = size
+        self._size = check_size(size)
         self._read_only = read_only
         self._zero = memoryview(_ZERO_PAGE)
 
