@@ -206,6 +206,30 @@ class Backend(Protocol):
         ...
 
 
+class Geometry:
+    """Size, sector size and read-only flag, kept the way the built-in backends keep them.
+
+    A convenience base for the backends of this package (a backend of your own
+    needs only the :class:`Backend` protocol): set ``_size`` and ``_read_only``
+    in ``__init__``; sectors are 512 bytes.
+    """
+
+    _size: int
+    _read_only: bool
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def sector_size(self) -> int:
+        return 512
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+
 @runtime_checkable
 class DirectMemory(Backend, Protocol):
     """A backend whose data is one buffer in this process (declared by ``direct_memory``)."""

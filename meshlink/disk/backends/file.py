@@ -14,7 +14,7 @@ import errno
 import os
 
 from ...errors import DiskError
-from ._base import Buffer, Capabilities, Extent
+from ._base import Buffer, Capabilities, Extent, Geometry
 from ._fileops import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -27,7 +27,7 @@ from ._fileops import (
 )
 
 
-class FileBackend:
+class FileBackend(Geometry):
     """A disk stored in the file (or block device) at ``path``.
 
     Args:
@@ -52,18 +52,6 @@ class FileBackend:
                                                          size=size, shrink=shrink)
         self._read_only = read_only
         self._closed = False
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def sector_size(self) -> int:
-        return 512
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
 
     @property
     def capabilities(self) -> Capabilities:

@@ -12,12 +12,21 @@ connection shares this one object.
 
 from __future__ import annotations
 
-from ._base import STATE_HOLE, STATE_ZERO, Buffer, Capabilities, Extent, check_size, coalesce
+from ._base import (
+    STATE_HOLE,
+    STATE_ZERO,
+    Buffer,
+    Capabilities,
+    Extent,
+    Geometry,
+    check_size,
+    coalesce,
+)
 
 CHUNK = 1 << 16
 
 
-class MemoryBackend:
+class MemoryBackend(Geometry):
     """A sparse in-memory disk of ``size`` bytes; unwritten space reads as zeroes.
 
     Args:
@@ -34,18 +43,6 @@ class MemoryBackend:
         self._read_only = read_only
         self._chunks: dict[int, bytearray] = {}
         self._zero = memoryview(bytes(CHUNK))
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def sector_size(self) -> int:
-        return 512
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
 
     @property
     def capabilities(self) -> Capabilities:

@@ -13,7 +13,7 @@ import mmap
 import os
 
 from ...errors import DiskError
-from ._base import Buffer, Capabilities, Extent
+from ._base import Buffer, Capabilities, Extent, Geometry
 from ._fileops import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -24,7 +24,7 @@ from ._fileops import (
 )
 
 
-class MmapBackend:
+class MmapBackend(Geometry):
     """A disk stored in the regular file at ``path``, accessed through a shared mapping.
 
     Args:
@@ -63,18 +63,6 @@ class MmapBackend:
     def fileno(self) -> int:
         """The open file descriptor (owned by this object)."""
         return self._fd
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def sector_size(self) -> int:
-        return 512
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
 
     @property
     def capabilities(self) -> Capabilities:

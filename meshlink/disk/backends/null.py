@@ -6,12 +6,12 @@ alone.  Every operation is a deliberate no-op; nothing is ever stored.
 
 from __future__ import annotations
 
-from ._base import STATE_HOLE, STATE_ZERO, Buffer, Capabilities, Extent, check_size
+from ._base import STATE_HOLE, STATE_ZERO, Buffer, Capabilities, Extent, Geometry, check_size
 
 _ZERO_PAGE = bytes(1 << 20)
 
 
-class NullBackend:
+class NullBackend(Geometry):
     """A disk of ``size`` bytes that stores nothing.
 
     Args:
@@ -27,18 +27,6 @@ class NullBackend:
         self._size = check_size(size)
         self._read_only = read_only
         self._zero = memoryview(_ZERO_PAGE)
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def sector_size(self) -> int:
-        return 512
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
 
     @property
     def capabilities(self) -> Capabilities:
