@@ -24,7 +24,7 @@ from typing import Final, TypeAlias
 
 from ...errors import LocalProtocolError, RemoteProtocolError
 from . import wire as c
-from .sansio import NEED_DATA, NeedData, RecvBuffer, StartTLS
+from .sansio import NEED_DATA, Inbox, NeedData, Outbox, RecvBuffer, StartTLS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,7 +112,7 @@ _CLIENT_TRANSITIONS: Final[frozenset[tuple[_C, _C]]] = frozenset({
 })
 
 
-class ClientHandshake:
+class ClientHandshake(Inbox, Outbox):
     """The client side of fixed newstyle negotiation.
 
     Sends, in order: [STARTTLS], STRUCTURED_REPLY, [SET_META_CONTEXT], then GO
@@ -154,19 +154,6 @@ class ClientHandshake:
         if (self._state, new) not in _CLIENT_TRANSITIONS:
             raise LocalProtocolError(f"no transition {self._state.name} -> {new.name}")
         self._state = new
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed received bytes; ``b""`` means EOF."""
-        if not data:
-            self._eof = True
-        else:
-            self._in.feed(data)
-
-    def data_to_send(self) -> bytes:
-        """Bytes to write now."""
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
 
     def tls_established(self) -> None:
         """Continue after the TLS handshake that followed a :class:`StartTLS` event."""

@@ -20,7 +20,7 @@ from typing import TypeAlias
 from ...errors import LocalProtocolError, RemoteProtocolError
 from . import wire as c
 from .client_handshake import Negotiated
-from .sansio import NEED_DATA, NeedData, RecvBuffer
+from .sansio import NEED_DATA, Inbox, NeedData, RecvBuffer
 
 
 @dataclasses.dataclass(slots=True)
@@ -54,7 +54,7 @@ class _Inflight:
 ClientTransmissionEvent: TypeAlias = Reply | NeedData
 
 
-class ClientTransmission:
+class ClientTransmission(Inbox):
     """Serialises requests and reassembles (simple or structured) replies.
 
     Args:
@@ -96,20 +96,6 @@ class ClientTransmission:
     def get_buffer(self, need: int = 65536) -> memoryview:
         """A writable view to ``recv_into``."""
         return self._in.get_buffer(need)
-
-    def buffer_updated(self, n: int) -> None:
-        """``n`` bytes landed in the last :meth:`get_buffer` view (0 = EOF)."""
-        if n == 0:
-            self._eof = True
-        else:
-            self._in.updated(n)
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed received bytes; ``b""`` means EOF."""
-        if not data:
-            self._eof = True
-        else:
-            self._in.feed(data)
 
     def _bad(self, message: str) -> RemoteProtocolError:
         self._failed = True

@@ -105,6 +105,44 @@ class RecvBuffer:
         return self.take(self.end - self.start)
 
 
+class Inbox:
+    """Bytes in, for the four machines: ``_in`` (a :class:`RecvBuffer`) and ``_eof``.
+
+    Two ways to feed a machine: copy bytes in with :meth:`receive_data`, or
+    ``recv_into`` a view from the machine's ``get_buffer`` and report the
+    count with :meth:`buffer_updated`.  Zero bytes means EOF either way.
+    """
+
+    _in: RecvBuffer
+    _eof: bool
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed received bytes (copying); ``b""`` means EOF."""
+        if not data:
+            self._eof = True
+        else:
+            self._in.feed(data)
+
+    def buffer_updated(self, n: int) -> None:
+        """``n`` bytes landed in the last ``get_buffer`` view (0 = EOF)."""
+        if n == 0:
+            self._eof = True
+        else:
+            self._in.updated(n)
+
+
+class Outbox:
+    """Bytes out, for the handshake machines: ``_out``, drained by :meth:`data_to_send`."""
+
+    _out: list[bytes]
+
+    def data_to_send(self) -> bytes:
+        """Bytes the adapter must write now (may be empty)."""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class StartTLS:
     """Event: STARTTLS was acknowledged; send pending bytes, then run the TLS handshake.

@@ -28,7 +28,7 @@ from typing import Final, TypeAlias
 
 from ...errors import LocalProtocolError, RemoteProtocolError
 from . import wire as c
-from .sansio import NEED_DATA, HardDisconnect, NeedData, RecvBuffer, StartTLS
+from .sansio import NEED_DATA, HardDisconnect, Inbox, NeedData, Outbox, RecvBuffer, StartTLS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,7 +120,7 @@ def _string(data: bytes, what: str) -> str:
     return text
 
 
-class ServerHandshake:
+class ServerHandshake(Inbox, Outbox):
     """The server side of fixed newstyle negotiation.
 
     Args:
@@ -189,16 +189,7 @@ class ServerHandshake:
             raise LocalProtocolError("handshake already failed")
         if self._eof:
             raise LocalProtocolError("data after EOF")
-        if not data:
-            self._eof = True
-        else:
-            self._in.feed(data)
-
-    def data_to_send(self) -> bytes:
-        """Bytes the adapter must write now (may be empty)."""
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
+        super().receive_data(data)
 
     def tls_established(self) -> None:
         """Tell the machine the TLS handshake completed after a :class:`StartTLS` event.

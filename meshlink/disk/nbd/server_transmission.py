@@ -30,7 +30,7 @@ from typing import Final, TypeAlias
 
 from ...errors import LocalProtocolError
 from . import wire as c
-from .sansio import NEED_DATA, HardDisconnect, NeedData, RecvBuffer
+from .sansio import NEED_DATA, HardDisconnect, Inbox, NeedData, RecvBuffer
 from .server_handshake import EnterTransmission
 
 
@@ -98,7 +98,7 @@ _NEEDS_FLAG: Final[dict[int, int]] = {
 _WRITING: Final = frozenset({c.CMD_WRITE, c.CMD_TRIM, c.CMD_WRITE_ZEROES})
 
 
-class ServerTransmission:
+class ServerTransmission(Inbox):
     """Parses requests and validates them against what was negotiated.
 
     Args:
@@ -137,20 +137,6 @@ class ServerTransmission:
     def get_buffer(self, need: int = 0) -> memoryview:
         """A writable view to ``recv_into``; at least ``max(need, bytes_wanted)`` long."""
         return self._in.get_buffer(max(need, self.bytes_wanted, 65536))
-
-    def buffer_updated(self, n: int) -> None:
-        """Record that ``n`` bytes were written into the last :meth:`get_buffer` view."""
-        if n == 0:
-            self._eof = True
-        else:
-            self._in.updated(n)
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed received bytes (copying); ``b""`` means EOF."""
-        if not data:
-            self._eof = True
-        else:
-            self._in.feed(data)
 
     def next_event(self) -> TransmissionEvent:
         """Parse the next request.
