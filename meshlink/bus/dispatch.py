@@ -38,6 +38,7 @@ from .proto import BusProtocol
 from .pubsub import PubSub
 from .rpc import Rpc
 from .streams import StreamTable
+from .writer import Writer
 
 __all__ = ["Dispatcher"]
 
@@ -47,7 +48,7 @@ class Dispatcher:
 
     Args:
         proto: the protocol core (packs the pong and subscribe acks).
-        append: queue a control frame.
+        writer: the outgoing buffer (control frames skip its limit).
         rpc, pubsub, streams: the owners of the frames.
         handlers: what we serve (its stream handlers are looked up by name).
         spawn: start a background task of the connection.
@@ -58,6 +59,8 @@ class Dispatcher:
 
     __slots__ = (
         "_append",
+        "_pong_at",
+        "_writer",
         "_peer_closed",
         "_proto",
         "_pubsub",
@@ -77,7 +80,7 @@ class Dispatcher:
     def __init__(
         self,
         proto: BusProtocol,
-        append: Callable[[bytes], None],
+        writer: Writer,
         rpc: Rpc,
         pubsub: PubSub,
         streams: StreamTable,
@@ -88,7 +91,9 @@ class Dispatcher:
         peer_closed: Callable[[bool], None],
     ) -> None:
         self._proto = proto
-        self._append = append
+        self._writer = writer
+        self._append = writer.append
+        self._pong_at = -1  # writer.sends when the last pong was queued
         self._rpc = rpc
         self._pubsub = pubsub
         self._streams = streams
@@ -121,7 +126,13 @@ class Dispatcher:
             self._rpc.on_cancel(event.id)
         elif t is Ping:
             assert isinstance(event, Ping)
-            self._append(proto.send(Pong(event.nonce)))
+            # One pong queued at most: a peer that pings without reading
+            # would otherwise grow our buffer without limit.  Any pong proves
+            # liveness, so the pings it covers need no pong of their own.
+            sends = self._writer.sends
+            if self._pong_at != sends:
+                self._pong_at = sends
+                self._append(proto.send(Pong(event.nonce)))
         elif t is Pong:
             pass  # deliberate: any incoming byte already proved liveness
         elif t is Subscribe:
