@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from meshlink import ConnectionLost, HandshakeError, RemoteProtocolError
 from meshlink.bus import BusConfig, Connection, Handlers, serve_bus_listeners
@@ -34,6 +35,10 @@ def _handlers(done: trio.Event | None = None) -> Handlers:
     @h.method
     async def size(data: bytes) -> int:
         return len(data)
+
+    @h.method
+    async def blob(n: int) -> bytes:
+        return bytes(n)
 
     @h.method
     async def mark() -> None:
@@ -181,6 +186,43 @@ async def test_ping_flood_from_a_peer_that_never_reads_queues_one_pong() -> None
                 await done.wait()  # every ping before the notification was dispatched
                 queued = len(conn._writer.outbuf)
                 assert queued < 64, queued  # without coalescing: ~1 MB of pongs
+    await raw.aclose()
+
+
+async def test_requests_from_a_peer_that_never_reads_do_not_pile_up_replies() -> None:
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ours = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    raw = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    _, hello = _raw_core()
+    config = BusConfig(heartbeat_interval=None)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(raw.send_all, hello)
+            async with Connection.open(ours, _handlers(), config=config) as conn:
+                # Rounds of 40 requests for 64 KiB each, never read; between
+                # rounds every task settles, so a peer that stays under our
+                # concurrency limit per round keeps asking (10 x 40 x 64 KiB).
+                for round in range(10):
+                    batch = range(round * 40, round * 40 + 40)
+                    try:
+                        await raw.send_all(
+                            b"".join(msgpack.packb([1, i, "blob", [64 * 1024]]) for i in batch)
+                        )
+                    except trio.BrokenResourceError:
+                        break  # closed on us: the limit worked
+                    await trio.testing.wait_all_tasks_blocked()
+                    if conn.closed:
+                        break
+                queued = len(conn._writer.outbuf)
+                # Replies wait for room once the buffer is full, so their
+                # requests stay in flight and the peer soon breaks our
+                # concurrency limit; without that, every reply is queued.
+                assert queued <= config.send_buffer_size + 128 * 1024, queued
+                assert isinstance(conn.error, RemoteProtocolError)
+                assert "concurrency limit" in str(conn.error)
     await raw.aclose()
 
 
