@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import msgpack
@@ -19,6 +19,7 @@ import trio.testing
 from meshlink import ConnectionLost, HandshakeError, RemoteProtocolError
 from meshlink.bus import BusConfig, Connection, Handlers, serve_bus_listeners
 from meshlink.bus.codec import PROTOCOL_VERSION
+from meshlink.bus.dispatch import CONTROL_SLACK
 from meshlink.bus.events import Hello, Ping
 from meshlink.bus.proto import SHRINK_ABOVE, BusProtocol
 
@@ -224,6 +225,47 @@ async def test_requests_from_a_peer_that_never_reads_do_not_pile_up_replies() ->
                 assert isinstance(conn.error, RemoteProtocolError)
                 assert "concurrency limit" in str(conn.error)
     await raw.aclose()
+
+
+async def test_stream_opens_from_a_peer_that_never_reads_end_the_connection() -> None:
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ours = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    raw = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    core = BusProtocol(Hello(PROTOCOL_VERSION, ["rpc"], "raw", 8, 1 << 20, 1 << 20, 1024))
+    hello = core.send(core.our_hello)
+    # Each open of an unknown stream is refused with a ~40-byte reset: 4 MB
+    # of refusals for 1 MB of asking, none of them ever read.
+    opens = b"".join(msgpack.packb([10, i, "nope", []]) for i in range(100_000))
+    mark = msgpack.packb([5, "mark", []])
+    done = trio.Event()
+    config = BusConfig(heartbeat_interval=None)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+
+            async def attack() -> None:
+                try:
+                    await raw.send_all(hello + opens + mark)
+                except trio.BrokenResourceError:
+                    pass  # closed on us: the limit worked
+
+            nursery.start_soon(attack)
+            async with Connection.open(ours, _handlers(done), config=config) as conn:
+                async with trio.open_nursery() as race:
+                    race.start_soon(_cancel_after, done.wait, race.cancel_scope)
+                    race.start_soon(_cancel_after, conn.wait_closed, race.cancel_scope)
+                queued = len(conn._writer.outbuf)
+                limit = config.send_buffer_size + 1024 + CONTROL_SLACK
+                assert queued <= limit + 512, queued  # one refusal and our close frame
+                assert "does not read" in str(conn.error)
+    await raw.aclose()
+
+
+async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 # --- 4. incomplete frames: the server's budget, and the timeout --------------------------
