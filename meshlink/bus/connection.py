@@ -7,8 +7,10 @@ stream (vchan, TCP, TLS, an in-memory pair: anything with
 ``send_all``/``receive_some``) and runs its tasks: the *writer*
 (:mod:`.writer`); the *reader*, which feeds each chunk to the core and has
 every complete frame in it dispatched (:mod:`.dispatch`) before the next read;
-the *heartbeat*, which pings every ``heartbeat_interval`` and declares the peer
-lost when nothing at all arrived for ``heartbeat_timeout``; the *notify
+the *timers*, which ping every ``heartbeat_interval``, declare the peer
+lost when nothing at all arrived for ``heartbeat_timeout``, and end the
+connection when a frame stays incomplete for ``frame_timeout``
+(:mod:`.limits`); the *notify
 runner* and the request *workers* (:mod:`.rpc`); one task per incoming stream
 (:mod:`.streams`).
 
