@@ -9,6 +9,7 @@ Layout, lowest first (each module imports only the ones before it):
 ``proto`` (the sans-io state machine), ``errors``; then the trio side:
 ``flow`` (credit windows), ``writer`` (the outgoing buffer), ``handlers``,
 ``link`` (what a subscription or stream may ask of its connection),
+``limits`` (what one peer may cost a server),
 ``pubsub``, ``streams``, ``connection``, and ``serve`` on top.
 """
 
@@ -18,6 +19,7 @@ from .config import BusConfig
 from .connection import Connection
 from .errors import PeerClosedError, RemoteError, VersionMismatch
 from .handlers import Handlers
+from .limits import ServerLimits
 from .pubsub import Subscription
 from .serve import current_connection, serve_bus, serve_bus_listeners
 from .streams import MessageStream
@@ -36,6 +38,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",
+    "ServerLimits",
     "Subscription",
     "VersionMismatch",
     "current_connection",

@@ -2,6 +2,8 @@
 
 The limits a peer must respect (``max_concurrency``, the windows,
 ``max_frame_size``) are announced in the hello; the others are local.
+``max_connections`` and ``max_partial_bytes`` are a server's, shared by all
+its connections (see :mod:`.limits`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ class BusConfig:
         handshake_timeout: seconds allowed for the peer's hello.
         close_timeout: seconds ``aclose`` spends flushing before it gives up.
         ext_types: msgpack ext types allowed (none by default).
+        max_subscriptions: subscriptions the peer may hold on us at once; one
+            more is a protocol error (the connection closes naming it).
+        frame_timeout: seconds a frame may stay incomplete (a slow trickle
+            keeps the heartbeat alive); ``None`` disables the check.
+        max_connections: connections a server (:func:`serve_bus_listeners`)
+            keeps open at once; one more is closed as soon as it is accepted.
+        max_partial_bytes: bytes of incomplete frames a server buffers over
+            all its connections; a connection whose incomplete frame would
+            exceed it is closed.
     """
 
     max_concurrency: int = 64
@@ -48,3 +59,7 @@ class BusConfig:
     handshake_timeout: float = 10.0
     close_timeout: float = 1.0
     ext_types: Sequence[ExtCodec] = ()
+    max_subscriptions: int = 1024
+    frame_timeout: float | None = 30.0
+    max_connections: int = 256
+    max_partial_bytes: int = 64 * 1024 * 1024

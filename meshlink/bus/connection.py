@@ -7,8 +7,10 @@ stream (vchan, TCP, TLS, an in-memory pair: anything with
 ``send_all``/``receive_some``) and runs its tasks: the *writer*
 (:mod:`.writer`); the *reader*, which feeds each chunk to the core and has
 every complete frame in it dispatched (:mod:`.dispatch`) before the next read;
-the *heartbeat*, which pings every ``heartbeat_interval`` and declares the peer
-lost when nothing at all arrived for ``heartbeat_timeout``; the *notify
+the *timers*, which ping every ``heartbeat_interval``, declare the peer
+lost when nothing at all arrived for ``heartbeat_timeout``, and end the
+connection when a frame stays incomplete for ``frame_timeout``
+(:mod:`.limits`); the *notify
 runner* and the request *workers* (:mod:`.rpc`); one task per incoming stream
 (:mod:`.streams`).
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, Literal
@@ -64,6 +67,7 @@ from .events import (
 )
 from .flow import CreditOut
 from .handlers import Handlers
+from .limits import FrameWatch, ServerLimits
 from .link import Link
 from .proto import BusProtocol
 from .pubsub import PubSub, Subscription
@@ -101,6 +105,7 @@ class Connection:
         *,
         name: str = "",
         config: BusConfig | None = None,
+        server_limits: ServerLimits | None = None,
     ) -> None:
         cfg = config or BusConfig()
         self._cfg = cfg
@@ -132,6 +137,7 @@ class Connection:
         self._closed = trio.Event()
         self._work: trio.Nursery | None = None
         self._last_rx = 0.0
+        self._watch = FrameWatch(server_limits)  # the incomplete frame, if any
         self._rpc = Rpc(
             self._proto,
             self._writer,
@@ -152,11 +158,11 @@ class Connection:
             send_flow=self._writer.send_flow,
             schedule_point=self._writer.schedule_point,
         )
-        self._pubsub = PubSub(link)
+        self._pubsub = PubSub(link, cfg.max_subscriptions)
         self._streams = StreamTable(link, cfg.stream_window, cfg.max_concurrency)
         self._sink = Dispatcher(
             self._proto,
-            self._append,
+            self._writer,
             self._rpc,
             self._pubsub,
             self._streams,
@@ -177,6 +183,7 @@ class Connection:
         *,
         name: str = "",
         config: BusConfig | None = None,
+        server_limits: ServerLimits | None = None,
     ) -> AsyncIterator[Connection]:
         """Run a bus connection over ``stream`` for the duration of an ``async with``.
 
@@ -190,6 +197,8 @@ class Connection:
             handlers: what this end serves to the peer (may be ``None``).
             name: this end's service name, sent to the peer.
             config: limits and timers; :class:`BusConfig` defaults otherwise.
+            server_limits: the budget this connection shares with the other
+                connections of its server (:func:`serve_bus_listeners`).
 
         Returns:
             An async context manager yielding the :class:`Connection`.
@@ -208,7 +217,7 @@ class Connection:
             The handshake waits for the peer's hello, at most
             ``handshake_timeout`` seconds.
         """
-        conn = cls(stream, handlers, name=name, config=config)
+        conn = cls(stream, handlers, name=name, config=config, server_limits=server_limits)
         to_raise: BaseException | None = None
         async with trio.open_nursery() as nursery:
             try:
@@ -245,8 +254,8 @@ class Connection:
                         self._work = work
                         work.start_soon(self._guard, self._reader)
                         work.start_soon(self._guard, self._notify_runner)
-                        if self._cfg.heartbeat_interval is not None:
-                            work.start_soon(self._guard, self._heartbeat)
+                        if self._cfg.heartbeat_interval or self._cfg.frame_timeout:
+                            work.start_soon(self._guard, self._timers)
                         await self._shutdown.wait()
                         # Graceful end: let the writer (and a reply being sent
                         # directly, see Writer.send_reply) flush what is queued, the close
@@ -271,6 +280,7 @@ class Connection:
             if self._error is None:
                 self._error = trio.ClosedResourceError("bus connection was closed")
             self._wake_all()
+            self._watch.release()
             await trio.aclose_forcefully(self._stream)
             self._closed.set()
         if handshake_error is not None:
@@ -316,6 +326,7 @@ class Connection:
             self._last_rx = trio.current_time()
             proto.receive_data(data)
             event = proto.next_event()
+            self._watch.update(*proto.incomplete(), self._last_rx)
         self._notify_out = CreditOut(event.notify_window)
         self._rpc.call_slots = trio.Semaphore(event.max_concurrency)
         self._streams.peer_window = event.stream_window
@@ -460,6 +471,7 @@ class Connection:
         sink = self._sink
         queue = self._rpc.notify_queue
         notify_wakeup = self._rpc.notify_wakeup
+        watch = self._watch
         try:
             while True:
                 ended = proto.receive_frames(sink)
@@ -467,6 +479,9 @@ class Connection:
                     notify_wakeup.set()  # once per chunk, not per frame
                 if ended:
                     return
+                start, partial = proto.incomplete()
+                if partial or watch.start >= 0:  # once per chunk; raises over budget
+                    watch.update(start, partial, self._last_rx)
                 data = await stream.receive_some(_RECEIVE_SIZE)
                 self._last_rx = trio.current_time()
                 proto.receive_data(data)
@@ -479,25 +494,31 @@ class Connection:
             lost.__cause__ = exc
             self._fail(lost)
 
-    # --- heartbeats --------------------------------------------------------------
+    # --- heartbeats and the frame timeout -------------------------------------------
 
-    async def _heartbeat(self) -> None:
+    async def _timers(self) -> None:
         interval = self._cfg.heartbeat_interval
-        assert interval is not None
-        timeout = self._cfg.heartbeat_timeout
+        timeout = self._cfg.heartbeat_timeout if interval else math.inf
+        frame_timeout = self._cfg.frame_timeout or math.inf
         nonce = 0
-        next_ping = trio.current_time()
+        next_ping = trio.current_time() if interval else math.inf
         while True:
             now = trio.current_time()
             deadline = self._last_rx + timeout
             if now >= deadline:
                 self._fail(ConnectionLost(f"no data from the peer for {timeout} s (heartbeat)"))
                 return
+            frame_deadline = self._watch.deadline(frame_timeout, now)
+            if now >= frame_deadline:
+                exc = RemoteProtocolError(f"a frame stayed incomplete for {frame_timeout} s")
+                self._fail(exc, Close(type(exc).__name__, str(exc)))
+                return
             if now >= next_ping and self._error is None:
+                assert interval is not None
                 self._append(self._proto.send(Ping(nonce)))
                 nonce += 1
                 next_ping = now + interval
-            await trio.sleep_until(min(deadline, next_ping))
+            await trio.sleep_until(min(deadline, next_ping, frame_deadline))
 
     # --- rpc -----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Final
 
 from ..errors import RemoteProtocolError
 from .events import (
@@ -38,8 +39,14 @@ from .proto import BusProtocol
 from .pubsub import PubSub
 from .rpc import Rpc
 from .streams import StreamTable
+from .writer import Writer
 
-__all__ = ["Dispatcher"]
+__all__ = ["CONTROL_SLACK", "Dispatcher"]
+
+#: Bytes of control frames (acks, refusals, credit) that may wait for the
+#: peer beyond the send buffer and one frame, before a peer that keeps asking
+#: for more of them is taken for one that never reads.
+CONTROL_SLACK: Final = 1 << 20
 
 
 class Dispatcher:
@@ -47,7 +54,7 @@ class Dispatcher:
 
     Args:
         proto: the protocol core (packs the pong and subscribe acks).
-        append: queue a control frame.
+        writer: the outgoing buffer (control frames skip its limit).
         rpc, pubsub, streams: the owners of the frames.
         handlers: what we serve (its stream handlers are looked up by name).
         spawn: start a background task of the connection.
@@ -58,6 +65,8 @@ class Dispatcher:
 
     __slots__ = (
         "_append",
+        "_pong_at",
+        "_writer",
         "_peer_closed",
         "_proto",
         "_pubsub",
@@ -77,7 +86,7 @@ class Dispatcher:
     def __init__(
         self,
         proto: BusProtocol,
-        append: Callable[[bytes], None],
+        writer: Writer,
         rpc: Rpc,
         pubsub: PubSub,
         streams: StreamTable,
@@ -88,7 +97,9 @@ class Dispatcher:
         peer_closed: Callable[[bool], None],
     ) -> None:
         self._proto = proto
-        self._append = append
+        self._writer = writer
+        self._append = writer.append
+        self._pong_at = -1  # writer.sends when the last pong was queued
         self._rpc = rpc
         self._pubsub = pubsub
         self._streams = streams
@@ -121,11 +132,18 @@ class Dispatcher:
             self._rpc.on_cancel(event.id)
         elif t is Ping:
             assert isinstance(event, Ping)
-            self._append(proto.send(Pong(event.nonce)))
+            # One pong queued at most: a peer that pings without reading
+            # would otherwise grow our buffer without limit.  Any pong proves
+            # liveness, so the pings it covers need no pong of their own.
+            sends = self._writer.sends
+            if self._pong_at != sends:
+                self._pong_at = sends
+                self._append(proto.send(Pong(event.nonce)))
         elif t is Pong:
             pass  # deliberate: any incoming byte already proved liveness
         elif t is Subscribe:
             assert isinstance(event, Subscribe)
+            self._check_peer_reads()
             self._pubsub.on_subscribe(event)
             self._append(proto.send(Subscribed(event.id)))
         elif t is Subscribed:
@@ -150,7 +168,29 @@ class Dispatcher:
         else:  # pragma: no cover - the core hands the other kinds to the fast methods
             raise RemoteProtocolError(f"unexpected frame {event!r:.80}")
 
+    def _check_peer_reads(self) -> None:
+        """Refuse to answer a peer that asks for answers but never reads them.
+
+        Acks and refusals are control frames, which skip the send buffer's
+        limit; without this a peer could grow our buffer one tiny frame at a
+        time.  A peer that reads never gets here: application frames keep the
+        buffer under ``buffer_size`` plus one frame of the peer's size limit.
+
+        Raises:
+            RemoteProtocolError: more than that plus :data:`CONTROL_SLACK`
+                bytes wait for the peer.
+        """
+        writer = self._writer
+        queued = len(writer.outbuf)
+        hello = self._proto.peer_hello
+        assert hello is not None
+        if queued > writer.buffer_size + hello.max_frame_size + CONTROL_SLACK:
+            raise RemoteProtocolError(
+                f"the peer does not read what it asks for: {queued} bytes wait to be sent to it"
+            )
+
     def _on_stream_open(self, event: StreamOpen) -> None:
+        self._check_peer_reads()
         fn = self._handlers.streams.get(event.method)
         stream = self._streams.accept(event, fn is not None)
         if stream is not None:

@@ -77,7 +77,13 @@ from .events import (
     StreamData,
 )
 
-__all__ = ["BusProtocol", "FrameSink"]
+__all__ = ["SHRINK_ABOVE", "BusProtocol", "FrameSink"]
+
+#: After a frame larger than this, the unpacker is replaced as soon as nothing
+#: is buffered: its buffer grew to the frame's size and would stay that large
+#: for the life of the connection (a peer could pin 16 MiB per connection with
+#: one big frame each).
+SHRINK_ABOVE: Final = 1 << 20
 
 
 class _State(enum.Enum):
@@ -155,6 +161,10 @@ class BusProtocol:
         limit = hello.max_frame_size
         self._max_frame = limit
         self._unpacker = make_unpacker(limit, max_container_len, ext_types)
+        self._unpacker_args = (limit, max_container_len, ext_types)
+        #: A frame above SHRINK_ABOVE passed: the unpacker's buffer grew to fit
+        #: it and never shrinks, so it is replaced once empty (see receive_frames).
+        self._grown = False
         self._packer = make_packer(ext_types)
         self._pack_raw = self._packer.pack
         #: Largest frame we may send: our own limit until the peer's hello says.
@@ -179,6 +189,16 @@ class BusProtocol:
     def requests_in_flight(self) -> int:
         """Requests the peer made that we have not answered yet."""
         return len(self._in_requests)
+
+    def incomplete(self) -> tuple[int, int]:
+        """``(start, size)`` of the frame buffered but not complete yet.
+
+        ``start`` is the position of its first byte in the stream read so far
+        (it changes when another frame becomes the incomplete one); ``size`` is
+        0 when no frame is incomplete.  Exact after :meth:`receive_frames`
+        returned False (every chunk handed over is then in the unpacker).
+        """
+        return self._pos, self._fed - self._pos
 
     def _set_error(self) -> None:
         self._state = _State.ERROR
@@ -253,6 +273,7 @@ class BusProtocol:
         unpack = self._unpacker.unpack
         tell = self._unpacker.tell
         max_frame = self._max_frame
+        shrink_above = min(SHRINK_ABOVE, max_frame)
         max_conc = self.our_hello.max_concurrency
         in_requests = self._in_requests
         out_requests = self._out_requests
@@ -279,6 +300,11 @@ class BusProtocol:
                         ev = self.next_event()  # EOF handling lives there
                         sink.event(ev)  # type: ignore[arg-type]
                         return True
+                    if self._grown and self._fed == pos:
+                        # Nothing buffered: a fresh unpacker gives the memory back.
+                        self._unpacker = make_unpacker(*self._unpacker_args)
+                        self._grown = False
+                        self._fed = self._pos = pos = 0
                     return False
                 except RemoteProtocolError:
                     raise
@@ -287,10 +313,12 @@ class BusProtocol:
                 new_pos = tell()
                 size = new_pos - pos
                 pos = new_pos
-                if size > max_frame:
-                    raise RemoteProtocolError(
-                        f"frame of {size} bytes exceeds the limit of {max_frame}"
-                    )
+                if size > shrink_above:  # rare: one comparison for the common frame
+                    if size > max_frame:
+                        raise RemoteProtocolError(
+                            f"frame of {size} bytes exceeds the limit of {max_frame}"
+                        )
+                    self._grown = True
                 # The hot kinds, inline; each checks its arity and field types.
                 if type(frame) is list:
                     n = len(frame)

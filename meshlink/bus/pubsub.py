@@ -48,6 +48,10 @@ class RemoteSub:
 class PubSub:
     """The subscriptions of one connection, ours and the peer's.
 
+    Args:
+        link: what the subscriptions may ask of the connection.
+        max_remote: subscriptions the peer may hold on us at once.
+
     Attributes:
         subs: our active subscriptions, by id.
         next_id: the id our next subscription gets (ids only grow).
@@ -55,10 +59,11 @@ class PubSub:
         last_remote_id: the highest id the peer subscribed with.
     """
 
-    __slots__ = ("_link", "last_remote_id", "next_id", "remote", "subs")
+    __slots__ = ("_link", "_max_remote", "last_remote_id", "next_id", "remote", "subs")
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, max_remote: int = 1024) -> None:
         self._link = link
+        self._max_remote = max_remote
         self.subs: dict[int, Subscription] = {}
         self.next_id = 0
         self.remote: dict[int, RemoteSub] = {}
@@ -93,6 +98,12 @@ class PubSub:
         if event.id <= self.last_remote_id:
             raise RemoteProtocolError(f"subscription id {event.id} reused")
         self.last_remote_id = event.id
+        if len(self.remote) >= self._max_remote:
+            # The wire has no refusal for a subscription: ending the connection
+            # is the one answer that keeps the table bounded.
+            raise RemoteProtocolError(
+                f"peer exceeded the subscription limit of {self._max_remote}"
+            )
         self.remote[event.id] = RemoteSub(event.id, event.prefix, event.window)
 
     def on_subscribed(self, event: Subscribed) -> None:

@@ -284,6 +284,12 @@ class Rpc:
             del self._handler_scopes[id]
         if scope.cancelled_caught:
             failure = ("Cancelled", "the handler was cancelled")
+        writer = self._writer
+        while len(writer.outbuf) >= writer.buffer_size and not self._ended:
+            # A peer that sends requests but never reads must not grow our
+            # buffer: the reply waits for room, and its request goes on
+            # counting against the max_concurrency we announced until packed.
+            await writer.space_lot.park()
         if self._ended:
             return
         proto = self._proto

@@ -2,7 +2,8 @@
 
 :func:`serve_bus` runs one connection over an accepted stream until it ends;
 :func:`serve_bus_listeners` accepts forever and serves each connection,
-logging (not raising) the failure of one.  A handler finds the connection it
+logging (not raising) the failure of one, within the limits a server shares
+between its connections (:mod:`.limits`).  A handler finds the connection it
 serves with :func:`current_connection`.
 """
 
@@ -17,6 +18,7 @@ from ..errors import MeshlinkError
 from .config import BusConfig
 from .connection import CURRENT, Connection
 from .handlers import Handlers
+from .limits import ServerLimits
 
 __all__ = ["current_connection", "serve_bus", "serve_bus_listeners"]
 
@@ -38,6 +40,7 @@ async def serve_bus(
     *,
     name: str = "",
     config: BusConfig | None = None,
+    server_limits: ServerLimits | None = None,
 ) -> None:
     """Serve ``handlers`` to the peer at the other end of ``stream`` until it leaves.
 
@@ -49,6 +52,8 @@ async def serve_bus(
         handlers: the methods and stream handlers to serve.
         name: our service name, sent in the handshake.
         config: limits and timers.
+        server_limits: the budget shared with the server's other connections
+            (incomplete frames); none by default.
 
     Raises:
         RemoteProtocolError: the peer sent malformed input (the connection was
@@ -62,7 +67,9 @@ async def serve_bus(
     Backpressure:
         Per connection, as configured in ``config``.
     """
-    async with Connection.open(stream, handlers, name=name, config=config) as conn:
+    async with Connection.open(
+        stream, handlers, name=name, config=config, server_limits=server_limits
+    ) as conn:
         await conn.wait_closed()
     err = conn.error
     if err is not None:
@@ -75,28 +82,45 @@ async def serve_bus_listeners(
     *,
     name: str = "",
     config: BusConfig | None = None,
+    max_connections: int | None = None,
     task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections forever and serve ``handlers`` on each.
 
     A connection that fails (malformed input, dead peer, bad handshake) is
     logged on the ``meshlink.bus`` logger and closed; the others go on.
+    Every connection shares the server's budget of ``config.max_partial_bytes``
+    for incomplete frames; one that would exceed it is closed.
 
     Args:
         handlers: what every connection serves.
         listeners: trio listeners (TCP, Unix, vchan...).
         name: our service name.
-        config: limits and timers of each connection.
+        config: limits and timers of each connection, and the server's
+            ``max_connections`` and ``max_partial_bytes``.
+        max_connections: connections open at once (default
+            ``config.max_connections``, 256); one more is closed as soon as it
+            is accepted, with a warning at most every 10 s.
         task_status: receives ``listeners`` once accepting (``nursery.start``).
 
     Cancellation:
         Stops accepting and closes every connection.
     """
+    cfg = config or BusConfig()
+    limits = ServerLimits(
+        cfg.max_connections if max_connections is None else max_connections,
+        cfg.max_partial_bytes,
+    )
 
     async def one(stream: trio.abc.Stream) -> None:
+        if not limits.admit():
+            await trio.aclose_forcefully(stream)
+            return
         try:
-            await serve_bus(stream, handlers, name=name, config=config)
+            await serve_bus(stream, handlers, name=name, config=cfg, server_limits=limits)
         except (MeshlinkError, trio.BrokenResourceError, OSError) as exc:
             logger.info("bus connection ended with an error: %r", exc)
+        finally:
+            limits.release()
 
     await trio.serve_listeners(one, listeners, task_status=task_status)

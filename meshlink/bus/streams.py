@@ -295,7 +295,7 @@ class StreamTable:
         send_control = self._link.send_control
         if not served:
             send_control(
-                StreamReset(event.id, False, "MethodNotFound", f"no stream {event.method!r}")
+                StreamReset(event.id, False, "MethodNotFound", f"no stream {event.method!r:.80}")
             )
             return None
         if self._peer_streams >= self._max_concurrency:

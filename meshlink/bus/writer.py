@@ -15,7 +15,8 @@ The buffer holds at most ``buffer_size`` bytes of application frames; a
 producer that would overfill it waits (:meth:`Writer.send_flow`, which also
 waits for the frame's credit window, see :mod:`.flow`).  Control frames (pong,
 credit, cancel, close) skip that limit (:meth:`Writer.append`): they are small
-and bounded by what the peer sends us.
+and bounded by what the peer sends us; pongs are coalesced (at most one
+queued, see :mod:`.dispatch`), since a peer may ping without limit.
 
 The hottest producers (``Connection.notify`` and ``Rpc.call``) append to
 :attr:`Writer.outbuf` and set :attr:`Writer.wakeup` themselves rather than
@@ -67,6 +68,8 @@ class Writer:
         closing: the connection is shutting down: the writer flushes and ends.
         direct_scope: the cancel scope of a reply being sent directly, if any.
         ops: calls since the last schedule point (see :data:`SCHEDULE_EVERY`).
+        sends: ``outbuf`` handed to ``send_all`` so far (a frame appended when
+            it had some value is still queued while it has that value).
     """
 
     __slots__ = (
@@ -81,6 +84,7 @@ class Writer:
         "done",
         "ops",
         "outbuf",
+        "sends",
         "space_lot",
         "wakeup",
     )
@@ -105,6 +109,7 @@ class Writer:
         self.direct_scope: trio.CancelScope | None = None  # of a direct reply
         self._tx_broken = False  # a send was cut short: the stream may hold half a frame
         self.ops = 0
+        self.sends = 0
 
     def append(self, data: bytes) -> None:
         """Queue a frame, ignoring the buffer limit (control frames)."""
@@ -125,6 +130,7 @@ class Writer:
                     await self.wakeup.wait()
                     continue
                 data, self.outbuf = self.outbuf, bytearray()
+                self.sends += 1
                 if self.space_lot:
                     self.space_lot.unpark_all()
                 self._sending = True
