@@ -66,7 +66,7 @@ from resolver import (
 from resolver.zeroconf import Registration
 from resolver.zeroconf import register as zeroconf_register
 
-from .bus import BusConfig, Connection, Handlers, serve_bus
+from .bus import BusConfig, Connection, Handlers, ServerLimits, serve_bus
 from .errors import (
     AddressInUse,
     AuthError,
@@ -329,27 +329,39 @@ async def serve(
             reg: Registration = await zeroconf_register(ad, zc)
             stack.push_async_callback(reg.withdraw)
 
+        # One budget for every connection of this service, whatever its
+        # transport: connections at once, bytes of incomplete frames.
+        cfg = config or BusConfig()
+        limits = ServerLimits(cfg.max_connections, cfg.max_partial_bytes)
+
         async def on_vchan(stream: trio.abc.Stream) -> None:
-            server.accepted["vchan"] += 1
-            await _serve_one(stream, handlers, name, config)
+            async with _admitted(limits, stream) as ok:
+                if ok:
+                    server.accepted["vchan"] += 1
+                    await _serve_one(stream, handlers, name, cfg, limits)
 
         async def on_tcp(stream: trio.abc.Stream) -> None:
-            server.accepted["tcp"] += 1
-            await _serve_one(stream, handlers, name, config)
+            async with _admitted(limits, stream) as ok:
+                if ok:
+                    server.accepted["tcp"] += 1
+                    await _serve_one(stream, handlers, name, cfg, limits)
 
         async def on_tls(stream: trio.SSLStream[trio.SocketStream]) -> None:
             assert tls is not None
-            try:
-                who = await tls_server_handshake(stream, tls)
-            except (AuthError, HandshakeError) as exc:
-                server.refused["tls"] += 1
-                serve_logger.warning("%s: TLS client refused: %s", name, exc)
-                server.last_refusal = str(exc)
-                await trio.aclose_forcefully(stream)
-                return
-            server.accepted["tls"] += 1
-            serve_logger.debug("%s: TLS client %s", name, who)
-            await _serve_one(stream, handlers, name, config)
+            async with _admitted(limits, stream) as ok:
+                if not ok:
+                    return
+                try:
+                    who = await tls_server_handshake(stream, tls)
+                except (AuthError, HandshakeError) as exc:
+                    server.refused["tls"] += 1
+                    serve_logger.warning("%s: TLS client refused: %s", name, exc)
+                    server.last_refusal = str(exc)
+                    await trio.aclose_forcefully(stream)
+                    return
+                server.accepted["tls"] += 1
+                serve_logger.debug("%s: TLS client %s", name, who)
+                await _serve_one(stream, handlers, name, cfg, limits)
 
         with server._cancel:
             async with trio.open_nursery() as nursery:
@@ -372,11 +384,25 @@ async def serve(
                     nursery.cancel_scope.cancel()
 
 
-async def _serve_one(
-    stream: trio.abc.Stream, handlers: Handlers, name: str, config: BusConfig | None
-) -> None:
+@asynccontextmanager
+async def _admitted(limits: ServerLimits, stream: trio.abc.Stream) -> AsyncIterator[bool]:
+    """Count a new connection in for as long as the block runs (yields True),
+    or close it at once when the service is full (yields False; logged at most
+    every 10 s by ``limits``)."""
+    if not limits.admit():
+        await trio.aclose_forcefully(stream)
+        yield False
+        return
     try:
-        await serve_bus(stream, handlers, name=name, config=config)
+        yield True
+    finally:
+        limits.release()
+
+
+async def _serve_one(stream: trio.abc.Stream, handlers: Handlers, name: str,
+                     config: BusConfig, limits: ServerLimits) -> None:
+    try:
+        await serve_bus(stream, handlers, name=name, config=config, server_limits=limits)
     except (MeshlinkError, trio.BrokenResourceError, OSError) as exc:
         serve_logger.info("%s: connection ended with an error: %r", name, exc)
 

@@ -293,3 +293,26 @@ async def test_record_owner_must_match_the_real_server(store: Path) -> None:
                 pass
         srv.stop()
     assert srv.accepted["vchan"] == 1
+
+
+# --- 6. a service's connections are bounded, whatever their transport ---------------------------
+
+
+async def test_serve_closes_connections_beyond_its_limit(store: Path) -> None:
+    from meshlink import BusConfig
+    from meshlink import ResolveError as MeshResolveError
+
+    async with trio.open_nursery() as nursery:
+        srv = await _serve(nursery, store, config=BusConfig(max_connections=1))
+        with trio.fail_after(10):
+            async with connect(NAME, host_store=store) as first:
+                assert await first.call("echo", "a") == "A"
+                # the service is full: the second connection is closed at once
+                with pytest.raises(MeshResolveError):
+                    async with connect(NAME, host_store=store):
+                        pytest.fail("a connection beyond the limit was served")
+                assert await first.call("echo", "b") == "B"  # the first one is unharmed
+            async with connect(NAME, host_store=store) as third:  # its slot came back
+                assert await third.call("echo", "c") == "C"
+        srv.stop()
+    assert srv.accepted["vchan"] == 2
