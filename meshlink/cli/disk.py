@@ -27,8 +27,18 @@ from typing import Any
 
 import trio
 
+from resolver import ResolverError, ZeroconfConfig, validate_service_name
+
 from ..disk import check_listen_address
-from ..disk.backends import BACKEND_KINDS, MAX_SIZE, SECTOR, check_options, open_backend
+from ..disk.advertise import NBD_NAME_SUFFIX, advertised, zeroconf_config
+from ..disk.backends import (
+    BACKEND_KINDS,
+    MAX_SIZE,
+    SECTOR,
+    Backend,
+    check_options,
+    open_backend,
+)
 from ..disk.blk import open_blk, serve_blk
 from ..disk.nbd import (
     Export,
@@ -42,8 +52,10 @@ from ..disk.nbd import (
 from ..disk.nbd import wire as c
 from ..disk.nbd.server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS
 from ..errors import LocalProtocolError, MeshlinkError
+from ..transport.tls import TLSConfig
 from ._app import add_group, run_group
 from ._common import CommandFailed, add_verbose
+from ._disk_spec import DiskSpec, check_unique, parse_disk_spec
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -104,16 +116,25 @@ def parse_listen(text: str) -> str:
 
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser(
-        "serve", help="export a disk backend over the blk ring and/or NBD",
-        description="Serve a disk backend.  By default over the blk ring to co-located "
+        "serve", help="export disk backends over the blk ring and/or NBD",
+        description="Serve a disk backend (--backend and its options), or several "
+                    "(--disk NAME:BACKEND[:OPTIONS], repeatable; NAME is then the SERVICE).  "
+                    "By default over the blk ring to co-located "
                     "processes: NAME is SERVICE or SERVICE/DISK (disk 'disk0' if omitted), "
                     "published in the host store.  With --nbd, over NBD instead (add --blk "
-                    "for both): NAME's disk part is the export name; listens on --listen "
+                    "for both): the export name is NAME (with --disk, --blk or when "
+                    "advertised on zeroconf: each DISK name); listens on --listen "
                     "(default 127.0.0.1:10809), or on a socket passed by systemd socket "
                     "activation (LISTEN_FDS), or talks NBD on stdin/stdout with --stdio.")
-    p.add_argument("name", help="SERVICE[/DISK] for the blk ring; the export name for NBD")
-    p.add_argument("--backend", choices=BACKEND_KINDS, required=True,
+    p.add_argument("name", help="SERVICE[/DISK] for the blk ring; the export name for NBD "
+                                "(with --disk: the SERVICE)")
+    p.add_argument("--backend", choices=BACKEND_KINDS,
                    help="null, memory (sparse RAM), file, mmap, or cow (over --path)")
+    p.add_argument("--disk", action="append", metavar="NAME:BACKEND[:OPTIONS]",
+                   type=lambda text: parse_disk_spec(text, parse_disk_size),
+                   help="serve this disk too (repeatable; instead of --backend): OPTIONS are "
+                        "path=,size=,overlay=,description= and read-only,shrink,overlay-reset, "
+                        "comma-separated, e.g. data:file:path=d.img,size=1G")
     p.add_argument("--path", help="file for file/mmap; the gold image for cow")
     p.add_argument("--size", type=parse_disk_size,
                    help="null/memory: the size (required); file/mmap: create or grow the "
@@ -144,6 +165,10 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS,
                    metavar="N", help="NBD: open connections at once; more are closed at "
                    f"once (default {MAX_CONNECTIONS})")
+    p.add_argument("--zeroconf", metavar="ADDRS", type=_zeroconf_arg, default=None,
+                   help="NBD over TCP: advertise SERVICE.nbd by DNS-SD on these interface "
+                        "addresses (comma-separated), 'all' or 'off' (default: "
+                        "$MESHLINK_ZEROCONF, unset = off)")
     add_verbose(p)
     p.set_defaults(func=_cmd_serve, serve_parser=p)
 
@@ -156,6 +181,14 @@ def _positive_float(text: str) -> float:
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def _zeroconf_arg(value: str) -> ZeroconfConfig | bool:
+    if value.lower() in ("off", "no", "0"):
+        return False
+    if value.lower() in ("all", "on", "1"):
+        return True
+    return ZeroconfConfig(tuple(v.strip() for v in value.split(",") if v.strip()))
 
 
 def _positive_int(text: str) -> int:
@@ -211,11 +244,12 @@ def add_disk_commands(subparsers: Any) -> argparse.ArgumentParser:
     return add_group(subparsers, "disk")
 
 
-def _ignored_option(args: argparse.Namespace) -> str | None:
+def _ignored_option(args: argparse.Namespace, specs: Sequence[DiskSpec]) -> str | None:
     """Why an option given to ``serve`` would be ignored by the chosen front ends, or None."""
     nbd_only = {"--listen": args.listen, "--stdio": args.stdio, "--tls": args.tls != "off",
                 "--tls-cert": args.tls_cert, "--tls-key": args.tls_key,
-                "--tls-ca": args.tls_ca, "--description": args.description}
+                "--tls-ca": args.tls_ca,
+                "--description": any(spec.description for spec in specs)}
     for flag, given in nbd_only.items():
         if given and not args.nbd:
             return f"{flag} applies to NBD only: add --nbd (and --blk to keep the blk ring)"
@@ -226,64 +260,144 @@ def _ignored_option(args: argparse.Namespace) -> str | None:
     return None
 
 
+_SINGLE_DISK_FLAGS = ("backend", "path", "size", "shrink", "overlay", "overlay_reset",
+                      "read_only", "description")
+
+
+def _disk_specs(args: argparse.Namespace) -> list[DiskSpec]:
+    """The disks to serve: every ``--disk``, or the one of the single-disk flags."""
+    if args.disk:
+        given = [f"--{f.replace('_', '-')}" for f in _SINGLE_DISK_FLAGS if getattr(args, f)]
+        if given:
+            args.serve_parser.error(f"{', '.join(given)} describe the one disk of the "
+                                    f"single-disk form: with --disk, put each disk's options "
+                                    f"in its --disk (e.g. data:file:path=d.img,read-only)")
+        if "/" in args.name:
+            args.serve_parser.error(f"with --disk, NAME is the SERVICE alone, not "
+                                    f"{args.name!r}: the disks are named by --disk")
+        duplicate = check_unique(args.disk)
+        if duplicate is not None:
+            args.serve_parser.error(duplicate)
+        return list(args.disk)
+    if not args.backend:
+        args.serve_parser.error("give --backend (one disk) or --disk NAME:BACKEND[:OPTIONS] "
+                                "(repeatable)")
+    disk_name = args.name.partition("/")[2] or "disk0"
+    return [DiskSpec(disk_name, args.backend, args.path, args.size, args.shrink, args.overlay,
+                     args.overlay_reset, args.read_only, args.description)]
+
+
+def _zeroconf(args: argparse.Namespace, service: str) -> ZeroconfConfig | None:
+    """The zeroconf config to advertise ``SERVICE.nbd`` with, or None (usage errors exit 2)."""
+    zc, explicit = zeroconf_config(args.zeroconf)
+    if zc is None:
+        return None
+    why = ("it advertises NBD endpoints: add --nbd" if not args.nbd else
+           "--stdio has no endpoint to advertise" if args.stdio else
+           "Unix sockets are not advertised"
+           if args.listen and args.listen.startswith("unix:") else None)
+    if why is not None:
+        if explicit:
+            args.serve_parser.error(f"--zeroconf: {why}")
+        logging.getLogger("meshlink.disk").info("$MESHLINK_ZEROCONF set, but not "
+                                                "advertising: %s", why)
+        return None
+    try:
+        validate_service_name(service + NBD_NAME_SUFFIX)
+    except ResolverError as exc:
+        args.serve_parser.error(f"--zeroconf: {exc}")
+    return zc
+
+
+def _open_backends(args: argparse.Namespace, specs: Sequence[DiskSpec]) -> dict[str, Backend]:
+    """Open every disk's backend, or none: those already open are closed on a failure."""
+    def label(spec: DiskSpec) -> str:
+        return f"disk {spec.name!r}: " if args.disk else ""
+
+    backends: dict[str, Backend] = {}
+    try:
+        for spec in specs:
+            try:
+                backends[spec.name] = open_backend(
+                    spec.backend, path=spec.path, size=spec.size, read_only=spec.read_only,
+                    overlay_path=spec.overlay, shrink=spec.shrink, reset=spec.overlay_reset)
+            except LocalProtocolError as exc:  # refused by what is on disk: usage
+                args.serve_parser.error(f"{label(spec)}cannot open the {spec.backend} "
+                                        f"backend: {exc}")
+            except MeshlinkError as exc:
+                raise CommandFailed(f"{label(spec)}cannot open the {spec.backend} "
+                                    f"backend: {exc}") from exc
+    except BaseException:
+        for backend in backends.values():
+            backend.close()
+        raise
+    return backends
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.blk and not args.nbd:
         raise CommandFailed("--blk is the default; combine it only with --nbd")
     # Usage errors (exit 2), all found before anything is opened or created.
-    ignored = _ignored_option(args)
+    specs = _disk_specs(args)
+    ignored = _ignored_option(args, specs)
     if ignored is not None:
         args.serve_parser.error(ignored)
-    try:
-        check_options(args.backend, path=args.path, size=args.size, read_only=args.read_only,
-                      overlay_path=args.overlay, shrink=args.shrink, reset=args.overlay_reset)
-    except LocalProtocolError as exc:
-        args.serve_parser.error(str(exc))
+    for spec in specs:
+        try:
+            check_options(spec.backend, path=spec.path, size=spec.size,
+                          read_only=spec.read_only, overlay_path=spec.overlay,
+                          shrink=spec.shrink, reset=spec.overlay_reset)
+        except LocalProtocolError as exc:
+            args.serve_parser.error(f"disk {spec.name!r}: {exc}" if args.disk else str(exc))
+    service = args.name.partition("/")[0]
+    args.zc = _zeroconf(args, service)
     ssl_context: ssl.SSLContext | None = None
+    args.fingerprint = None
     if args.tls != "off":
         if not (args.tls_cert and args.tls_key):
             raise CommandFailed("--tls optional/required needs --tls-cert and --tls-key")
         try:
             ssl_context = server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
+            args.fingerprint = TLSConfig(args.tls_cert).fingerprint()
         except MeshlinkError as exc:
             raise CommandFailed(f"cannot load TLS files: {exc}") from exc
+    backends = _open_backends(args, specs)
     try:
-        backend = open_backend(args.backend, path=args.path, size=args.size,
-                               read_only=args.read_only, overlay_path=args.overlay,
-                               shrink=args.shrink, reset=args.overlay_reset)
-    except LocalProtocolError as exc:  # refused by what is on disk (shrink, overlay): usage
-        args.serve_parser.error(f"cannot open the {args.backend} backend: {exc}")
-    except MeshlinkError as exc:
-        raise CommandFailed(f"cannot open the {args.backend} backend: {exc}") from exc
-    service, _, disk_name = args.name.partition("/")
-    disk_name = disk_name or "disk0"
-    export = args.name if args.nbd and not args.blk else disk_name
-    server = NBDServer([Export(export, backend, args.description, args.read_only)],
-                       tls=args.tls, ssl_context=ssl_context,
-                       handshake_timeout=args.handshake_timeout,
-                       max_connections=args.max_connections)
-    args.blk_target = (service, disk_name, backend) if (args.blk or not args.nbd) else None
-    try:
+        # The export is the whole NAME only for the one disk served over NBD
+        # alone and not advertised: otherwise clients ask for SERVICE/DISK's DISK.
+        whole = not args.disk and args.nbd and not args.blk and args.zc is None
+        args.exports = [args.name] if whole else [spec.name for spec in specs]
+        server = NBDServer([Export(export, backends[spec.name], spec.description,
+                                   spec.read_only)
+                            for export, spec in zip(args.exports, specs, strict=True)],
+                           tls=args.tls, ssl_context=ssl_context,
+                           handshake_timeout=args.handshake_timeout,
+                           max_connections=args.max_connections)
+        args.service = service
+        args.blk_disks = backends if (args.blk or not args.nbd) else None
         return trio.run(_serve, server, args)
     except KeyboardInterrupt:  # Ctrl-C before trio's handler is in: still a clean stop
         return 0
     finally:
-        backend.close()
+        for backend in backends.values():
+            backend.close()
 
 
 async def _serve(server: NBDServer, args: argparse.Namespace) -> int:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        if args.blk_target is not None:
-            service, disk_name, backend = args.blk_target
+        if args.blk_disks is not None:
             try:
                 store = await nursery.start(
-                    lambda task_status: serve_blk(service, {disk_name: backend},
+                    lambda task_status: serve_blk(args.service, args.blk_disks,
                                                   host_store=args.host_store,
                                                   task_status=task_status))
             except (OSError, MeshlinkError) as exc:
                 raise CommandFailed(
-                    f"cannot serve {service!r} over the blk ring: {exc}") from exc
-            print(f"ready blk://{service}/{disk_name} (host store {store.path})", flush=True)
+                    f"cannot serve {args.service!r} over the blk ring: {exc}") from exc
+            for disk_name in args.blk_disks:
+                print(f"ready blk://{args.service}/{disk_name} (host store {store.path})",
+                      flush=True)
             if not args.nbd:
                 return 0
         if args.stdio:
@@ -298,12 +412,32 @@ async def _serve(server: NBDServer, args: argparse.Namespace) -> int:
             except (OSError, MeshlinkError) as exc:
                 raise CommandFailed(f"cannot listen on {args.listen}: {exc}") from exc
         await nursery.start(server.serve_listeners, listeners)
-        for uri in _uris(listeners, args.name):
+        advert = ""
+        if args.zc is not None:
+            try:
+                advert = await nursery.start(_advertise, listeners, args)
+            except (OSError, MeshlinkError) as exc:
+                raise CommandFailed(f"cannot advertise on zeroconf: {exc}") from exc
+        lines = [f"ready {uri}" for export in args.exports for uri in _uris(listeners, export)]
+        if advert:
+            lines.append(advert)
+        for line in lines:
             if activated:  # our parent speaks NBD to us; keep stdout quiet
-                logging.getLogger("meshlink.disk.nbd").info("ready %s", uri)
+                logging.getLogger("meshlink.disk.nbd").info("%s", line)
             else:
-                print(f"ready {uri}", flush=True)
+                print(line, flush=True)
     return 0
+
+
+async def _advertise(listeners: Sequence[trio.SocketListener], args: argparse.Namespace, *,
+                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Keep ``SERVICE.nbd`` on zeroconf until cancelled; report what was announced."""
+    async with advertised(args.service, listeners, tls=args.tls, config=args.zc,
+                          host_store=args.host_store, fingerprint=args.fingerprint) as reg:
+        ad = reg.advertisement
+        task_status.started(f"advertised {ad.name} on zeroconf: "
+                            f"{' '.join(ep.url for ep in ad.endpoints())}")
+        await trio.sleep_forever()
 
 
 def _uris(listeners: Sequence[trio.SocketListener], name: str) -> list[str]:

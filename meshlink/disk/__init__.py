@@ -14,15 +14,24 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
 
-from resolver import Endpoint, HostStore, Policy, Resolver, blk_entry_name
+from resolver import (
+    Endpoint,
+    HostStore,
+    Policy,
+    Resolver,
+    ZeroconfConfig,
+    blk_entry_name,
+    validate_service_name,
+)
 
 from ..errors import LocalProtocolError, resolver_errors
 from ..transport.dial import open_first
 from ..transport.tls import TLSConfig
+from .advertise import NBD_NAME_SUFFIX, advertised, zeroconf_config
 from .backends import (
     BACKEND_KINDS,
     Backend,
@@ -43,15 +52,12 @@ log = logging.getLogger("meshlink.disk")
 #: Bounds of ``open(max_in_flight=)``: 0 would block every request forever.
 MAX_IN_FLIGHT = 1024
 
-#: Suffix of the name under which a service's NBD endpoints are resolved.
-NBD_NAME_SUFFIX = ".nbd"
-
 
 @contextlib.asynccontextmanager
 async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
                host_store: HostStore | str | os.PathLike[str] | None = None,
                resolver: Resolver | None = None, tls: TLSConfig | None = None,
-               require_tls: bool = True,
+               require_tls: bool = True, zeroconf: ZeroconfConfig | bool | None = None,
                max_in_flight: int = 64) -> AsyncIterator[BlkDisk | NBDDisk]:
     """Open a served disk: ``async with meshlink.disk.open("storage-node/disk0") as d:``.
 
@@ -72,6 +78,9 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
         tls: certificates for NBD over TLS (default: ``MESHLINK_TLS_*``); the
             server's certificate must name ``SERVICE``.
         require_tls: never use plain TCP for the network path.
+        zeroconf: for the default resolver: a config, ``True`` (every
+            interface), ``False``, or ``None`` for ``$MESHLINK_ZEROCONF``
+            (unset: off).  With ``resolver``, configure it there instead.
         max_in_flight: NBD requests pipelined at once, 1..1024 (the blk ring
             pipelines up to its ring size).
 
@@ -83,13 +92,17 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
         ResolveError: not co-located and no usable NBD endpoint (the message
             lists every attempt).
         ValueError: an NBD URI this version cannot open.
-        LocalProtocolError: ``max_in_flight`` out of range (checked first).
+        LocalProtocolError: ``max_in_flight`` out of range, or both
+            ``resolver`` and ``zeroconf`` given (checked first).
         ConnectionLost / HandshakeError: see :func:`open_blk` and :func:`open_nbd`.
     """
     if (not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool)
             or not 1 <= max_in_flight <= MAX_IN_FLIGHT):
         raise LocalProtocolError(f"max_in_flight must be 1..{MAX_IN_FLIGHT}, "
                                  f"not {max_in_flight!r}")
+    if resolver is not None and zeroconf is not None:
+        raise LocalProtocolError("zeroconf= configures the default resolver; with resolver=, "
+                                 "give it to the Resolver instead")
     if target.startswith(("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")):
         async with open_nbd(target, ssl_context=ssl_context,
                             max_in_flight=max_in_flight) as disk:
@@ -111,7 +124,8 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
     if ssl_context is None and tls is not None and tls.can_connect:
         ssl_context = tls.client_context()
     with resolver_errors():
-        resolver = resolver or Resolver(host_store=store, tls_configured=ssl_context is not None)
+        resolver = resolver or Resolver(host_store=store, zeroconf=zeroconf,
+                                        tls_configured=ssl_context is not None)
         choices = await resolver.resolve(service + NBD_NAME_SUFFIX,
                                          Policy(require_tls=require_tls, forbid_vchan=True))
 
@@ -157,44 +171,101 @@ def check_listen_address(listen: str) -> None:
                                      f"in 1..65535 (or 0 for any free port)")
 
 
+def check_exports(exports: Mapping[str, Backend]) -> None:
+    """Refuse an export table before anything is served.
+
+    Raises:
+        LocalProtocolError: no exports, or a name that is not a non-empty
+            string of at most 4096 UTF-8 bytes (the NBD limit) without ``/``
+            (``SERVICE/DISK`` splits at the first one).
+    """
+    if not exports:
+        raise LocalProtocolError("serve needs at least one export")
+    for name in exports:
+        if not isinstance(name, str) or not name or "/" in name or \
+                len(name.encode("utf-8", "surrogatepass")) > 4096:
+            raise LocalProtocolError(f"export name {name!r}: use 1..4096 bytes without '/'")
+
+
 async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
-                service: str | None = None,
+                service: str | None = None, blk: bool = True,
                 host_store: HostStore | str | os.PathLike[str] | None = None,
                 tls: TLSMode | str = TLSMode.OFF, ssl_context: ssl.SSLContext | None = None,
+                zeroconf: ZeroconfConfig | bool | None = None,
+                advertise: Sequence[str] | None = None, fingerprint: str | None = None,
+                host_id: str | None = None,
                 task_status: trio.TaskStatus[NBDServer | None] = trio.TASK_STATUS_IGNORED,
                 ) -> None:
     """Serve ``exports`` (disk name -> backend) until cancelled.
 
     With ``service``, co-located clients open ``"SERVICE/DISK"`` over the blk
     ring (published in the host store); with ``listen``, network clients use
-    NBD (``nbd://host:port/DISK``).  Give either or both.
+    NBD (``nbd://host:port/DISK``).  Give either or both; every export is
+    served on each.  With ``service``, ``listen`` on TCP and zeroconf
+    enabled, the NBD endpoints are advertised as ``SERVICE.nbd`` (``tls``
+    when ``tls`` is required, ``tcp`` when off, both when optional), so
+    ``meshlink.disk.open("SERVICE/DISK")`` on another host finds them; the
+    advertisement is withdrawn when serving stops.
 
     Args:
         exports: backends by disk name; for NBD the first is also the default export.
         listen: NBD address: ``host:port``, ``tcp:host:port`` or ``unix:/path``.
-        service: service name for the blk ring.
-        host_store: host store for the blk ring.
+        service: the service name: the blk ring's, and the zeroconf name
+            (``SERVICE.nbd``).
+        blk: serve the blk ring under ``service`` (``False``: NBD only, still
+            advertised under ``service``).
+        host_store: host store for the blk ring (and the advertised host id).
         tls: NBD TLS mode: ``off``, ``optional`` or ``required``.
         ssl_context: NBD server TLS context (needed unless tls is off).
+        zeroconf: a config, ``True`` (every interface), ``False``, or
+            ``None`` for ``$MESHLINK_ZEROCONF`` (unset: off).  Asked for
+            explicitly, it needs ``service`` and a TCP ``listen``; from the
+            environment it applies only where it can.
+        advertise: IPv4 addresses to advertise (default: the listener's, or
+            the zeroconf interfaces when it listens on ``0.0.0.0``).
+        fingerprint: SHA-256 (hex) of the TLS certificate, for the TXT ``fp`` key.
+        host_id: the host id to advertise (default: from ``host_store``).
         task_status: ``nursery.start`` receives the running :class:`NBDServer`
-            (``None`` when only the blk ring is served) once everything listens.
+            (``None`` when only the blk ring is served) once everything
+            listens and is advertised.
 
     Raises:
         AddressInUse: the NBD address or the service name is taken.
         LocalProtocolError: ``listen`` is not a valid address (see
-            :func:`check_listen_address`); checked before anything is served.
+            :func:`check_listen_address`), a bad export table (see
+            :func:`check_exports`), or zeroconf asked for where it cannot
+            apply (no ``service``, no ``listen``, a Unix socket, a wildcard
+            address with nothing to name); checked before anything is served
+            (except the wildcard case, found once bound).
         ValueError: neither ``listen`` nor ``service`` was given.
+        OSError: the mDNS sockets could not be opened.
 
-    Cancellation: stops listening, withdraws the service, closes every connection.
+    Cancellation: withdraws the advertisement, stops listening, withdraws the
+    service, closes every connection.
     """
-    from .nbd import open_listeners
+    from .nbd import open_listeners, parse_listen_address
 
     if listen is None and service is None:
         raise ValueError("serve needs listen= (NBD), service= (blk ring), or both")
+    check_exports(exports)
     if listen is not None:
         check_listen_address(listen)
+    zc, explicit = zeroconf_config(zeroconf)
+    if zc is not None:
+        why = ("it needs service= to name the advertisement" if service is None else
+               "it advertises NBD and there is no listen=" if listen is None else
+               "Unix sockets are not advertised" if parse_listen_address(listen)[0] == "unix"
+               else None)
+        if why is not None:
+            if explicit:
+                raise LocalProtocolError(f"zeroconf: {why}")
+            log.info("$MESHLINK_ZEROCONF set, but not advertising: %s", why)
+            zc = None
+        else:
+            with resolver_errors():
+                validate_service_name(f"{service}{NBD_NAME_SUFFIX}")
     async with trio.open_nursery() as nursery:
-        if service is not None:
+        if service is not None and blk:
             await nursery.start(lambda task_status: serve_blk(service, exports,
                                                               host_store=host_store,
                                                               task_status=task_status))
@@ -204,7 +275,25 @@ async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
                                tls=tls, ssl_context=ssl_context)
             listeners = await open_listeners(listen)
             await nursery.start(server.serve_listeners, listeners)
+            if zc is not None and service is not None:
+                config, name = zc, service
+                await nursery.start(lambda task_status: _advertise(
+                    name, listeners, tls=tls, config=config, host_store=host_store,
+                    host_id=host_id, advertise=advertise, fingerprint=fingerprint,
+                    task_status=task_status))
         task_status.started(server)
+
+
+async def _advertise(service: str, listeners: Sequence[trio.SocketListener], *,
+                     tls: TLSMode | str, config: ZeroconfConfig,
+                     host_store: HostStore | str | os.PathLike[str] | None,
+                     host_id: str | None, advertise: Sequence[str] | None,
+                     fingerprint: str | None, task_status: trio.TaskStatus[None]) -> None:
+    """Keep ``SERVICE.nbd`` advertised until cancelled (a task of :func:`serve`)."""
+    async with advertised(service, listeners, tls=tls, config=config, host_store=host_store,
+                          host_id=host_id, advertise=advertise, fingerprint=fingerprint):
+        task_status.started()
+        await trio.sleep_forever()
 
 
 __all__ = [
@@ -220,7 +309,9 @@ __all__ = [
     "NBDDisk",
     "NBDServer",
     "NullBackend",
+    "NBD_NAME_SUFFIX",
     "TLSMode",
+    "check_exports",
     "check_listen_address",
     "list_exports",
     "open",
