@@ -15,7 +15,7 @@ lock dies with it, so its entry is stale, ignored by resolvers and replaced by
 the next server.
 
 ``connect(name)`` resolves the name (:class:`resolver.Resolver`: host store,
-rules file, zeroconf; ranked vchan > tls > tcp) and tries each endpoint in
+rules file, unicast DNS, zeroconf; ranked vchan > tls > tcp) and tries each endpoint in
 order (:mod:`meshlink.transport.dial`).  Co-location is proved, not guessed:
 a vchan endpoint is ranked only when its advertised host id is ours, and used
 only if the vchan handshake succeeds (and the server's uid is the owner of its
@@ -51,6 +51,7 @@ import trio
 from resolver import (
     Advertisement,
     Choice,
+    DnsConfig,
     Endpoint,
     HostStore,
     InvalidName,
@@ -443,9 +444,11 @@ async def connect(
     host_store: HostStore | str | os.PathLike[str] | None = None,
     rules: Any = None,
     zeroconf: ZeroconfConfig | bool | None = None,
+    dns: DnsConfig | str | bool | None = None,
     host_id: str | None = None,
     tls: TLSConfig | None = None,
     require_tls: bool = False,
+    allow_plaintext: bool | None = None,
     forbid_vchan: bool = False,
     pin: str | Endpoint | None = None,
     client_name: str = "",
@@ -465,10 +468,15 @@ async def connect(
         rules: rules file path or parsed rules (default ``$MESHLINK_RULES``).
         zeroconf: DNS-SD lookup config, ``True``, ``False``, or ``None`` for
             ``$MESHLINK_ZEROCONF`` (unset: off).
+        dns: unicast DNS source (SRV + TXT): a :class:`resolver.DnsConfig`,
+            ``"SERVER[:PORT]"`` (domain ``$MESHLINK_DNS_DOMAIN``), ``False``, or
+            ``None`` for ``$MESHLINK_DNS`` (unset: off).
         host_id: our host id (default: boot id + host store path).
         tls: certificates (default ``MESHLINK_TLS_*``).  TLS endpoints need a
             CA; mutual-TLS servers need our certificate too.
         require_tls: never use plain TCP (not even attempted).
+        allow_plaintext: also try plain TCP endpoints that only a DNS answer
+            vouches for (default ``$MESHLINK_ALLOW_PLAINTEXT``, unset: no).
         forbid_vchan: never use shared memory.
         pin: use exactly this endpoint (URL or :class:`Endpoint`).
         client_name: our name, sent in the bus hello.
@@ -499,11 +507,12 @@ async def connect(
     """
     if tls is None:
         tls = TLSConfig.from_env()
-    policy = Policy(require_tls=require_tls, forbid_vchan=forbid_vchan, pin=pin)
+    policy = Policy(require_tls=require_tls, forbid_vchan=forbid_vchan, pin=pin,
+                    allow_plaintext=plaintext_allowed(allow_plaintext))
     with resolver_errors():
         if resolver is None:
             resolver = Resolver(host_store=host_store, rules=rules, zeroconf=zeroconf,
-                                host_id=host_id,
+                                dns=dns, host_id=host_id,
                                 tls_configured=tls is not None and tls.can_connect)
         try:
             choices = await resolver.resolve(name, policy)

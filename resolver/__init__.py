@@ -1,8 +1,8 @@
-"""Name resolution: host store, static rules and zeroconf registries.
+"""Name resolution: host store, static rules, unicast DNS and zeroconf registries.
 
 ``Resolver.resolve(name)`` asks every configured source for endpoints of
-``name`` (the host store for co-located services, a static rules file, and
-zeroconf DNS-SD when enabled) and ranks them with the pure function
+``name`` (the host store for co-located services, a static rules file, a DNS
+server's SRV + TXT records and zeroconf DNS-SD when enabled) and ranks them with the pure function
 :func:`rank` (vchan > tls > tcp by default), giving the reason for each place.
 See README.md, "Services by name".
 
@@ -13,7 +13,8 @@ depend on meshlink; meshlink builds on it and turns these errors into its
 own (each meshlink class also subclasses the one here).
 
 Modules: ``_types`` (endpoints, policy), ``_rank`` (the ranking), one per
-source (``hoststore``, ``rules``, ``zeroconf``), ``_resolver`` (combines them).
+source (``hoststore``, ``rules``, ``dnssrv``, ``zeroconf``), ``_resolver``
+(combines them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from __future__ import annotations
 from ._rank import rank
 from ._resolver import Resolver
 from ._types import SCHEMES, Choice, Endpoint, LocalFacts, Policy, Ranking, Scheme
+from .dnssrv import DnsConfig
 from .errors import (
+    DnsConfigError,
     InvalidName,
     NameInUse,
     ResolveError,
@@ -48,6 +51,8 @@ __all__ = [
     "SCHEMES",
     "Advertisement",
     "Choice",
+    "DnsConfig",
+    "DnsConfigError",
     "Endpoint",
     "HostStore",
     "HostStoreSource",

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Sources (host store, rules file, zeroconf) produce candidate endpoints; this
+Sources (host store, rules file, unicast DNS, zeroconf) produce candidate endpoints; this
 module decides which to try and in what order, and says why for each one, so
 ``meshlink resolve NAME --explain`` can print the decision.  No I/O, no clock:
 the same input always gives the same output (docs/architecture.md section 3).
@@ -10,14 +10,16 @@ the same input always gives the same output (docs/architecture.md section 3).
 1. Duplicates (the same URL from several sources) are merged; the reason names
    every source.
 2. Policy filters: a pin keeps only the pinned endpoint; ``forbid_vchan``
-   drops vchan; ``require_tls`` drops plain TCP; TLS needs a TLS configuration.
+   drops vchan; ``require_tls`` drops plain TCP; plain TCP that only unicast
+   DNS vouches for needs ``allow_plaintext`` (an unauthenticated answer must
+   not steer a client off TLS); TLS needs a TLS configuration.
 3. Co-location is *claimed* here and *proved* at connect time: a vchan endpoint
    is kept only when the advertised host id equals ours (or the rules file or a
    pin names it explicitly, which is the operator's claim, or it is live in our
    own host store without a record: a bare vchan listener); the vchan handshake
    then proves it, and a failure falls back to the next endpoint.
 4. Order: by transport (``policy.order``, default vchan > tls > tcp), then by
-   source (host store, rules, zeroconf), then as the source listed them.
+   source (host store, rules, DNS, zeroconf), then as the source listed them.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from ._types import Choice, Endpoint, LocalFacts, Policy, Ranking
 
 __all__ = ["SOURCE_ORDER", "rank"]
 
-#: Sources in order of trust: local facts first, then the operator, then the network.
-SOURCE_ORDER = ("pin", "hoststore", "rules", "zeroconf")
+#: Sources in order of trust: local facts first, then the operator, then the
+#: network -- the DNS server the user named before anyone on the local link.
+SOURCE_ORDER = ("pin", "hoststore", "rules", "dns", "zeroconf")
 
 
 def _source_rank(source: str) -> int:
@@ -84,6 +87,10 @@ def _judge(ep: Endpoint, facts: LocalFacts, policy: Policy) -> tuple[bool, str]:
                       "(to be proved by the vchan handshake)")
     if ep.scheme == "tcp" and policy.require_tls:
         return False, f"{src}; plain TCP refused: policy requires TLS"
+    if ep.scheme == "tcp" and ep.source == "dns" and not policy.allow_plaintext:
+        return False, (f"{src}; plain TCP vouched for only by an unauthenticated DNS answer: "
+                       "refused unless plaintext is allowed (allow_plaintext, "
+                       "$MESHLINK_ALLOW_PLAINTEXT=1)")
     if ep.scheme == "tls" and not facts.tls_configured:
         return False, f"{src}; no TLS configuration (certificate, key, CA) on this end"
     what = "TLS" if ep.scheme == "tls" else "plain TCP"

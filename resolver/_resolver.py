@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 import trio
 
+from . import dnssrv
 from . import zeroconf as zc
 from ._rank import rank
 from ._types import Choice, Endpoint, LocalFacts, Policy, Ranking
-from .errors import ResolveError
+from .dnssrv import DnsConfig
+from .errors import DnsConfigError, ResolveError
 from .hoststore import HostStore, HostStoreSource, default_host_id
 from .names import validate_service_name
 from .rules import Rules, rules_from
 from .zeroconf import ZeroconfConfig
 
-__all__ = ["Resolver"]
+__all__ = ["Resolver", "dns_config"]
 
 logger = logging.getLogger("meshlink.resolver")
 
@@ -31,12 +34,16 @@ class Resolver:
             ``$MESHLINK_RULES`` (unset: no rules).
         zeroconf: a :class:`ZeroconfConfig`, ``False`` to disable, or ``None``
             for ``$MESHLINK_ZEROCONF`` (unset: disabled).
+        dns: the unicast DNS source: a :class:`DnsConfig`, a ``"SERVER[:PORT]"``
+            string (domain from ``$MESHLINK_DNS_DOMAIN``), ``False`` to disable,
+            or ``None`` for ``$MESHLINK_DNS`` (unset: disabled).
         host_id: our host id (default :func:`default_host_id`).
         tls_configured: whether this end can speak TLS (has a CA to verify
             servers and a certificate); TLS endpoints are rejected otherwise.
 
     Raises:
         RulesError: the rules file is malformed (file and line in the message).
+        DnsConfigError: ``dns`` (or ``$MESHLINK_DNS``) is unusable.
         StoreError: the host store cannot be used.
     """
 
@@ -46,6 +53,7 @@ class Resolver:
         host_store: HostStore | str | os.PathLike[str] | None = None,
         rules: Rules | str | os.PathLike[str] | None = None,
         zeroconf: ZeroconfConfig | bool | None = None,
+        dns: DnsConfig | str | bool | None = None,
         host_id: str | None = None,
         tls_configured: bool = True,
     ) -> None:
@@ -60,6 +68,7 @@ class Resolver:
             self.zeroconf = None
         else:
             self.zeroconf = zeroconf
+        self.dns = dns_config(dns)
         self.facts = LocalFacts(host_id or default_host_id(self.store), tls_configured)
 
     async def candidates(self, name: str) -> list[Endpoint]:
@@ -72,27 +81,42 @@ class Resolver:
             Safe; a zeroconf query still running finishes in its thread.
 
         Backpressure:
-            With zeroconf enabled, waits up to its timeout for an answer.
+            With zeroconf or DNS enabled, waits up to their timeouts for answers.
         """
+        found, _ = await self._gather(name)
+        return found
+
+    async def _gather(self, name: str) -> tuple[list[Endpoint], list[str]]:
+        """:meth:`candidates`, plus the notes of the sources (see :class:`Ranking`)."""
         validate_service_name(name)
+        notes: list[str] = []
         found = list(self.hoststore.lookup(name))
         if self.rules is not None:
             found += self.rules.lookup(name)
+        if self.dns is not None:
+            answer = await dnssrv.lookup(name, self.dns)
+            found += answer.endpoints
+            notes += answer.notes
+            for note in answer.notes:
+                logger.info("%s: %s", name, note)
         if self.zeroconf is not None:
             try:
                 for ad in await zc.lookup(name, self.zeroconf):
                     found += ad.endpoints()
             except OSError as exc:
                 logger.warning("zeroconf lookup of %r failed: %s", name, exc)
+                notes.append(f"zeroconf: lookup failed: {exc}")
         await trio.lowlevel.checkpoint()
-        return found
+        return found, notes
 
     async def explain(self, name: str, policy: Policy | None = None) -> Ranking:
         """Resolve ``name`` and keep the rejected endpoints with their reasons.
 
         Raises, Cancellation, Backpressure: as :meth:`candidates`.
         """
-        return rank(await self.candidates(name), self.facts, policy or Policy())
+        found, notes = await self._gather(name)
+        ranking = rank(found, self.facts, policy or Policy())
+        return dataclasses.replace(ranking, notes=tuple(notes))
 
     async def resolve(self, name: str, policy: Policy | None = None) -> list[Choice]:
         """Ranked endpoints for ``name``, best first, each with its reason.
@@ -115,6 +139,25 @@ class Resolver:
         ranking = await self.explain(name, policy)
         if not ranking.chosen:
             why = "; ".join(str(c) for c in ranking.rejected) or "no source knows it"
+            if ranking.notes:
+                why += " (" + "; ".join(ranking.notes[:4]) + ")"
             raise ResolveError(f"no usable endpoint for {name!r}: {why}")
         return list(ranking.chosen)
 
+
+
+def dns_config(dns: DnsConfig | str | bool | None) -> DnsConfig | None:
+    """The DNS source's configuration from a ``dns=`` argument (see :class:`Resolver`).
+
+    Raises:
+        DnsConfigError: unusable (``True`` names no server).
+    """
+    if dns is None:
+        return DnsConfig.from_env()
+    if dns is False:
+        return None
+    if dns is True:
+        raise DnsConfigError("dns=True names no server: give dns=\"SERVER[:PORT]\"")
+    if isinstance(dns, str):
+        return DnsConfig.parse(dns)
+    return dns

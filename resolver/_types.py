@@ -28,7 +28,7 @@ class Endpoint:
         host_id: the host id the publisher advertised (``None``: unknown).
         fingerprint: SHA-256 of the server's TLS certificate (hex), if advertised.
         source: which registry produced it (``hoststore``, ``rules``,
-            ``zeroconf``, ``pin``).
+            ``zeroconf``, ``dns``, ``pin``).
     """
 
     scheme: Scheme
@@ -104,12 +104,16 @@ class Policy:
         forbid_vchan: never use shared memory (for example, to test TLS locally).
         pin: use exactly this endpoint (a URL or :class:`Endpoint`), nothing else.
         order: preference among transports; the default is vchan > tls > tcp.
+        allow_plaintext: also try plain TCP endpoints that only a unicast DNS
+            answer vouches for (DNS answers are not authenticated, so by
+            default a DNS source leads to TLS or nowhere).
     """
 
     require_tls: bool = False
     forbid_vchan: bool = False
     pin: str | Endpoint | None = None
     order: tuple[Scheme, ...] = SCHEMES
+    allow_plaintext: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,10 @@ class Ranking:
     Attributes:
         chosen: endpoints to try, in order, each with the reason for its place.
         rejected: endpoints that will not be tried, each with the reason.
+        notes: what the sources reported besides endpoints (a DNS server that
+            did not answer, a record dropped as malformed), for ``--explain``.
     """
 
     chosen: tuple[Choice, ...]
     rejected: tuple[Choice, ...] = ()
+    notes: tuple[str, ...] = ()

@@ -10,6 +10,7 @@ the store that keeps names cannot be used.  meshlink's user-facing classes
 from __future__ import annotations
 
 __all__ = [
+    "DnsConfigError",
     "InvalidName",
     "NameInUse",
     "ResolveError",
@@ -43,6 +44,11 @@ class RulesError(ResolveError):
         self.path = path
         self.line = line
         self.reason = reason
+
+
+class DnsConfigError(ResolveError):
+    """The DNS source is configured with something unusable (``dns=``,
+    ``--dns``, ``$MESHLINK_DNS``): not an IP address, a bad port or domain."""
 
 
 class InvalidName(ResolverError, ValueError):

@@ -70,9 +70,27 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     add_verbose(p)
 
 
+def _dns_arg(value: str) -> Any:
+    from resolver import DnsConfigError
+    from resolver.dnssrv import DnsConfig
+
+    if value.lower() in ("off", "no", "0"):
+        return False
+    try:
+        return DnsConfig.parse(value)
+    except DnsConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_client(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--rules", metavar="FILE", help="static rules file, TOML ($MESHLINK_RULES)")
+    p.add_argument("--dns", metavar="SERVER[:PORT]", type=_dns_arg, default=None,
+                   help="ask this DNS server for SRV + TXT records of the name, or 'off' "
+                        "(default: $MESHLINK_DNS, unset = off)")
+    p.add_argument("--dns-domain", metavar="DOMAIN",
+                   help="domain the names live under in DNS (default: "
+                        "$MESHLINK_DNS_DOMAIN, else the root)")
     p.add_argument("--require-tls", action="store_true", help="never use plain TCP")
     p.add_argument("--no-vchan", action="store_true", help="never use shared memory")
     p.add_argument("--pin", metavar="URL", help="use exactly this endpoint")
@@ -85,9 +103,26 @@ def _tls(args: argparse.Namespace, allow: list[str] | None = None) -> TLSConfig 
                               allow_names=allow)
 
 
+def _dns(args: argparse.Namespace) -> Any:
+    """``--dns`` with ``--dns-domain`` applied (``None``: ``$MESHLINK_DNS`` decides)."""
+    import dataclasses
+
+    from resolver import DnsConfig
+
+    dns = getattr(args, "dns", None)
+    domain = getattr(args, "dns_domain", None)
+    if domain is None:
+        return dns
+    if dns is None:
+        dns = DnsConfig.from_env()
+    if not isinstance(dns, DnsConfig):
+        raise CommandFailed("--dns-domain needs --dns SERVER[:PORT] (or $MESHLINK_DNS)")
+    return dataclasses.replace(dns, domain=domain)
+
+
 def _connect_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(host_store=args.host_store, rules=args.rules, zeroconf=args.zeroconf,
-                host_id=args.host_id, tls=_tls(args), require_tls=args.require_tls,
+                dns=_dns(args), host_id=args.host_id, tls=_tls(args), require_tls=args.require_tls,
                 forbid_vchan=args.no_vchan, pin=args.pin, client_name="meshlink-cli")
 
 
@@ -96,7 +131,7 @@ def _resolver(args: argparse.Namespace) -> Any:
 
     tls = _tls(args)
     return Resolver(host_store=args.host_store, rules=getattr(args, "rules", None),
-                    zeroconf=args.zeroconf, host_id=args.host_id,
+                    zeroconf=args.zeroconf, dns=_dns(args), host_id=args.host_id,
                     tls_configured=tls is not None and tls.can_connect)
 
 
@@ -145,13 +180,20 @@ def _cmd_serve_echo(args: argparse.Namespace) -> int:
 def _cmd_resolve(args: argparse.Namespace) -> int:
     from resolver import Policy
 
-    policy = Policy(require_tls=args.require_tls, forbid_vchan=args.no_vchan, pin=args.pin)
-    ranking = trio.run(_resolver(args).explain, args.name, policy)
+    from ..errors import resolver_errors
+    from ..service import plaintext_allowed
+
+    policy = Policy(require_tls=args.require_tls, forbid_vchan=args.no_vchan, pin=args.pin,
+                    allow_plaintext=plaintext_allowed())
+    with resolver_errors():
+        ranking = trio.run(_resolver(args).explain, args.name, policy)
     for n, choice in enumerate(ranking.chosen, 1):
         print(f"{n}. {choice.endpoint.url}" + (f"\n   {choice.reason}" if args.explain else ""))
     if args.explain:
         for choice in ranking.rejected:
             print(f"-  {choice.endpoint.url} rejected\n   {choice.reason}")
+        for note in ranking.notes:
+            print(f"note: {note}")
     if not ranking.chosen:
         raise CommandFailed(f"no usable endpoint for {args.name!r}")
     return 0
@@ -266,8 +308,8 @@ def add_service_commands(sub: Any) -> None:
     p.set_defaults(func=_cmd_serve_echo)
 
     p = sub.add_parser("resolve", help="show the endpoints a name resolves to",
-                       description="Resolve NAME through the host store, the rules file and "
-                                   "zeroconf, and print the endpoints in the order connect "
+                       description="Resolve NAME through the host store, the rules file, "
+                                   "DNS and zeroconf, and print the endpoints in the order connect "
                                    "tries them.")
     p.add_argument("name")
     p.add_argument("--explain", action="store_true",
