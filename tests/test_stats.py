@@ -23,7 +23,6 @@ import trio
 
 import meshlink
 from meshlink.bus import Handlers
-from meshlink.cli import main
 from meshlink.metrics import metrics_address
 from meshlink.stats import STATS_METHOD
 
