@@ -67,7 +67,7 @@ from resolver import (
 from resolver.zeroconf import Registration
 from resolver.zeroconf import register as zeroconf_register
 
-from .bus import BusConfig, Connection, Handlers, ServerLimits, serve_bus
+from .bus import BusConfig, Connection, Handlers, ServerLimits
 from .errors import (
     AddressInUse,
     AuthError,
@@ -76,6 +76,7 @@ from .errors import (
     MeshlinkError,
     resolver_errors,
 )
+from .stats import STATS_METHOD, ServiceStats
 from .transport.dial import dial, open_first
 from .transport.tls import TLSConfig, ssl_reason, tls_server_handshake
 from .transport.vchan import VchanListener, open_vchan_listener
@@ -150,6 +151,9 @@ class Server:
         accepted: connections accepted so far, per transport.
         refused: connections refused (TLS authentication), per transport.
         last_refusal: why the last refused TLS client was refused ("" if none).
+        stats: its counters (:mod:`meshlink.stats`; also the bus method
+            ``meshlink.stats``).
+        metrics_address: ``(host, port)`` of the Prometheus endpoint, if any.
     """
 
     name: str
@@ -160,6 +164,8 @@ class Server:
     accepted: dict[str, int] = field(default_factory=lambda: {"vchan": 0, "tls": 0, "tcp": 0})
     refused: dict[str, int] = field(default_factory=lambda: {"vchan": 0, "tls": 0, "tcp": 0})
     last_refusal: str = ""
+    stats: ServiceStats = field(default_factory=lambda: ServiceStats(""))
+    metrics_address: tuple[str, int] | None = None
     _cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     @property
@@ -195,6 +201,7 @@ async def serve(
     host_id: str | None = None,
     config: BusConfig | None = None,
     handle_sigterm: bool = True,
+    metrics: str | int | tuple[str, int] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handlers`` under ``name`` on vchan and TLS (plain TCP if asked) until stopped.
@@ -233,6 +240,10 @@ async def serve(
         host_id: the host id to advertise (default: boot id + host store path).
         config: bus limits and timers of each connection.
         handle_sigterm: stop cleanly on SIGTERM (main thread only).
+        metrics: serve Prometheus text exposition of this service's counters
+            on ``"HOST:PORT"``, ``(host, port)`` or a port (host 127.0.0.1),
+            at ``/metrics``; needs ``prometheus_client`` (``meshlink[metrics]``).
+            ``None`` (default): nothing listens for metrics.
         task_status: receives the :class:`Server` once every listener is up
             and the service is advertised.
 
@@ -240,6 +251,8 @@ async def serve(
         AddressInUse: a live server already publishes ``name`` in the host store.
         LocalProtocolError: bad name (:class:`~meshlink.InvalidName`), a port
             outside 0..65535, a ``tcp_port`` without ``allow_plaintext``,
+            a handler named ``meshlink.stats`` (reserved), a bad ``metrics``
+            address or ``metrics`` without ``prometheus_client``,
             ``allow_plaintext`` with ``require_tls``, TLS required but not
             configured, or nothing at all to listen on.
         StoreError: the host store cannot be used.
@@ -255,6 +268,15 @@ async def serve(
     """
     with resolver_errors():
         validate_service_name(name)
+    if STATS_METHOD in handlers.methods:
+        raise LocalProtocolError(f"the method name {STATS_METHOD!r} is reserved "
+                                 "(every server answers it with its counters)")
+    metrics_at = None
+    if metrics is not None:
+        from .metrics import metrics_address, require_prometheus
+
+        metrics_at = metrics_address(metrics)
+        require_prometheus()
     check_port("tls_port", tls_port)
     check_port("tcp_port", tcp_port)
     plaintext = plaintext_allowed(allow_plaintext)
@@ -302,6 +324,17 @@ async def serve(
             advertise = list(zc.interfaces) if wildcard and zc else (
                 ["127.0.0.1"] if wildcard else [bind])
         server = Server(name, hid, [])
+        stats = server.stats = ServiceStats(name)
+        stats.opened, stats.refused = server.accepted, server.refused  # one count, two views
+        served = _with_stats(handlers, stats)
+        metrics_listeners: list[trio.SocketListener] = []
+        if metrics_at is not None:
+            from .metrics import open_metrics_listeners
+
+            metrics_listeners = await open_metrics_listeners(*metrics_at)
+            for lst in metrics_listeners:
+                stack.push_async_callback(lst.aclose)
+            server.metrics_address = (metrics_at[0], _port(metrics_listeners))
         if tls_listeners:
             server.tls_port = _port(tls_listeners)
             server.endpoints += [Endpoint("tls", a, server.tls_port, host_id=hid)
@@ -339,13 +372,13 @@ async def serve(
             async with _admitted(limits, stream) as ok:
                 if ok:
                     server.accepted["vchan"] += 1
-                    await _serve_one(stream, handlers, name, cfg, limits)
+                    await _serve_one(stream, served, name, cfg, limits, stats, "vchan")
 
         async def on_tcp(stream: trio.abc.Stream) -> None:
             async with _admitted(limits, stream) as ok:
                 if ok:
                     server.accepted["tcp"] += 1
-                    await _serve_one(stream, handlers, name, cfg, limits)
+                    await _serve_one(stream, served, name, cfg, limits, stats, "tcp")
 
         async def on_tls(stream: trio.SSLStream[trio.SocketStream]) -> None:
             assert tls is not None
@@ -362,7 +395,7 @@ async def serve(
                     return
                 server.accepted["tls"] += 1
                 serve_logger.debug("%s: TLS client %s", name, who)
-                await _serve_one(stream, handlers, name, cfg, limits)
+                await _serve_one(stream, served, name, cfg, limits, stats, "tls")
 
         with server._cancel:
             async with trio.open_nursery() as nursery:
@@ -374,6 +407,10 @@ async def serve(
                     assert ssl_ctx is not None
                     ssl_listeners = [trio.SSLListener(lst, ssl_ctx) for lst in tls_listeners]
                     nursery.start_soon(trio.serve_listeners, on_tls, ssl_listeners)
+                if metrics_at is not None:
+                    from .metrics import serve_metrics
+
+                    nursery.start_soon(serve_metrics, metrics_listeners, stats)
                 serve_logger.info("%s: serving on %s", name,
                                   ", ".join(ep.url for ep in server.endpoints))
                 task_status.started(server)
@@ -400,11 +437,35 @@ async def _admitted(limits: ServerLimits, stream: trio.abc.Stream) -> AsyncItera
         limits.release()
 
 
+def _with_stats(handlers: Handlers, stats: ServiceStats) -> Handlers:
+    """``handlers`` plus the built-in stats method (a copy: the caller's is not changed)."""
+    served = Handlers()
+    served.methods.update(handlers.methods)
+    served.streams.update(handlers.streams)
+
+    async def service_stats() -> dict[str, Any]:
+        return stats.snapshot()
+
+    served.add_method(STATS_METHOD, service_stats)
+    return served
+
+
 async def _serve_one(stream: trio.abc.Stream, handlers: Handlers, name: str,
-                     config: BusConfig, limits: ServerLimits) -> None:
+                     config: BusConfig, limits: ServerLimits, stats: ServiceStats,
+                     transport: str) -> None:
+    """:func:`meshlink.bus.serve_bus`, with the connection counted in ``stats``."""
     try:
-        await serve_bus(stream, handlers, name=name, config=config, server_limits=limits)
+        async with Connection.open(stream, handlers, name=name, config=config,
+                                   server_limits=limits) as conn:
+            stats.add(conn, transport)
+            try:
+                await conn.wait_closed()
+            finally:
+                stats.remove(conn)
+        if conn.error is not None:
+            raise conn.error
     except (MeshlinkError, trio.BrokenResourceError, OSError) as exc:
+        stats.failed += 1
         serve_logger.info("%s: connection ended with an error: %r", name, exc)
 
 

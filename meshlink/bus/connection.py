@@ -137,6 +137,7 @@ class Connection:
         self._closed = trio.Event()
         self._work: trio.Nursery | None = None
         self._last_rx = 0.0
+        self.bytes_in = 0  # read by meshlink.stats; once per chunk, not per frame
         self._watch = FrameWatch(server_limits)  # the incomplete frame, if any
         self._rpc = Rpc(
             self._proto,
@@ -484,6 +485,7 @@ class Connection:
                     watch.update(start, partial, self._last_rx)
                 data = await stream.receive_some(_RECEIVE_SIZE)
                 self._last_rx = trio.current_time()
+                self.bytes_in += len(data)
                 proto.receive_data(data)
         except PeerClosedError as exc:
             self._fail(exc)
@@ -615,6 +617,7 @@ class Connection:
         ):
             # Fast path of Writer.send_flow: room everywhere, nothing to wait for.
             credit.outstanding = outstanding + size
+            writer.frames += 1
             if not outbuf:
                 writer.wakeup.set()  # else it was woken by the first frame
             outbuf += data

@@ -175,6 +175,7 @@ class BusProtocol:
         self._fed = 0  # bytes handed to the unpacker so far
         self._pos = 0  # unpacker position after the last complete frame
         self._eof = False
+        self.frames_in = 0  # frames received (meshlink.stats); counted per chunk
         self._in_requests: set[int] = set()  # requests the peer made, not yet answered
         self._out_requests: set[int] = set()  # requests we made, not yet answered
 
@@ -282,6 +283,7 @@ class BusProtocol:
         batch_append = batch.append
         total = 0
         pos = self._pos
+        nframes = 0
         try:
             while True:
                 try:
@@ -313,6 +315,7 @@ class BusProtocol:
                 new_pos = tell()
                 size = new_pos - pos
                 pos = new_pos
+                nframes += 1
                 if size > shrink_above:  # rare: one comparison for the common frame
                     if size > max_frame:
                         raise RemoteProtocolError(
@@ -394,6 +397,7 @@ class BusProtocol:
             raise
         finally:
             self._pos = pos
+            self.frames_in += nframes
 
     def _next_frame(self) -> Any:
         """The next complete msgpack object, NEED_DATA, or _EOF (clean end)."""

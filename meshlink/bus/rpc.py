@@ -133,6 +133,8 @@ class Rpc:
         "call_slots",
         "notify_queue",
         "notify_wakeup",
+        "served",
+        "served_errors",
     )
 
     def __init__(
@@ -164,6 +166,10 @@ class Rpc:
         self._notify_in = CreditIn(notify_window)
         self.notify_queue: deque[tuple[str, list[Any], int]] = deque()
         self.notify_wakeup = Wakeup()
+        # Statistics (meshlink.stats): the peer's requests answered, and of
+        # those, answered with an error.
+        self.served = 0
+        self.served_errors = 0
 
     def end(self, error: Callable[[], BaseException]) -> None:
         """The connection ended: wake every pending call with a fresh ``error()``.
@@ -201,6 +207,7 @@ class Rpc:
             self.call_slots.release()
             raise
         writer.outbuf += data
+        writer.frames += 1
         writer.wakeup.set()
         self._calls[call_id] = trio.lowlevel.current_task()
 
@@ -284,6 +291,9 @@ class Rpc:
             del self._handler_scopes[id]
         if scope.cancelled_caught:
             failure = ("Cancelled", "the handler was cancelled")
+        self.served += 1
+        if failure is not None:
+            self.served_errors += 1
         writer = self._writer
         while len(writer.outbuf) >= writer.buffer_size and not self._ended:
             # A peer that sends requests but never reads must not grow our

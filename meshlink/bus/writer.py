@@ -79,9 +79,11 @@ class Writer:
         "_stream",
         "_tx_broken",
         "buffer_size",
+        "bytes_out",
         "closing",
         "direct_scope",
         "done",
+        "frames",
         "ops",
         "outbuf",
         "sends",
@@ -110,11 +112,15 @@ class Writer:
         self._tx_broken = False  # a send was cut short: the stream may hold half a frame
         self.ops = 0
         self.sends = 0
+        # Statistics (meshlink.stats): plain increments, read only when asked.
+        self.frames = 0  # frames queued or sent (the inline fast paths count too)
+        self.bytes_out = 0  # bytes handed to send_all
 
     def append(self, data: bytes) -> None:
         """Queue a frame, ignoring the buffer limit (control frames)."""
         if self.closing and self.done.is_set():
             return  # deliberate: the writer is gone, the frame could never leave
+        self.frames += 1
         self.outbuf += data
         self.wakeup.set()
 
@@ -131,6 +137,7 @@ class Writer:
                     continue
                 data, self.outbuf = self.outbuf, bytearray()
                 self.sends += 1
+                self.bytes_out += len(data)
                 if self.space_lot:
                     self.space_lot.unpark_all()
                 self._sending = True
@@ -166,6 +173,8 @@ class Writer:
             self.append(data)
             return
         self._sending = True
+        self.frames += 1
+        self.bytes_out += len(data)
         scope = self.direct_scope = trio.CancelScope(shield=True)
         try:
             with scope:
@@ -209,6 +218,7 @@ class Writer:
                 continue
             if credit is not None:
                 credit.outstanding += size
+            self.frames += 1
             self.outbuf += data
             self.wakeup.set()
             return True

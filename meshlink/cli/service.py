@@ -5,6 +5,8 @@
     meshlink ls                         services in the host store (and zeroconf)
     meshlink connect NAME               send stdin lines, print the replies
     meshlink call NAME METHOD [ARG...]  one RPC, print the result as JSON
+    meshlink stats [NAME] [--json]      a service's counters (cli/_stats.py)
+    meshlink top [NAME]                 the same, redrawn every second
 
 These are the top-level commands, so this module is imported on every run:
 the bus, the resolver and the transports are imported by the handlers that
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._common import CommandFailed, add_verbose
+from ._stats import add_stats_commands
 
 if TYPE_CHECKING:
     from ..bus import Handlers
@@ -169,9 +172,12 @@ def _cmd_serve_echo(args: argparse.Namespace) -> int:
                 tls_port=None if args.no_tls else args.tls_port,
                 tcp_port=args.tcp_port or 0, allow_plaintext=allow_plaintext,
                 require_tls=args.require_tls, vchan=not args.no_vchan,
-                zeroconf=args.zeroconf, host_id=args.host_id))
+                zeroconf=args.zeroconf, host_id=args.host_id, metrics=args.metrics))
             print(f"serving {server.name}: " + " ".join(ep.url for ep in server.endpoints),
                   flush=True)
+            if server.metrics_address is not None:
+                host, port = server.metrics_address
+                print(f"metrics: http://{host}:{port}/metrics", flush=True)
 
     trio.run(run)
     return 0
@@ -277,7 +283,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
 
 
 def add_service_commands(sub: Any) -> None:
-    """Add serve-echo, resolve, ls, connect and call to the root's subparsers."""
+    """Add serve-echo, resolve, ls, connect, call, stats and top to the root's subparsers."""
     p = sub.add_parser("serve-echo", help="run the capitalising echo service",
                        description="Serve the echo service (echo(text) -> TEXT) on vchan "
                                    "(host store, own uid only) and, with a certificate, TLS; "
@@ -305,6 +311,9 @@ def add_service_commands(sub: Any) -> None:
     p.add_argument("--require-tls", action="store_true", help="TLS only (no plain TCP)")
     p.add_argument("--allow-name", action="append", metavar="NAME",
                    help="client certificate name allowed (repeatable; default any the CA signed)")
+    p.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST default "
+                        "127.0.0.1; needs prometheus_client; default: no metrics listener)")
     p.set_defaults(func=_cmd_serve_echo)
 
     p = sub.add_parser("resolve", help="show the endpoints a name resolves to",
@@ -339,3 +348,5 @@ def add_service_commands(sub: Any) -> None:
     p.add_argument("args", nargs="*")
     _add_client(p)
     p.set_defaults(func=_cmd_call)
+
+    add_stats_commands(sub, _add_client, _connect_kwargs)
