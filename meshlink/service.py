@@ -76,7 +76,7 @@ from .errors import (
     MeshlinkError,
     resolver_errors,
 )
-from .stats import STATS_METHOD, ServiceStats
+from .stats import STATS_METHOD, DiskStatsSource, ServiceStats
 from .transport.dial import dial, open_first
 from .transport.tls import TLSConfig, ssl_reason, tls_server_handshake
 from .transport.vchan import VchanListener, open_vchan_listener
@@ -202,6 +202,7 @@ async def serve(
     config: BusConfig | None = None,
     handle_sigterm: bool = True,
     metrics: str | int | tuple[str, int] | None = None,
+    disk_stats: DiskStatsSource | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handlers`` under ``name`` on vchan and TLS (plain TCP if asked) until stopped.
@@ -244,6 +245,9 @@ async def serve(
             on ``"HOST:PORT"``, ``(host, port)`` or a port (host 127.0.0.1),
             at ``/metrics``; needs ``prometheus_client`` (``meshlink[metrics]``).
             ``None`` (default): nothing listens for metrics.
+        disk_stats: the :class:`meshlink.disk.DiskStats` of disks this
+            process serves (``meshlink.disk.serve(stats=)``); the built-in
+            stats method then reports them under ``disks``.
         task_status: receives the :class:`Server` once every listener is up
             and the service is advertised.
 
@@ -324,7 +328,7 @@ async def serve(
             advertise = list(zc.interfaces) if wildcard and zc else (
                 ["127.0.0.1"] if wildcard else [bind])
         server = Server(name, hid, [])
-        stats = server.stats = ServiceStats(name)
+        stats = server.stats = ServiceStats(name, disks=disk_stats)
         stats.opened, stats.refused = server.accepted, server.refused  # one count, two views
         served = _with_stats(handlers, stats)
         metrics_listeners: list[trio.SocketListener] = []

@@ -22,13 +22,14 @@ there so that dashboards need not change when they do.
 from __future__ import annotations
 
 import time
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
 from .bus import Connection
 
-__all__ = ["COUNTERS", "STATS_METHOD", "TRANSPORTS", "ServiceStats", "connection_counters"]
+__all__ = ["COUNTERS", "STATS_METHOD", "TRANSPORTS", "DiskStatsSource", "ServiceStats",
+           "connection_counters"]
 
 #: The bus method every :func:`meshlink.serve` server answers with its snapshot.
 #: Reserved: a service may not register a method of that name.
@@ -37,6 +38,14 @@ TRANSPORTS: Final = ("vchan", "tls", "tcp")
 #: The counters of one connection, summed per service (all only ever grow).
 COUNTERS: Final = ("messages_in", "messages_out", "bytes_in", "bytes_out", "calls_done",
                    "errors", "resumes", "transport_moves")
+
+
+class DiskStatsSource(Protocol):
+    """What reports disk counters (:class:`meshlink.disk.DiskStats`)."""
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Counters per disk and path."""
+        ...
 
 
 def connection_counters(conn: Connection) -> dict[str, int]:
@@ -82,6 +91,8 @@ class ServiceStats:
 
     Args:
         name: the service name.
+        disks: the counters of disks this process serves, reported under
+            ``disks`` (see :mod:`meshlink.disk.counters`), or None.
 
     Attributes:
         opened: connections accepted so far, per transport.
@@ -89,8 +100,9 @@ class ServiceStats:
         failed: connections that ended with an error (protocol, lost peer).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, disks: DiskStatsSource | None = None) -> None:
         self.name = name
+        self.disks = disks
         self.started = time.time()
         self._t0 = time.monotonic()
         self.opened = dict.fromkeys(TRANSPORTS, 0)
@@ -132,6 +144,9 @@ class ServiceStats:
         ``connection_errors``, and ``connections``: one dict per open
         connection with ``peer``, ``transport``, ``age`` (s), the counters
         and, on vchan, ``ring`` (``readable``/``free`` bytes of our rings).
+        With a disk counter source, also ``disks``: per disk, per path
+        (``blk``, ``nbd``, ``total``) the request, byte, error and latency
+        counters (:meth:`meshlink.disk.DiskStats.snapshot`).
         """
         now = time.monotonic()
         open_per = dict.fromkeys(TRANSPORTS, 0)
@@ -149,7 +164,7 @@ class ServiceStats:
             if ring is not None:
                 row["ring"] = ring
             conns.append(row)
-        return {
+        out: dict[str, Any] = {
             "service": self.name,
             "started": self.started,
             "uptime": round(now - self._t0, 3),
@@ -160,3 +175,6 @@ class ServiceStats:
             "connection_errors": self.failed,
             "connections": conns,
         }
+        if self.disks is not None:
+            out["disks"] = self.disks.snapshot()
+        return out

@@ -67,6 +67,7 @@ struct ml_blk_back {
     uint32_t npages;
     uint64_t disk_sectors;
     int read_only;
+    uint64_t counters[ML_BLK_NCOUNTERS]; /* the native loop's; see ml_blk_back_counters */
 };
 
 size_t ml_blk_request_size(void) { return sizeof(struct ml_blk_request); }
@@ -571,12 +572,20 @@ long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify)
     long served = 0;
     int rc;
     *notify = 0;
+    uint64_t *n = b->counters;
     while ((rc = ml_blk_back_get(b, &c)) == 1) {
+        n[c.op == ML_BLK_OP_READ ? 0
+          : c.op == ML_BLK_OP_WRITE || c.op == ML_BLK_OP_WRITE_BARRIER ? 1
+          : c.op == ML_BLK_OP_FLUSH_DISKCACHE ? 2
+          : c.op == ML_BLK_OP_DISCARD ? 3 : 4]++;
+        if (c.status != ML_BLK_RSP_OKAY)
+            n[7]++;
         if (c.status == ML_BLK_RSP_OKAY) {
             uint8_t *at = disk ? disk + c.offset : NULL;
             switch (c.op) {
             case ML_BLK_OP_READ:
                 ml_blk_back_scatter(b, &c, at); /* NULL disk: zeros */
+                n[5] += c.length;
                 break;
             case ML_BLK_OP_WRITE:
             case ML_BLK_OP_WRITE_BARRIER:
@@ -584,6 +593,7 @@ long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify)
                  * flush semantics hold trivially (deliberate no-op). */
                 if (at)
                     ml_blk_back_gather(b, &c, at);
+                n[6] += c.length;
                 break;
             case ML_BLK_OP_DISCARD:
                 if (at)
@@ -601,4 +611,9 @@ long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify)
     if (served)
         *notify = ml_blk_back_push(b);
     return served;
+}
+
+void ml_blk_back_counters(const ml_blk_back *b, uint64_t *out)
+{
+    memcpy(out, b->counters, sizeof b->counters);
 }

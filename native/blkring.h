@@ -197,6 +197,15 @@ int ml_blk_back_final_check(ml_blk_back *b);
  * must be signalled.
  */
 long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify);
+/*
+ * What the native loop served on this ring so far (only it counts: the
+ * Python loop keeps its own counters), written to out[0..ML_BLK_NCOUNTERS):
+ * requests by kind (READ, WRITE incl. WRITE_BARRIER, FLUSH_DISKCACHE,
+ * DISCARD, other), bytes read, bytes written, requests answered with an
+ * error.  Plain increments in the loop, read only when someone asks.
+ */
+#define ML_BLK_NCOUNTERS 8
+void ml_blk_back_counters(const ml_blk_back *b, uint64_t *out);
 
 /* cffi:end */
 

@@ -44,6 +44,7 @@ from .backends import (
     open_backend,
 )
 from .blk import BlkDisk, open_blk, serve_blk
+from .counters import DiskCounters, DiskStats
 from .nbd import Export, NBDDisk, NBDServer, TLSMode, list_exports, open_nbd
 
 log = logging.getLogger("meshlink.disk")
@@ -193,7 +194,7 @@ async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
                 tls: TLSMode | str = TLSMode.OFF, ssl_context: ssl.SSLContext | None = None,
                 zeroconf: ZeroconfConfig | bool | None = None,
                 advertise: Sequence[str] | None = None, fingerprint: str | None = None,
-                host_id: str | None = None,
+                host_id: str | None = None, stats: DiskStats | None = None,
                 task_status: trio.TaskStatus[NBDServer | None] = trio.TASK_STATUS_IGNORED,
                 ) -> None:
     """Serve ``exports`` (disk name -> backend) until cancelled.
@@ -225,6 +226,9 @@ async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
             the zeroconf interfaces when it listens on ``0.0.0.0``).
         fingerprint: SHA-256 (hex) of the TLS certificate, for the TXT ``fp`` key.
         host_id: the host id to advertise (default: from ``host_store``).
+        stats: counts requests, bytes, errors and latency per export and path
+            (``stats.snapshot()``; give the same object to
+            ``meshlink.serve(disk_stats=)`` to report it over the bus).
         task_status: ``nursery.start`` receives the running :class:`NBDServer`
             (``None`` when only the blk ring is served) once everything
             listens and is advertised.
@@ -268,11 +272,12 @@ async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
         if service is not None and blk:
             await nursery.start(lambda task_status: serve_blk(service, exports,
                                                               host_store=host_store,
+                                                              stats=stats,
                                                               task_status=task_status))
         server: NBDServer | None = None
         if listen is not None:
             server = NBDServer([Export(name, backend) for name, backend in exports.items()],
-                               tls=tls, ssl_context=ssl_context)
+                               tls=tls, ssl_context=ssl_context, stats=stats)
             listeners = await open_listeners(listen)
             await nursery.start(server.serve_listeners, listeners)
             if zc is not None and service is not None:
@@ -302,6 +307,8 @@ __all__ = [
     "Backend",
     "Capabilities",
     "CowBackend",
+    "DiskCounters",
+    "DiskStats",
     "Export",
     "FileBackend",
     "MemoryBackend",

@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from collections.abc import Collection, Mapping
 from typing import Any, NoReturn
 
@@ -43,6 +44,7 @@ from ...transport.rendezvous import (
 )
 from ..backends import Backend
 from ..backends._base import direct_buffer
+from ..counters import DiskCounters, DiskStats
 from .handshake import (
     HANDSHAKE_TIMEOUT,
     MAX_INDIRECT_SEGMENTS,
@@ -72,10 +74,13 @@ _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 class _Conn:
     """One frontend's ring as the server sees it."""
 
-    def __init__(self, backend: Backend, ring: BackRing, bell: Doorbell) -> None:
+    def __init__(self, backend: Backend, ring: BackRing, bell: Doorbell,
+                 stats: DiskStats, name: str) -> None:
         self.backend = backend
         self.ring = ring
         self.bell = bell
+        self.stats = stats
+        self.counters: DiskCounters = stats.open(name, "blk")
         self.checked = ring.new_checked()
         caps = backend.capabilities
         # The native loop serves the whole ring when the backend says it may:
@@ -89,6 +94,8 @@ class _Conn:
             if disk is not None:
                 ring.serve_natively(disk)
                 self.native = True
+        if self.native:
+            self.counters.native = ring  # the C loop counts kinds, bytes, errors
         self.blocking = caps.blocking
         # The Backend protocol's optional zero-copy extensions (non-blocking
         # backends only: they hand out views of memory the loop copies into).
@@ -98,6 +105,7 @@ class _Conn:
             backend, "write_views", None)
 
     def close(self) -> None:
+        self.stats.close(self.counters)  # before the ring's C counters are freed
         self.ring.close()
         self.bell.close()
 
@@ -158,22 +166,49 @@ class _Conn:
     async def _serve_available(self) -> int:
         """Serve every request published now; returns how many."""
         ring = self.ring
+        counts = self.counters
         if self.native:
+            # The C loop counts kinds, bytes and errors; only the batch's time here.
+            t0 = time.monotonic_ns()
             n, notify = ring.serve_direct()
+            if n:
+                counts.latency_ns_sum += time.monotonic_ns() - t0
+                counts.latency_count += n
             if notify:
                 self.bell.ring()
             return n
         served = 0
         c = self.checked
         while ring.get(c):
+            t0 = time.monotonic_ns()
             status = int(c.status)
+            op = c.op
             if status == RSP_OKAY:
-                if c.op == OP_READ and self.read_vectored is not None:
+                if op == OP_READ and self.read_vectored is not None:
                     status = self._read_pieces(c)  # the hot path, without a coroutine
                 else:
                     status = await self._serve_one(c)
             ring.put(c, status)
             served += 1
+            # Plain increments, as the C loop counts (kinds always, bytes when served).
+            if op == OP_READ:
+                counts.reads += 1
+                if status == RSP_OKAY:
+                    counts.bytes_read += int(c.length)
+            elif op == OP_WRITE or op == OP_WRITE_BARRIER:
+                counts.writes += 1
+                if status == RSP_OKAY:
+                    counts.bytes_written += int(c.length)
+            elif op == OP_FLUSH_DISKCACHE:
+                counts.flushes += 1
+            elif op == OP_DISCARD:
+                counts.discards += 1
+            else:
+                counts.other += 1
+            if status != RSP_OKAY:
+                counts.errors += 1
+            counts.latency_ns_sum += time.monotonic_ns() - t0
+            counts.latency_count += 1
         if served and ring.push():
             self.bell.ring()
         return served
@@ -191,7 +226,8 @@ class _Conn:
             await self.bell.wait()
 
 
-async def _handshake(conn: socket.socket, disks: Mapping[str, Backend]) -> _Conn:
+async def _handshake(conn: socket.socket, disks: Mapping[str, Backend],
+                     stats: DiskStats) -> _Conn:
     """Read and check a frontend's hello (its uid is already checked); map its ring."""
     try:
         hello, fds = await receive_hello(conn, "blk", 3)
@@ -227,14 +263,15 @@ async def _handshake(conn: socket.socket, disks: Mapping[str, Backend]) -> _Conn
         refuse(str(exc))  # closes the memfd with the eventfds
     os.close(memfd)  # the mapping keeps the pages
     try:
-        return _accept(conn, backend, ring, own, peer)
+        assert isinstance(name, str)  # found in disks
+        return _accept(conn, backend, ring, own, peer, stats, name)
     except BaseException:
         ring.close()
         raise
 
 
 def _accept(conn: socket.socket, backend: Backend, ring: BackRing,
-            own: int, peer: int) -> _Conn:
+            own: int, peer: int, stats: DiskStats, name: str) -> _Conn:
     """Answer a good hello with the disk's size and features; the ring is live."""
     features = {"flush": backend.capabilities.can_flush, "barrier": True,
                 "discard": backend.capabilities.can_trim,
@@ -247,12 +284,13 @@ def _accept(conn: socket.socket, backend: Backend, ring: BackRing,
     if conn.send(reply, socket.MSG_DONTWAIT) != len(reply):
         raise HandshakeError("blk handshake: reply did not fit in the socket")
     bell = Doorbell(own, peer, conn)
-    return _Conn(backend, ring, bell)
+    return _Conn(backend, ring, bell, stats, name)
 
 
 async def serve_blk(service: str, disks: Mapping[str, Backend], *,
                     host_store: HostStore | str | os.PathLike[str] | None = None,
                     allow_uids: Collection[int] | None = None,
+                    stats: DiskStats | None = None,
                     task_status: trio.TaskStatus[HostStore] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``disks`` (name -> backend) over the blk ring until cancelled.
 
@@ -266,6 +304,8 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
         disks: backends by disk name.
         host_store: the host store (default: see :mod:`resolver.hoststore`).
         allow_uids: uids allowed to connect (default: our own).
+        stats: counts each disk's requests under ``"blk"`` (see
+            :mod:`meshlink.disk.counters`; default: counted, not reported).
         task_status: ``nursery.start`` reports the host store once listening.
 
     Raises:
@@ -274,6 +314,7 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
     Cancellation: withdraws the service and closes every client's ring.
     """
     uids = frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
+    stats = stats if stats is not None else DiskStats()
     with resolver_errors():
         store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
         pub = store.claim(blk_entry_name(service))
@@ -298,7 +339,7 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
                 conn.setblocking(False)
                 if _admit(conn, uids, pending[0]):
                     pending[0] += 1
-                    nursery.start_soon(_serve_client, conn, disks, pending)
+                    nursery.start_soon(_serve_client, conn, disks, pending, stats)
     finally:
         sock.close()
         pub.withdraw()
@@ -323,10 +364,10 @@ def _admit(conn: socket.socket, uids: frozenset[int], pending: int) -> bool:
 
 
 async def _serve_client(conn: socket.socket, disks: Mapping[str, Backend],
-                        pending: list[int]) -> None:
+                        pending: list[int], stats: DiskStats) -> None:
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            c = await _handshake(conn, disks)
+            c = await _handshake(conn, disks, stats)
     except (HandshakeError, OSError, trio.TooSlowError) as exc:
         log.info("blk client refused: %s", exc)
         conn.close()

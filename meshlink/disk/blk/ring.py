@@ -247,6 +247,15 @@ class BackRing:
                      _BAD_REQUESTS)
         return n, bool(self._notify[0])
 
+    def native_counters(self) -> list[int]:
+        """What the native loop served on this ring (see :mod:`meshlink.disk.counters`);
+        zeros once closed."""
+        if self.ptr is None:
+            return [0] * lib.ML_BLK_NCOUNTERS
+        out = ffi.new("uint64_t[]", lib.ML_BLK_NCOUNTERS)
+        lib.ml_blk_back_counters(self.ptr, out)
+        return list(out)
+
     def close(self) -> None:
         """Free the ring state and unmap the pages.  Idempotent."""
         if self.ptr is None:

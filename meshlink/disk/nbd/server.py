@@ -62,6 +62,7 @@ import trio
 
 from ...errors import DiskError, RemoteProtocolError
 from ..backends._base import Backend, Buffer
+from ..counters import DiskCounters, DiskStats
 from . import wire as c
 from .sansio import NEED_DATA, HardDisconnect, StartTLS
 from .server_handshake import Aborted, EnterTransmission, ExportInfo, ServerHandshake, TLSMode
@@ -136,9 +137,12 @@ class _Executor:
     """
 
     def __init__(self, backend: Backend, tx: ServerTransmission,
-                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+                 max_reply_bytes: int = MAX_REPLY_BYTES,
+                 counters: DiskCounters | None = None) -> None:
         self.backend = backend
         self.tx = tx
+        # This connection's own: only its one driver (task or thread) adds to them.
+        self.counters = counters if counters is not None else DiskCounters()
         self.max_reply_bytes = max_reply_bytes
         self.structured = tx.structured
         caps = backend.capabilities
@@ -154,35 +158,56 @@ class _Executor:
         """Execute ``req``; return the buffers of its reply (never raises DiskError)."""
         cmd = req.type
         backend = self.backend
+        n = self.counters
+        t0 = time.monotonic_ns()
         try:
             if cmd == c.CMD_READ:
+                n.reads += 1
                 if req.length == 0:
                     return [read_reply_header(req.cookie, req.offset, 0, self.structured)]
                 data = backend.read(req.offset, req.length)
+                n.bytes_read += req.length
                 return [read_reply_header(req.cookie, req.offset, req.length, self.structured),
                         data]
             if cmd == c.CMD_WRITE:
+                n.writes += 1
                 assert req.payload is not None
                 if req.length:
                     backend.write(req.offset, req.payload, bool(req.flags & c.CMD_FLAG_FUA))
+                    n.bytes_written += req.length
             elif cmd == c.CMD_FLUSH:
+                n.flushes += 1
                 backend.flush()
             elif cmd == c.CMD_TRIM:
+                n.discards += 1
                 if req.length:
                     backend.discard(req.offset, req.length, bool(req.flags & c.CMD_FLAG_FUA))
-            elif cmd == c.CMD_WRITE_ZEROES:
-                self._zero(req)
-            elif cmd == c.CMD_CACHE:
-                if self._can_cache and req.length:
-                    backend.cache(req.offset, req.length)
-            elif cmd == c.CMD_BLOCK_STATUS:
-                return self._block_status(req)
+            else:
+                n.other += 1  # WRITE_ZEROES, CACHE, BLOCK_STATUS
+                if cmd == c.CMD_WRITE_ZEROES:
+                    self._zero(req)
+                elif cmd == c.CMD_CACHE:
+                    if self._can_cache and req.length:
+                        backend.cache(req.offset, req.length)
+                elif cmd == c.CMD_BLOCK_STATUS:
+                    return self._block_status(req)
             return [simple_reply(req.cookie)]
         except DiskError as exc:
+            n.errors += 1
             return [self.error(req.cookie, exc.errno, str(exc))]
         except Exception as exc:  # a backend bug must not kill the connection
+            n.errors += 1
             log.exception("backend failed on %s", c.CMD_NAMES.get(cmd, cmd))
             return [self.error(req.cookie, c.EIO, f"internal error: {type(exc).__name__}")]
+        finally:
+            n.latency_ns_sum += time.monotonic_ns() - t0
+            n.latency_count += 1
+
+    def refused(self, ev: BadRequest) -> bytes:
+        """The reply to a request refused before it reached the disk (counted)."""
+        self.counters.other += 1
+        self.counters.errors += 1
+        return self.error(ev.cookie, ev.errno, ev.message)
 
     def _zero(self, req: Request) -> None:
         fast = bool(req.flags & c.CMD_FLAG_FAST_ZERO)
@@ -249,6 +274,8 @@ class _Executor:
         poller = select.poll()
         poller.register(rfd, select.POLLIN)
         clock = time.perf_counter
+        counters = self.counters
+        now_ns = time.monotonic_ns
         while True:
             ev = tx.next_event()
             if ev is NEED_DATA:
@@ -267,14 +294,20 @@ class _Executor:
                 cmd = ev.type
                 if cmd == c.CMD_READ and pack_data is not None and ev.length:
                     # Hot path: the same as execute() for a structured READ, inlined.
+                    t0 = now_ns()
+                    counters.reads += 1
                     try:
                         if ev.length > _VECTORED_MIN and read_vectored is not None:
                             pieces = read_vectored(ev.offset, ev.length)
                         else:
                             pieces = [read(ev.offset, ev.length)]
                     except DiskError as exc:
+                        counters.errors += 1
                         out.append(self.error(ev.cookie, exc.errno, str(exc)))
                         continue
+                    counters.bytes_read += ev.length
+                    counters.latency_ns_sum += now_ns() - t0
+                    counters.latency_count += 1
                     out.append(pack_data(c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE,
                                          c.REPLY_TYPE_OFFSET_DATA, ev.cookie, ev.length + 8,
                                          ev.offset))
@@ -305,7 +338,7 @@ class _Executor:
                     queued = 0
                     views_pending = False
             elif type(ev) is BadRequest:
-                out.append(self.error(ev.cookie, ev.errno, ev.message))
+                out.append(self.refused(ev))
             elif type(ev) is Disconnect:
                 if out:
                     _writev_all(wfd, out)
@@ -354,13 +387,21 @@ class _Executor:
                     rest[0] = rest[0][n:]
                     n = 0
         self.tx.payload_done()
+        counts = self.counters
+        counts.writes += 1
+        t0 = time.monotonic_ns()  # the disk's part: the payload is already here
         try:
             if scratch is not None:
                 self.backend.write(req.offset, scratch, bool(req.flags & c.CMD_FLAG_FUA))
             elif req.flags & c.CMD_FLAG_FUA:
                 self.backend.flush()
         except DiskError as exc:
+            counts.errors += 1
             return self.error(req.cookie, exc.errno, str(exc))
+        finally:
+            counts.latency_ns_sum += time.monotonic_ns() - t0
+            counts.latency_count += 1
+        counts.bytes_written += req.length
         return simple_reply(req.cookie)
 
     # -- the async driver -----------------------------------------------------------
@@ -402,7 +443,7 @@ class _Executor:
                 await stream.send_all(b"".join(out))
                 out = []
             elif type(ev) is BadRequest:
-                out.append(self.error(ev.cookie, ev.errno, ev.message))
+                out.append(self.refused(ev))
             elif type(ev) is Disconnect:
                 if out:
                     await stream.send_all(b"".join(out))
@@ -445,6 +486,8 @@ class NBDServer:
             at once; more are closed as soon as they are accepted.
         max_reply_bytes: read data one connection may have queued for sending
             before the server stops reading its requests until it drains them.
+        stats: counts each export's requests under ``"nbd"`` (see
+            :mod:`meshlink.disk.counters`; default: counted, not reported).
 
     Raises:
         ValueError: TLS enabled without an ``ssl_context``; a limit below 1
@@ -455,7 +498,8 @@ class NBDServer:
                  ssl_context: ssl.SSLContext | None = None, default_export: str | None = None,
                  max_threads: int = 256, handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS,
-                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+                 max_reply_bytes: int = MAX_REPLY_BYTES,
+                 stats: DiskStats | None = None) -> None:
         self._tls = TLSMode(tls)
         if self._tls is not TLSMode.OFF and ssl_context is None:
             raise ValueError("TLS needs an ssl_context")
@@ -471,6 +515,8 @@ class NBDServer:
         self._max_connections = max_connections
         self._max_reply_bytes = max_reply_bytes
         self._rlog = RateLimitedLog(log)
+        #: Requests, bytes, errors and latency per export (``stats.snapshot()``).
+        self.stats = stats if stats is not None else DiskStats()
         #: Open connections (counted from accept, or from :meth:`handle_stream`).
         self.connections = 0
         for export in exports:
@@ -577,7 +623,16 @@ class NBDServer:
                             fds: tuple[int, int] | None) -> str:
         export = self._find(ev.export.name)
         assert export is not None
-        executor = _Executor(export.backend, ServerTransmission(ev), self._max_reply_bytes)
+        counters = self.stats.open(export.name, "nbd")
+        try:
+            return await self._drive(stream, export, ev, fds, counters)
+        finally:
+            self.stats.close(counters)
+
+    async def _drive(self, stream: trio.abc.Stream, export: Export, ev: EnterTransmission,
+                     fds: tuple[int, int] | None, counters: DiskCounters) -> str:
+        executor = _Executor(export.backend, ServerTransmission(ev), self._max_reply_bytes,
+                             counters)
         if fds is None or self._limiter.available_tokens < 1:
             return await executor.run_async(stream)
         rfd, wfd = fds
