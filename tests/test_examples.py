@@ -45,6 +45,20 @@ def _table(stdout: str) -> list[dict[str, str]]:
     return rows
 
 
+def _stats_section(stdout: str) -> dict[str, tuple[int, ...]]:
+    """The numbers of the "storage-node stats" section, by line ("bus", "blk", "nbd")."""
+    assert "\nstorage-node stats (meshlink stats storage-node --json" in stdout, stdout
+    m = re.search(r"^  bus   calls done (\d+) \(workers made (\d+)\)", stdout, re.M)
+    assert m, stdout
+    out: dict[str, tuple[int, ...]] = {"bus": (int(m[1]), int(m[2]))}
+    for m in re.finditer(r"^  disk0 (blk|nbd) (\d+) writes ([\d.]+) MiB, (\d+) reads "
+                         r"([\d.]+) MiB, (\d+) flushes, errors (\d+), mean \d+ us/request "
+                         r"\(its workers wrote ([\d.]+) MiB, read ([\d.]+) MiB\)$",
+                         stdout, re.M):
+        out[m[1]] = tuple(round(float(x) * 10) for x in m.groups()[1:])  # MiB in tenths
+    return out
+
+
 @pytest.mark.timeout(150)
 def test_cluster_example_runs_and_verifies_every_checksum() -> None:
     out = _run_cluster()
@@ -59,6 +73,17 @@ def test_cluster_example_runs_and_verifies_every_checksum() -> None:
             "8", "16.0 MiB", "9", "verified 8/8"), r
         assert float(r["rate"].split()[0]) > 0
     assert "cluster: OK, every checksum verified" in out.stdout
+    # The storage node's own counters, asked while it ran, account for the workers:
+    # 4 workers x (join + 9 claims + 8 reports + finish) bus calls (telemetry's on top),
+    # and per disk path 2 workers x 8 jobs of one 1 MiB write, flush and read.
+    stats = _stats_section(out.stdout)
+    done, made = stats["bus"]
+    assert made == 4 * 19 and done >= made, stats
+    for path in ("blk", "nbd"):
+        writes, mib_w, reads, mib_r, flushes, errors, want_w, want_r = stats[path]
+        assert writes >= 16 and reads >= 16 and flushes >= 16 and errors == 0, stats
+        assert mib_w >= want_w == 160 and mib_r >= want_r == 160, stats
+    assert "  stats: match what the workers did" in out.stdout
     if NAMESPACES:
         m = re.search(r"^root: network namespaces (mlc\d+)-host-a and \1-host-b on a bridge",
                       out.stdout, re.M)
@@ -79,6 +104,8 @@ def test_cluster_example_fails_when_a_region_is_corrupted() -> None:
     rows = _table(out.stdout)
     assert [r["checked"] for r in rows] == ["verified 2/2"] * 3 + ["FAILED: scrub found 1 bad"]
     assert "cluster: FAILED" in out.stdout
+    # The stray write is real I/O: the counters still account for everything.
+    assert "  stats: match what the workers did" in out.stdout
 
 
 def test_cluster_demo_runs() -> None:

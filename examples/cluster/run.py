@@ -26,7 +26,10 @@ It ends with a table (each worker, the transport of its bus and its disk,
 bytes moved, rate, the checks) and exits 0 only if every checksum was
 verified: by the worker's re-read, by the storage node when reported, by the
 storage node's scrub at the end, and every worker's progress reached the
-telemetry subscriber.  It stops by itself within ``--timeout`` seconds.
+telemetry subscriber.  Before that, while the cluster still runs, it asks
+the storage node for its counters (``meshlink stats storage-node --json``)
+and prints them: they must account for the workers' bus calls and disk
+bytes (see ``observe.py``), or the run fails too.  It stops by itself within ``--timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from types import FrameType
 from typing import Any
 
 from lab import HOSTS, Failure, Lab, Node, python, say
+from observe import query, report
 from pki import Identity, make_pki
 
 HERE = Path(__file__).resolve().parent
@@ -124,8 +128,10 @@ class Cluster:
             f'"{NAME}" = ["tls://{tls}"]\n'
             f'"{NAME}.nbd" = ["tls://{nbd}"]\n')
 
-    def run(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
-        """Start everything, wait for the workers; return their results, telemetry, ledger."""
+    def run(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any],
+                           dict[str, Any]]:
+        """Start everything, wait for the workers; return their results, telemetry,
+        ledger, and the storage node's stats (asked while it still runs)."""
         a = self.args
         bind = self.lab.address(HOSTS[0]) if self.lab else "127.0.0.1"
         ports = (LAB_TLS_PORT, LAB_NBD_PORT) if self.lab else (0, 0)
@@ -153,11 +159,18 @@ class Cluster:
             workers.append(self.start(w, self.host_of[w], "worker.py", w, *flags))
         results = {n.name: n.result("worker", self.deadline) for n in workers}
         seen = telemetry.result("events", self.deadline)
+        stats = self.stats()
         if a.linger:
             self.linger()
         storage.stop()  # SIGTERM: it withdraws, scrubs the disk and prints its ledger
         ledger = storage.result("summary", time.monotonic() + 30)["summary"]
-        return results, seen, ledger
+        return results, seen, ledger, stats
+
+    def stats(self) -> dict[str, Any]:
+        """``meshlink stats storage-node --json`` on host-a, with its host store."""
+        prefix = self.lab.wrap(HOSTS[0], []) if self.lab else []
+        return query(prefix, sys.executable, self.stores[HOSTS[0]], self.env,
+                     self.remaining())
 
     def linger(self) -> None:
         """Keep the storage node up for ``--linger`` seconds, saying how to look at it."""
@@ -267,7 +280,7 @@ def main() -> int:
                 say(f"{why_not}: running every node as a process on this host; all pairs "
                     f"are co-located (the {HOSTS[1]} workers are forced through TLS: their "
                     "own host store, vchan forbidden)")
-            results, seen, ledger = cluster.run()
+            results, seen, ledger, stats = cluster.run()
         except Failure as exc:
             say(f"cluster: FAILED: {exc}")
             return 1
@@ -277,6 +290,7 @@ def main() -> int:
         finally:
             cluster.teardown()
     ok = verdict(cluster, results, seen, ledger)
+    ok = report(stats, results) and ok
     print("cluster:", "OK, every checksum verified" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -24,6 +24,10 @@
   ``summary()``
       the ledger.
 
+  Like every ``meshlink.serve`` server it also answers ``meshlink.stats``;
+  given the disk's :class:`~meshlink.disk.DiskStats`, that reports the
+  disk's requests, bytes and latency per path (blk, NBD) too.
+
 On SIGTERM (or after ``--deadline`` seconds) it stops, re-reads every job's
 region once more (a scrub: a later stray write is caught too) and prints the
 ledger as its last line.
@@ -47,7 +51,7 @@ from shared import DISK, NAME, PROGRESS, checksum, emit, job_bytes
 import meshlink
 import meshlink.disk
 from meshlink.bus import Connection, Handlers, current_connection
-from meshlink.disk import MemoryBackend
+from meshlink.disk import DiskStats, MemoryBackend
 from meshlink.transport.tls import TLSConfig
 
 #: Tries at binding a free NBD port (``--nbd-port 0``): another process may take it first.
@@ -179,14 +183,14 @@ def free_port(host: str) -> int:
 
 
 async def start_disk(nursery: trio.Nursery, backend: MemoryBackend, bind: str, port: int,
-                     tls: TLSConfig) -> int:
+                     tls: TLSConfig, stats: DiskStats) -> int:
     """Serve the disk on the blk ring and on NBD (TLS required); return the NBD port."""
     for attempt in range(PORT_TRIES):
         nbd_port = port or free_port(bind)
         try:
             await nursery.start(partial(
                 meshlink.disk.serve, {DISK: backend}, f"{bind}:{nbd_port}", service=NAME,
-                tls="required", ssl_context=tls.server_context()))
+                tls="required", ssl_context=tls.server_context(), stats=stats))
             return nbd_port
         except meshlink.AddressInUse:
             if port or attempt == PORT_TRIES - 1:
@@ -204,12 +208,16 @@ async def main(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             ledger = Ledger(backend, args.jobs, args.job_size,
                             {w: Tally() for w in workers}, nursery)
-            nbd_port = await start_disk(nursery, backend, args.bind, args.nbd_port, tls)
+            # The disk's counters, reported by the bus service's built-in
+            # meshlink.stats method next to the bus counters.
+            disk_stats = DiskStats()
+            nbd_port = await start_disk(nursery, backend, args.bind, args.nbd_port, tls,
+                                        disk_stats)
 
             async def bus(task_status: trio.TaskStatus[meshlink.Server]) -> None:
                 await meshlink.serve(NAME, make_handlers(ledger), bind=args.bind, tls=tls,
                                      tls_port=args.tls_port, require_tls=True,
-                                     task_status=task_status)
+                                     disk_stats=disk_stats, task_status=task_status)
                 nursery.cancel_scope.cancel()  # SIGTERM: the bus withdrew; stop the disk too
 
             server = await nursery.start(bus)

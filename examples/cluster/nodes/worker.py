@@ -11,7 +11,9 @@ For each job: write the job's deterministic content, flush, read it back,
 compare, and report the SHA-256 of what was read; the storage node checks it
 against its own copy of the disk.  After each job a progress message is
 published on ``progress/WORKER`` (the storage node relays it to telemetry).
-The last line is ``RESULT {json}``: the transports used, bytes moved, time.
+The last line is ``RESULT {json}``: the transports used, bytes moved, time,
+and the bus calls made and disk bytes written and read (``run.py`` checks
+them against the storage node's own counters).
 
     MESHLINK_HOST_STORE=DIR [MESHLINK_RULES=FILE] MESHLINK_TLS_CERT=... MESHLINK_TLS_KEY=... \\
         MESHLINK_TLS_CA=... python3 worker.py NAME [--no-vchan] [--fault]
@@ -42,13 +44,15 @@ async def main(args: argparse.Namespace) -> int:
         async with meshlink.connect(NAME, require_tls=True, forbid_vchan=args.no_vchan,
                                     client_name=args.name) as conn:
             plan: dict[str, Any] = await conn.call("join", args.name)
+            calls = 1  # bus calls made, for the check against the storage node's stats
             async with meshlink.disk.open(f"{NAME}/{plan['disk']}") as disk:
                 # disk.open(require_tls=True), its default, uses NBD only over TLS.
                 kind = "blk" if isinstance(disk, BlkDisk) else "nbd/tls"
-                done = reread_ok = verified = moved = last_offset = 0
+                done = reread_ok = verified = moved = last_offset = written = read = 0
                 seconds = 0.0  # time in disk I/O only (the rate of the table)
                 for _ in range(MAX_JOBS):
                     job = await conn.call("claim", args.name)
+                    calls += 1
                     if job is None:
                         break
                     data = job_bytes(job["job"], job["length"])
@@ -59,8 +63,11 @@ async def main(args: argparse.Namespace) -> int:
                     back = bytes(await disk.read(job["offset"], job["length"]))
                     seconds += time.perf_counter() - start
                     moved += len(data) + len(back)
+                    written += len(data)
+                    read += len(back)
                     reread_ok += back == data
                     ok: bool = await conn.call("report", args.name, job["job"], checksum(back))
+                    calls += 1
                     verified += ok
                     done += 1
                     await conn.publish(topic, {"worker": args.name, "job": job["job"],
@@ -70,11 +77,13 @@ async def main(args: argparse.Namespace) -> int:
                     # For the test of the checker: a stray write after the last report.
                     await disk.write(last_offset, b"\xff" * 512)
                     await disk.flush()
+                    written += 512
             await conn.publish(topic, {"worker": args.name, "finished": True, "done": done})
             await conn.call("finish", args.name)  # after our publishes: they have arrived
+            calls += 1
             bus = conn.transport
     emit(worker=args.name, bus=bus, disk=kind, jobs=done, bytes=moved, seconds=seconds,
-         reread_ok=reread_ok, verified=verified)
+         reread_ok=reread_ok, verified=verified, calls=calls, written=written, read=read)
     return 0
 
 
