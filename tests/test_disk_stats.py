@@ -1,9 +1,9 @@
 """Disk counters: requests by kind, bytes, errors and latency per disk and path.
 
 Real servers (``meshlink.disk.serve`` on the blk ring and NBD at once) and
-real clients: a RAM disk (served by the native C loop on the blk ring) and
-a file disk (the Python loop) get N writes, N reads and a flush over each
-path; the counters must say exactly that, keep it once the clients are
+real clients: an mmap disk (served by the native C loop on the blk ring), a
+RAM disk and a file disk (the Python loop) get N writes, N reads and a
+flush over each path; the counters must say exactly that, keep it once the clients are
 gone, and reach a bus client through the built-in ``meshlink.stats``.
 """
 
@@ -46,7 +46,8 @@ def _check(row: dict[str, int], *, extra_requests: int = 0) -> None:
 async def _serve_and_use(store: Path, tmp_path: Path, stats: mdisk.DiskStats,
                          nursery: trio.Nursery) -> Path:
     sock = tmp_path / "nbd.sock"
-    exports = {"ram": mdisk.MemoryBackend(1 << 20),
+    exports = {"mmap": mdisk.MmapBackend(tmp_path / "m.img", size=1 << 20),
+               "ram": mdisk.MemoryBackend(1 << 20),
                "file": mdisk.FileBackend(tmp_path / "f.img", size=1 << 20)}
     await nursery.start(lambda task_status: mdisk.serve(
         exports, f"unix:{sock}", service="stor", host_store=store, stats=stats,
@@ -70,8 +71,8 @@ async def test_counters_per_disk_and_path(store: Path, tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     # Served and stopped: every connection closed, its counters folded in, not lost.
     snap = stats.snapshot()
-    assert set(snap) == {"ram", "file"}
-    for name in ("ram", "file"):
+    assert set(snap) == {"mmap", "ram", "file"}
+    for name in ("mmap", "ram", "file"):
         for path in ("blk", "nbd"):
             _check(snap[name][path])
             assert snap[name][path]["errors"] == 0
@@ -80,11 +81,12 @@ async def test_counters_per_disk_and_path(store: Path, tmp_path: Path) -> None:
         assert total["bytes_written"] == 2 * N * BLOCK and total["writes"] == 2 * N
 
 
-@pytest.mark.parametrize("kind", ["ram", "file"])
+@pytest.mark.parametrize("kind", ["mmap", "ram", "file"])
 async def test_blk_errors_are_counted(store: Path, tmp_path: Path, kind: str) -> None:
     """Requests the server refuses count as errors, in the C loop and the Python one."""
     stats = mdisk.DiskStats()
     backend = (mdisk.MemoryBackend(1 << 20) if kind == "ram"
+               else mdisk.MmapBackend(tmp_path / "m.img", size=1 << 20) if kind == "mmap"
                else mdisk.FileBackend(tmp_path / "f.img", size=1 << 20))
 
     def past_the_end(r: Any) -> None:
@@ -121,7 +123,7 @@ async def test_bus_stats_method_reports_disks(store: Path, tmp_path: Path) -> No
             disk_stats=stats, task_status=task_status))
         async with meshlink.connect("stor-meta", host_store=store, client_name="t") as conn:
             snap = await conn.call(STATS_METHOD)
-        for name in ("ram", "file"):
+        for name in ("mmap", "ram", "file"):
             _check(snap["disks"][name]["blk"])
             _check(snap["disks"][name]["nbd"])
         server.stop()
