@@ -19,7 +19,6 @@ each connection that enters transmission to an executor.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import select
@@ -33,7 +32,6 @@ from ..backends._base import Backend, Buffer
 from ..counters import DiskCounters
 from . import wire as c
 from .sansio import NEED_DATA, HardDisconnect
-from .server_handshake import ExportInfo
 from .server_transmission import BadRequest, Disconnect, Request, ServerTransmission
 from .wire import (
     block_status_reply,
@@ -41,7 +39,6 @@ from .wire import (
     error_reply,
     read_reply_header,
     simple_reply,
-    transmission_flags,
 )
 
 log = logging.getLogger("meshlink.disk.nbd")
@@ -58,35 +55,6 @@ _DIRECT_MIN = 65536  # writes from this size are received straight into the back
 #: costs about that much again.  poll() releases the GIL on every turn.
 _BUSY_POLL = 40e-6
 MAX_REPLY_BYTES = 64 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class Export:
-    """One export: a name bound to a backend.
-
-    Attributes:
-        name: the name clients ask for.
-        backend: the disk (shared by every connection to this export).
-        description: shown by ``nbdinfo``.
-        read_only: force read-only even if the backend is writable.
-    """
-
-    name: str
-    backend: Backend
-    description: str = ""
-    read_only: bool = False
-
-    def info(self) -> ExportInfo:
-        """The handshake's view of this export (flags from declared capabilities)."""
-        caps = self.backend.capabilities
-        read_only = self.read_only or self.backend.read_only
-        flags = transmission_flags(
-            read_only=read_only, can_flush=caps.can_flush, can_fua=caps.can_fua,
-            can_trim=caps.can_trim, can_zero=caps.can_zero, can_fast_zero=caps.can_fast_zero,
-            can_multi_conn=caps.can_multi_conn, can_cache=caps.can_cache)
-        return ExportInfo(self.name, self.backend.size, flags, self.description,
-                          min_block=1, preferred_block=max(4096, self.backend.sector_size),
-                          max_block=c.MAX_REQUEST)
 
 
 class Executor:
