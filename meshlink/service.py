@@ -305,7 +305,7 @@ async def serve(
     zc = ZeroconfConfig.from_env() if zeroconf is None else (
         ZeroconfConfig() if zeroconf is True else (zeroconf or None))
     with resolver_errors():
-        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        store = HostStore.of(host_store)
     hid = host_id or default_host_id(store)
     ssl_ctx = tls.server_context() if tls is not None else None
 

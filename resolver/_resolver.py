@@ -57,7 +57,7 @@ class Resolver:
         host_id: str | None = None,
         tls_configured: bool = True,
     ) -> None:
-        self.store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        self.store = HostStore.of(host_store)
         self.hoststore = HostStoreSource(self.store)
         self.rules = rules_from(rules)
         if zeroconf is None:

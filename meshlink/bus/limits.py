@@ -23,42 +23,13 @@ message.
 from __future__ import annotations
 
 import logging
-import time
-from typing import Final
 
 from ..errors import RemoteProtocolError
+from ..ratelog import RateLimitedLog
 
-__all__ = ["FrameWatch", "LogLimiter", "ServerLimits"]
+__all__ = ["FrameWatch", "ServerLimits"]
 
 logger = logging.getLogger("meshlink.bus")
-
-#: Seconds between two log lines of the same kind (refused connections...).
-LOG_INTERVAL: Final = 10.0
-
-
-class LogLimiter:
-    """At most one warning per ``interval`` seconds per key; counts the rest."""
-
-    __slots__ = ("_interval", "_last", "_suppressed")
-
-    def __init__(self, interval: float = LOG_INTERVAL) -> None:
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        """Log ``msg % args`` unless ``key`` was logged less than ``interval`` ago."""
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        self._last[key] = now
-        skipped = self._suppressed.pop(key, 0)
-        if skipped:
-            msg += f" ({skipped} more since the last such message)"
-        logger.warning(msg, *args)
-
 
 class ServerLimits:
     """The resources shared by every connection of one server.
@@ -82,7 +53,7 @@ class ServerLimits:
         self.max_partial_bytes = max_partial_bytes
         self.connections = 0
         self.partial_bytes = 0
-        self.log = LogLimiter()
+        self.log = RateLimitedLog(logger)
 
     def admit(self) -> bool:
         """Count one more connection, or return False (and warn) at the limit."""

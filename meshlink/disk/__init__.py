@@ -113,7 +113,7 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
     target = target.removeprefix("blk://")
     service, _, disk_name = target.partition("/")
     with resolver_errors():
-        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        store = HostStore.of(host_store)
         co_located = explicit_blk or store.is_live(blk_entry_name(service))
     if co_located:
         async with open_blk(target, host_store=store) as blk:

@@ -158,7 +158,7 @@ async def advertised(service: str, listeners: Sequence[trio.SocketListener], *,
     """
     with resolver_errors():
         if host_id is None:
-            store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+            store = HostStore.of(host_store)
             host_id = default_host_id(store)
         ad = nbd_advertisement(service, listeners, tls=tls, config=config, host_id=host_id,
                                advertise=advertise, fingerprint=fingerprint)

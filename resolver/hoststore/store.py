@@ -189,6 +189,13 @@ class HostStore:
         self._owned: dict[str, tuple[int, int]] = {}
         self._finalizer = weakref.finalize(self, os.close, fd)
 
+    @classmethod
+    def of(cls, store: HostStore | str | os.PathLike[str] | None) -> HostStore:
+        """``store`` itself if it is a :class:`HostStore`, else the store at
+        that directory (default: see the module notes).  What every API that
+        takes ``host_store=`` does with it."""
+        return store if isinstance(store, HostStore) else cls(store)
+
     @staticmethod
     def _create(p: Path, gid: int | None, explicit: bool) -> None:
         if explicit:

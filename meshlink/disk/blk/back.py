@@ -316,7 +316,7 @@ async def serve_blk(service: str, disks: Mapping[str, Backend], *,
     uids = frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
     stats = stats if stats is not None else DiskStats()
     with resolver_errors():
-        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        store = HostStore.of(host_store)
         pub = store.claim(blk_entry_name(service))
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     pending = [0]  # handshakes under way (a list: the tasks update it)

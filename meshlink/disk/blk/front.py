@@ -476,7 +476,7 @@ async def _connect(target: str, host_store: HostStore | str | os.PathLike[str] |
     if not sep or not disk:
         raise LocalProtocolError(f"blk target must be 'service/disk', got {target!r}")
     with resolver_errors():
-        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        store = HostStore.of(host_store)
         path = store.socket_path(blk_entry_name(service))
     pool_pages = ring_entries(order) * (SLOT_PAGES + 1)
     # The pages come from the local grant provider: a sealed memfd we pass on.

@@ -59,13 +59,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import trio
 
 from ...errors import RemoteProtocolError
+from ...ratelog import RateLimitedLog
 from ..backends._base import Backend
 from ..counters import DiskCounters, DiskStats
 from . import wire as c
 from .sansio import NEED_DATA, HardDisconnect, StartTLS
 from .server_executor import MAX_REPLY_BYTES, Executor
 from .server_handshake import Aborted, EnterTransmission, ExportInfo, ServerHandshake, TLSMode
-from .server_listen import RateLimitedLog, accept_connections
+from .server_listen import accept_connections
 from .server_transmission import ServerTransmission
 from .wire import transmission_flags
 

@@ -9,7 +9,7 @@ here, next to the listeners they guard:
   ``ENOBUFS``, ``ENOMEM``).  The pending connection stays in the backlog and
   keeps the listener readable, so retrying at once would spin a core; waiting
   lets connections that are closing give their descriptors back.
-* :class:`RateLimitedLog` keeps a flood (refused connections, failing accepts)
+* :class:`~meshlink.ratelog.RateLimitedLog` keeps a flood (refused connections, failing accepts)
   to one log line per interval, with a count of what it held back, so a
   client cannot fill the disk through our log.
 
@@ -20,63 +20,23 @@ The connection limit itself is :class:`~meshlink.disk.nbd.NBDServer`'s
 from __future__ import annotations
 
 import errno as _errno
-import logging
-import math
 import os
 import socket as _socket
 import ssl
 import stat
-import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from ...errors import AddressInUse
+from ...ratelog import RateLimitedLog
 
 #: accept() errors that mean "out of resources for now", not "broken listener".
 ACCEPT_CAPACITY_ERRNOS = frozenset({_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS,
                                     _errno.ENOMEM})
 BACKOFF_FIRST = 0.01
 BACKOFF_MAX = 1.0
-
-
-class RateLimitedLog:
-    """At most one log line per ``interval`` seconds for each key.
-
-    Lines held back are counted and the count is added to the next line that
-    is written for that key.
-
-    Args:
-        logger: where lines go (at WARNING).
-        interval: seconds between two lines of one key.
-        clock: monotonic clock (a parameter so tests can drive it).
-    """
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._logger = logger
-        self._interval = interval
-        self._clock = clock
-        self._state: dict[str, tuple[float, int]] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` unless a line for ``key`` was written recently.
-
-        Returns:
-            Whether the line was written.
-        """
-        now = self._clock()
-        last, held = self._state.get(key, (-math.inf, 0))
-        if now - last < self._interval:
-            self._state[key] = (last, held + 1)
-            return False
-        if held:
-            msg += " (%d more since the last such message)"
-            args = (*args, held)
-        self._logger.warning(msg, *args)
-        self._state[key] = (now, 0)
-        return True
 
 
 async def accept_connections(listener: trio.SocketListener,

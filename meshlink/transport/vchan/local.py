@@ -301,7 +301,7 @@ async def open_vchan_listener(
         if not 0 <= size <= MAX_RING_SIZE:
             raise LocalProtocolError(f"{what} must be in [0, {MAX_RING_SIZE}], got {size}")
     with resolver_errors():
-        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        store = HostStore.of(host_store)
         pub = store.claim(service)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -352,7 +352,7 @@ async def connect_vchan(
     Cancellation: safe; nothing is left behind.
     """
     with resolver_errors():
-        store = host_store if isinstance(host_store, HostStore) else HostStore(host_store)
+        store = HostStore.of(host_store)
         path: Path = store.socket_path(service)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
