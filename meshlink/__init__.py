@@ -33,13 +33,16 @@ from .errors import (
     RingCorruptError,
     RulesError,
     ServiceNotFound,
+    SessionLost,
     StoreError,
     TransportError,
 )
 
 if TYPE_CHECKING:
     from .bus import BusConfig, Connection, Handlers, RemoteError
-    from .service import MeshConnection, Server, connect, serve
+    from .client import MeshConnection, connect
+    from .service import Server, serve
+    from .session import SessionConfig
     from .transport.tls import TLSConfig
 
 __all__ = [
@@ -64,6 +67,8 @@ __all__ = [
     "RulesError",
     "Server",
     "ServiceNotFound",
+    "SessionConfig",
+    "SessionLost",
     "StoreError",
     "TLSConfig",
     "TransportError",
@@ -73,7 +78,8 @@ __all__ = [
 
 #: Names imported on first access (PEP 562), and the module each comes from.
 _LAZY = {"BusConfig": ".bus", "Connection": ".bus", "Handlers": ".bus", "RemoteError": ".bus",
-         "MeshConnection": ".service", "Server": ".service", "connect": ".service",
+         "MeshConnection": ".client", "Server": ".service", "connect": ".client",
+         "SessionConfig": ".session",
          "serve": ".service", "TLSConfig": ".transport.tls"}
 
 

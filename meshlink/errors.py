@@ -55,6 +55,14 @@ class ConnectionLost(TransportError, trio.BrokenResourceError):
     """The peer went away (crashed, was killed, or stopped answering)."""
 
 
+class SessionLost(ConnectionLost):
+    """A session could not be kept: it was not resumed within ``resume_timeout``,
+    or the server restarted and forgot it.
+
+    Calls in flight when it happened are never re-sent; they raise this.
+    """
+
+
 class RingCorruptError(RemoteProtocolError, trio.BrokenResourceError):
     """The peer wrote impossible values into shared memory (hostile or broken).
 

@@ -36,8 +36,8 @@ _HELP: Final = {
     "bytes_out": "Bytes sent to transports",
     "calls_done": "Requests of peers answered",
     "errors": "Requests of peers answered with an error",
-    "resumes": "Connections resumed (always 0: sessions do not exist yet)",
-    "transport_moves": "Connections moved to another transport (always 0 yet)",
+    "resumes": "Sessions resumed on a new transport",
+    "transport_moves": "Sessions resumed on another kind of transport",
 }
 
 

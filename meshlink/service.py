@@ -14,34 +14,31 @@ or an error.  A server killed with SIGKILL cannot withdraw, but its host store
 lock dies with it, so its entry is stale, ignored by resolvers and replaced by
 the next server.
 
-``connect(name)`` resolves the name (:class:`resolver.Resolver`: host store,
-rules file, unicast DNS, zeroconf; ranked vchan > tls > tcp) and tries each endpoint in
-order (:mod:`meshlink.transport.dial`).  Co-location is proved, not guessed:
-a vchan endpoint is ranked only when its advertised host id is ours, and used
-only if the vchan handshake succeeds (and the server's uid is the owner of its
-record); a failure is logged on ``meshlink.connect`` and the next endpoint is
-tried -- except a refusal of credentials (:class:`~meshlink.AuthError`), which
-ends the attempt at once: falling back to a weaker transport after being told
-"not you" would turn every refusal into a downgrade.  The bus handshake is
-part of each attempt, so a TLS server that refuses our certificate (TLS 1.3
-says so only after the handshake) is also an :class:`~meshlink.AuthError`.
-``conn.transport`` says what was used.
+``connect(name)`` lives in :mod:`meshlink.client`.
 
-Alternatives rejected: racing all endpoints at once (happy eyeballs) would
-open TCP connections that the policy says must not be made when a better
-transport works, and would make the server-side accounting of ``require_tls``
-impossible to assert; endpoints are tried one at a time, each bounded by
-``attempt_timeout``.
+Sessions: every accepted transport is handed to a
+:class:`~meshlink.session.SessionTable`.  A client that opens with a session
+greeting gets a session (the bus then runs over it, with the session's
+keepalive instead of the bus heartbeat); a client resuming a session joins it
+on its new transport, whatever transport that is; a client without sessions
+(a bare bus hello) is served as before.  A session left without a transport
+is kept ``session.resume_timeout`` seconds for its client to come back, and
+counts as one of the service's connections meanwhile.
+
+Alternatives rejected: a session per TCP connection only (as most RPC
+libraries resume) would lose what makes ours useful: the same session moves
+between shared memory and the network.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,13 +47,8 @@ import trio
 
 from resolver import (
     Advertisement,
-    Choice,
-    DnsConfig,
     Endpoint,
     HostStore,
-    InvalidName,
-    Policy,
-    Resolver,
     ServiceRecord,
     ZeroconfConfig,
     default_host_id,
@@ -76,15 +68,14 @@ from .errors import (
     MeshlinkError,
     resolver_errors,
 )
+from .session import SessionConfig, SessionStream, SessionTable
 from .stats import STATS_METHOD, DiskStatsSource, ServiceStats
-from .transport.dial import dial, open_first
-from .transport.tls import TLSConfig, ssl_reason, tls_server_handshake
+from .transport.tls import TLSConfig, tls_server_handshake
 from .transport.vchan import VchanListener, open_vchan_listener
 
-__all__ = ["ENV_ALLOW_PLAINTEXT", "MeshConnection", "Server", "check_port", "connect",
+__all__ = ["ATTEMPT_TIMEOUT", "ENV_ALLOW_PLAINTEXT", "Server", "check_port",
            "plaintext_allowed", "serve"]
 
-logger = logging.getLogger("meshlink.connect")
 serve_logger = logging.getLogger("meshlink.serve")
 
 #: Default bound on one connection attempt (transport + TLS + bus handshake).
@@ -124,20 +115,6 @@ def check_port(what: str, port: int | None) -> None:
                                  f"(or 0 for any free port), not {port!r}")
 
 
-class MeshConnection(Connection):
-    """A bus :class:`~meshlink.bus.Connection` made by :func:`connect`.
-
-    Attributes:
-        transport: ``"vchan"``, ``"tls"`` or ``"tcp"``: what was used.
-        endpoint: the endpoint it connected to.
-        choice: the ranking's choice, with the reason.
-    """
-
-    transport: str = ""
-    endpoint: Endpoint | None = None
-    choice: Choice | None = None
-
-
 @dataclass
 class Server:
     """A running :func:`serve`; delivered by ``nursery.start(serve, ...)``.
@@ -154,6 +131,7 @@ class Server:
         stats: its counters (:mod:`meshlink.stats`; also the bus method
             ``meshlink.stats``).
         metrics_address: ``(host, port)`` of the Prometheus endpoint, if any.
+        sessions: the sessions of its clients (resumes and moves are counted there).
     """
 
     name: str
@@ -166,6 +144,8 @@ class Server:
     last_refusal: str = ""
     stats: ServiceStats = field(default_factory=lambda: ServiceStats(""))
     metrics_address: tuple[str, int] | None = None
+    sessions: SessionTable | None = None
+    _vchan: _VchanOffer | None = None
     _cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     @property
@@ -176,6 +156,30 @@ class Server:
     def stop(self) -> None:
         """Ask the server to stop (it withdraws every registration, then returns)."""
         self._cancel.cancel()
+
+    async def offer_vchan(self) -> None:
+        """Start offering vchan (again): claim the name in the host store, listen.
+
+        Clients on the same host whose sessions run over TLS or TCP move onto
+        it at their next look (``SessionConfig.upgrade_interval``).  No-op if
+        vchan is offered already.
+
+        Raises:
+            AddressInUse: another live server holds the name in the host store.
+        """
+        assert self._vchan is not None, "offer_vchan() before serve() started"
+        await self._vchan.open()
+
+    async def withdraw_vchan(self) -> None:
+        """Stop offering vchan: close the listener, withdraw the host store entry,
+        and cut the vchan transport of every session (their clients resume over
+        what they resolve now, e.g. TLS).  For example before the machine
+        migrates away.  No-op if vchan is not offered.
+        """
+        assert self._vchan is not None, "withdraw_vchan() before serve() started"
+        await self._vchan.withdraw()
+        if self.sessions is not None:
+            self.sessions.cut("vchan")
 
 
 def _port(listeners: Sequence[trio.SocketListener]) -> int:
@@ -200,6 +204,7 @@ async def serve(
     zeroconf: ZeroconfConfig | bool | None = None,
     host_id: str | None = None,
     config: BusConfig | None = None,
+    session: SessionConfig | None = None,
     handle_sigterm: bool = True,
     metrics: str | int | tuple[str, int] | None = None,
     disk_stats: DiskStatsSource | None = None,
@@ -240,6 +245,9 @@ async def serve(
             ``False``, or ``None`` for ``$MESHLINK_ZEROCONF`` (unset: off).
         host_id: the host id to advertise (default: boot id + host store path).
         config: bus limits and timers of each connection.
+        session: timers and bounds of the sessions clients open (how long a
+            session without a transport is kept for its client to resume:
+            ``resume_timeout``; keepalive; replay buffer).
         handle_sigterm: stop cleanly on SIGTERM (main thread only).
         metrics: serve Prometheus text exposition of this service's counters
             on ``"HOST:PORT"``, ``(host, port)`` or a port (host 127.0.0.1),
@@ -348,19 +356,10 @@ async def serve(
             server.endpoints += [Endpoint("tcp", a, server.tcp_port, host_id=hid)
                                  for a in advertise]
         fingerprint = tls.fingerprint() if tls is not None else None
-        vlistener: VchanListener | None = None
+        offer = server._vchan = _VchanOffer(server, store, allow_uids, fingerprint)
+        stack.push_async_callback(offer.withdraw)
         if vchan:
-            vlistener = await open_vchan_listener(name, host_store=store, allow_uids=allow_uids)
-            stack.push_async_callback(vlistener.aclose)
-            stack.callback(remove_record, store, name)
-            server.endpoints.insert(0, Endpoint("vchan", name, store=str(store.path),
-                                                host_id=hid))
-            # No checkpoint between binding and the record: resolvers in other
-            # processes may still see the entry without it (see resolver.rank).
-            write_record(store, ServiceRecord(
-                name, hid, server.transports,
-                tuple(ep.url for ep in server.endpoints if ep.scheme != "vchan"),
-                fingerprint, os.getpid()))
+            await offer.open()
         if zc is not None:
             ad = Advertisement(name, hid, server.transports, tuple(advertise),
                                server.tls_port, server.tcp_port, fingerprint)
@@ -371,18 +370,35 @@ async def serve(
         # transport: connections at once, bytes of incomplete frames.
         cfg = config or BusConfig()
         limits = ServerLimits(cfg.max_connections, cfg.max_partial_bytes)
+        # Sessions: the bus over a session sends no heartbeat (the session's
+        # keepalive does that, and a resume may take longer than a heartbeat).
+        table = server.sessions = SessionTable(session or SessionConfig(), cfg.max_connections)
+        stats.sessions = table
+        session_cfg = dataclasses.replace(cfg, heartbeat_interval=None)
+
+        async def accept(stream: trio.abc.Stream, label: str) -> None:
+            async def run_bus(over: trio.abc.Stream, sess: SessionStream | None) -> None:
+                await _serve_one(over, served, name, session_cfg if sess else cfg, limits,
+                                 stats, label)
+
+            try:
+                await table.accept(stream, label, run_bus,
+                                   greeting_timeout=cfg.handshake_timeout)
+            except (MeshlinkError, trio.BrokenResourceError, OSError) as exc:
+                stats.failed += 1
+                serve_logger.info("%s: %s client failed its greeting: %r", name, label, exc)
 
         async def on_vchan(stream: trio.abc.Stream) -> None:
             async with _admitted(limits, stream) as ok:
                 if ok:
                     server.accepted["vchan"] += 1
-                    await _serve_one(stream, served, name, cfg, limits, stats, "vchan")
+                    await accept(stream, "vchan")
 
         async def on_tcp(stream: trio.abc.Stream) -> None:
             async with _admitted(limits, stream) as ok:
                 if ok:
                     server.accepted["tcp"] += 1
-                    await _serve_one(stream, served, name, cfg, limits, stats, "tcp")
+                    await accept(stream, "tcp")
 
         async def on_tls(stream: trio.SSLStream[trio.SocketStream]) -> None:
             assert tls is not None
@@ -395,16 +411,15 @@ async def serve(
                     server.refused["tls"] += 1
                     serve_logger.warning("%s: TLS client refused: %s", name, exc)
                     server.last_refusal = str(exc)
-                    await trio.aclose_forcefully(stream)
+                    await _refuse(stream)
                     return
                 server.accepted["tls"] += 1
                 serve_logger.debug("%s: TLS client %s", name, who)
-                await _serve_one(stream, served, name, cfg, limits, stats, "tls")
+                await accept(stream, "tls")
 
         with server._cancel:
             async with trio.open_nursery() as nursery:
-                if vlistener is not None:
-                    nursery.start_soon(trio.serve_listeners, on_vchan, [vlistener])
+                offer.start(nursery, on_vchan)
                 if tcp_listeners:
                     nursery.start_soon(trio.serve_listeners, on_tcp, tcp_listeners)
                 if tls_listeners:
@@ -426,6 +441,75 @@ async def serve(
                     nursery.cancel_scope.cancel()
 
 
+class _VchanOffer:
+    """The vchan side of a server: its host store listener and record, which may
+    come and go while the server runs (:meth:`Server.offer_vchan`)."""
+
+    def __init__(self, server: Server, store: HostStore, allow_uids: Collection[int] | None,
+                 fingerprint: str | None) -> None:
+        self._server = server
+        self._store = store
+        self._allow_uids = allow_uids
+        self._fingerprint = fingerprint
+        self._listener: VchanListener | None = None
+        self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._handler: Callable[[trio.abc.Stream], Awaitable[None]] | None = None
+
+    async def open(self) -> None:
+        if self._listener is not None:
+            return
+        server, store = self._server, self._store
+        if store.is_live(server.name):
+            raise AddressInUse(errno.EADDRINUSE,
+                               f"service {server.name!r} is already served in {store.path}")
+        self._listener = await open_vchan_listener(server.name, host_store=store,
+                                                   allow_uids=self._allow_uids)
+        server.endpoints.insert(0, Endpoint("vchan", server.name, store=str(store.path),
+                                            host_id=server.host_id))
+        # No checkpoint between binding and the record: resolvers in other
+        # processes may still see the entry without it (see resolver.rank).
+        write_record(store, ServiceRecord(
+            server.name, server.host_id, server.transports,
+            tuple(ep.url for ep in server.endpoints if ep.scheme != "vchan"),
+            self._fingerprint, os.getpid()))
+        if self._nursery is not None:
+            self._serve_in(self._nursery)
+
+    def start(self, nursery: trio.Nursery,
+              handler: Callable[[trio.abc.Stream], Awaitable[None]]) -> None:
+        """Serve the listener (now, and after every later :meth:`open`) in ``nursery``."""
+        self._nursery, self._handler = nursery, handler
+        if self._listener is not None:
+            self._serve_in(nursery)
+
+    def _serve_in(self, nursery: trio.Nursery) -> None:
+        scope = self._scope = trio.CancelScope()
+        listener, handler = self._listener, self._handler
+        assert listener is not None and handler is not None
+
+        async def run() -> None:
+            # Only the accept loop runs in ``scope``: the connections (and the
+            # sessions begun on them) live in the server's nursery, so
+            # withdrawing vchan does not end them (Server.withdraw_vchan).
+            with scope:
+                await trio.serve_listeners(handler, [listener], handler_nursery=nursery)
+
+        nursery.start_soon(run)
+
+    async def withdraw(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+        server = self._server
+        server.endpoints[:] = [ep for ep in server.endpoints if ep.scheme != "vchan"]
+        remove_record(self._store, server.name)
+        await listener.aclose()
+
+
 @asynccontextmanager
 async def _admitted(limits: ServerLimits, stream: trio.abc.Stream) -> AsyncIterator[bool]:
     """Count a new connection in for as long as the block runs (yields True),
@@ -439,6 +523,26 @@ async def _admitted(limits: ServerLimits, stream: trio.abc.Stream) -> AsyncItera
         yield True
     finally:
         limits.release()
+
+
+async def _refuse(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """Close a refused TLS client so that it reads an end of stream, not a reset.
+
+    The client may already have sent its first bytes (TLS 1.3 lets it write
+    before we checked its certificate); closing with them unread would make
+    the kernel answer with a reset that destroys our alert, and the client
+    could not tell a refusal from a network failure.  So: shut our side,
+    discard what it sends for at most a second, then close.
+    """
+    raw = stream.transport_stream
+    with trio.move_on_after(1.0):
+        try:
+            await raw.send_eof()
+            while await raw.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # deliberate: it is gone already, which is all we wanted
+    await trio.aclose_forcefully(stream)
 
 
 def _with_stats(handlers: Handlers, stats: ServiceStats) -> Handlers:
@@ -471,139 +575,3 @@ async def _serve_one(stream: trio.abc.Stream, handlers: Handlers, name: str,
     except (MeshlinkError, trio.BrokenResourceError, OSError) as exc:
         stats.failed += 1
         serve_logger.info("%s: connection ended with an error: %r", name, exc)
-
-
-def _tls_refusal(ep: Endpoint, exc: BaseException) -> BaseException:
-    """A TLS server's refusal of our certificate, seen only in the bus handshake.
-
-    TLS 1.3 servers reject a client certificate after the client's handshake
-    has completed, so the refusal surfaces as a broken bus handshake; the TLS
-    alert buried in its causes says it was a credentials problem.
-    """
-    import ssl
-
-    if ep.scheme != "tls" or isinstance(exc, AuthError):
-        return exc
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            if isinstance(seen, ssl.SSLEOFError) or seen.reason == "UNEXPECTED_EOF_WHILE_READING":
-                why = ("it closed the session right after the handshake without an alert "
-                       "(our certificate is signed by its CA, but its name is probably not "
-                       "in the server's allow list)")
-            else:
-                why = ssl_reason(seen)
-            err = AuthError(f"TLS server refused our certificate: {why}")
-            err.__cause__ = exc
-            return err
-        seen = seen.__cause__ or seen.__context__
-    return exc
-
-
-@asynccontextmanager
-async def connect(
-    name: str,
-    handlers: Handlers | None = None,
-    *,
-    resolver: Resolver | None = None,
-    host_store: HostStore | str | os.PathLike[str] | None = None,
-    rules: Any = None,
-    zeroconf: ZeroconfConfig | bool | None = None,
-    dns: DnsConfig | str | bool | None = None,
-    host_id: str | None = None,
-    tls: TLSConfig | None = None,
-    require_tls: bool = False,
-    allow_plaintext: bool | None = None,
-    forbid_vchan: bool = False,
-    pin: str | Endpoint | None = None,
-    client_name: str = "",
-    config: BusConfig | None = None,
-    attempt_timeout: float = ATTEMPT_TIMEOUT,
-) -> AsyncIterator[MeshConnection]:
-    """Connect to the service ``name`` over the best transport that works.
-
-    Use as ``async with meshlink.connect("storage-node") as conn:``.
-
-    Args:
-        name: the service name.
-        handlers: what this end serves to the server (the bus is symmetric).
-        resolver: a :class:`resolver.Resolver`; by default one is built from
-            ``host_store``, ``rules``, ``zeroconf`` and ``host_id``.
-        host_store: our host store (default as in :mod:`resolver.hoststore.store`).
-        rules: rules file path or parsed rules (default ``$MESHLINK_RULES``).
-        zeroconf: DNS-SD lookup config, ``True``, ``False``, or ``None`` for
-            ``$MESHLINK_ZEROCONF`` (unset: off).
-        dns: unicast DNS source (SRV + TXT): a :class:`resolver.DnsConfig`,
-            ``"SERVER[:PORT]"`` (domain ``$MESHLINK_DNS_DOMAIN``), ``False``, or
-            ``None`` for ``$MESHLINK_DNS`` (unset: off).
-        host_id: our host id (default: boot id + host store path).
-        tls: certificates (default ``MESHLINK_TLS_*``).  TLS endpoints need a
-            CA; mutual-TLS servers need our certificate too.
-        require_tls: never use plain TCP (not even attempted).
-        allow_plaintext: also try plain TCP endpoints that only a DNS answer
-            vouches for (default ``$MESHLINK_ALLOW_PLAINTEXT``, unset: no).
-        forbid_vchan: never use shared memory.
-        pin: use exactly this endpoint (URL or :class:`Endpoint`).
-        client_name: our name, sent in the bus hello.
-        config: bus limits and timers.
-        attempt_timeout: bound on opening each transport (connect, vchan or
-            TLS handshake); the bus handshake is bounded by ``config``.
-
-    Returns:
-        An async context manager yielding a :class:`MeshConnection`.
-
-    Raises:
-        ResolveError: no usable endpoint, or every attempt failed (the message
-            lists each attempt and why; the last error is chained).
-        AuthError: an attempt was refused for credentials -- ours (TLS
-            certificate, vchan uid) or the server's (TLS certificate, or a
-            vchan server whose uid is not the owner of its host store record).
-            No later endpoint is tried: a refusal never falls back to a
-            weaker transport.
-        RulesError: the rules file is malformed.
-        LocalProtocolError: a bad name (:class:`~meshlink.InvalidName`) or pin.
-
-    Cancellation:
-        Safe at any point: a half-made transport is closed.  Leaving the block
-        closes the connection.
-
-    Backpressure:
-        Each attempt waits at most ``attempt_timeout``; then the bus's.
-    """
-    if tls is None:
-        tls = TLSConfig.from_env()
-    policy = Policy(require_tls=require_tls, forbid_vchan=forbid_vchan, pin=pin,
-                    allow_plaintext=plaintext_allowed(allow_plaintext))
-    with resolver_errors():
-        if resolver is None:
-            resolver = Resolver(host_store=host_store, rules=rules, zeroconf=zeroconf,
-                                dns=dns, host_id=host_id,
-                                tls_configured=tls is not None and tls.can_connect)
-        try:
-            choices = await resolver.resolve(name, policy)
-        except InvalidName:
-            raise
-        except ValueError as exc:
-            raise LocalProtocolError(f"bad pin: {exc}") from exc
-    store = resolver.store
-
-    @asynccontextmanager
-    async def attempt(ep: Endpoint) -> AsyncIterator[MeshConnection]:
-        with trio.fail_after(attempt_timeout):
-            stream = await dial(ep, host_store=store, tls=tls, server_hostname=name)
-        # Not inside the fail_after: the connection's nursery outlives this
-        # statement.  The bus bounds its own handshake (handshake_timeout).
-        async with MeshConnection.open(stream, handlers, name=client_name,
-                                       config=config) as opened:
-            assert isinstance(opened, MeshConnection)
-            yield opened
-
-    async with open_first(choices, attempt, subject=name, log=logger, blame=_tls_refusal,
-                          failure=f"could not connect to {name!r}") as (conn, choice):
-        ep = choice.endpoint
-        conn.transport = ep.scheme
-        conn.endpoint = ep
-        conn.choice = choice
-        logger.info("%s: connected over %s to %s (%s)", name, ep.scheme, ep.url,
-                    choice.reason)
-        yield conn

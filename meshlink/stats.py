@@ -14,9 +14,9 @@ module reads them only when someone asks -- the built-in bus method
 transport each came in on) and folds the counters of each one that ends
 into the service's totals, so totals never go backwards.
 
-``resumes`` and ``transport_moves`` are always 0: connections do not resume
-or move between transports yet (sessions do not exist); the fields are
-there so that dashboards need not change when they do.
+``resumes`` and ``transport_moves`` are the service's: sessions resumed on
+a new transport, and those resumed on another kind of transport (vchan to
+TLS and back), from its :class:`~meshlink.session.SessionTable`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ TRANSPORTS: Final = ("vchan", "tls", "tcp")
 #: The counters of one connection, summed per service (all only ever grow).
 COUNTERS: Final = ("messages_in", "messages_out", "bytes_in", "bytes_out", "calls_done",
                    "errors", "resumes", "transport_moves")
+
+
+class SessionCounts(Protocol):
+    """What counts a service's session resumes (:class:`meshlink.session.SessionTable`)."""
+
+    resumed: int
+    moved: int
 
 
 class DiskStatsSource(Protocol):
@@ -73,8 +80,13 @@ def connection_counters(conn: Connection) -> dict[str, int]:
 
 def _ring_fill(stream: trio.abc.Stream) -> dict[str, int] | None:
     """Bytes readable and free in a vchan ring, or None (other transports, closed)."""
+    from .session import SessionStream
     from .transport.vchan import VchanStream
 
+    if isinstance(stream, SessionStream):  # the transport carrying the session now
+        if stream.transport is None:
+            return None
+        stream = stream.transport
     if not isinstance(stream, VchanStream) or stream._closed:
         return None
     ring = stream._ring
@@ -110,6 +122,8 @@ class ServiceStats:
         self.failed = 0
         self._closed = dict.fromkeys(COUNTERS, 0)
         self._live: dict[Connection, tuple[str, float]] = {}
+        #: Where resumes and moves are counted (a SessionTable), if anywhere.
+        self.sessions: SessionCounts | None = None
 
     def add(self, conn: Connection, transport: str) -> None:
         """Count ``conn`` (accepted over ``transport``) as open."""
@@ -133,6 +147,9 @@ class ServiceStats:
                 out[key] += counts[key]
             in_flight += counts["calls_in_flight"]
         out["calls_in_flight"] = in_flight
+        if self.sessions is not None:
+            out["resumes"] = self.sessions.resumed
+            out["transport_moves"] = self.sessions.moved
         return out
 
     def snapshot(self) -> dict[str, Any]:

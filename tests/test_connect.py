@@ -17,7 +17,7 @@ import trio
 
 from meshlink import AuthError
 from meshlink.bus import Handlers
-from meshlink.service import Server, connect, serve
+from meshlink import Server, connect, serve
 from resolver import HostStore, ResolveError, Resolver
 from resolver.hoststore import HostStoreSource, ServiceRecord, default_host_id, write_record
 

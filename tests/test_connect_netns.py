@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from meshlink.service import connect
+from meshlink import connect
 
 from .helpers.connect_certs import Certs, make_certs
 

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from meshlink import AuthError, LocalProtocolError
-from meshlink.service import Server, connect, serve
+from meshlink import Server, connect, serve
 from resolver import HostStore, ResolveError
 from resolver.hoststore import ServiceRecord, default_host_id, write_record
 

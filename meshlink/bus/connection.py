@@ -48,6 +48,7 @@ from ..errors import (
     LocalProtocolError,
     MeshlinkError,
     RemoteProtocolError,
+    SessionLost,
 )
 from .codec import PROTOCOL_VERSION
 from .config import BusConfig
@@ -401,6 +402,14 @@ class Connection:
             self._fail(trio.ClosedResourceError("bus connection was closed"), Close())
         await self._closed.wait()
 
+    def abort(self, exc: ConnectionLost) -> None:
+        """End the connection at once: pending and later operations raise ``exc``'s class.
+
+        For the layer below the bus (``meshlink.connect`` when its session is
+        lost); nothing is flushed and the peer is not told.  Idempotent.
+        """
+        self._fail(exc)
+
     def _fail(self, exc: BaseException, close: Close | None = None) -> None:
         if self._error is not None:
             return
@@ -432,7 +441,7 @@ class Connection:
         if self._peer_closed_cleanly:
             exc: BaseException = ConnectionLost("the peer closed the bus connection")
         elif isinstance(err, ConnectionLost):
-            exc = ConnectionLost(str(err))
+            exc = type(err)(str(err))  # SessionLost stays SessionLost
         else:
             exc = ConnectionLost(f"bus connection failed: {err}")
         exc.__cause__ = err
@@ -491,6 +500,8 @@ class Connection:
             self._fail(exc)
         except RemoteProtocolError as exc:
             self._fail(exc, Close(type(exc).__name__, str(exc)))
+        except SessionLost as exc:  # the session layer already says why
+            self._fail(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             lost = ConnectionLost(f"receiving from the peer failed: {exc!r}")
             lost.__cause__ = exc

@@ -34,7 +34,7 @@ from typing import Final
 
 import trio
 
-from ..errors import ConnectionLost
+from ..errors import ConnectionLost, SessionLost
 from .flow import CreditOut, Wakeup
 
 __all__ = ["SCHEDULE_EVERY", "Writer"]
@@ -151,6 +151,9 @@ class Writer:
             self.done.set()
 
     def _send_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, SessionLost):  # the session layer already says why
+            self._fail(exc)
+            return
         lost = ConnectionLost(f"sending to the peer failed: {exc!r}")
         lost.__cause__ = exc
         self._fail(lost)

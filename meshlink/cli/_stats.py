@@ -83,8 +83,8 @@ def _names(args: argparse.Namespace) -> list[str]:
 async def _open_all(stack: AsyncExitStack, names: list[str],
                     kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
     """Connect to each name; a failure becomes its row's error (one name: raised)."""
+    from ..client import connect
     from ..errors import MeshlinkError
-    from ..service import connect
 
     conns: list[tuple[str, Any]] = []
     for name in names:

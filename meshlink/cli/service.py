@@ -244,7 +244,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:
-    from ..service import connect
+    from ..client import connect
 
     async def run() -> None:
         async with connect(args.name, **_connect_kwargs(args)) as conn:
@@ -269,7 +269,7 @@ def _json_arg(text: str) -> Any:
 
 
 def _cmd_call(args: argparse.Namespace) -> int:
-    from ..service import connect
+    from ..client import connect
 
     async def run() -> Any:
         async with connect(args.name, **_connect_kwargs(args)) as conn:
