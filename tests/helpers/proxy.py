@@ -1,8 +1,9 @@
 """A TCP proxy on loopback whose connections a test can reset at will.
 
 ``python3 -m tests.helpers.proxy LISTEN_PORT TARGET_PORT`` runs it as a
-process (prints ``ready`` once listening), so a test can SIGKILL it and start
-another on the same port; :class:`Proxy` is the in-process form.
+process (prints ``ready PORT`` once listening; SIGUSR1 resets its
+connections), so a test can also SIGKILL it and start another on the same
+port; :class:`Proxy` is the in-process form.
 """
 
 from __future__ import annotations
@@ -74,9 +75,16 @@ class Proxy:
 
 
 async def _main(port: int, target: int) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(Proxy(target).run, port)
-        print("ready", flush=True)
+    """Run a proxy process; SIGUSR1 resets every connection it carries."""
+    import signal
+
+    proxy = Proxy(target)
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.run, port)
+            print(f"ready {proxy.port}", flush=True)
+            async for _ in signals:
+                proxy.cut()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""Both ends of the session chaos test, as processes.
+
+``server STORE NAME BIND``: ``meshlink.serve`` on vchan, TLS (certificates
+from ``MESHLINK_TLS_*``) and plain TCP on BIND; prints ``ready TLS TCP``.
+SIGUSR1 drops the transport of every session (a vchan ring torn down from
+this side).  It records every numbered message in arrival order.
+
+``client STORE NAME COUNT [PIN]``: connects (by name, or to PIN), sends
+COUNT numbered messages -- every tenth a call, the rest notifies -- then
+asks the server what it saw and prints one JSON line: ``{"ok": ...}`` with
+what went wrong, if anything.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from functools import partial
+from typing import Any
+
+import trio
+
+import meshlink
+from meshlink.bus import Handlers
+
+FAST = meshlink.SessionConfig(keepalive_interval=0.1, keepalive_timeout=0.4,
+                              resume_timeout=60.0, backoff_min=0.01, backoff_max=0.2,
+                              upgrade_interval=None)
+
+
+async def server(store: str, name: str, bind: str) -> None:
+    order: list[int] = []
+    runs = {"call": 0, "dup": 0}
+    h = Handlers()
+
+    async def note(i: int) -> None:
+        order.append(i)
+
+    async def call(i: int) -> int:
+        runs["call"] += 1
+        order.append(i)
+        return 2 * i
+
+    async def report() -> dict[str, Any]:
+        expected = list(range(len(order)))
+        first_bad = next((k for k, (a, b) in enumerate(zip(order, expected)) if a != b), -1)
+        return {"count": len(order), "in_order": order == expected, "first_bad": first_bad,
+                "around": order[max(0, first_bad - 3):first_bad + 3] if first_bad >= 0 else [],
+                "call_runs": runs["call"]}
+
+    for fn in (note, call, report):
+        h.add_method(fn.__name__, fn)
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async with trio.open_nursery() as nursery:
+            srv = await nursery.start(partial(
+                meshlink.serve, name, h, host_store=store, bind=bind, allow_plaintext=True,
+                session=FAST, handle_sigterm=True))
+            print(f"ready {srv.tls_port} {srv.tcp_port}", flush=True)
+            async for _ in signals:
+                srv.sessions.cut()
+
+
+async def client(store: str, name: str, count: int, pin: str | None) -> None:
+    problems: list[str] = []
+    async with meshlink.connect(name, host_store=store, pin=pin, session=FAST,
+                                allow_plaintext=True, attempt_timeout=1.0) as conn:
+        print(f"connected {conn.transport}", flush=True)
+        for i in range(count):
+            if i % 10 == 9:
+                got = await conn.call("call", i)
+                if got != 2 * i:
+                    problems.append(f"call {i} answered {got}")
+            else:
+                await conn.notify("note", i)
+        seen = await conn.call("report")
+        calls = count // 10
+        if seen["count"] != count + 0:
+            problems.append(f"server saw {seen['count']} messages, not {count}")
+        if not seen["in_order"]:
+            problems.append(f"out of order or repeated at {seen['first_bad']}: {seen['around']}")
+        if seen["call_runs"] != calls:
+            problems.append(f"{seen['call_runs']} call handler runs for {calls} calls")
+        print(json.dumps({"ok": not problems, "problems": problems,
+                          "resumes": conn.resumes, "sessions": conn.sessions,
+                          "transport": conn.transport}), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "server":
+        trio.run(server, sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        trio.run(client, sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                 sys.argv[5] if len(sys.argv) > 5 else None)
