@@ -546,6 +546,13 @@ class Connection:
 
         Many calls may be in flight on one connection; replies are matched by id.
 
+        Ordering: the peer starts the handler only after the handlers of every
+        notification sent before this call on this connection (every
+        :meth:`notify` that returned before this call was made, from any task)
+        have returned.  Calls still run concurrently with each other, and a
+        notification sent after this call does not wait for it.  Publishes and
+        streams are not ordered against calls or notifications.
+
         Args:
             method: name of a method the peer registered in its :class:`Handlers`.
             *args: msgpack-serialisable arguments.
@@ -587,7 +594,10 @@ class Connection:
         """Run ``method(*args)`` on the peer without waiting for it (one-way).
 
         The peer runs notifications one at a time, in the order sent; their
-        results are discarded and their exceptions logged on the peer.
+        results are discarded and their exceptions logged on the peer.  A
+        :meth:`call` made after this returns starts its handler on the peer
+        only after this notification's handler has returned (so the call sees
+        its effects); a call made before it is not waited for.
 
         Args:
             method: name of a method the peer registered.
@@ -636,7 +646,9 @@ class Connection:
         await writer.send_flow(data, credit)
 
     async def _notify_runner(self) -> None:
-        CURRENT.set(self)  # for the handlers, run in this task
+        # For the handlers run in this task, and for the workers it starts
+        # (requests that waited behind notifications, see Rpc.on_request).
+        CURRENT.set(self)
         await self._rpc.run_notifications()
 
     # --- pub/sub -------------------------------------------------------------------

@@ -15,9 +15,22 @@ a request costs a reschedule of an idle worker rather than a new task (about
 which caps the workers too.  Each handler runs in a fresh copy of the
 connection's context (:class:`InContext`), as it would in a task of its own.
 
-The peer's notifications run one at a time, in order, in one task; the
-notify window (credit, see :mod:`.flow`) bounds how many bytes of them may
-queue here, and credit goes back as they run.
+The peer's notifications run one at a time, in order, in one task (the
+*notify runner*); the notify window (credit, see :mod:`.flow`) bounds how many
+bytes of them may queue here, and credit goes back as they run.
+
+Ordering: a request's handler starts only after the handlers of every
+notification that arrived before it have returned.  A request that finds the
+notify queue empty (no notification waiting or running: the runner leaves a
+notification at the head of the queue until its handler returns) starts at
+once, the fast path; otherwise it joins the notify queue and the runner starts
+its worker when it reaches it, without waiting for the handler.  A queued
+request already counts against our ``max_concurrency`` (the core counted it on
+arrival), which bounds the queued requests too.  A cancel for a queued request
+takes it out (its entry stays in the deque as a dead one, compacted when they
+pile up) and answers it as cancelled at once, its handler never run.  Once the
+connection has ended the runner starts no queued request: like the ones
+running, they get no reply.
 
 Nothing here waits in the reader: the ``on_*`` methods only queue, reschedule
 or raise :class:`~meshlink.RemoteProtocolError`.
@@ -31,7 +44,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from functools import partial
 from types import CoroutineType
-from typing import Any
+from typing import Any, Final
 
 import outcome
 import trio
@@ -47,6 +60,15 @@ from .writer import Writer
 __all__ = ["InContext", "Rpc"]
 
 logger = logging.getLogger("meshlink.bus")
+
+#: The arguments of a job that answers a request as cancelled without running
+#: its handler (a request cancelled while it waited in the notify queue);
+#: compared by identity, never filled.
+_NOT_STARTED: Final[list[Any]] = []
+
+#: Dead entries (queued requests since cancelled) the notify queue may hold
+#: before a compaction, and at least half of it must be dead.
+_COMPACT_ABOVE: Final = 64
 
 
 class InContext:
@@ -111,8 +133,10 @@ class Rpc:
     Attributes:
         call_slots: our calls the peer will still accept (its
             ``max_concurrency``, set once its hello is in).
-        notify_queue: notifications received and not yet run:
-            ``(method, args, wire size)``.
+        notify_queue: notifications received and not yet run, the one
+            running included (it leaves the queue when its handler returns):
+            ``(method, args, wire size)``; and requests that arrived behind
+            them: ``(method, args, -1 - id)`` (a negative size).
         notify_wakeup: wakes the notify runner; the reader sets it once per
             chunk that queued notifications.
     """
@@ -120,6 +144,7 @@ class Rpc:
     __slots__ = (
         "_calls",
         "_check_usable",
+        "_dead",
         "_ended",
         "_handler_scopes",
         "_idle_workers",
@@ -127,6 +152,7 @@ class Rpc:
         "_next_call_id",
         "_notify_in",
         "_proto",
+        "_queued",
         "_send_control",
         "_spawn",
         "_writer",
@@ -166,6 +192,10 @@ class Rpc:
         self._notify_in = CreditIn(notify_window)
         self.notify_queue: deque[tuple[str, list[Any], int]] = deque()
         self.notify_wakeup = Wakeup()
+        # Requests waiting in notify_queue, by id, with their entry there (an
+        # id may come again once answered, so the runner checks the identity).
+        self._queued: dict[int, tuple[str, list[Any], int]] = {}
+        self._dead = 0  # entries of notify_queue whose request was cancelled
         # Statistics (meshlink.stats): the peer's requests answered, and of
         # those, answered with an error.
         self.served = 0
@@ -237,6 +267,17 @@ class Rpc:
     # --- the peer's requests -------------------------------------------------------
 
     def on_request(self, id: int, method: str, args: list[Any]) -> None:
+        queue = self.notify_queue
+        if queue:
+            # A notification waits or runs: this request starts after it.
+            entry = (method, args, -1 - id)
+            queue.append(entry)
+            self._queued[id] = entry
+            return
+        self._start(id, method, args)
+
+    def _start(self, id: int, method: str, args: list[Any]) -> None:
+        """Hand a request to an idle worker, or to a new one."""
         idle = self._idle_workers
         if idle:
             worker = idle.pop()
@@ -249,7 +290,29 @@ class Rpc:
         scope = self._handler_scopes.get(id)
         if scope is not None:
             scope.cancel()
+            return
+        entry = self._queued.pop(id, None)
+        if entry is not None:
+            # Still behind notifications: answer it now, never run its handler.
+            self._dead += 1
+            if self._dead > _COMPACT_ABOVE and 2 * self._dead > len(self.notify_queue):
+                self._compact()
+            self._start(id, entry[0], _NOT_STARTED)
         # else: deliberate no-op, the handler finished before the cancel arrived
+
+    def _compact(self) -> None:
+        """Drop the dead entries of the notify queue, in place, keeping the order.
+
+        A peer that keeps sending requests and cancelling them while a
+        notification runs would otherwise grow the queue without bound.  The
+        head (a notification whose handler may be running) stays the head.
+        """
+        queue = self.notify_queue
+        queued = self._queued
+        live = [e for e in queue if e[2] >= 0 or queued.get(-1 - e[2]) is e]
+        queue.clear()
+        queue.extend(live)
+        self._dead = 0
 
     async def _worker(self, id: int, method: str, args: list[Any]) -> None:
         """Run request handlers: this one, then whatever the reader hands over."""
@@ -269,28 +332,31 @@ class Rpc:
     async def _handle_request(
         self, id: int, method: str, args: list[Any], context: contextvars.Context
     ) -> None:
-        fn = self._handlers.methods.get(method)
-        scope = trio.CancelScope()
-        self._handler_scopes[id] = scope
         failure: tuple[str, str] | None = None
         result: Any = None
-        try:
-            with scope:
-                if fn is None:
-                    failure = ("MethodNotFound", f"no method {method!r}")
-                else:
-                    try:
-                        coro = fn(*args)
-                        if type(coro) is CoroutineType:
-                            result = await InContext(coro, context)
-                        else:  # some other awaitable: no context of its own
-                            result = await coro
-                    except Exception as exc:
-                        failure = (type(exc).__name__, str(exc))
-        finally:
-            del self._handler_scopes[id]
-        if scope.cancelled_caught:
-            failure = ("Cancelled", "the handler was cancelled")
+        if args is _NOT_STARTED:
+            failure = ("Cancelled", "the call was cancelled before its handler started")
+        else:
+            fn = self._handlers.methods.get(method)
+            scope = trio.CancelScope()
+            self._handler_scopes[id] = scope
+            try:
+                with scope:
+                    if fn is None:
+                        failure = ("MethodNotFound", f"no method {method!r}")
+                    else:
+                        try:
+                            coro = fn(*args)
+                            if type(coro) is CoroutineType:
+                                result = await InContext(coro, context)
+                            else:  # some other awaitable: no context of its own
+                                result = await coro
+                        except Exception as exc:
+                            failure = (type(exc).__name__, str(exc))
+            finally:
+                del self._handler_scopes[id]
+            if scope.cancelled_caught:
+                failure = ("Cancelled", "the handler was cancelled")
         self.served += 1
         if failure is not None:
             self.served_errors += 1
@@ -327,21 +393,42 @@ class Rpc:
         self.notify_queue.extend(batch)
 
     async def run_notifications(self) -> None:
-        """The notify runner: run queued notifications in order, forever."""
+        """The notify runner: run queued notifications in order, forever, and
+        start the requests queued behind them as it reaches them."""
         queue = self.notify_queue
         credit = self._notify_in
         quarter = credit.window // 4
         methods = self._handlers.methods
+        queued = self._queued
         pending = 0  # bytes run and not yet credited back
         popleft = queue.popleft
         get = methods.get
+        # Workers started from here copy this context, not the one the notify
+        # handlers run in (and may have set variables in).
+        clean = contextvars.copy_context()
+        start = self._start
         while True:
             if not queue:
                 await self.notify_wakeup.wait()
             # Run the whole batch the reader queued; credit goes back every
             # quarter window and when the queue runs dry.
             while queue:
-                method, args, size = popleft()
+                entry = queue[0]  # stays queued while it runs: see on_request
+                method, args, size = entry
+                if size < 0:  # a request: start it, do not wait for it
+                    popleft()
+                    id = -1 - size
+                    if queued.get(id) is entry:
+                        del queued[id]
+                        if not self._ended:
+                            clean.run(start, id, method, args)
+                    else:  # cancelled while queued, already answered
+                        self._dead -= 1
+                    if pending and not queue:
+                        credit.unacked -= pending
+                        self._send_control(Credit(Channel.NOTIFY, pending))
+                        pending = 0
+                    continue
                 fn = get(method)
                 if fn is None:
                     logger.warning("notification for unknown method %r ignored", method)
@@ -350,6 +437,7 @@ class Rpc:
                         await fn(*args)
                     except Exception:
                         logger.exception("notification handler %r raised", method)
+                popleft()
                 pending += size
                 if pending >= quarter or not queue:
                     credit.unacked -= pending
