@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from meshlink import AuthError
+from meshlink import AuthError, Server, connect, serve
 from meshlink.bus import Handlers
-from meshlink import Server, connect, serve
 from resolver import HostStore, ResolveError, Resolver
 from resolver.hoststore import HostStoreSource, ServiceRecord, default_host_id, write_record
 

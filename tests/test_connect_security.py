@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from meshlink import AuthError, LocalProtocolError
-from meshlink import Server, connect, serve
+from meshlink import AuthError, LocalProtocolError, Server, connect, serve
 from resolver import HostStore, ResolveError
 from resolver.hoststore import ServiceRecord, default_host_id, write_record
 

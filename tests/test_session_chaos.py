@@ -82,6 +82,7 @@ def _exchange(client: subprocess.Popen[str], cut: Callable[[], None], seed: int)
     verdict["cuts"] = cuts
     assert verdict["ok"], verdict
     assert cuts >= 5, verdict  # the exchange really ran under fire
+    print("chaos verdict:", verdict)
     return verdict
 
 

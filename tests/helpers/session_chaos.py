@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 import meshlink
-from meshlink.bus import Handlers
+from meshlink.bus import Handlers, current_connection
 
 FAST = meshlink.SessionConfig(keepalive_interval=0.1, keepalive_timeout=0.4,
                               resume_timeout=60.0, backoff_min=0.01, backoff_max=0.2,
@@ -30,24 +30,31 @@ FAST = meshlink.SessionConfig(keepalive_interval=0.1, keepalive_timeout=0.4,
 
 
 async def server(store: str, name: str, bind: str) -> None:
-    order: list[int] = []
-    runs = {"call": 0, "dup": 0}
+    # Per connection (one per client session): several clients run in turn.
+    orders: dict[int, list[int]] = {}
+    runs: dict[int, int] = {}
     h = Handlers()
 
+    def mine() -> list[int]:
+        return orders.setdefault(id(current_connection()), [])
+
     async def note(i: int) -> None:
-        order.append(i)
+        mine().append(i)
 
     async def call(i: int) -> int:
-        runs["call"] += 1
-        order.append(i)
+        key = id(current_connection())
+        runs[key] = runs.get(key, 0) + 1
+        mine().append(i)
         return 2 * i
 
     async def report() -> dict[str, Any]:
+        order = mine()
         expected = list(range(len(order)))
-        first_bad = next((k for k, (a, b) in enumerate(zip(order, expected)) if a != b), -1)
+        pairs = enumerate(zip(order, expected, strict=True))
+        first_bad = next((k for k, (a, b) in pairs if a != b), -1)
         return {"count": len(order), "in_order": order == expected, "first_bad": first_bad,
                 "around": order[max(0, first_bad - 3):first_bad + 3] if first_bad >= 0 else [],
-                "call_runs": runs["call"]}
+                "call_runs": runs.get(id(current_connection()), 0)}
 
     for fn in (note, call, report):
         h.add_method(fn.__name__, fn)
