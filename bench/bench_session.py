@@ -8,7 +8,9 @@ configuration) and this client.  In one run, alternating, it measures:
     (the bus straight on the transport);
   * time from a cut to the first answered call after it, p50 and p99:
     "local" (vchan: the server drops the transport, the client resumes over
-    vchan) and over TCP (a proxy in this process resets the connection).
+    vchan), and over TCP and TLS (a proxy in this process resets the
+    connection; TLS resumes with a full handshake: certificates from trustme,
+    in the test extra).
 
 The issue's goal: the session's steady-state cost at most 5 % on each figure.
 
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -75,7 +78,7 @@ async def server(store: str) -> None:
         srv = await nursery.start(partial(meshlink.serve, NAME, h, host_store=store,
                                           allow_plaintext=True))
         holder.append(srv)
-        print(f"READY {srv.tcp_port}", flush=True)
+        print(f"READY {srv.tcp_port} {srv.tls_port}", flush=True)
 
 
 # --- the client -----------------------------------------------------------------------
@@ -86,6 +89,9 @@ def _connect(store: str, kind: str, resume: bool, port: int) -> Any:
 
     if kind == "vchan":
         return meshlink.connect(NAME, host_store=store, resume=resume)
+    if kind == "tls":  # certificates from the environment (main() sets them)
+        return meshlink.connect(NAME, host_store=store, resume=resume,
+                                pin=f"tls://127.0.0.1:{port}")
     return meshlink.connect(NAME, host_store=store, resume=resume, allow_plaintext=True,
                             pin=f"tcp://127.0.0.1:{port}")
 
@@ -121,16 +127,16 @@ async def cut_to_resumed(store: str, kind: str, port: int, cuts: int) -> list[fl
     out: list[float] = []
     async with trio.open_nursery() as nursery:
         proxy: Proxy = await nursery.start(Proxy(port).run)
-        target = proxy.port if kind == "tcp" else port
+        target = port if kind == "vchan" else proxy.port
         async with _connect(store, kind, True, target) as conn:
             assert isinstance(conn, meshlink.MeshConnection)
             await conn.call("echo", PAYLOAD)
             for _ in range(cuts):
                 t = time.perf_counter()
-                if kind == "tcp":
-                    proxy.cut()
-                else:
+                if kind == "vchan":
                     await conn.notify("cut")
+                else:
+                    proxy.cut()
                 await conn.call("echo", PAYLOAD)
                 out.append(time.perf_counter() - t)
             assert conn.resumes == cuts, (conn.resumes, cuts)
@@ -154,9 +160,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         os.mkdir(store, 0o700)
-        child = Child(child_argv(__spec__.name, "--child", store))
         try:
-            port = int(child.first_line.split()[1])
+            from tests.helpers.connect_certs import make_certs
+
+            certs = make_certs(Path(tmp) / "certs", NAME)
+        except ImportError:
+            certs = None  # no trustme: no TLS figure
+        env = {**os.environ, **(certs.env("server") if certs else {})}
+        child = Child(child_argv(__spec__.name, "--child", store), env=env)
+        if certs is not None:
+            os.environ.update(certs.env("client"))
+        try:
+            port, tls_port = (int(x) for x in child.first_line.split()[1:3])
             rate: dict[tuple[str, bool], list[float]] = {}
             p50: dict[tuple[str, bool], list[float]] = {}
             p99: dict[tuple[str, bool], list[float]] = {}
@@ -183,9 +198,14 @@ def main() -> None:
                     print(f"{'RPC ' + label + ' ' + kind + ', us':34} {a * 1e6:12.1f} "
                           f"{b * 1e6:12.1f} {b / a:7.3f}  {goal}")
             print(f"\ncut to first answered call after it ({args.cuts} cuts each)")
-            for kind, what in (("vchan", "local: server drops the vchan, resume on vchan"),
-                               ("tcp", "TCP: a proxy resets the connection")):
-                lat = trio.run(cut_to_resumed, store, kind, port, args.cuts)
+            for kind, what, to in (
+                    ("vchan", "local: server drops the vchan, resume on vchan", port),
+                    ("tcp", "TCP: a proxy resets the connection", port),
+                    ("tls", "TLS: a proxy resets the connection", tls_port)):
+                if kind == "tls" and not tls_port:
+                    print("  TLS: skipped (trustme not installed)")
+                    continue
+                lat = trio.run(cut_to_resumed, store, kind, to, args.cuts)
                 print(f"  {what}: p50 {percentile(lat, 0.5) * 1e3:.2f} ms, "
                       f"p99 {percentile(lat, 0.99) * 1e3:.2f} ms")
         finally:

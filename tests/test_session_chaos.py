@@ -133,43 +133,84 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                    reason="needs root and iproute2 (CI has both)")
-def test_tls_across_namespaces_with_the_link_set_down(procs: Procs, tmp_path: Path,
-                                                      certs: Certs) -> None:
+ADDR_A, ADDR_B = "10.213.9.1", "10.213.9.2"
+needs_netns = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                                 reason="needs root and iproute2 (CI has both)")
+
+
+@pytest.fixture
+def hosts() -> Iterator[tuple[str, str, str]]:
+    """Two namespaces joined by a veth: (namespace A, namespace B, B's device)."""
     n = f"{os.getpid() % 100000}"
     ns_a, ns_b, dev_a, dev_b = f"mlcA{n}", f"mlcB{n}", f"mlca{n}"[:15], f"mlcb{n}"[:15]
-    addr_a, addr_b = "10.213.9.1", "10.213.9.2"
     try:
         _ip("netns", "add", ns_a)
         _ip("netns", "add", ns_b)
         _ip("link", "add", dev_a, "type", "veth", "peer", "name", dev_b)
         _ip("link", "set", dev_a, "netns", ns_a)
         _ip("link", "set", dev_b, "netns", ns_b)
-        for ns, dev, addr in ((ns_a, dev_a, addr_a), (ns_b, dev_b, addr_b)):
+        for ns, dev, addr in ((ns_a, dev_a, ADDR_A), (ns_b, dev_b, ADDR_B)):
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-        store_a, store_b = tmp_path / "a", tmp_path / "b"
-        store_a.mkdir(mode=0o700)
-        store_b.mkdir(mode=0o700)
-        server, line = procs.start(["ip", "netns", "exec", ns_a, *HELPER, "server",
-                                    str(store_a), NAME, addr_a], _env(certs.env("server")))
-        tls_port = int(line.split()[1])
-        client, line = procs.start(["ip", "netns", "exec", ns_b, *HELPER, "client",
-                                    str(store_b), NAME, str(COUNT),
-                                    f"tls://{addr_a}:{tls_port}"], _env(certs.env("client")))
-        assert line == "connected tls"
-
-        def link_down_then_up() -> None:
-            # Longer than the keepalive timeout (0.4 s), so the session must
-            # notice a silent link, not just ride out TCP retransmissions.
-            _ip("-n", ns_b, "link", "set", dev_b, "down")
-            time.sleep(0.6)  # the length of the outage, not a synchronisation
-            _ip("-n", ns_b, "link", "set", dev_b, "up")
-
-        verdict = _exchange(client, link_down_then_up, 4)
-        assert verdict["resumes"] >= 1
+        yield ns_a, ns_b, dev_b
     finally:
-        for ns in (ns_a, ns_b):
+        for ns in (ns_a, ns_b):  # deleting a namespace deletes its end of the veth
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@needs_netns
+def test_failover_and_upgrade_across_namespaces(procs: Procs, tmp_path: Path, certs: Certs,
+                                                hosts: tuple[str, str, str]) -> None:
+    """The client in namespace B shares A's host store (co-located): vchan.  The
+    server withdraws vchan: the session moves to TLS over the veth.  It offers
+    vchan again: the session moves back.  Calls run throughout."""
+    ns_a, ns_b, _ = hosts
+    store = tmp_path / "store"
+    store.mkdir(mode=0o700)
+    server, line = procs.start(["ip", "netns", "exec", ns_a, *HELPER, "server", str(store),
+                                NAME, ADDR_A], _env(certs.env("server")))
+    tls_port = int(line.split()[1])
+    rules = tmp_path / "rules.toml"
+    rules.write_text(f'[names]\n"{NAME}" = ["tls://{ADDR_A}:{tls_port}"]\n')
+    client, line = procs.start(["ip", "netns", "exec", ns_b, *HELPER, "mover", str(store),
+                                NAME, str(rules)], _env(certs.env("client")))
+    assert line == "connected vchan"
+    assert client.stdout is not None and server.stdout is not None
+    server.send_signal(signal.SIGUSR2)
+    assert server.stdout.readline().strip() == "vchan off"
+    assert client.stdout.readline().strip() == "moved tls"
+    server.send_signal(signal.SIGUSR2)
+    assert server.stdout.readline().strip() == "vchan on"
+    assert client.stdout.readline().strip() == "moved vchan"
+    verdict = json.loads(client.stdout.readline())
+    assert verdict["ok"] and verdict["moves"] == 2, verdict
+    print("failover/upgrade verdict:", verdict)
+
+
+@needs_netns
+def test_tls_across_namespaces_with_the_link_set_down(procs: Procs, tmp_path: Path,
+                                                      certs: Certs,
+                                                      hosts: tuple[str, str, str]) -> None:
+    ns_a, ns_b, dev_b = hosts
+    addr_a = ADDR_A
+    store_a, store_b = tmp_path / "a", tmp_path / "b"
+    store_a.mkdir(mode=0o700)
+    store_b.mkdir(mode=0o700)
+    server, line = procs.start(["ip", "netns", "exec", ns_a, *HELPER, "server",
+                                str(store_a), NAME, addr_a], _env(certs.env("server")))
+    tls_port = int(line.split()[1])
+    client, line = procs.start(["ip", "netns", "exec", ns_b, *HELPER, "client",
+                                str(store_b), NAME, str(COUNT),
+                                f"tls://{addr_a}:{tls_port}"], _env(certs.env("client")))
+    assert line == "connected tls"
+
+    def link_down_then_up() -> None:
+        # Longer than the keepalive timeout (0.4 s), so the session must
+        # notice a silent link, not just ride out TCP retransmissions.
+        _ip("-n", ns_b, "link", "set", dev_b, "down")
+        time.sleep(0.6)  # the length of the outage, not a synchronisation
+        _ip("-n", ns_b, "link", "set", dev_b, "up")
+
+    verdict = _exchange(client, link_down_then_up, 4)
+    assert verdict["resumes"] >= 1

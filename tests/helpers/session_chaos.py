@@ -3,7 +3,9 @@
 ``server STORE NAME BIND``: ``meshlink.serve`` on vchan, TLS (certificates
 from ``MESHLINK_TLS_*``) and plain TCP on BIND; prints ``ready TLS TCP``.
 SIGUSR1 drops the transport of every session (a vchan ring torn down from
-this side).  It records every numbered message in arrival order.
+this side); SIGUSR2 withdraws vchan, or offers it again (each line
+``vchan off``/``vchan on`` once done).  It records every numbered message in
+arrival order.
 
 ``client STORE NAME COUNT [PIN]``: connects (by name, or to PIN), sends
 COUNT numbered messages -- every tenth a call, the rest notifies -- then
@@ -58,14 +60,21 @@ async def server(store: str, name: str, bind: str) -> None:
 
     for fn in (note, call, report):
         h.add_method(fn.__name__, fn)
-    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+    with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGUSR2) as signals:
         async with trio.open_nursery() as nursery:
             srv = await nursery.start(partial(
                 meshlink.serve, name, h, host_store=store, bind=bind, allow_plaintext=True,
                 session=FAST, handle_sigterm=True))
             print(f"ready {srv.tls_port} {srv.tcp_port}", flush=True)
-            async for _ in signals:
-                srv.sessions.cut()
+            async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    srv.sessions.cut()
+                elif "vchan" in srv.transports:
+                    await srv.withdraw_vchan()
+                    print("vchan off", flush=True)
+                else:
+                    await srv.offer_vchan()
+                    print("vchan on", flush=True)
 
 
 async def client(store: str, name: str, count: int, pin: str | None) -> None:
@@ -93,9 +102,38 @@ async def client(store: str, name: str, count: int, pin: str | None) -> None:
                           "transport": conn.transport}), flush=True)
 
 
+async def mover(store: str, name: str, rules: str) -> None:
+    """Call in a loop; print ``moved T`` each time the session changes transport
+    (at most two moves, at most 60 s), then the verdict."""
+    problems: list[str] = []
+    session = meshlink.SessionConfig(keepalive_interval=0.1, keepalive_timeout=0.4,
+                                     resume_timeout=20.0, backoff_min=0.01,
+                                     backoff_max=0.2, upgrade_interval=0.1)
+    async with meshlink.connect(name, host_store=store, rules=rules, session=session,
+                                attempt_timeout=2.0) as conn:
+        print(f"connected {conn.transport}", flush=True)
+        last, moves, i = conn.transport, 0, 0
+        with trio.move_on_after(60):
+            while moves < 2:
+                if await conn.call("call", i) != 2 * i:
+                    problems.append(f"call {i} answered wrongly")
+                i += 1
+                if conn.transport != last:
+                    last, moves = conn.transport, moves + 1
+                    print(f"moved {last}", flush=True)
+        seen = await conn.call("report")
+        if seen["count"] != i or not seen["in_order"] or seen["call_runs"] != i:
+            problems.append(f"sent {i} calls, server saw {seen}")
+        print(json.dumps({"ok": not problems and moves == 2, "problems": problems,
+                          "moves": conn.moves, "resumes": conn.resumes, "calls": i}),
+              flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         trio.run(server, sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "mover":
+        trio.run(mover, sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         trio.run(client, sys.argv[2], sys.argv[3], int(sys.argv[4]),
                  sys.argv[5] if len(sys.argv) > 5 else None)
