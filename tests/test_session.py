@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from meshlink import Server, SessionConfig, SessionLost, connect, serve
-from meshlink.bus import Handlers
+from meshlink.bus import Handlers, current_connection
 
 from .helpers.connect_certs import Certs, make_certs
 from .helpers.proxy import Proxy
@@ -110,6 +110,59 @@ async def test_resets_lose_and_repeat_nothing(tcp_server: tuple[Server, Ledger, 
         assert conn.sessions == 1 and conn.moves == 0
     assert ledger.calls == total // 10
     assert srv.sessions is not None and srv.sessions.resumed == 12
+
+
+async def test_publishes_and_stream_messages_cross_resets_exactly_once(
+        store: Path) -> None:
+    """Not only notifies and calls: a subscription fed by the server and a
+    message stream both ways keep every message, once, in order."""
+    h = Handlers()
+
+    async def feed(topic: str, count: int) -> None:
+        conn = current_connection()
+        for i in range(count):
+            await conn.publish(topic, i)
+
+    async def echo_stream(stream: Any) -> None:
+        async for message in stream:
+            await stream.send(message)
+        await stream.send_eof()
+
+    h.add_method("feed", feed)
+    h.add_stream("echo_stream", echo_stream)
+    async with trio.open_nursery() as nursery:
+        srv: Server = await nursery.start(partial(
+            serve, NAME, h, host_store=store, vchan=False, allow_plaintext=True,
+            handle_sigterm=False, session=FAST))
+        proxy: Proxy = await nursery.start(Proxy(srv.tcp_port).run)
+        async with connect(NAME, host_store=store, pin=f"tcp://127.0.0.1:{proxy.port}",
+                           allow_plaintext=True, session=FAST) as conn:
+            count, cuts = 3000, 0
+            async with conn.subscribe("n.") as sub:
+                await conn.notify("feed", "n.x", count)
+                got = []
+                async for _topic, value in sub:
+                    got.append(value)
+                    if value % 500 == 250:
+                        cuts += proxy.cut()
+                    if len(got) == count:
+                        break
+                assert got == list(range(count))
+            async with conn.open_stream("echo_stream") as stream:
+                back = []
+                for i in range(count):
+                    await stream.send(i)
+                    if i % 500 == 100:
+                        cuts += proxy.cut()
+                    if i % 100 == 99:  # read back as we go (the window is bounded)
+                        while len(back) < i + 1:
+                            back.append(await stream.receive())
+                await stream.send_eof()
+                async for value in stream:
+                    back.append(value)
+                assert back == list(range(count))
+            assert conn.resumes == cuts >= 4
+        nursery.cancel_scope.cancel()
 
 
 async def test_call_in_flight_is_answered_after_the_resume(

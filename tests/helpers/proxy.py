@@ -67,6 +67,7 @@ class Proxy:
         """Reset every connection now (both sides see ECONNRESET); returns how many."""
         n = 0
         for pair in list(self._pairs):
+            self._pairs.discard(pair)  # cut once: its pumps finish on their own
             for s in pair:
                 s.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 s.socket.close()
