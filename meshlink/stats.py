@@ -159,7 +159,8 @@ class ServiceStats:
         ``totals`` (:data:`COUNTERS` and ``calls_in_flight``), ``transports``
         (per transport: ``open``, ``total``, ``refused``),
         ``connection_errors``, and ``connections``: one dict per open
-        connection with ``peer``, ``transport``, ``age`` (s), the counters
+        connection with ``peer``, ``transport`` (for a session, the one
+        carrying it now), ``age`` (s), the counters
         and, on vchan, ``ring`` (``readable``/``free`` bytes of our rings).
         With a disk counter source, also ``disks``: per disk, per path
         (``blk``, ``nbd``, ``total``) the request, byte, error and latency
@@ -168,7 +169,12 @@ class ServiceStats:
         now = time.monotonic()
         open_per = dict.fromkeys(TRANSPORTS, 0)
         conns: list[dict[str, Any]] = []
+        from .session import SessionStream
+
         for conn, (transport, since) in list(self._live.items()):
+            stream = conn._stream
+            if isinstance(stream, SessionStream) and stream.label:
+                transport = stream.label  # where the session is now (it may have moved)
             open_per[transport] = open_per.get(transport, 0) + 1
             try:
                 peer = conn.peer_name

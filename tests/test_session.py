@@ -243,6 +243,9 @@ async def test_failover_vchan_withdrawn_moves_to_tls(
         assert await conn.call("call", 200) == 400
         assert conn.transport == "tls" and conn.moves == 1
         assert await conn.call("seen") == list(range(201))
+        snap = srv.stats.snapshot()  # what `meshlink stats` and /metrics report
+        assert snap["totals"]["resumes"] == 1 and snap["totals"]["transport_moves"] == 1
+        assert [c["transport"] for c in snap["connections"]] == ["tls"]
     assert srv.sessions is not None and srv.sessions.moved == 1
 
 
