@@ -85,7 +85,7 @@ class SessionConfig:
     keepalive_interval: float = 2.0
     keepalive_timeout: float = 6.0
     resume_timeout: float = 30.0
-    replay_limit: int = 8 * 1024 * 1024
+    replay_limit: int = 2 * 1024 * 1024
     backoff_min: float = 0.05
     backoff_max: float = 2.0
     upgrade_interval: float | None = 5.0
