@@ -236,7 +236,7 @@ class PollBell(Doorbell):
         self.own_fd = -1
         self.peer_fd = -1
 
-    @property  # type: ignore[override]
+    @property
     def peer_dead(self) -> bool:
         """True once the peer's heartbeat stopped for DEAD_AFTER seconds (sticky)."""
         if self._dead or self.closed:
@@ -354,7 +354,14 @@ class IvshmemListener:
             ptr = self._claim()
             if lib.ml_vchan_peer_live(ptr) != lib.ML_LIVE_WAITING:
                 self._pending = None
-                return IvshmemStream(ptr, self.region)
+                stream = IvshmemStream(ptr, self.region)
+                # Keep a slot listening, as a socket keeps listening after
+                # accept; with the table full, the next accept retries.
+                try:
+                    self._claim()
+                except TransportError:
+                    pass
+                return stream
             await trio.sleep(delay)
             delay = min(2 * delay, MAX_POLL * 5)
 
