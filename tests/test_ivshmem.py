@@ -230,7 +230,7 @@ def test_hostile_header_refused(region_path: Path, case: str, c_peer: Path) -> N
     _stamp(region_path, *HOSTILE_HEADERS[case])
     with pytest.raises(RingCorruptError):
         IvshmemRegion.open(region_path)
-    out = subprocess.run([str(c_peer), str(region_path), "connect", "svc", "recv"],
+    out = subprocess.run([str(c_peer), str(region_path), "probe", "-", "-"],
                          capture_output=True, text=True, timeout=30).stdout
     assert "IVSPEER ERROR open" in out and "bad header" in out
 

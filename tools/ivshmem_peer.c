@@ -7,7 +7,10 @@
  *   ivshmem_peer tcp HOST PORT MODE [ARG]
  *
  * REGION is a file or "auto" (the first 1af4:1110 PCI device's resource2);
- * ROLE is "listen" or "connect".  MODE is one of
+ * ROLE is "listen", "connect" or "probe" (open the region once and print
+ * "IVSPEER OPEN host_id=..." or the error; NAME and MODE are ignored).
+ * listen and connect wait up to 60 s for a valid header (a guest may boot
+ * before the host stamps the region) and for the other end.  MODE is one of
  *   recv        read to end of stream; print "IVSPEER RECV <bytes> <crc32>"
  *   send N      write N pattern bytes, close; print "IVSPEER SENT <bytes> <crc32>"
  *   echo        write back everything read until end of stream
@@ -324,16 +327,26 @@ int main(int argc, char **argv)
         snprintf(path, sizeof path, "%s", argv[1]);
     }
     ml_ivshmem_region *r;
-    int rc = ml_ivshmem_open(path, 0, 0, NULL, 0, &r);
+    int probe = !strcmp(argv[2], "probe");
+    /* Up to about 60 s for the other end to appear (a guest may boot slowly). */
+    long long deadline = now_ns() + 60000000000ll;
+    long delay = 1000;
+    int rc;
+    while ((rc = ml_ivshmem_open(path, 0, 0, NULL, 0, &r)) == ML_ECORRUPT && !probe &&
+           now_ns() < deadline)
+        backoff(&delay);
     if (rc < 0) {
         printf("IVSPEER ERROR open %s: %d (%s)\n", path, rc,
                rc == ML_ECORRUPT ? "bad header" : strerror(errno));
         return 1;
     }
+    if (probe) {
+        printf("IVSPEER OPEN host_id=%s\n", ml_ivshmem_host_id(r));
+        ml_ivshmem_close(r);
+        return 0;
+    }
     uint32_t party = (uint32_t)getpid() | 0x80000000u;
-    /* Up to about 60 s for the other end to appear (a guest may boot slowly). */
-    long long deadline = now_ns() + 60000000000ll;
-    long delay = 1000;
+    delay = 1000;
     if (!strcmp(argv[2], "connect")) {
         for (;;) {
             rc = ml_ivshmem_connect(r, argv[3], party, &c.v);
