@@ -14,12 +14,16 @@
  *   recv        read to end of stream; print "IVSPEER RECV <bytes> <crc32>"
  *   send N      write N pattern bytes, close; print "IVSPEER SENT <bytes> <crc32>"
  *   echo        write back everything read until end of stream
+ *   drain       as recv without the checksum; source N: as send with a
+ *               constant buffer (the bench: transport cost, not the guest's
+ *               byte-by-byte CRC under TCG)
  * The tcp form runs the same modes over a TCP connection (the bench's
  * baseline through the guest's NIC).  Every line the tests wait for starts
  * with "IVSPEER"; exit status 3 means the peer was lost.
  *
- * Waiting is polling with a bounded backoff (1 us doubling to 2 ms), and the
- * heartbeat is bumped at least every 100 ms from the same loop.
+ * Waiting is polling: a busy spin of up to 200 us (a ping's answer usually
+ * comes sooner than a sleep would end), then sleeps from 10 us doubling to
+ * 2 ms; the heartbeat is bumped at least every 100 ms from the same loop.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -41,6 +45,8 @@
 #define BEAT_NS 100000000ll
 #define DEAD_NS 600000000ll
 #define MAX_SLEEP_NS 2000000l
+#define SPIN_NS 200000ll
+#define FIRST_SLEEP_NS 10000l
 #define BUF 65536
 
 static uint32_t crc_table[256];
@@ -136,6 +142,27 @@ static int tick(struct conn *c)
     return 0;
 }
 
+/* One wait: spin until SPIN_NS after `since`, then sleep with backoff. */
+struct pause {
+    long long since;
+    long sleep_ns;
+};
+
+static void pause_start(struct pause *p)
+{
+    p->since = now_ns();
+    p->sleep_ns = FIRST_SLEEP_NS;
+}
+
+static void pause_once(struct pause *p)
+{
+    if (now_ns() - p->since < SPIN_NS)
+        return;
+    struct timespec ts = {0, p->sleep_ns};
+    nanosleep(&ts, NULL);
+    p->sleep_ns = p->sleep_ns * 2 > MAX_SLEEP_NS ? MAX_SLEEP_NS : p->sleep_ns * 2;
+}
+
 static void backoff(long *ns)
 {
     struct timespec ts = {0, *ns};
@@ -162,7 +189,8 @@ static long conn_read(struct conn *c, uint8_t *buf, size_t n)
                 lost();
         }
     }
-    long delay = 1000;
+    struct pause w;
+    pause_start(&w);
     for (;;) {
         long got = ml_vchan_read(c->v, buf, n);
         if (got < 0)
@@ -180,7 +208,7 @@ static long conn_read(struct conn *c, uint8_t *buf, size_t n)
         }
         if (live < 0 || tick(c) < 0)
             lost();
-        backoff(&delay);
+        pause_once(&w);
     }
 }
 
@@ -198,7 +226,8 @@ static void conn_write(struct conn *c, const uint8_t *buf, size_t n)
         }
         return;
     }
-    long delay = 1000;
+    struct pause w;
+    pause_start(&w);
     while (n) {
         long put = ml_vchan_write(c->v, buf, n);
         if (put < 0)
@@ -206,12 +235,12 @@ static void conn_write(struct conn *c, const uint8_t *buf, size_t n)
         if (put > 0) {
             buf += put;
             n -= (size_t)put;
-            delay = 1000;
+            pause_start(&w);
             continue;
         }
         if (tick(c) < 0 || ml_vchan_peer_live(c->v) != ML_LIVE_CONNECTED)
             lost();
-        backoff(&delay);
+        pause_once(&w);
     }
 }
 
@@ -259,6 +288,23 @@ static int run_mode(struct conn *c, const char *mode, const char *arg)
             tick(c);
         }
         printf("IVSPEER SENT %llu %08x\n", total, crc);
+    } else if (!strcmp(mode, "drain")) {
+        long got;
+        while ((got = conn_read(c, buf, sizeof buf)) > 0) {
+            total += (unsigned long long)got;
+            tick(c);
+        }
+        printf("IVSPEER RECV %llu -\n", total);
+    } else if (!strcmp(mode, "source") && arg) {
+        unsigned long long n = strtoull(arg, NULL, 10);
+        memset(buf, 0xa5, sizeof buf);
+        while (total < n) {
+            size_t chunk = n - total < sizeof buf ? (size_t)(n - total) : sizeof buf;
+            conn_write(c, buf, chunk);
+            total += chunk;
+            tick(c);
+        }
+        printf("IVSPEER SENT %llu -\n", total);
     } else if (!strcmp(mode, "echo")) {
         long got;
         while ((got = conn_read(c, buf, sizeof buf)) > 0) {

@@ -21,9 +21,10 @@ which machine's memory that is; :func:`connect_ivshmem` refuses a region
 whose host id is not the one the caller expects.
 
 *Events.*  Without ``ivshmem-server`` there are no interrupts or eventfds, so
-a signal increments a bell counter in the slot and a waiter polls it with a
-bounded adaptive backoff (:data:`MIN_POLL` doubling to :data:`MAX_POLL`):
-``stream.transport_details["notify"]`` says ``"poll"``.
+a signal increments a bell counter in the slot and a waiter polls it: first
+a cooperative spin whose budget adapts to recent waits (at most
+:data:`MAX_SPIN`), then sleeps from :data:`MIN_POLL` doubling to
+:data:`MAX_POLL`.  ``stream.transport_details["notify"]`` says ``"poll"``.
 
 *Liveness.*  A killed guest cannot clear its live byte, so each end bumps a
 heartbeat counter every :data:`BEAT_INTERVAL` from a small thread; a peer
@@ -70,9 +71,12 @@ __all__ = [
 BEAT_INTERVAL = 0.1
 #: A peer whose heartbeat has not moved for this long is gone.
 DEAD_AFTER = 0.6
-#: Bounds of the polling backoff while waiting for the peer's bell.
-MIN_POLL = 20e-6
-MAX_POLL = 2e-3
+#: Bounds of the adaptive spin before sleeping (see PollBell.wait).
+MIN_SPIN = 50e-6
+MAX_SPIN = 2e-3
+#: Bounds of the sleeping backoff after the spin (trio sleeps in whole ms).
+MIN_POLL = 1e-3
+MAX_POLL = 4e-3
 #: QEMU's ivshmem PCI ids (the same for ivshmem-plain and ivshmem-doorbell).
 IVSHMEM_VENDOR = 0x1AF4
 IVSHMEM_DEVICE = 0x1110
@@ -222,8 +226,8 @@ class PollBell(Doorbell):
 
     Replaces :class:`~meshlink.transport.doorbell.Doorbell` for
     :class:`~meshlink.transport.vchan.stream.VchanStream`: :meth:`wait`
-    returns when the peer rang (its counter moved), when the peer is dead,
-    sleeping between looks with a backoff from MIN_POLL doubling to MAX_POLL.
+    returns when the peer rang (its counter moved) or is dead, after an
+    adaptive spin and then sleeps from MIN_POLL doubling to MAX_POLL.
     """
 
     def __init__(self, ptr: Any) -> None:  # noqa: D107 - no fds, no epoll: the base is not set up
@@ -232,6 +236,7 @@ class PollBell(Doorbell):
         self._beat = int(lib.ml_ivshmem_peer_beat(ptr))
         self._beat_at = time.monotonic()
         self._dead = False
+        self._wait_avg = MIN_SPIN
         self.closed = False
         self.own_fd = -1
         self.peer_fd = -1
@@ -258,23 +263,39 @@ class PollBell(Doorbell):
         lib.ml_vchan_notify(self._ptr)
 
     async def wait(self) -> None:
-        """Sleep until the peer rings or dies (callers armed and re-checked first).
+        """Wait until the peer rings or dies (callers armed and re-checked first).
+
+        First a cooperative spin (every turn yields to trio) whose budget
+        follows recent waits, as the stream's read spin does: twice their
+        moving average within [MIN_SPIN, MAX_SPIN], or barely at all when
+        the peer usually takes longer (an idle peer).  Then sleeps from
+        MIN_POLL doubling to MAX_POLL: trio's sleeps have millisecond
+        granularity, so a shorter wait can only be had by spinning.
 
         Raises:
             trio.ClosedResourceError: the bell was closed meanwhile.
 
         Cancellation: safe; nothing is consumed.
         """
+        started = time.perf_counter()
+        avg = self._wait_avg
+        budget = MIN_SPIN if avg > MAX_SPIN else max(MIN_SPIN, min(MAX_SPIN, 2 * avg))
         delay = MIN_POLL
+        spin_until = started + budget
         while True:
             if self.closed:
                 raise trio.ClosedResourceError("closed while waiting for the peer")
             bell = int(lib.ml_ivshmem_bell(self._ptr))
             if bell != self._seen:
                 self._seen = bell
+                sample = min(time.perf_counter() - started, 2 * MAX_SPIN)
+                self._wait_avg += (sample - self._wait_avg) / 4
                 return
             if self.peer_dead:
                 return
+            if time.perf_counter() < spin_until:
+                await trio.lowlevel.checkpoint()
+                continue
             await trio.sleep(delay)
             delay = min(2 * delay, MAX_POLL)
 
@@ -363,7 +384,7 @@ class IvshmemListener:
                     pass
                 return stream
             await trio.sleep(delay)
-            delay = min(2 * delay, MAX_POLL * 5)
+            delay = min(2 * delay, MAX_POLL)
 
     async def aclose(self) -> None:
         """Stop listening: the claimed slot is freed."""
@@ -419,7 +440,7 @@ async def connect_ivshmem(region: IvshmemRegion, name: str, *, expect_host_id: s
             if trio.current_time() >= deadline:
                 raise
             await trio.sleep(delay)
-            delay = min(2 * delay, MAX_POLL * 5)
+            delay = min(2 * delay, MAX_POLL)
             continue
         await trio.lowlevel.checkpoint()
         return IvshmemStream(out[0], region)
