@@ -64,6 +64,8 @@ __all__ = [
     "IvshmemStream",
     "connect_ivshmem",
     "find_ivshmem_device",
+    "local_region",
+    "local_region_host_id",
     "open_ivshmem_listener",
 ]
 
@@ -118,6 +120,37 @@ def find_ivshmem_device(sysfs: str = "/sys/bus/pci/devices") -> str:
     raise ProviderUnavailable(f"no ivshmem PCI device (1af4:1110) under {sysfs}")
 
 
+#: Names the region this end maps: a host file, a resource2 path, or "auto".
+REGION_ENV = "MESHLINK_IVSHMEM"
+
+
+def local_region() -> IvshmemRegion:
+    """The region this end maps: ``$MESHLINK_IVSHMEM`` (a path), else the guest's device.
+
+    Raises:
+        ProviderUnavailable: no path set and no ivshmem device present.
+        RingCorruptError: the region's header is not valid.
+        TransportError: it cannot be opened or mapped.
+    """
+    path = os.environ.get(REGION_ENV, "auto")
+    return IvshmemRegion.open(None if path == "auto" else path)
+
+
+def local_region_host_id() -> str | None:
+    """The host id in the header of :func:`local_region`, or None if there is none.
+
+    What :class:`resolver.Resolver` takes as ``ivshmem_host_id``: two parties
+    that map regions stamped with the same host id are co-located on one KVM
+    host.  A region that cannot be opened or whose header is invalid counts
+    as none.
+    """
+    try:
+        with local_region() as region:
+            return region.host_id
+    except (TransportError, RingCorruptError):
+        return None
+
+
 class IvshmemRegion:
     """One mapping of an ivshmem region (a host file or a guest's BAR2).
 
@@ -134,7 +167,7 @@ class IvshmemRegion:
     def __init__(self, ptr: Any, path: str) -> None:
         self._r = ptr
         self.path = path
-        self.host_id = ffi.string(lib.ml_ivshmem_host_id(ptr)).decode("ascii")
+        self.host_id: str = ffi.string(lib.ml_ivshmem_host_id(ptr)).decode("ascii")
         self.size = int(lib.ml_ivshmem_size(ptr))
         self.nslots = int(lib.ml_ivshmem_nslots(ptr))
         self.max_ring = int(lib.ml_ivshmem_max_ring(ptr))
