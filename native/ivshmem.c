@@ -100,7 +100,8 @@ static void region_unref(struct ml_ivshmem_region *r)
     free(r);
 }
 
-/* A NUL-terminated, printable string of at most `max` bytes in `src[cap]`. */
+/* A NUL-terminated, non-empty, printable string of at most `max` bytes in
+ * `src[cap]`, copied once into `dst`. */
 static int copy_text(char *dst, const char *src, size_t cap, size_t max)
 {
     char tmp[64];
@@ -108,7 +109,7 @@ static int copy_text(char *dst, const char *src, size_t cap, size_t max)
     size_t n = 0;
     while (n < cap && n < sizeof tmp && tmp[n])
         n++;
-    if (n > max || n == cap)
+    if (n == 0 || n > max || n == cap)
         return 0;
     for (size_t i = 0; i < n; i++)
         if (tmp[i] < 0x21 || tmp[i] > 0x7e)

@@ -23,7 +23,7 @@ import trio
 
 from meshlink import ConnectionLost, ProviderUnavailable, RingCorruptError, ServiceNotFound
 from meshlink._native import lib
-from meshlink.errors import TransportError
+from meshlink.errors import LocalProtocolError, TransportError
 from meshlink.transport.vchan.ivshmem import (
     DEAD_AFTER,
     IvshmemRegion,
@@ -189,6 +189,19 @@ async def test_clean_close_is_eof_and_ring_survives_many_connections(region_path
     region.close()
 
 
+async def test_bad_names_are_refused_before_touching_the_region(region_path: Path) -> None:
+    with pytest.raises(LocalProtocolError):
+        IvshmemRegion.create(region_path, "host a")
+    region = IvshmemRegion.create(region_path, "host-a", size=1 << 20, nslots=2)
+    for bad in ("", "with space", "caf\u00e9", "x" * 64):
+        with pytest.raises(LocalProtocolError):
+            await open_ivshmem_listener(region, bad)
+        with pytest.raises(LocalProtocolError):
+            await connect_ivshmem(region, bad)
+    assert {region.slot_state(i) for i in range(2)} == {lib.ML_IVSHMEM_FREE}
+    region.close()
+
+
 async def test_no_listener_full_table_and_wrong_host(region_path: Path) -> None:
     region = IvshmemRegion.create(region_path, "host-a", size=1 << 20, nslots=2)
     with pytest.raises(ServiceNotFound):
@@ -221,6 +234,7 @@ HOSTILE_HEADERS = {
     "slots offset": (32, "<Q", 0),
     "host id unterminated": (40, "<64s", b"h" * 64),
     "host id unprintable": (40, "<64s", b"host\x07id"),
+    "host id empty": (40, "<64s", b""),
 }
 
 

@@ -102,6 +102,14 @@ def _check(rc: int, what: str) -> int:
     raise TransportError(f"ivshmem {what}: {os.strerror(err)}")
 
 
+def _ascii(text: str, what: str) -> bytes:
+    """``text`` as the printable ASCII the region's header and slots hold."""
+    if not text or not text.isascii() or not text.isprintable() or " " in text:
+        raise LocalProtocolError(f"ivshmem {what} must be printable ASCII without spaces: "
+                                 f"{text!r}")
+    return text.encode("ascii")
+
+
 def find_ivshmem_device(sysfs: str = "/sys/bus/pci/devices") -> str:
     """The ``resource2`` path of the first ivshmem PCI device (inside a guest).
 
@@ -184,7 +192,7 @@ class IvshmemRegion:
             TransportError: the file cannot be created or mapped.
         """
         out = ffi.new("ml_ivshmem_region **")
-        _check(lib.ml_ivshmem_open(os.fsencode(path), 1, size, host_id.encode("ascii"),
+        _check(lib.ml_ivshmem_open(os.fsencode(path), 1, size, _ascii(host_id, "host id"),
                                    nslots, out), "create")
         return cls(out[0], os.fspath(path))
 
@@ -386,7 +394,7 @@ class IvshmemListener:
     def _claim(self) -> Any:
         if self._pending is None:
             out = ffi.new("ml_vchan **")
-            _check(lib.ml_ivshmem_listen(self.region._require_open(), self.name.encode("ascii"),
+            _check(lib.ml_ivshmem_listen(self.region._require_open(), _ascii(self.name, "name"),
                                          _party(), self.left_order, self.right_order, out),
                    "listen")
             self._pending = out[0]
@@ -467,7 +475,7 @@ async def connect_ivshmem(region: IvshmemRegion, name: str, *, expect_host_id: s
     while True:
         out = ffi.new("ml_vchan **")
         try:
-            _check(lib.ml_ivshmem_connect(region._require_open(), name.encode("ascii"),
+            _check(lib.ml_ivshmem_connect(region._require_open(), _ascii(name, "name"),
                                           _party(), out), "connect")
         except ServiceNotFound:
             if trio.current_time() >= deadline:
