@@ -230,6 +230,11 @@ void ml_ivshmem_close(ml_ivshmem_region *r)
         region_unref(r);
 }
 
+uint8_t *ml_ivshmem_base(const ml_ivshmem_region *r)
+{
+    return r->base;
+}
+
 const char *ml_ivshmem_host_id(const ml_ivshmem_region *r)
 {
     return r->host_id;

@@ -61,6 +61,8 @@ int ml_ivshmem_open(const char *path, int create, uint64_t size, const char *hos
                     uint32_t nslots, ml_ivshmem_region **out);
 /* Unmap.  Channels made from the region keep their own mapping reference. */
 void ml_ivshmem_close(ml_ivshmem_region *r);
+/* First byte of our mapping (tests and the fuzz target check layouts). */
+uint8_t *ml_ivshmem_base(const ml_ivshmem_region *r);
 /* The validated host id (NUL-terminated copy) and geometry. */
 const char *ml_ivshmem_host_id(const ml_ivshmem_region *r);
 size_t ml_ivshmem_size(const ml_ivshmem_region *r);
