@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -135,6 +136,7 @@ async def run(args: argparse.Namespace) -> None:
         for lst in listeners:
             await lst.aclose()
         region.close()
+        shutil.rmtree(work, ignore_errors=True)
     print_load_average("end")
     took = time.perf_counter() - booted
     print(f"# one TCG guest (no KVM), 1 vCPU; {args.repeat} rounds in {took:.0f} s; "
