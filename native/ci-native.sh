@@ -2,7 +2,7 @@
 # ci-native.sh - the native core's memory-safety gate, called from .ci/run
 # after the main test command:
 #   1. native/sanitize-tests.sh: the native-facing tests (tests/native,
-#      tests/test_vchan*.py, tests/test_blk*.py) against an ASan+UBSan build;
+#      tests/test_vchan*.py, tests/test_blk*.py, tests/test_ivshmem.py) against an ASan+UBSan build;
 #   2. native/fuzz/run.sh SECONDS: every libFuzzer target, regressions first,
 #      then SECONDS of fuzzing each (default 60), executions printed.
 # Both always run; the exit status is non-zero if either failed.

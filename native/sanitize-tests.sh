@@ -36,7 +36,7 @@ tar -C "$ROOT" \
     -cf - . | tar -C "$WORK" -xf -
 
 TESTS=(tests/native)
-for f in "$WORK"/tests/test_vchan*.py "$WORK"/tests/test_blk*.py; do
+for f in "$WORK"/tests/test_vchan*.py "$WORK"/tests/test_blk*.py "$WORK"/tests/test_ivshmem.py; do
     [ -e "$f" ] && TESTS+=("tests/${f##*/}")
 done
 PYTHONPATH="$WORK${PYTHONPATH:+:$PYTHONPATH}"

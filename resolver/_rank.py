@@ -57,8 +57,25 @@ def _merge(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
             host_id=prev.host_id if prev.host_id is not None else ep.host_id,
             fingerprint=prev.fingerprint if prev.fingerprint is not None else ep.fingerprint,
             source="+".join(sorted((s for s in sources if s), key=_source_rank)),
+            via=prev.via,
         )
     return list(seen.values())
+
+
+def _judge_ivshmem(ep: Endpoint, facts: LocalFacts, src: str) -> tuple[bool, str]:
+    """A vchan through an ivshmem region: co-located when we map a region of its host id."""
+    if facts.ivshmem_host_id is None:
+        return False, f"{src}; vchan over ivshmem, but this end maps no ivshmem region"
+    if ep.host_id is None:
+        if ep.source.startswith("rules"):
+            return True, (f"{src}: the rules file names it; co-location in ivshmem region of "
+                          f"host {facts.ivshmem_host_id} to be proved by connecting through it")
+        return False, f"{src}; no host id advertised, so KVM co-location cannot be claimed"
+    if ep.host_id != facts.ivshmem_host_id:
+        return False, (f"{src}; advertised region host id {ep.host_id} differs from our "
+                       f"region's ({facts.ivshmem_host_id}): not co-located")
+    return True, (f"{src}; co-located on KVM: our ivshmem region was stamped by host "
+                  f"{ep.host_id} (to be proved by connecting through it)")
 
 
 def _judge(ep: Endpoint, facts: LocalFacts, policy: Policy) -> tuple[bool, str]:
@@ -71,6 +88,8 @@ def _judge(ep: Endpoint, facts: LocalFacts, policy: Policy) -> tuple[bool, str]:
             return False, f"{src}; vchan forbidden by policy"
         if ep.source == "pin":
             return True, "pinned; co-location to be proved by the vchan handshake"
+        if ep.via == "ivshmem":
+            return _judge_ivshmem(ep, facts, src)
         if ep.host_id is None:
             if ep.source.startswith("hoststore"):
                 return True, (f"{src}: live in our host store without a record (a bare vchan "
@@ -120,7 +139,7 @@ def rank(endpoints: Iterable[Endpoint], facts: LocalFacts, policy: Policy) -> Ra
         pin = policy.pin if isinstance(policy.pin, Endpoint) else Endpoint.parse(
             policy.pin, source="pin")
         pin = Endpoint(pin.scheme, pin.host, pin.port, store=pin.store, host_id=pin.host_id,
-                       fingerprint=pin.fingerprint, source="pin")
+                       fingerprint=pin.fingerprint, source="pin", via=pin.via)
         rejected += [Choice(ep, f"from {ep.source}; not the pinned endpoint {pin.url}")
                      for ep in candidates if ep.url != pin.url]
         candidates = [pin]

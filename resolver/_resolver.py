@@ -40,6 +40,9 @@ class Resolver:
         host_id: our host id (default :func:`default_host_id`).
         tls_configured: whether this end can speak TLS (has a CA to verify
             servers and a certificate); TLS endpoints are rejected otherwise.
+        ivshmem_host_id: the host id of the ivshmem region this end maps
+            (``meshlink.transport.vchan.ivshmem.local_region_host_id``), which
+            makes ``vchan://ivshmem/NAME`` endpoints of that host co-located.
 
     Raises:
         RulesError: the rules file is malformed (file and line in the message).
@@ -56,6 +59,7 @@ class Resolver:
         dns: DnsConfig | str | bool | None = None,
         host_id: str | None = None,
         tls_configured: bool = True,
+        ivshmem_host_id: str | None = None,
     ) -> None:
         self.store = HostStore.of(host_store)
         self.hoststore = HostStoreSource(self.store)
@@ -69,7 +73,8 @@ class Resolver:
         else:
             self.zeroconf = zeroconf
         self.dns = dns_config(dns)
-        self.facts = LocalFacts(host_id or default_host_id(self.store), tls_configured)
+        self.facts = LocalFacts(host_id or default_host_id(self.store), tls_configured,
+                                ivshmem_host_id)
 
     async def candidates(self, name: str) -> list[Endpoint]:
         """Every endpoint the sources know for ``name``, unranked, sources in order.

@@ -13,6 +13,8 @@ Scheme = Literal["vchan", "tls", "tcp"]
 SCHEMES: tuple[Scheme, ...] = ("vchan", "tls", "tcp")
 #: The authority of a vchan URL: "through the host store".
 VCHAN_AUTHORITY = "host-store"
+#: The authority of a vchan URL through a shared ivshmem region (KVM guests).
+IVSHMEM_AUTHORITY = "ivshmem"
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class Endpoint:
         fingerprint: SHA-256 of the server's TLS certificate (hex), if advertised.
         source: which registry produced it (``hoststore``, ``rules``,
             ``zeroconf``, ``dns``, ``pin``).
+        via: for vchan, ``""`` (through the host store) or ``"ivshmem"``
+            (through the ivshmem region this end maps; ``host_id`` is then
+            the host id stamped in that region's header).
     """
 
     scheme: Scheme
@@ -38,12 +43,14 @@ class Endpoint:
     host_id: str | None = field(default=None, compare=False)
     fingerprint: str | None = field(default=None, compare=False)
     source: str = field(default="", compare=False)
+    via: str = ""
 
     @property
     def url(self) -> str:
         """The endpoint as a URL: ``vchan://host-store/NAME``, ``tls://HOST:PORT``."""
         if self.scheme == "vchan":
-            return f"vchan://{VCHAN_AUTHORITY}/{self.host}"
+            authority = IVSHMEM_AUTHORITY if self.via == "ivshmem" else VCHAN_AUTHORITY
+            return f"vchan://{authority}/{self.host}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
 
@@ -52,7 +59,8 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str, *, source: str = "") -> Endpoint:
-        """Parse ``vchan://host-store/NAME``, ``tls://HOST:PORT`` or ``tcp://HOST:PORT``.
+        """Parse ``vchan://host-store/NAME``, ``vchan://ivshmem/NAME``, ``tls://HOST:PORT``
+        or ``tcp://HOST:PORT``.
 
         Raises:
             ValueError: not one of those forms (the message says why).
@@ -66,11 +74,14 @@ class Endpoint:
             raise ValueError(f"bad endpoint {url!r}: no query or fragment allowed")
         if parts.scheme == "vchan":
             name = parts.path.lstrip("/")
-            if parts.netloc != VCHAN_AUTHORITY or not name or "/" in name:
+            if (parts.netloc not in (VCHAN_AUTHORITY, IVSHMEM_AUTHORITY) or not name
+                    or "/" in name):
                 raise ValueError(
-                    f"bad endpoint {url!r}: a vchan endpoint is vchan://{VCHAN_AUTHORITY}/NAME"
+                    f"bad endpoint {url!r}: a vchan endpoint is vchan://{VCHAN_AUTHORITY}/NAME "
+                    f"or vchan://{IVSHMEM_AUTHORITY}/NAME"
                 )
-            return cls("vchan", name, source=source)
+            via = "ivshmem" if parts.netloc == IVSHMEM_AUTHORITY else ""
+            return cls("vchan", name, source=source, via=via)
         if parts.scheme not in ("tls", "tcp"):
             raise ValueError(f"bad endpoint {url!r}: scheme must be vchan, tls or tcp")
         if not parts.hostname or port is None or not 0 < port < 65536:
@@ -89,10 +100,14 @@ class LocalFacts:
         host_id: our host id (see :func:`resolver.hoststore.default_host_id`).
         tls_configured: whether we have a TLS configuration (a CA to verify
             servers with, and our certificate for mutual TLS).
+        ivshmem_host_id: the host id in the header of the ivshmem region this
+            end maps (``None``: none): parties that map the same region are
+            co-located on one KVM host whatever their own host ids.
     """
 
     host_id: str
     tls_configured: bool = True
+    ivshmem_host_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from resolver import Choice, Endpoint, HostStore
 from ..errors import AuthError, LocalProtocolError, MeshlinkError, ResolveError
 from .tls import TLSConfig, tls_client_stream
 from .vchan import VchanStream, connect_vchan
+from .vchan.ivshmem import connect_ivshmem, local_region
 
 __all__ = ["ATTEMPT_ERRORS", "dial", "dial_tcp", "dial_tls", "dial_vchan", "open_first"]
 
@@ -75,12 +76,20 @@ def expected_server_uid(store: HostStore, service: str) -> int:
 
 
 async def dial_vchan(ep: Endpoint, host_store: HostStore) -> VchanStream:
-    """Open a vchan to ``ep`` through its host store (``host_store`` if it names none).
+    """Open a vchan to ``ep`` through its host store (``host_store`` if it names none),
+    or through our ivshmem region for ``vchan://ivshmem/NAME``.
 
     Raises:
         AuthError: the server refused our uid, or its uid is not the owner of
             its record (see :func:`expected_server_uid`).
+        ProviderUnavailable: an ivshmem endpoint, and our region is missing or
+            belongs to another host id than the endpoint's.
     """
+    if ep.via == "ivshmem":
+        # Reaching the listener through the region is the proof of co-location;
+        # the region's host id must be the one the endpoint claims.
+        with local_region() as region:
+            return await connect_ivshmem(region, ep.host, expect_host_id=ep.host_id)
     store = HostStore(ep.store) if ep.store else host_store
     return await connect_vchan(ep.host, host_store=store,
                                expect_uid=expected_server_uid(store, ep.host))

@@ -34,6 +34,7 @@ sources_for() {
     case "$1" in
         vchan_fuzz) echo "vchan_ring.c vchan_setup.c local_grant.c local_event.c" ;;
         blk_fuzz) echo "blkring.c" ;;
+        ivshmem_fuzz) echo "ivshmem.c vchan_ring.c vchan_setup.c" ;;
     esac
 }
 

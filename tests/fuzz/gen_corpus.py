@@ -4,7 +4,7 @@
 Usage: gen_corpus.py [OUTDIR]   (default: native/fuzz/corpus)
 
 The seeds are small, hand-built inputs in each target's input format (see
-the comment at the top of vchan_fuzz.c and blk_fuzz.c): an honest peer's
+the comment at the top of vchan_fuzz.c, blk_fuzz.c and ivshmem_fuzz.c): an honest peer's
 control page followed by ordinary traffic, so the fuzzer starts from states
 where the ring is actually used, and mutates from there.  Re-running this
 script rewrites the same files byte for byte.
@@ -164,11 +164,34 @@ def blk_seeds() -> dict[str, bytes]:
     return seeds
 
 
+def ivshmem_seeds() -> dict[str, bytes]:
+    """ivshmem_fuzz: a stamped region and a listener, then traffic and hostile patches."""
+
+    def patch(off: int, data: bytes) -> bytes:
+        return struct.pack("<HB", off, len(data)) + data
+
+    phase = struct.pack("<HB", 0xFFFF, 0)
+    # flags: stamp + listen, 16 pages; 2 slots; orders 12/12 (2 + 2 * 11 = 24).
+    honest = bytes([1 | (14 << 1), 1, 24]) + phase + phase + phase + b"hello" * 8
+    return {
+        "honest": honest,
+        "inpage-rings": bytes([1 | (2 << 1), 3, 0]) + phase + phase + phase + b"x" * 40,
+        "bad-magic": bytes([1 | (4 << 1), 1, 24]) + patch(0, b"AAAAAAAA"),
+        "slot-size-huge": bytes([1 | (4 << 1), 1, 24]) + patch(24, struct.pack("<Q", 1 << 40)),
+        "ctrl-outside": bytes([1 | (14 << 1), 1, 24]) + phase
+        + patch(128 + 16, struct.pack("<Q", 4096 * 15)),
+        "scribble-prod": bytes([1 | (14 << 1), 1, 24]) + phase + phase
+        + patch(4096 + 12, b"\xff\xff\xff\x7f") + phase + b"data" * 4,
+        "raw": bytes([0, 0, 0]) + patch(0, b"MLLVSHM1"),
+    }
+
+
 def main() -> None:
     default = Path(__file__).resolve().parents[2] / "native" / "fuzz" / "corpus"
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else default
     targets = {"vchan_fuzz": vchan_seeds()}
     targets["blk_fuzz"] = blk_seeds()
+    targets["ivshmem_fuzz"] = ivshmem_seeds()
     for target, seeds in targets.items():
         d = out / target
         d.mkdir(parents=True, exist_ok=True)

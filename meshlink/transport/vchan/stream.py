@@ -103,13 +103,15 @@ class VchanStream(trio.abc.HalfCloseableStream):
         *,
         on_event: Callable[[], None] | None = None,
         owns_fds: bool = True,
+        bell: Doorbell | None = None,
     ) -> None:
         # Other providers (meshlink.transport.vchan.xen): no liveness socket (the ring's
         # live bytes carry death), an event fd that ``on_event`` acknowledges
         # instead of reading it, and fds owned by the ring (owns_fds=False).
         self._ring = ring
-        self._bell = Doorbell(own_evfd, peer_evfd, liveness, on_event=on_event,
-                              owns_fds=owns_fds)
+        # ``bell``: a provider without event fds (ivshmem polling) brings its own.
+        self._bell = bell or Doorbell(own_evfd, peer_evfd, liveness, on_event=on_event,
+                                      owns_fds=owns_fds)
         self.peer = peer
         self.read_size = ring.read_size
         self.write_size = ring.write_size
