@@ -368,6 +368,17 @@ def _tls_refusal(ep: Endpoint, exc: BaseException) -> BaseException:
     return exc
 
 
+def _ivshmem_host_id() -> str | None:
+    """The host id of the ivshmem region we map (``$MESHLINK_IVSHMEM``, or a guest's
+    ivshmem PCI device), which makes the server's ``vchan://ivshmem/NAME``
+    endpoint co-located; None when there is none (the usual case)."""
+    from .transport.vchan.ivshmem import REGION_ENV, local_region_host_id
+
+    if REGION_ENV not in os.environ and not os.path.isdir("/sys/bus/pci/devices"):
+        return None
+    return local_region_host_id()
+
+
 @asynccontextmanager
 async def connect(
     name: str,
@@ -414,6 +425,10 @@ async def connect(
         allow_plaintext: also try plain TCP endpoints that only a DNS answer
             vouches for (default ``$MESHLINK_ALLOW_PLAINTEXT``, unset: no).
         forbid_vchan: never use shared memory (not even by upgrading).
+            Otherwise, a ``vchan://ivshmem/NAME`` endpoint (a KVM guest's
+            server, see ``docs/guide/ivshmem.md``) counts as co-located when
+            the ivshmem region we map (``$MESHLINK_IVSHMEM`` or the guest's
+            device) carries its host id.
         pin: use exactly this endpoint (URL or :class:`Endpoint`); resumes
             use it too, and the session never moves.
         client_name: our name, sent in the bus hello.
@@ -463,7 +478,8 @@ async def connect(
         if resolver is None:
             resolver = Resolver(host_store=host_store, rules=rules, zeroconf=zeroconf,
                                 dns=dns, host_id=host_id,
-                                tls_configured=tls is not None and tls.can_connect)
+                                tls_configured=tls is not None and tls.can_connect,
+                                ivshmem_host_id=None if forbid_vchan else _ivshmem_host_id())
         try:
             choices = await resolver.resolve(name, policy)
         except InvalidName:

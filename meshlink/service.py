@@ -200,6 +200,7 @@ async def serve(
     allow_plaintext: bool | None = None,
     require_tls: bool = False,
     vchan: bool = True,
+    ivshmem: str | os.PathLike[str] | None = None,
     allow_uids: Collection[int] | None = None,
     zeroconf: ZeroconfConfig | bool | None = None,
     host_id: str | None = None,
@@ -239,6 +240,12 @@ async def serve(
             (``None``: ``$MESHLINK_ALLOW_PLAINTEXT``, unset = no).
         require_tls: offer no plain TCP at all, and fail without a certificate.
         vchan: offer vchan through the host store.
+        ivshmem: also offer vchan through this ivshmem region (a host file
+            given to KVM guests, a guest's ``resource2``, or ``"auto"`` for
+            the guest's device): the endpoint ``vchan://ivshmem/NAME``.
+            Whoever maps the region may connect (the region is the
+            boundary: give it only to the VMs that may); see
+            ``docs/guide/ivshmem.md``.
         allow_uids: uids allowed to connect over every local path this server
             opens (vchan; default: our own uid only).
         zeroconf: DNS-SD advertisement: a config, ``True`` (all interfaces),
@@ -307,7 +314,7 @@ async def serve(
         raise LocalProtocolError("require_tls needs a TLS certificate (tls= or MESHLINK_TLS_*)")
     if tls is None:
         tls_port = None
-    if not vchan and tls_port is None and tcp_port is None:
+    if not vchan and ivshmem is None and tls_port is None and tcp_port is None:
         raise LocalProtocolError(f"service {name!r} would listen nowhere: no vchan, no TLS "
                                  "certificate, and plain TCP not allowed")
     zc = ZeroconfConfig.from_env() if zeroconf is None else (
@@ -360,6 +367,16 @@ async def serve(
         stack.push_async_callback(offer.withdraw)
         if vchan:
             await offer.open()
+        ivs_listener = None
+        if ivshmem is not None:
+            from .transport.vchan.ivshmem import IvshmemRegion, open_ivshmem_listener
+
+            region = IvshmemRegion.open(None if ivshmem == "auto" else ivshmem)
+            stack.callback(region.close)
+            ivs_listener = await open_ivshmem_listener(region, name)
+            stack.push_async_callback(ivs_listener.aclose)
+            server.endpoints.insert(1 if vchan else 0, Endpoint(
+                "vchan", name, host_id=region.host_id, via="ivshmem"))
         if zc is not None:
             ad = Advertisement(name, hid, server.transports, tuple(advertise),
                                server.tls_port, server.tcp_port, fingerprint)
@@ -420,6 +437,8 @@ async def serve(
         with server._cancel:
             async with trio.open_nursery() as nursery:
                 offer.start(nursery, on_vchan)
+                if ivs_listener is not None:
+                    nursery.start_soon(trio.serve_listeners, on_vchan, [ivs_listener])
                 if tcp_listeners:
                     nursery.start_soon(trio.serve_listeners, on_tcp, tcp_listeners)
                 if tls_listeners:

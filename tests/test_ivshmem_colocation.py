@@ -96,3 +96,57 @@ async def test_dial_proves_colocation_through_the_region(
 def test_no_region_means_no_host_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHLINK_IVSHMEM", str(tmp_path / "missing"))
     assert local_region_host_id() is None
+
+
+SERVE = """
+import sys, trio, meshlink
+from functools import partial
+from meshlink.bus import Handlers
+
+async def main(store, region):
+    h = Handlers()
+    async def echo(x):
+        return x
+    h.add_method("echo", echo)
+    async with trio.open_nursery() as n:
+        srv = await n.start(partial(meshlink.serve, "db", h, host_store=store, vchan=False,
+                                    ivshmem=region))
+        print(" ".join(ep.url for ep in srv.endpoints), flush=True)
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+async def test_serve_and_connect_by_name_over_the_region(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """meshlink.serve(ivshmem=) in one process, meshlink.connect by name in
+    another: vchan through the region, with a session that resumes on it."""
+    from meshlink import ResolveError, connect
+
+    region_path = tmp_path / "region"
+    IvshmemRegion.create(region_path, "kvm-1").close()
+    server_store, client_store = tmp_path / "s", tmp_path / "c"
+    server_store.mkdir(mode=0o700)
+    client_store.mkdir(mode=0o700)
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[names]\n"db" = ["vchan://ivshmem/db"]\n')
+    server = subprocess.Popen([sys.executable, "-c", SERVE, str(server_store), str(region_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().split() == ["vchan://ivshmem/db"]
+        # Without the region, the endpoint is not ours to use.
+        monkeypatch.setenv("MESHLINK_IVSHMEM", str(tmp_path / "no-region"))
+        with pytest.raises(ResolveError, match="maps no ivshmem region"):
+            async with connect("db", host_store=client_store, rules=rules):
+                pass
+        monkeypatch.setenv("MESHLINK_IVSHMEM", str(region_path))
+        async with connect("db", host_store=client_store, rules=rules) as conn:
+            assert conn.transport == "vchan" and conn.endpoint.via == "ivshmem"
+            assert await conn.call("echo", 41) == 41
+            assert conn.session is not None and conn.session.transport is not None
+            conn.session.transport_failed(conn.session.transport, "test: cut")
+            assert await conn.call("echo", 42) == 42  # resumed through the region
+            assert conn.resumes == 1 and conn.transport == "vchan"
+    finally:
+        server.kill()
+        server.communicate()

@@ -378,7 +378,7 @@ class IvshmemStream(VchanStream):
         await super().aclose()
 
 
-class IvshmemListener:
+class IvshmemListener(trio.abc.Listener[IvshmemStream]):
     """A service name in a region; each :meth:`accept` claims a slot and waits.
 
     Made by :func:`open_ivshmem_listener`.
