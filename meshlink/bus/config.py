@@ -30,7 +30,9 @@ class BusConfig:
         send_buffer_size: bytes of outgoing frames buffered before producers wait.
         max_frame_size: largest frame accepted (default 16 MiB).
         max_container_len: longest msgpack array/map accepted.
-        heartbeat_interval: seconds between pings; ``None`` disables heartbeats.
+        heartbeat_interval: seconds between pings; ``None`` disables heartbeats
+            (``meshlink.connect``/``serve`` do so over a session, whose
+            keepalive watches each transport instead).
         heartbeat_timeout: seconds without any incoming byte after which the peer
             is declared lost.
         handshake_timeout: seconds allowed for the peer's hello.
