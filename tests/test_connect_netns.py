@@ -10,14 +10,12 @@ by the tests.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ import pytest
 from meshlink import connect
 
 from .helpers.connect_certs import Certs, make_certs
+from .helpers.netns import Hosts, veth_pair
 
 pytestmark = [
     pytest.mark.slow,
@@ -35,42 +34,12 @@ pytestmark = [
 HELPERS = Path(__file__).parent / "helpers"
 NAME = "storage-node"
 ADDR_A, ADDR_B = "10.213.7.1", "10.213.7.2"
-_ids = itertools.count()
-
-
-@dataclass
-class Pair:
-    a: str
-    b: str
-
-    def cmd(self, ns: str, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", ns, *args]
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
 @pytest.fixture
-def pair() -> Iterator[Pair]:
-    n = f"{os.getpid() % 100000}x{next(_ids)}"
-    p = Pair(f"mlA{n}", f"mlB{n}")
-    va, vb = f"mla{n}"[:15], f"mlb{n}"[:15]
-    try:
-        _ip("netns", "add", p.a)
-        _ip("netns", "add", p.b)
-        _ip("link", "add", va, "type", "veth", "peer", "name", vb)
-        _ip("link", "set", va, "netns", p.a)
-        _ip("link", "set", vb, "netns", p.b)
-        for ns, dev, addr in ((p.a, va, ADDR_A), (p.b, vb, ADDR_B)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        yield p
-    finally:
-        for ns in (p.a, p.b):  # deleting a namespace deletes its end of the veth
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", va], capture_output=True, timeout=30)
+def pair() -> Iterator[Hosts]:
+    with veth_pair(ADDR_A, ADDR_B) as hosts:
+        yield hosts
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +65,14 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
                 f.close()
 
 
-def _cli(pair: Pair, ns: str, *args: str, env: dict[str, str] | None = None,
+def _cli(pair: Hosts, ns: str, *args: str, env: dict[str, str] | None = None,
          stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(pair.cmd(ns, sys.executable, "-m", "meshlink.cli", *args),
                           capture_output=True, text=True, timeout=60, env=_env(env), input=stdin)
 
 
 async def test_remote_client_gets_tls_over_the_veth_colocated_gets_vchan(
-    pair: Pair, certs: Certs, tmp_path: Path, procs: list[subprocess.Popen[str]],
+    pair: Hosts, certs: Certs, tmp_path: Path, procs: list[subprocess.Popen[str]],
 ) -> None:
     store_a, store_b = tmp_path / "store-a", tmp_path / "store-b"
     server = subprocess.Popen(
@@ -148,7 +117,7 @@ async def test_remote_client_gets_tls_over_the_veth_colocated_gets_vchan(
 
 
 def test_zeroconf_register_browse_withdraw_on_the_veth(
-    pair: Pair, procs: list[subprocess.Popen[str]]
+    pair: Hosts, procs: list[subprocess.Popen[str]]
 ) -> None:
     helper = str(HELPERS / "connect_zeroconf.py")
     reg = subprocess.Popen(

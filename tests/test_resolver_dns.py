@@ -30,6 +30,7 @@ from resolver import DnsConfig, DnsConfigError, Endpoint, LocalFacts, Policy, Re
 from resolver.dnssrv import MAX_SRV, Srv, lookup, order_srv, parse_txt, query_names
 
 from .helpers.connect_certs import Certs, make_certs
+from .helpers.netns import veth_pair
 
 DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists(
     "/usr/sbin/dnsmasq") else None)
@@ -313,24 +314,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 @pytest.fixture
 def pair() -> Iterator[tuple[str, str]]:
-    n = f"{os.getpid() % 100000}e{next(_ids)}"
-    a, b = f"mlA{n}", f"mlB{n}"
-    va, vb = f"mla{n}"[:15], f"mlb{n}"[:15]
-    try:
-        _ip("netns", "add", a)
-        _ip("netns", "add", b)
-        _ip("link", "add", va, "type", "veth", "peer", "name", vb)
-        _ip("link", "set", va, "netns", a)
-        _ip("link", "set", vb, "netns", b)
-        for ns, dev, addr in ((a, va, ADDR_A), (b, vb, ADDR_B)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        yield a, b
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", va], capture_output=True, timeout=30)
+    with veth_pair(ADDR_A, ADDR_B, "e") as hosts:
+        yield hosts.a, hosts.b
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:

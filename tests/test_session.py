@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -214,19 +215,27 @@ async def test_a_link_that_goes_silent_is_detected_by_the_keepalive(
         assert await conn.call("seen") == [1, 2, 3]
 
 
-@pytest.fixture
-async def both(store: Path, certs: Certs, tmp_path: Path
-               ) -> AsyncIterator[tuple[Server, Ledger, Path]]:
-    """An in-process server on vchan and TLS, and a rules file naming its TLS endpoint."""
+@asynccontextmanager
+async def tls_server(store: Path, certs: Certs, rules: Path, *, vchan: bool
+                     ) -> AsyncIterator[tuple[Server, Ledger]]:
+    """An in-process server on TLS (and vchan if asked); ``rules`` names its TLS endpoint."""
     ledger = Ledger()
     async with trio.open_nursery() as nursery:
         srv: Server = await nursery.start(partial(
             serve, NAME, ledger.handlers(), host_store=store, tls=certs.server_tls(),
-            handle_sigterm=False, session=FAST))
-        rules = tmp_path / "rules.toml"
+            vchan=vchan, handle_sigterm=False, session=FAST))
         rules.write_text(f'[names]\n"{NAME}" = ["tls://127.0.0.1:{srv.tls_port}"]\n')
-        yield srv, ledger, rules
+        yield srv, ledger
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def both(store: Path, certs: Certs, tmp_path: Path
+               ) -> AsyncIterator[tuple[Server, Ledger, Path]]:
+    """A server on vchan and TLS, and a rules file naming its TLS endpoint."""
+    rules = tmp_path / "rules.toml"
+    async with tls_server(store, certs, rules, vchan=True) as (srv, ledger):
+        yield srv, ledger, rules
 
 
 async def test_failover_vchan_withdrawn_moves_to_tls(
@@ -251,13 +260,8 @@ async def test_failover_vchan_withdrawn_moves_to_tls(
 
 async def test_upgrade_from_tls_to_vchan_when_offered(
         store: Path, certs: Certs, tmp_path: Path) -> None:
-    ledger = Ledger()
-    async with trio.open_nursery() as nursery:
-        srv: Server = await nursery.start(partial(
-            serve, NAME, ledger.handlers(), host_store=store, tls=certs.server_tls(),
-            vchan=False, handle_sigterm=False, session=FAST))
-        rules = tmp_path / "rules.toml"
-        rules.write_text(f'[names]\n"{NAME}" = ["tls://127.0.0.1:{srv.tls_port}"]\n')
+    rules = tmp_path / "rules.toml"
+    async with tls_server(store, certs, rules, vchan=False) as (srv, ledger):
         async with connect(NAME, host_store=store, rules=rules, tls=certs.client_tls(),
                            session=FAST) as conn:
             assert conn.transport == "tls"
@@ -270,18 +274,12 @@ async def test_upgrade_from_tls_to_vchan_when_offered(
                     i += 1
             assert conn.moves == 1
             assert await conn.call("seen") == list(range(ledger.calls))
-        nursery.cancel_scope.cancel()
 
 
 async def test_forbid_vchan_is_never_upgraded(store: Path, certs: Certs,
                                               tmp_path: Path) -> None:
-    ledger = Ledger()
-    async with trio.open_nursery() as nursery:
-        srv: Server = await nursery.start(partial(
-            serve, NAME, ledger.handlers(), host_store=store, tls=certs.server_tls(),
-            vchan=False, handle_sigterm=False, session=FAST))
-        rules = tmp_path / "rules.toml"
-        rules.write_text(f'[names]\n"{NAME}" = ["tls://127.0.0.1:{srv.tls_port}"]\n')
+    rules = tmp_path / "rules.toml"
+    async with tls_server(store, certs, rules, vchan=False) as (srv, _ledger):
         async with connect(NAME, host_store=store, rules=rules, tls=certs.client_tls(),
                            forbid_vchan=True, session=FAST) as conn:
             await srv.offer_vchan()
@@ -289,7 +287,6 @@ async def test_forbid_vchan_is_never_upgraded(store: Path, certs: Certs,
                 assert await conn.call("call", i) == 2 * i
                 await trio.sleep(FAST.upgrade_interval / 4)
             assert conn.transport == "tls" and conn.moves == 0
-        nursery.cancel_scope.cancel()
 
 
 SERVER = """

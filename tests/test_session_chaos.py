@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from .helpers.connect_certs import Certs, make_certs
+from .helpers.netns import ip, veth_pair
 
 pytestmark = pytest.mark.slow
 
@@ -129,10 +130,6 @@ def test_tcp_resets_and_a_proxy_killed_and_restarted(procs: Procs, store: Path,
     _exchange(client, kill_and_restart, 3)
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
 ADDR_A, ADDR_B = "10.213.9.1", "10.213.9.2"
 needs_netns = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                  reason="needs root and iproute2 (CI has both)")
@@ -141,22 +138,8 @@ needs_netns = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None
 @pytest.fixture
 def hosts() -> Iterator[tuple[str, str, str]]:
     """Two namespaces joined by a veth: (namespace A, namespace B, B's device)."""
-    n = f"{os.getpid() % 100000}"
-    ns_a, ns_b, dev_a, dev_b = f"mlcA{n}", f"mlcB{n}", f"mlca{n}"[:15], f"mlcb{n}"[:15]
-    try:
-        _ip("netns", "add", ns_a)
-        _ip("netns", "add", ns_b)
-        _ip("link", "add", dev_a, "type", "veth", "peer", "name", dev_b)
-        _ip("link", "set", dev_a, "netns", ns_a)
-        _ip("link", "set", dev_b, "netns", ns_b)
-        for ns, dev, addr in ((ns_a, dev_a, ADDR_A), (ns_b, dev_b, ADDR_B)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        yield ns_a, ns_b, dev_b
-    finally:
-        for ns in (ns_a, ns_b):  # deleting a namespace deletes its end of the veth
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    with veth_pair(ADDR_A, ADDR_B, "c") as h:
+        yield h.a, h.b, h.dev_b
 
 
 @needs_netns
@@ -208,9 +191,9 @@ def test_tls_across_namespaces_with_the_link_set_down(procs: Procs, tmp_path: Pa
     def link_down_then_up() -> None:
         # Longer than the keepalive timeout (0.4 s), so the session must
         # notice a silent link, not just ride out TCP retransmissions.
-        _ip("-n", ns_b, "link", "set", dev_b, "down")
+        ip("-n", ns_b, "link", "set", dev_b, "down")
         time.sleep(0.6)  # the length of the outage, not a synchronisation
-        _ip("-n", ns_b, "link", "set", dev_b, "up")
+        ip("-n", ns_b, "link", "set", dev_b, "up")
 
     verdict = _exchange(client, link_down_then_up, 4)
     assert verdict["resumes"] >= 1
