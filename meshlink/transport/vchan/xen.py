@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from typing import Any
 
 import trio
@@ -68,6 +69,7 @@ __all__ = [
     "open_xen_vchan_server",
     "own_domid",
     "require_xen",
+    "resolve_xs_path",
     "select_provider",
     "vchan_xs_path",
 ]
@@ -131,6 +133,45 @@ def own_domid() -> int:
 def vchan_xs_path(server_domid: int, client_domid: int, port: str) -> str:
     """libxenvchan's conventional XenStore path for a channel."""
     return f"/local/domain/{server_domid}/data/vchan/{client_domid}/{port}"
+
+
+#: Characters XenStore allows in a path (xenstored's rule), besides "/".
+_XS_CHARS = re.compile(r"[A-Za-z0-9_@-]+")
+
+
+def resolve_xs_path(path: str, *, own: int, server_domid: int, client_domid: int) -> str:
+    """The absolute XenStore path a channel ``path`` names, as libxenvchan reads it.
+
+    * ``/local/domain/0/data/vchan/5/x``: absolute, used as is;
+    * ``data/vchan/5/x`` (relative, several components): relative to our
+      own home ``/local/domain/<own>``, which is how XenStore (and so
+      libxenvchan, which passes the path straight to ``xs_write`` /
+      ``xs_read``) reads a relative path, on either end;
+    * ``x`` (one word): a port name under libxenvchan's conventional
+      ``/local/domain/<server>/data/vchan/<client>/x``.
+
+    Args:
+        path: as given by the user.
+        own: our domain id.
+        server_domid: the server's domain id.
+        client_domid: the client's domain id.
+
+    Returns:
+        The absolute path.
+
+    Raises:
+        LocalProtocolError: ``path`` is not a valid XenStore path (empty
+            components, characters XenStore refuses, longer than 400 bytes).
+    """
+    absolute = path.startswith("/")
+    parts = path[1:].split("/") if absolute else path.split("/")
+    if not path or len(path) > 400 or not all(_XS_CHARS.fullmatch(p) for p in parts):
+        raise LocalProtocolError(f"invalid XenStore path {path!r}")
+    if absolute:
+        return path
+    if len(parts) == 1:
+        return vchan_xs_path(server_domid, client_domid, path)
+    return f"/local/domain/{own}/{path}"
 
 
 def _check_domid(domid: int) -> int:
@@ -302,13 +343,16 @@ class XenVchanServer:
 
         Args:
             domid: the client's domain id.
-            path: the full XenStore path, or a port name (then the path is
-                ``/local/domain/<own>/data/vchan/<domid>/<path>``).
+            path: an absolute XenStore path, a relative one (under
+                ``/local/domain/<own>``, as libxenvchan reads it), or a port
+                name (one word: ``/local/domain/<own>/data/vchan/<domid>/<path>``);
+                see :func:`resolve_xs_path`.
             read_min: minimum size of the ring we read (<= 1 MiB).
             write_min: minimum size of the ring we write (<= 1 MiB).
 
         Raises:
             ProviderUnavailable: no Xen here.
+            LocalProtocolError: a bad domain id, size or path.
             HandshakeError, AuthError: XenStore refused the entries.
         """
         _check_domid(domid)
@@ -316,8 +360,8 @@ class XenVchanServer:
             if not 0 <= size <= MAX_RING_SIZE:
                 raise LocalProtocolError(f"{what} must be in [0, {MAX_RING_SIZE}], got {size}")
         require_xen()
-        if not path.startswith("/"):
-            path = vchan_xs_path(await trio.to_thread.run_sync(own_domid), domid, path)
+        own = 0 if path.startswith("/") else await trio.to_thread.run_sync(own_domid)
+        path = resolve_xs_path(path, own=own, server_domid=own, client_domid=domid)
         out = ffi.new("ml_vchan **")
 
         def setup() -> tuple[int, int, str]:
@@ -385,11 +429,14 @@ async def connect_xen_vchan(domid: int, path: str) -> XenVchanStream:
 
     Args:
         domid: the server's domain id.
-        path: the full XenStore path, or a port name (then the path is
-            ``/local/domain/<domid>/data/vchan/<own>/<path>``).
+        path: an absolute XenStore path, a relative one (under
+            ``/local/domain/<own>``, as libxenvchan reads it), or a port
+            name (one word: ``/local/domain/<domid>/data/vchan/<own>/<path>``);
+            see :func:`resolve_xs_path`.
 
     Raises:
         ProviderUnavailable: no Xen here.
+        LocalProtocolError: a bad domain id or path.
         ServiceNotFound: nothing published at ``path``.
         AuthError: the entries exist but are not readable by us.
         RingCorruptError: the server's page is not acceptable.
@@ -400,8 +447,8 @@ async def connect_xen_vchan(domid: int, path: str) -> XenVchanStream:
     """
     _check_domid(domid)
     require_xen()
-    if not path.startswith("/"):
-        path = vchan_xs_path(domid, await trio.to_thread.run_sync(own_domid), path)
+    own = 0 if path.startswith("/") else await trio.to_thread.run_sync(own_domid)
+    path = resolve_xs_path(path, own=own, server_domid=domid, client_domid=own)
     out = ffi.new("ml_vchan **")
 
     def setup() -> tuple[int, int, str]:
