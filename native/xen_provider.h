@@ -72,6 +72,17 @@ int ml_xs_set_permissions(ml_xs *h, uint32_t t, const char *path, const uint32_t
                           const uint32_t *perms, unsigned n);
 /* Children as NUL-terminated names back to back; total bytes, or ML_ESYS. */
 long ml_xs_directory(ml_xs *h, uint32_t t, const char *path, char *buf, size_t cap);
+/* Watch `path` (or a special path such as "@releaseDomain") under `token`;
+ * XenStore queues one event at once, then one per change. */
+int ml_xs_watch(ml_xs *h, const char *path, const char *token);
+int ml_xs_unwatch(ml_xs *h, const char *path, const char *token);
+/* An fd readable while watch events are queued, or ML_ESYS. */
+int ml_xs_fileno(ml_xs *h);
+/*
+ * Take one queued watch event without waiting: 1 (path and token copied,
+ * NUL-terminated, truncated to their caps), 0 (none queued), or ML_ESYS.
+ */
+int ml_xs_check_watch(ml_xs *h, char *path, size_t path_cap, char *token, size_t token_cap);
 
 /* cffi:end */
 

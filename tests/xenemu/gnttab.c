@@ -63,8 +63,10 @@ static struct xengntdev_handle *open_handle(void)
         return NULL;
     }
     struct xengntdev_handle *h = calloc(1, sizeof *h);
-    if (h)
+    if (h) {
         h->dom = emu_domid();
+        emu_dom_join(h->dom);
+    }
     return h;
 }
 

@@ -23,11 +23,19 @@ Xen provider when ``/dev/xen`` exists, or when forced (argument, or the
 Forcing it where it cannot run raises :class:`~meshlink.ProviderUnavailable`
 naming what is missing.
 
-*Liveness.*  There is no socket to watch: a peer that dies has its live byte
-cleared by Xen (unmap-notify) and its port signalled, so to a reader a
-crash looks like a close (end of stream after the data already written),
-as it does for libxenvchan.  A writer facing a full ring whose peer's live
-byte is 0 cannot tell a half-closed peer that still reads from a dead one;
+*Liveness: crash told from close.*  There is no socket to watch.  A peer
+that closes clears its live byte and signals: the reader gets everything
+written before, then end of stream.  A peer *domain* that dies clears
+nothing (its kernel is gone), so each stream also watches ``@releaseDomain``
+on a XenStore connection of its own (:class:`~meshlink.transport.xenstore.DomainWatch`),
+whose fd wakes the same wait as the event channel: when a domain died and
+the peer's home ``/local/domain/<peer>`` is gone, the stream is broken --
+the data already in the ring is still read, then
+:class:`~meshlink.ConnectionLost`, and writes fail at once.  A peer
+*process* that dies in a domain that lives on has its live byte cleared by
+its kernel (unmap-notify), which Xen makes indistinguishable from a close,
+exactly as for libxenvchan.  A writer facing a full ring whose peer's live
+byte is 0 cannot tell a half-closed peer that still reads from a gone one;
 it keeps waiting while the peer makes progress and raises
 :class:`~meshlink.ConnectionLost` after :data:`CLOSED_PEER_GRACE` seconds
 without any.
@@ -57,6 +65,7 @@ from ...errors import (
     RingCorruptError,
     ServiceNotFound,
 )
+from ..xenstore import DomainWatch
 from .ring import VchanRing
 from .stream import DEFAULT_RING_SIZE, MAX_RING_SIZE, VchanStream
 
@@ -201,6 +210,18 @@ def _raise_setup_error(rc: int, err: int, detail: str, what: str) -> None:
     raise HandshakeError(msg)
 
 
+def _watch_domain(domid: int) -> DomainWatch:
+    """A :class:`DomainWatch` on the peer's domain (in a thread: XenStore round trips).
+
+    Raises:
+        HandshakeError: the watch could not be set.
+    """
+    try:
+        return DomainWatch(domid)
+    except OSError as exc:
+        raise HandshakeError(f"cannot watch domain {domid}: {exc}") from exc
+
+
 class XenVchanStream(VchanStream):
     """A :class:`~meshlink.transport.vchan.stream.VchanStream` over the Xen provider.
 
@@ -214,17 +235,31 @@ class XenVchanStream(VchanStream):
         closed_peer_grace: see :data:`CLOSED_PEER_GRACE`.
     """
 
-    def __init__(self, ring: VchanRing, ptr: Any, peer_domid: int, xs_path: str) -> None:
+    def __init__(self, ring: VchanRing, ptr: Any, peer_domid: int, xs_path: str,
+                 watch: DomainWatch | None = None) -> None:
         self._ptr = ptr
         fd = int(lib.ml_xen_event_fd(ptr))
         super().__init__(ring, fd, -1, None, None, on_event=self._ack, owns_fds=False)
         self.peer_domid = peer_domid
         self.xs_path = xs_path
         self.closed_peer_grace = CLOSED_PEER_GRACE
+        self._watch = watch
+        if watch is not None:
+            self._bell.also_wake_on(watch.fileno)
 
     def _ack(self) -> None:
         if lib.ml_xen_event_ack(self._ptr) < 0:
             raise ConnectionLost(f"vchan event channel failed: {_error()}")
+        if self._watch is not None and self._watch.poll():
+            # The peer's domain is gone: the stream reads what is left in
+            # the ring, then raises ConnectionLost (stream.py's peer_dead).
+            self._bell.peer_dead = True
+
+    async def aclose(self) -> None:
+        """Close both directions (see :meth:`VchanStream.aclose`) and drop the domain watch."""
+        await super().aclose()
+        if self._watch is not None:
+            self._watch.close()
 
     async def _wait_space(self) -> None:
         if self._ring.peer_live() != 0:
@@ -322,9 +357,11 @@ class XenVchanServer:
     Closing it before then withdraws the XenStore entry.
     """
 
-    def __init__(self, ring: VchanRing, ptr: Any, peer_domid: int, xs_path: str) -> None:
+    def __init__(self, ring: VchanRing, ptr: Any, peer_domid: int, xs_path: str,
+                 watch: DomainWatch | None = None) -> None:
         self._ring: VchanRing | None = ring
         self._ptr = ptr
+        self._watch = watch
         self.peer_domid = peer_domid
         self.xs_path = xs_path
         self.read_size = ring.read_size
@@ -372,7 +409,14 @@ class XenVchanServer:
         rc, err, detail = await trio.to_thread.run_sync(setup)
         if rc < 0:
             _raise_setup_error(rc, err, detail, f"cannot publish vchan at {path}")
-        return cls(VchanRing(out[0]), out[0], domid, path)
+        ring = VchanRing(out[0])
+        try:
+            watch = await trio.to_thread.run_sync(_watch_domain, domid)
+        except BaseException:
+            ring.close()
+            ring.free()
+            raise
+        return cls(ring, out[0], domid, path, watch)
 
     async def wait_connected(self) -> XenVchanStream:
         """Wait until the client has mapped the rings; return the stream.
@@ -394,7 +438,8 @@ class XenVchanServer:
             await self.aclose()
             raise
         self._ring = None
-        return XenVchanStream(ring, self._ptr, self.peer_domid, self.xs_path)
+        watch, self._watch = self._watch, None
+        return XenVchanStream(ring, self._ptr, self.peer_domid, self.xs_path, watch)
 
     async def aclose(self) -> None:
         """Withdraw the channel if no client connected yet.  Idempotent."""
@@ -402,6 +447,9 @@ class XenVchanServer:
             ring, self._ring = self._ring, None
             ring.close()
             ring.free()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         await trio.lowlevel.checkpoint()
 
 
@@ -457,4 +505,11 @@ async def connect_xen_vchan(domid: int, path: str) -> XenVchanStream:
     rc, err, detail = await trio.to_thread.run_sync(setup)
     if rc < 0:
         _raise_setup_error(rc, err, detail, f"cannot connect to vchan at {path}")
-    return XenVchanStream(VchanRing(out[0]), out[0], domid, path)
+    ring = VchanRing(out[0])
+    try:
+        watch = await trio.to_thread.run_sync(_watch_domain, domid)
+    except BaseException:
+        ring.close()
+        ring.free()
+        raise
+    return XenVchanStream(ring, out[0], domid, path, watch)
