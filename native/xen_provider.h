@@ -47,6 +47,12 @@ int ml_xen_server_new(uint32_t peer_domid, const char *xs_path, size_t read_min,
  * read-only), set cli_live = 1, ask for the server's first write, signal.
  */
 int ml_xen_client_new(uint32_t server_domid, const char *xs_path, ml_vchan **out);
+/*
+ * Server end: remove the channel's XenStore nodes now rather than when it
+ * is freed (a connected channel is single-use; its path may then carry the
+ * next channel for the same client domain).  Blocks on XenStore.
+ */
+int ml_xen_server_unpublish(ml_vchan *v);
 /* The event channel's fd (non-blocking; readable when the peer signalled). */
 int ml_xen_event_fd(const ml_vchan *v);
 /* Take every pending event and unmask its port.  Count taken, or ML_ESYS. */

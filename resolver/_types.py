@@ -13,6 +13,8 @@ Scheme = Literal["vchan", "tls", "tcp"]
 SCHEMES: tuple[Scheme, ...] = ("vchan", "tls", "tcp")
 #: The authority of a vchan URL: "through the host store".
 VCHAN_AUTHORITY = "host-store"
+#: The authority of a vchan URL over Xen: ``vchan://xen/DOMID/PORT``.
+XEN_AUTHORITY = "xen"
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,9 @@ class Endpoint:
         host_id: the host id the publisher advertised (``None``: unknown).
         fingerprint: SHA-256 of the server's TLS certificate (hex), if advertised.
         source: which registry produced it (``hoststore``, ``rules``,
-            ``zeroconf``, ``dns``, ``pin``).
+            ``zeroconf``, ``dns``, ``pin``, ``xenstore``).
+        domid: for a vchan over Xen, the serving domain (``host`` is then
+            the vchan port name); ``None`` for every other endpoint.
     """
 
     scheme: Scheme
@@ -38,10 +42,14 @@ class Endpoint:
     host_id: str | None = field(default=None, compare=False)
     fingerprint: str | None = field(default=None, compare=False)
     source: str = field(default="", compare=False)
+    domid: int | None = None
 
     @property
     def url(self) -> str:
-        """The endpoint as a URL: ``vchan://host-store/NAME``, ``tls://HOST:PORT``."""
+        """The endpoint as a URL: ``vchan://host-store/NAME``, ``vchan://xen/DOMID/PORT``,
+        ``tls://HOST:PORT``."""
+        if self.scheme == "vchan" and self.domid is not None:
+            return f"vchan://{XEN_AUTHORITY}/{self.domid}/{self.host}"
         if self.scheme == "vchan":
             return f"vchan://{VCHAN_AUTHORITY}/{self.host}"
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -64,6 +72,13 @@ class Endpoint:
             raise ValueError(f"bad endpoint {url!r}: {exc}") from exc
         if parts.query or parts.fragment:
             raise ValueError(f"bad endpoint {url!r}: no query or fragment allowed")
+        if parts.scheme == "vchan" and parts.netloc == XEN_AUTHORITY:
+            dom, _, port_name = parts.path.lstrip("/").partition("/")
+            if not dom.isdigit() or not 0 <= int(dom) < 0x7FF0 or not port_name \
+                    or "/" in port_name:
+                raise ValueError(f"bad endpoint {url!r}: a Xen vchan endpoint is "
+                                 f"vchan://{XEN_AUTHORITY}/DOMID/PORT")
+            return cls("vchan", port_name, source=source, domid=int(dom))
         if parts.scheme == "vchan":
             name = parts.path.lstrip("/")
             if parts.netloc != VCHAN_AUTHORITY or not name or "/" in name:
@@ -89,10 +104,15 @@ class LocalFacts:
         host_id: our host id (see :func:`resolver.hoststore.default_host_id`).
         tls_configured: whether we have a TLS configuration (a CA to verify
             servers with, and our certificate for mutual TLS).
+        xen_host_id: on Xen, the id of the Xen host we run on, as dom0
+            published it in XenStore (:mod:`resolver.xenstore`): it comes
+            from the host, not from this guest's boot id, so every domain of
+            one host shares it.  ``None`` off Xen.
     """
 
     host_id: str
     tls_configured: bool = True
+    xen_host_id: str | None = None
 
 
 @dataclass(frozen=True)

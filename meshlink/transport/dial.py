@@ -43,6 +43,7 @@ from resolver import Choice, Endpoint, HostStore
 from ..errors import AuthError, LocalProtocolError, MeshlinkError, ResolveError
 from .tls import TLSConfig, tls_client_stream
 from .vchan import VchanStream, connect_vchan
+from .vchan.xen import connect_xen_vchan
 
 __all__ = ["ATTEMPT_ERRORS", "dial", "dial_tcp", "dial_tls", "dial_vchan", "open_first"]
 
@@ -75,12 +76,18 @@ def expected_server_uid(store: HostStore, service: str) -> int:
 
 
 async def dial_vchan(ep: Endpoint, host_store: HostStore) -> VchanStream:
-    """Open a vchan to ``ep`` through its host store (``host_store`` if it names none).
+    """Open a vchan to ``ep``: through its host store (``host_store`` if it names
+    none), or over Xen for an endpoint found in XenStore (``ep.domid``).
 
     Raises:
         AuthError: the server refused our uid, or its uid is not the owner of
             its record (see :func:`expected_server_uid`).
     """
+    if ep.domid is not None:
+        # Over Xen (found in XenStore): the server domain's channel for us,
+        # at its port; XenStore's permissions and the grant table vouch for
+        # both ends' domains.
+        return await connect_xen_vchan(ep.domid, ep.host)
     store = HostStore(ep.store) if ep.store else host_store
     return await connect_vchan(ep.host, host_store=store,
                                expect_uid=expected_server_uid(store, ep.host))

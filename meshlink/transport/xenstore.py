@@ -19,7 +19,7 @@ from resolver import xenstore as registry
 from resolver.xenstore import XenService
 
 from .._native import ffi, lib
-from ..errors import ProviderUnavailable, resolver_errors
+from ..errors import LocalProtocolError, ProviderUnavailable, resolver_errors
 
 __all__ = [
     "DomainWatch",
@@ -28,7 +28,9 @@ __all__ = [
     "lookup",
     "prepare_index",
     "publish",
+    "open_if_xen",
     "withdraw",
+    "xen_host_id",
 ]
 
 _READ_MAX = 256
@@ -204,15 +206,46 @@ class DomainWatch:
         self._xs.close()
 
 
-def prepare_index(readers_may_list: bool = False) -> None:
-    """Create the host-wide index (run once, in dom0); see :func:`resolver.xenstore.prepare_index`.
+def open_if_xen() -> NativeXenStore | None:
+    """A XenStore connection when the vchan provider is Xen, else None.
+
+    The resolver's default XenStore opener (registered on import, see
+    :func:`resolver.xenstore.set_default_opener`): off Xen it costs an
+    environment lookup and a ``stat`` of ``/dev/xen``, nothing more.
+    """
+    from .vchan.xen import select_provider
+
+    try:
+        if select_provider() != "xen":
+            return None
+        return NativeXenStore()
+    except (ProviderUnavailable, LocalProtocolError):
+        return None
+
+
+registry.set_default_opener(open_if_xen)
+
+
+def prepare_index(readers_may_list: bool = False, xen_host_id: str | None = None) -> None:
+    """Create the host-wide index and publish the Xen host id (run once, in dom0);
+    see :func:`resolver.xenstore.prepare_index`.
 
     Raises:
         ServiceNotFound: we are not allowed to (not dom0).
         ProviderUnavailable: no XenStore here.
     """
     with resolver_errors(), NativeXenStore() as xs:
-        registry.prepare_index(xs, readers_may_list)
+        registry.prepare_index(xs, readers_may_list, xen_host_id)
+
+
+def xen_host_id() -> str | None:
+    """The Xen host id dom0 published (None without an index).
+
+    Raises:
+        ProviderUnavailable: no XenStore here.
+    """
+    with NativeXenStore() as xs:
+        return registry.host_id(xs)
 
 
 def publish(name: str, domid: int, port: str, readers: Iterable[int]) -> XenService:

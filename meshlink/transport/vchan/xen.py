@@ -50,6 +50,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import trio
@@ -72,9 +73,11 @@ from .stream import DEFAULT_RING_SIZE, MAX_RING_SIZE, VchanStream
 __all__ = [
     "CLOSED_PEER_GRACE",
     "PROVIDER_ENV",
+    "XenVchanListener",
     "XenVchanServer",
     "XenVchanStream",
     "connect_xen_vchan",
+    "open_xen_vchan_listener",
     "open_xen_vchan_server",
     "own_domid",
     "require_xen",
@@ -441,6 +444,24 @@ class XenVchanServer:
         watch, self._watch = self._watch, None
         return XenVchanStream(ring, self._ptr, self.peer_domid, self.xs_path, watch)
 
+    def connected_now(self) -> bool:
+        """Take pending events; True once the client has mapped the rings.
+
+        Raises:
+            HandshakeError: the event channel failed.
+            trio.ClosedResourceError: this server was closed.
+        """
+        if self._ring is None:
+            raise trio.ClosedResourceError("this vchan server was closed")
+        if lib.ml_xen_event_ack(self._ptr) < 0:
+            raise HandshakeError(f"vchan event channel failed: {_error()}")
+        return self._ring.peer_live() != 2
+
+    @property
+    def event_fd(self) -> int:
+        """The event channel's fd: readable when the client may have connected."""
+        return int(lib.ml_xen_event_fd(self._ptr))
+
     async def aclose(self) -> None:
         """Withdraw the channel if no client connected yet.  Idempotent."""
         if self._ring is not None:
@@ -451,6 +472,107 @@ class XenVchanServer:
             self._watch.close()
             self._watch = None
         await trio.lowlevel.checkpoint()
+
+
+class XenVchanListener(trio.abc.Listener[XenVchanStream]):
+    """vchan at one port name for a set of client domains (a trio listener).
+
+    A libxenvchan channel serves one client: this keeps one published
+    :class:`XenVchanServer` per client domain, at
+    ``/local/domain/<own>/data/vchan/<client>/<port>``; when a client
+    connects, the channel's nodes are withdrawn and the domain's next
+    channel is published at the same path before the stream is handed out,
+    so a domain may hold several connections and reconnect at once.  Made by
+    :func:`open_xen_vchan_listener`.
+    """
+
+    def __init__(self, port: str, clients: tuple[int, ...], read_min: int,
+                 write_min: int) -> None:
+        self.port = port
+        self.clients = clients
+        self._sizes = (read_min, write_min)
+        self._pending: dict[int, XenVchanServer] = {}
+        self._closed = False
+
+    async def _refill(self) -> None:
+        for domid in self.clients:
+            if domid not in self._pending:
+                self._pending[domid] = await XenVchanServer.publish(
+                    domid, self.port, read_min=self._sizes[0], write_min=self._sizes[1])
+
+    async def accept(self) -> XenVchanStream:
+        """Wait for the next client domain to connect; return its stream.
+
+        Raises:
+            trio.ClosedResourceError: the listener was closed.
+            HandshakeError, AuthError: publishing failed.
+        """
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("this Xen vchan listener was closed")
+            await self._refill()
+            for domid, server in list(self._pending.items()):
+                if server.connected_now():
+                    del self._pending[domid]
+                    stream = await server.wait_connected()
+                    try:
+                        await trio.to_thread.run_sync(lib.ml_xen_server_unpublish,
+                                                      stream._ptr)
+                        await self._refill()
+                    except BaseException:
+                        await stream.aclose()
+                        raise
+                    return stream
+            async with trio.open_nursery() as nursery:
+                for server in self._pending.values():
+
+                    async def wake(fd: int = server.event_fd) -> None:
+                        await trio.lowlevel.wait_readable(fd)
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(wake)
+
+    async def aclose(self) -> None:
+        """Withdraw every channel not yet connected (streams handed out stay open)."""
+        self._closed = True
+        pending, self._pending = self._pending, {}
+        for server in pending.values():
+            await server.aclose()
+        await trio.lowlevel.checkpoint()
+
+
+async def open_xen_vchan_listener(
+    port: str,
+    clients: Iterable[int],
+    *,
+    read_min: int = DEFAULT_RING_SIZE,
+    write_min: int = DEFAULT_RING_SIZE,
+) -> XenVchanListener:
+    """Serve vchan at port name ``port`` to the domains ``clients``.
+
+    Publishes a channel for each client domain at once (so that a client
+    that looked the service up can connect straight away).
+
+    Args:
+        port: the port name (one word, see :func:`resolve_xs_path`).
+        clients: the client domains.
+        read_min, write_min: ring sizes, as for :meth:`XenVchanServer.publish`.
+
+    Raises:
+        LocalProtocolError: a bad port name or domain id.
+        ProviderUnavailable: no Xen here.
+        HandshakeError, AuthError: XenStore refused the entries.
+    """
+    doms = tuple(sorted({_check_domid(d) for d in clients}))
+    if not doms or "/" in port:
+        raise LocalProtocolError("a Xen vchan listener needs client domains and a port name")
+    listener = XenVchanListener(port, doms, read_min, write_min)
+    try:
+        await listener._refill()
+    except BaseException:
+        await listener.aclose()
+        raise
+    return listener
 
 
 async def open_xen_vchan_server(
