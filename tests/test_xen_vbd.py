@@ -55,6 +55,10 @@ def tree(xs: NativeXenStore, path: str) -> dict[str, str]:
 
 @pytest.fixture
 def toolstack(xen_host: XenHost, monkeypatch: pytest.MonkeyPatch) -> Iterator[NativeXenStore]:
+    # Both domains exist before the toolstack gives them a device (in the
+    # emulation a domain lives while one of its processes does: this one).
+    for domid in (BACK, FRONT):
+        store_as(monkeypatch, domid).close()
     dom0 = store_as(monkeypatch, 0)
     create_vbd(dom0, PATHS)
     yield dom0

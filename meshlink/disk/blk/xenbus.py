@@ -12,8 +12,8 @@ each with ``state`` = Initialising (1) and pointers to the other end.  Then
 each end moves its own ``state`` (XenbusState: Initialising 1, InitWait 2,
 Initialised 3, Connected 4, Closing 5, Closed 6) and watches the other's:
 
-1. backend (probe): ``feature-max-indirect-segments``,
-   ``max-ring-page-order``, then state InitWait;
+1. backend (probe): ``max-ring-page-order`` (no
+   ``feature-max-indirect-segments``: direct requests only), then state InitWait;
 2. frontend, on backend InitWait: reads ``max-ring-page-order``, and in one
    transaction writes ``ring-page-order`` (only when more than one page),
    ``ring-ref`` (one page) or ``ring-ref0`` .. ``ring-ref<N-1>``,
@@ -34,9 +34,8 @@ Both ends here are driven by watches on the other end's ``state`` node
 so each step runs in a worker thread.  Every value read from the other end
 is checked before use (:class:`~meshlink.HandshakeError` otherwise).
 
-This module is the handshake only: the data path over the granted ring
-pages is the blk ring (``native/blkring.c``) and is not wired to Xen grants
-yet (docs/blkif.md section 8).
+This module is the handshake only; :mod:`.xen` runs the ring over the
+granted pages it exchanges (docs/blkif.md section 8).
 """
 
 from __future__ import annotations
@@ -248,8 +247,9 @@ class vbd_backend:  # noqa: N801 -- used as ``async with vbd_backend(...)``
 
     async def __aenter__(self) -> vbd_backend:
         self._end = end = await _run(lambda: _End(self.paths.backend, self.paths.frontend))
+        # No feature-max-indirect-segments: over Xen each request's grants
+        # are mapped one request at a time (native/xen_blk.c), direct only.
         await _run(lambda: end.write_all([
-            ("feature-max-indirect-segments", "256"),
             ("max-ring-page-order", str(MAX_RING_PAGE_ORDER)),
         ]))
         await _run(lambda: end.set_state(XenbusState.INIT_WAIT))
@@ -274,18 +274,26 @@ class vbd_backend:  # noqa: N801 -- used as ``async with vbd_backend(...)``
         persistent = _u32(end.read("feature-persistent", "0"), "feature-persistent", hi=1)
         return FrontendRing(order, refs, evtchn, protocol, bool(persistent))
 
-    async def connected(self) -> FrontendRing:
+    async def connected(self, attach: Callable[[FrontendRing], object] | None = None
+                        ) -> FrontendRing:
         """Wait for the frontend's rings, answer with the disk; return what it published.
 
+        Args:
+            attach: called (in a thread) with what the frontend published,
+                before the backend says Connected: map the ring, bind the port.
+
         Raises:
-            HandshakeError: the frontend published something unusable (the
-                backend then goes Closing), or did not move in time.
+            HandshakeError: the frontend published something unusable, or
+                ``attach`` failed (the backend then goes Closing), or the
+                frontend did not move in time.
         """
         assert self._end is not None
         end = self._end
         await end.wait_for(lambda s: s in (XenbusState.INITIALISED, XenbusState.CONNECTED))
         try:
             ring = await _run(self._connect_ring)
+            if attach is not None:
+                await _run(lambda: attach(ring))
         except HandshakeError:
             await _run(lambda: end.set_state(XenbusState.CLOSING))
             raise
