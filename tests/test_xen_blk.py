@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshlink import DiskError
 from meshlink.disk.blk.xen import open_xen_blk
@@ -35,8 +37,10 @@ from meshlink.disk.blk.xen import serve_xen_blk
 
 async def main():
     disk = open_backend("memory", size={SIZE})
+    again = sys.argv[1:] == ["again"]
     async with trio.open_nursery() as n:
-        await n.start(serve_xen_blk, disk, {FRONT}, {DEVID})
+        await n.start(lambda task_status: serve_xen_blk(disk, {FRONT}, {DEVID}, reattach=again,
+                                                        task_status=task_status))
         print("ready", flush=True)
     print("closed", flush=True)
 
@@ -44,8 +48,8 @@ trio.run(main)
 """
 
 
-@pytest.fixture
-def xen_disk(xen_host: XenHost, monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen[str]]:
+def start_backend(xen_host: XenHost, monkeypatch: pytest.MonkeyPatch,
+                  *args: str) -> subprocess.Popen[str]:
     # The frontend's domain exists before the toolstack gives it a device
     # (in the emulation a domain lives while one of its processes does: this one).
     monkeypatch.setenv("XENEMU_DOMID", str(FRONT))
@@ -53,19 +57,83 @@ def xen_disk(xen_host: XenHost, monkeypatch: pytest.MonkeyPatch) -> Iterator[sub
     monkeypatch.setenv("XENEMU_DOMID", "0")
     with NativeXenStore() as dom0:
         create_vbd(dom0, PATHS)
-    proc = subprocess.Popen([sys.executable, "-c", BACKEND_CODE], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", BACKEND_CODE, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **xen_host.env(BACK)})
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        proc.kill()
+        raise AssertionError(proc.communicate(timeout=30)[1])
+    monkeypatch.setenv("XENEMU_DOMID", str(FRONT))
+    return proc
+
+
+@pytest.fixture
+def xen_disk(xen_host: XenHost, monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen[str]]:
+    proc = start_backend(xen_host, monkeypatch)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line == "ready", proc.communicate(timeout=30)[1]
-        monkeypatch.setenv("XENEMU_DOMID", str(FRONT))
         yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+@pytest.fixture
+def xen_disk_again(xen_host: XenHost,
+                   monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen[str]]:
+    proc = start_backend(xen_host, monkeypatch, "again")
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+# Reference contents, carried across hypothesis examples like the disk is
+# (the backend serves one attach after another).
+REFERENCE = bytearray(SIZE)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("w"), st.integers(0, SIZE // 512 - 1), st.integers(1, 300),
+                  st.integers(0, 255)),
+        st.tuples(st.just("r"), st.integers(0, SIZE - 1), st.integers(1, 200_000),
+                  st.just(0)),
+        st.tuples(st.just("d"), st.integers(0, SIZE // 512 - 1), st.integers(1, 64),
+                  st.just(0)),
+        st.tuples(st.just("f"), st.just(0), st.just(0), st.just(0)),
+    ),
+    min_size=1, max_size=10,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(script=ops)
+def test_hypothesis_io_against_a_reference(xen_disk_again: subprocess.Popen[str],
+                                           script: list[tuple[str, int, int, int]]) -> None:
+    ref = REFERENCE
+
+    async def run() -> None:
+        with trio.fail_after(60):
+            async with open_xen_blk(BACK, DEVID) as disk:
+                for op, a, b, fill in script:
+                    if op == "w":
+                        count = min(b, SIZE // 512 - a)
+                        data = bytes([fill]) * (count * 512)
+                        await disk.write(a * 512, data)
+                        ref[a * 512 : a * 512 + len(data)] = data
+                    elif op == "r":
+                        length = min(b, SIZE - a)
+                        assert await disk.read(a, length) == bytes(ref[a : a + length])
+                    elif op == "d":
+                        count = min(b, SIZE // 512 - a)
+                        await disk.discard(a * 512, count * 512)
+                        ref[a * 512 : (a + count) * 512] = bytes(count * 512)
+                    else:
+                        await disk.flush()
+
+    trio.run(run)
 
 
 def state_of(path: str) -> str:

@@ -257,6 +257,7 @@ async def _direct(fn: Any, *args: Any) -> Any:
 
 
 async def serve_xen_blk(backend: Backend, frontend_domid: int, devid: int, *,
+                        reattach: bool = False,
                         task_status: trio.TaskStatus[VbdPaths] = trio.TASK_STATUS_IGNORED
                         ) -> None:
     """Serve ``backend`` as vbd ``devid`` of domain ``frontend_domid`` until it closes.
@@ -264,7 +265,9 @@ async def serve_xen_blk(backend: Backend, frontend_domid: int, devid: int, *,
     Run in the backend's domain once the toolstack created the device.
     Answers the handshake (state InitWait, then Connected with the disk's
     size and features), serves the ring, and follows the frontend through
-    Closing and Closed.
+    Closing and Closed.  With ``reattach``, goes back to InitWait after
+    Closed for the frontend's next attach (as blkback does for a device
+    still online), until cancelled.
 
     Raises:
         ProviderUnavailable: no Xen here.
@@ -276,20 +279,25 @@ async def serve_xen_blk(backend: Backend, frontend_domid: int, devid: int, *,
     me = await trio.to_thread.run_sync(own_domid)
     paths = VbdPaths(me, frontend_domid, devid)
     caps = backend.capabilities
-    conn = _XenBack(paths, backend)
-    try:
-        async with vbd_backend(paths, sectors=backend.size // SECTOR,
-                               read_only=backend.read_only, flush=caps.can_flush,
-                               discard=caps.can_trim) as vb:
-            task_status.started(paths)
-            await vb.connected(conn.attach)
-            async with trio.open_nursery() as nursery:
+    async with vbd_backend(paths, sectors=backend.size // SECTOR,
+                           read_only=backend.read_only, flush=caps.can_flush,
+                           discard=caps.can_trim) as vb:
+        task_status.started(paths)
+        while True:
+            conn = _XenBack(paths, backend)
+            try:
+                await vb.connected(conn.attach)
+                async with trio.open_nursery() as nursery:
 
-                async def until_closed() -> None:
-                    await vb.closed()
-                    nursery.cancel_scope.cancel()
+                    async def until_closed(scope: trio.CancelScope = nursery.cancel_scope
+                                           ) -> None:
+                        await vb.closed()
+                        scope.cancel()
 
-                nursery.start_soon(until_closed)
-                nursery.start_soon(conn.run)
-    finally:
-        conn.close()
+                    nursery.start_soon(until_closed)
+                    nursery.start_soon(conn.run)
+            finally:
+                conn.close()
+            if not reattach:
+                return
+            await vb.reinit()

@@ -321,6 +321,12 @@ class vbd_backend:  # noqa: N801 -- used as ``async with vbd_backend(...)``
         await end.wait_for(lambda s: s == XenbusState.CLOSED)
         await _run(lambda: end.set_state(XenbusState.CLOSED))
 
+    async def reinit(self) -> None:
+        """After Closed: back to InitWait for the frontend's next attach."""
+        assert self._end is not None
+        end = self._end
+        await _run(lambda: end.set_state(XenbusState.INIT_WAIT))
+
     async def __aexit__(self, *exc: object) -> None:
         if self._end is not None:
             self._end.close()
@@ -350,7 +356,9 @@ class vbd_frontend:  # noqa: N801 -- used as ``async with vbd_frontend(...)``
         """Run the frontend's side to Connected; return the disk the backend announced."""
         assert self._end is not None
         end = self._end
-        await end.wait_for(lambda s: s >= XenbusState.INIT_WAIT)
+        # As blkfront: act on the backend's InitWait (a Closed left over
+        # from a previous attach is not an answer).
+        await end.wait_for(lambda s: s == XenbusState.INIT_WAIT)
         most = _u32(await _run(lambda: end.read("max-ring-page-order", "0")),
                     "max-ring-page-order", hi=32)
         order = min(most, self._max_order)
@@ -390,7 +398,8 @@ class vbd_frontend:  # noqa: N801 -- used as ``async with vbd_frontend(...)``
         await _run(lambda: end.set_state(XenbusState.CLOSING))
         await end.wait_for(lambda s: s >= XenbusState.CLOSING)
         await _run(lambda: end.set_state(XenbusState.CLOSED))
-        await end.wait_for(lambda s: s == XenbusState.CLOSED)
+        # A backend that serves the device again is back in InitWait already.
+        await end.wait_for(lambda s: s in (XenbusState.CLOSED, XenbusState.INIT_WAIT))
 
     async def __aexit__(self, *exc: object) -> None:
         if self._end is not None:
