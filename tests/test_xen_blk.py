@@ -234,3 +234,81 @@ def test_cli_serve_xen_and_cp_from_the_frontend_domain(xen_host: XenHost, tmp_pa
         if serve.poll() is None:
             serve.kill()
         serve.communicate()
+
+
+async def test_backend_domain_killed_gives_connection_lost(
+        xen_disk: subprocess.Popen[str]) -> None:
+    import time
+
+    from meshlink import ConnectionLost
+
+    with trio.fail_after(30):
+        async with open_xen_blk(BACK, DEVID) as disk:
+            await disk.write(0, b"\x02" * 4096)
+            killed_at = time.monotonic()
+            xen_disk.kill()  # the backend domain's only process
+            with pytest.raises(ConnectionLost):
+                for _ in range(10_000):  # bounded: each read waits for the dead ring
+                    await disk.read(0, 4096)
+            assert time.monotonic() - killed_at < 1.0
+
+
+FRONTEND_CODE = f"""
+import sys, trio
+from meshlink.transport.xenstore import NativeXenStore
+from meshlink.disk.blk.xen import open_xen_blk
+
+NativeXenStore().close()  # our domain exists from here on
+print("joined", flush=True)
+sys.stdin.readline()  # the toolstack created the device
+
+async def main():
+    async with open_xen_blk({BACK}, {DEVID}) as disk:
+        await disk.write(0, b"x" * 512)
+        print("attached", flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+def test_frontend_domain_killed_ends_the_backend(xen_host: XenHost,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of the frontend domain's only process: the backend's loop ends
+    with ConnectionLost within 1 s (no Closing ever comes)."""
+    import time
+
+    other = VbdPaths(BACK, 6, DEVID)
+    fe = subprocess.Popen([sys.executable, "-c", FRONTEND_CODE],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env={**os.environ, **xen_host.env(6)})
+    back = None
+    try:
+        assert fe.stdin is not None and fe.stdout is not None
+        assert fe.stdout.readline().strip() == "joined"
+        monkeypatch.setenv("XENEMU_DOMID", "0")
+        with NativeXenStore() as dom0:
+            create_vbd(dom0, other)
+        back = subprocess.Popen(
+            [sys.executable, "-c", BACKEND_CODE.replace(f"{FRONT}, {DEVID}", f"6, {DEVID}")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **xen_host.env(BACK)})
+        assert back.stdout is not None
+        assert back.stdout.readline().strip() == "ready"
+        fe.stdin.write("go\n")
+        fe.stdin.flush()
+        line = fe.stdout.readline().strip()
+        assert line == "attached", fe.communicate()[1][-3000:]
+        killed_at = time.monotonic()
+        fe.kill()
+        rc = back.wait(10)
+        took = time.monotonic() - killed_at
+        err = back.communicate()[1]
+        assert rc != 0 and "frontend domain 6 is gone" in err, err
+        assert took < 1.0 + 0.5, took  # 1 s to notice, plus interpreter shutdown
+    finally:
+        for p in (fe, back):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.communicate()

@@ -214,6 +214,7 @@ struct emu_joined {
     char *dir;
     unsigned dom;
     int fd;
+    int watched; /* a domain watchdog is armed (emu_dom_watchdog) */
 };
 static struct emu_joined emu_joined_tab[256];
 static unsigned emu_njoined;
@@ -524,6 +525,27 @@ static inline void emu_disarm(struct emu_unmap_notify *n, int fire)
         close(n->file_fd);
     n->file_fd = -1;
     n->active = 0;
+}
+
+/*
+ * Arm, once per domain and process, a watchdog that declares the domain
+ * dead (home removed, @releaseDomain) when this process dies and was its
+ * last one, even if it held no grant mapping with an unmap notification.
+ * It lives as long as the process (the pipe is never closed on purpose).
+ */
+static inline void emu_dom_watchdog(unsigned dom)
+{
+    const char *d = emu_dir();
+    for (unsigned i = 0; d && i < emu_njoined; i++) {
+        struct emu_joined *j = &emu_joined_tab[i];
+        if (j->dom != dom || strcmp(j->dir, d) || j->watched)
+            continue;
+        struct emu_unmap_notify n = {.active = 1, .file_fd = -1, .byte_off = -1, .port = -1,
+                                     .dom = dom, .pipe_w = -1};
+        if (emu_arm_watchdog(&n) == 0)
+            j->watched = 1;
+        return;
+    }
 }
 
 #endif

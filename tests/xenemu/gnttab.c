@@ -66,6 +66,9 @@ static struct xengntdev_handle *open_handle(void)
     if (h) {
         h->dom = emu_domid();
         emu_dom_join(h->dom);
+        /* A process that shares or maps memory is one whose death its peers
+         * must hear of, mapping notifications or not. */
+        emu_dom_watchdog(h->dom);
     }
     return h;
 }

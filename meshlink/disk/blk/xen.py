@@ -19,8 +19,9 @@ run in XenStore (:mod:`.xenbus`):
 
 The toolstack (dom0) creates the device's two XenStore directories first
 (:func:`.xenbus.create_vbd`, as ``xl block-attach`` would).  Liveness: the
-frontend's Closing ends the backend's loop; a frontend that dies without
-closing leaves it waiting (to do: the domain watch of the vchan streams).
+frontend's Closing ends the backend's loop; a domain that dies without
+closing: both ends watch the other's domain (``@releaseDomain``, as the
+vchan streams do) and end with :class:`~meshlink.ConnectionLost`.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from typing import Any
 import trio
 
 from ..._native import ffi, lib
-from ...errors import DiskError, HandshakeError, LocalProtocolError
+from ...errors import ConnectionLost, DiskError, HandshakeError, LocalProtocolError
 from ...transport.doorbell import Doorbell
 from ...transport.vchan.xen import own_domid, require_xen
+from ...transport.xenstore import DomainWatch
 from ..backends import Backend
 from .front import SLOT_PAGES, BlkDisk
 from .ring import (
@@ -66,19 +68,31 @@ def _why() -> str:
 
 
 class _XenBell(Doorbell):
-    """The Doorbell over a Xen event channel: ring() notifies the port."""
+    """The Doorbell over a Xen event channel: ring() notifies the port; the
+    peer's domain is watched (``@releaseDomain``) and its death sets
+    ``peer_dead``, which both ends' loops turn into ConnectionLost."""
 
-    def __init__(self, x: Any) -> None:
+    def __init__(self, x: Any, peer_domid: int) -> None:
         self._x = x
         super().__init__(int(lib.ml_xen_blk_event_fd(x)), -1, None, on_event=self._ack,
                          owns_fds=False)
+        self._watch: DomainWatch | None = DomainWatch(peer_domid)
+        self.also_wake_on(self._watch.fileno)
 
     def _ack(self) -> None:
         if lib.ml_xen_blk_ack(self._x) < 0:
             raise HandshakeError(f"blk event channel failed: {_why()}")
+        if self._watch is not None and self._watch.poll():
+            self.peer_dead = True
 
     def ring(self) -> None:
         lib.ml_xen_blk_notify(self._x)
+
+    def close(self) -> None:
+        super().close()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
 
 class _XenFrontRing(FrontRing):
@@ -139,7 +153,11 @@ async def open_xen_blk(backend_domid: int, devid: int) -> AsyncIterator[BlkDisk]
     paths = VbdPaths(backend_domid, me, devid)
     order = 0
     ring = _XenFrontRing(backend_domid, order, ring_entries(order) * (SLOT_PAGES + 1))
-    bell = _XenBell(ring.x)
+    try:
+        bell = await trio.to_thread.run_sync(_XenBell, ring.x, backend_domid)
+    except BaseException:
+        ring.close()
+        raise
     fe = vbd_frontend(paths, lambda _o: (ring.ring_refs(), int(lib.ml_xen_blk_port(ring.x))),
                       max_order=order)
     try:
@@ -158,8 +176,9 @@ async def open_xen_blk(backend_domid: int, devid: int) -> AsyncIterator[BlkDisk]
                         nursery.cancel_scope.cancel()
             finally:
                 await disk.aclose()
-                with trio.CancelScope(shield=True):
-                    await fe.close()
+                if not bell.peer_dead:  # a dead backend domain answers nothing
+                    with trio.CancelScope(shield=True):
+                        await fe.close()
     finally:
         bell.close()
         ring.close()
@@ -189,7 +208,7 @@ class _XenBack:
                                        1 if self.backend.read_only else 0, back) != 0:
             raise HandshakeError("bad blk ring parameters")
         self.ptr = back[0]
-        self.bell = _XenBell(self.x)
+        self.bell = _XenBell(self.x, self.paths.frontend_domid)
 
     async def _serve_one(self, c: Any) -> int:
         b = self.backend
@@ -238,6 +257,8 @@ class _XenBack:
                 self.bell.ring()
             if served or _corrupt(lib.ml_blk_back_final_check(self.ptr), _BAD_REQUESTS):
                 continue
+            if self.bell.peer_dead:
+                raise ConnectionLost(f"frontend domain {self.paths.frontend_domid} is gone")
             await self.bell.wait()
 
     def close(self) -> None:
@@ -285,6 +306,7 @@ async def serve_xen_blk(backend: Backend, frontend_domid: int, devid: int, *,
         task_status.started(paths)
         while True:
             conn = _XenBack(paths, backend)
+            lost: list[ConnectionLost] = []
             try:
                 await vb.connected(conn.attach)
                 async with trio.open_nursery() as nursery:
@@ -294,10 +316,21 @@ async def serve_xen_blk(backend: Backend, frontend_domid: int, devid: int, *,
                         await vb.closed()
                         scope.cancel()
 
+                    async def serve(scope: trio.CancelScope = nursery.cancel_scope,
+                                    c: _XenBack = conn,
+                                    out: list[ConnectionLost] = lost) -> None:
+                        try:
+                            await c.run()
+                        except ConnectionLost as exc:
+                            out.append(exc)
+                            scope.cancel()
+
                     nursery.start_soon(until_closed)
-                    nursery.start_soon(conn.run)
+                    nursery.start_soon(serve)
             finally:
                 conn.close()
+            if lost:
+                raise lost[0]
             if not reattach:
                 return
             await vb.reinit()
