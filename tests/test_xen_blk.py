@@ -141,16 +141,31 @@ def state_of(path: str) -> str:
         return xs.read(0, f"{path}/state")
 
 
-async def test_random_io_flush_discard_and_the_tree(xen_disk: subprocess.Popen[str]) -> None:
+@pytest.mark.parametrize("order", [0, 2, 4])
+async def test_random_io_flush_discard_and_the_tree(xen_disk: subprocess.Popen[str],
+                                                    order: int) -> None:
     ref = bytearray(SIZE)
     rng = random.Random(16)
     with trio.fail_after(120):
-        async with open_xen_blk(BACK, DEVID) as disk:
+        async with open_xen_blk(BACK, DEVID, ring_order=order) as disk:
             assert disk.size == SIZE and not disk.read_only
+            assert disk.ring_entries == 32 << order
             assert state_of(PATHS.backend) == state_of(PATHS.frontend) == "4"
             with NativeXenStore() as xs:
                 assert xs.read(0, f"{PATHS.backend}/sectors") == str(SIZE // 512)
-                assert xs.read(0, f"{PATHS.frontend}/ring-ref").isdigit()
+                if order == 0:
+                    assert xs.read(0, f"{PATHS.frontend}/ring-ref").isdigit()
+                else:  # multi-page: ring-page-order and ring-ref0..
+                    assert xs.read(0, f"{PATHS.frontend}/ring-page-order") == str(order)
+                    refs = [int(xs.read(0, f"{PATHS.frontend}/ring-ref{i}"))
+                            for i in range(1 << order)]
+                    assert refs == list(range(refs[0], refs[0] + (1 << order)))
+            # Many requests in flight at once: more than one page of ring.
+            async with trio.open_nursery() as n:
+                for k in range(64):
+                    n.start_soon(disk.write, k * 4096, bytes([k]) * 4096)
+            for k in range(64):
+                ref[k * 4096 : (k + 1) * 4096] = bytes([k]) * 4096
             for _ in range(150):
                 kind = rng.random()
                 if kind < 0.45:

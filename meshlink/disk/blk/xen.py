@@ -39,7 +39,7 @@ from ...transport.doorbell import Doorbell
 from ...transport.vchan.xen import own_domid, require_xen
 from ...transport.xenstore import DomainWatch
 from ..backends import Backend
-from .front import SLOT_PAGES, BlkDisk
+from .front import SEGMENTS, BlkDisk
 from .ring import (
     OP_DISCARD,
     OP_FLUSH_DISKCACHE,
@@ -138,35 +138,50 @@ class _XenFrontRing(FrontRing):
 
 
 @asynccontextmanager
-async def open_xen_blk(backend_domid: int, devid: int) -> AsyncIterator[BlkDisk]:
+async def open_xen_blk(backend_domid: int, devid: int, *,
+                       ring_order: int = 0) -> AsyncIterator[BlkDisk]:
     """Attach vbd ``devid`` served by domain ``backend_domid`` (run in the frontend's domain).
 
     ``async with open_xen_blk(3, 51712) as disk:`` -- the device must exist
     (the toolstack's :func:`.xenbus.create_vbd`) and its backend be serving.
 
+    Args:
+        backend_domid: the backend's domain.
+        devid: the device id.
+        ring_order: the most ring pages to use, 2^0..2^4 (32..512 requests
+            in flight), further bounded by the backend's
+            ``max-ring-page-order``.
+
     Raises:
         ProviderUnavailable: no Xen here.
         HandshakeError: the handshake failed or timed out.
+        LocalProtocolError: a ring order outside 0..4.
     """
+    if not 0 <= ring_order <= 4:
+        raise LocalProtocolError("ring_order must be 0..4")
     require_xen()
     me = await trio.to_thread.run_sync(own_domid)
     paths = VbdPaths(backend_domid, me, devid)
-    order = 0
-    ring = _XenFrontRing(backend_domid, order, ring_entries(order) * (SLOT_PAGES + 1))
-    try:
-        bell = await trio.to_thread.run_sync(_XenBell, ring.x, backend_domid)
-    except BaseException:
-        ring.close()
-        raise
-    fe = vbd_frontend(paths, lambda _o: (ring.ring_refs(), int(lib.ml_xen_blk_port(ring.x))),
-                      max_order=order)
+    made: list[_XenFrontRing] = []
+
+    def share(order: int) -> tuple[list[int], int]:
+        # Called with the order the handshake settled on: the ring is
+        # granted then (each slot owns a direct request's pages).
+        ring = _XenFrontRing(backend_domid, order, ring_entries(order) * SEGMENTS)
+        made.append(ring)
+        return ring.ring_refs(), int(lib.ml_xen_blk_port(ring.x))
+
+    fe = vbd_frontend(paths, share, max_order=ring_order)
+    bell: _XenBell | None = None
     try:
         async with fe:
             info = await fe.connect()
+            ring = made[0]
+            bell = await trio.to_thread.run_sync(_XenBell, ring.x, backend_domid)
             disk = BlkDisk(size=info.sectors * info.sector_size, read_only=info.read_only,
                            features={"flush": info.flush, "discard": info.discard,
                                      "barrier": info.barrier},
-                           ring=ring, order=order, bell=bell)
+                           ring=ring, order=ring.order, bell=bell, slot_pages=SEGMENTS)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(disk._pump)
@@ -180,8 +195,10 @@ async def open_xen_blk(backend_domid: int, devid: int) -> AsyncIterator[BlkDisk]
                     with trio.CancelScope(shield=True):
                         await fe.close()
     finally:
-        bell.close()
-        ring.close()
+        if bell is not None:
+            bell.close()
+        for r in made:
+            r.close()
 
 
 class _XenBack:
