@@ -213,6 +213,19 @@ async def test_backend_refuses_pages_not_granted_to_it(xen_disk: subprocess.Pope
             status = await disk._wait(0)
         assert status == -1
         disk._release(0)
+        # INDIRECT is not offered over Xen: answered EOPNOTSUPP, not read.
+        page = ffi.cast("uint8_t *", ffi.from_buffer(ring.memory)) + 4096 * 5
+        rc = lib.ml_blk_front_submit(ring.ptr, req, 0, 0, 0, 12 * 4096, ring.ref_base + 1,
+                                     page, ring.ref_base + 5)
+        assert rc >= 0 and req.operation == 6
+        disk._free.remove(0)
+        disk._state[0] = 1
+        disk._inflight += 1
+        if rc:
+            disk._bell.ring()
+        with trio.fail_after(30):
+            assert await disk._wait(0) == -2
+        disk._release(0)
         await disk.write(0, b"\x01" * 512)
         assert await disk.read(0, 512) == b"\x01" * 512
 
