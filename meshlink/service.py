@@ -201,6 +201,7 @@ async def serve(
     require_tls: bool = False,
     vchan: bool = True,
     ivshmem: str | os.PathLike[str] | None = None,
+    xen_readers: Collection[int] | None = None,
     allow_uids: Collection[int] | None = None,
     zeroconf: ZeroconfConfig | bool | None = None,
     host_id: str | None = None,
@@ -246,6 +247,11 @@ async def serve(
             Whoever maps the region may connect (the region is the
             boundary: give it only to the VMs that may); see
             ``docs/guide/ivshmem.md``.
+        xen_readers: on Xen, also serve vchan to these domains and publish
+            the service in the XenStore registry for them (a guest's
+            ``connect(name)`` then finds ``vchan://xen/DOMID/NAME``);
+            withdrawn on the way out.  Needs dom0's registry index
+            (``resolver.xenstore.prepare_index``).
         allow_uids: uids allowed to connect over every local path this server
             opens (vchan; default: our own uid only).
         zeroconf: DNS-SD advertisement: a config, ``True`` (all interfaces),
@@ -314,7 +320,8 @@ async def serve(
         raise LocalProtocolError("require_tls needs a TLS certificate (tls= or MESHLINK_TLS_*)")
     if tls is None:
         tls_port = None
-    if not vchan and ivshmem is None and tls_port is None and tcp_port is None:
+    if (not vchan and ivshmem is None and not xen_readers and tls_port is None
+            and tcp_port is None):
         raise LocalProtocolError(f"service {name!r} would listen nowhere: no vchan, no TLS "
                                  "certificate, and plain TCP not allowed")
     zc = ZeroconfConfig.from_env() if zeroconf is None else (
@@ -377,6 +384,17 @@ async def serve(
             stack.push_async_callback(ivs_listener.aclose)
             server.endpoints.insert(1 if vchan else 0, Endpoint(
                 "vchan", name, host_id=region.host_id, via="ivshmem"))
+        xen_listener = None
+        if xen_readers:
+            from .transport import xenstore as xs_registry
+            from .transport.vchan.xen import open_xen_vchan_listener, own_domid
+
+            xen_listener = await open_xen_vchan_listener(name, xen_readers)
+            stack.push_async_callback(xen_listener.aclose)
+            me = own_domid()
+            xs_registry.publish(name, me, name, readers=xen_readers)
+            stack.callback(xs_registry.withdraw, name, me)
+            server.endpoints.insert(1 if vchan else 0, Endpoint("vchan", name, domid=me))
         if zc is not None:
             ad = Advertisement(name, hid, server.transports, tuple(advertise),
                                server.tls_port, server.tcp_port, fingerprint)
@@ -439,6 +457,8 @@ async def serve(
                 offer.start(nursery, on_vchan)
                 if ivs_listener is not None:
                     nursery.start_soon(trio.serve_listeners, on_vchan, [ivs_listener])
+                if xen_listener is not None:
+                    nursery.start_soon(trio.serve_listeners, on_vchan, [xen_listener])
                 if tcp_listeners:
                     nursery.start_soon(trio.serve_listeners, on_tcp, tcp_listeners)
                 if tls_listeners:

@@ -67,6 +67,9 @@ struct ml_blk_back {
     uint32_t npages;
     uint64_t disk_sectors;
     int read_only;
+    /* Xen: no pool; each request's grants are mapped by native/xen_blk.c,
+     * where the hypervisor checks them.  INDIRECT is then not offered. */
+    int granted;
     uint64_t counters[ML_BLK_NCOUNTERS]; /* the native loop's; see ml_blk_back_counters */
 };
 
@@ -326,6 +329,15 @@ int ml_blk_back_new(void *ring, int order, uint8_t *pages, uint32_t gref_base,
     return ML_OK;
 }
 
+int ml_blk_back_new_granted(void *ring, int order, uint64_t disk_sectors, int read_only,
+                            ml_blk_back **out)
+{
+    int rc = ml_blk_back_new(ring, order, NULL, 0, 0, disk_sectors, read_only, out);
+    if (rc == ML_OK)
+        (*out)->granted = 1;
+    return rc;
+}
+
 void ml_blk_back_free(ml_blk_back *b)
 {
     free(b);
@@ -339,6 +351,8 @@ static int range_ok(const ml_blk_back *b, uint64_t sector, uint64_t count)
 
 static int gref_ok(const ml_blk_back *b, uint32_t gref)
 {
+    if (b->granted)
+        return 1; /* mapping the grant is the check (xen_blk.c) */
     return gref >= b->gref_base && gref - b->gref_base < b->npages;
 }
 
@@ -392,6 +406,8 @@ static int16_t validate(ml_blk_back *b, struct ml_blk_checked *c)
         memcpy(c->segs, r->seg, c->nsegs * sizeof(struct ml_blk_segment));
         break;
     case ML_BLK_OP_INDIRECT: {
+        if (b->granted)
+            return ML_BLK_RSP_EOPNOTSUPP; /* not advertised over Xen */
         int16_t st = load_indirect(b, c);
         if (st != ML_BLK_RSP_OKAY)
             return st;
@@ -463,6 +479,10 @@ int ml_blk_back_get(ml_blk_back *b, struct ml_blk_checked *out)
 uint8_t *ml_blk_back_segment(ml_blk_back *b, const struct ml_blk_checked *c, int i, uint32_t *len)
 {
     const struct ml_blk_segment *s = &c->segs[i];
+    if (b->granted) {
+        *len = 0;
+        return NULL;
+    }
     *len = (uint32_t)(s->last_sect - s->first_sect + 1) * ML_BLK_SECTOR_SIZE;
     return b->pages + (size_t)(s->gref - b->gref_base) * PAGE_SIZE +
            (size_t)s->first_sect * ML_BLK_SECTOR_SIZE;
@@ -470,6 +490,8 @@ uint8_t *ml_blk_back_segment(ml_blk_back *b, const struct ml_blk_checked *c, int
 
 void ml_blk_back_gather(ml_blk_back *b, const struct ml_blk_checked *c, uint8_t *dst)
 {
+    if (b->granted)
+        return; /* xen_blk.c copies through the mapped grants */
     for (int i = 0; i < (int)c->nsegs; i++) {
         uint32_t len;
         uint8_t *p = ml_blk_back_segment(b, c, i, &len);
@@ -480,6 +502,8 @@ void ml_blk_back_gather(ml_blk_back *b, const struct ml_blk_checked *c, uint8_t 
 
 void ml_blk_back_scatter(ml_blk_back *b, const struct ml_blk_checked *c, const uint8_t *src)
 {
+    if (b->granted)
+        return;
     for (int i = 0; i < (int)c->nsegs; i++) {
         uint32_t len;
         uint8_t *p = ml_blk_back_segment(b, c, i, &len);
@@ -497,7 +521,7 @@ void ml_blk_back_scatter(ml_blk_back *b, const struct ml_blk_checked *c, const u
 static int copy_pieces(ml_blk_back *b, const struct ml_blk_checked *c, uint64_t at,
                        uint8_t *buf, size_t len, int to_pages)
 {
-    if (at > c->length || len > c->length - at)
+    if (b->granted || at > c->length || len > c->length - at)
         return ML_EINVAL;
     for (int i = 0; i < (int)c->nsegs && len; i++) {
         uint32_t seg_len;
@@ -572,6 +596,8 @@ long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify)
     long served = 0;
     int rc;
     *notify = 0;
+    if (b->granted)
+        return ML_EINVAL; /* no pool to serve from */
     uint64_t *n = b->counters;
     while ((rc = ml_blk_back_get(b, &c)) == 1) {
         n[c.op == ML_BLK_OP_READ ? 0

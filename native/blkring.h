@@ -162,6 +162,14 @@ int ml_blk_front_final_check(ml_blk_front *f);
 int ml_blk_back_new(void *ring, int order, uint8_t *pages, uint32_t gref_base,
                     uint32_t npages, uint64_t disk_sectors, int read_only,
                     ml_blk_back **out);
+/*
+ * Attach to a ring whose data pages are Xen grants mapped per request
+ * (native/xen_blk.c): every segment's gref passes here (the hypervisor
+ * checks it when it is mapped), INDIRECT is answered EOPNOTSUPP, and the
+ * pool-based calls (segment, gather, scatter, copy_*, serve_buffer) refuse.
+ */
+int ml_blk_back_new_granted(void *ring, int order, uint64_t disk_sectors, int read_only,
+                            ml_blk_back **out);
 void ml_blk_back_free(ml_blk_back *b);
 /* Copy the next request out and validate it: 1 = got one (see
  * out->status), 0 = none, ML_ECORRUPT = hostile indices. */

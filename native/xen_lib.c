@@ -111,7 +111,9 @@ static void load_all(void)
         SYM(xs_write, "xs_write"), SYM(xs_rm, "xs_rm"), SYM(xs_directory, "xs_directory"),
         SYM(xs_set_permissions, "xs_set_permissions"),
         SYM(xs_transaction_start, "xs_transaction_start"),
-        SYM(xs_transaction_end, "xs_transaction_end"),
+        SYM(xs_transaction_end, "xs_transaction_end"), SYM(xs_watch, "xs_watch"),
+        SYM(xs_unwatch, "xs_unwatch"), SYM(xs_fileno, "xs_fileno"),
+        SYM(xs_check_watch, "xs_check_watch"),
     };
     if (load_lib("libxenevtchn.so.1", "VERS_1.0", "libxenevtchn1", evt,
                  sizeof evt / sizeof evt[0]) < 0 ||

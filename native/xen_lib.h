@@ -63,6 +63,12 @@ struct ml_xen_lib {
                                struct xs_permissions *perms, unsigned n);
     uint32_t (*xs_transaction_start)(struct xs_handle *);
     bool (*xs_transaction_end)(struct xs_handle *, uint32_t t, bool abort);
+    bool (*xs_watch)(struct xs_handle *, const char *path, const char *token);
+    bool (*xs_unwatch)(struct xs_handle *, const char *path, const char *token);
+    int (*xs_fileno)(struct xs_handle *);
+    /* NULL-terminated vector [path, token, NULL] in one allocation, or NULL
+     * with errno EAGAIN when no event is queued. */
+    char **(*xs_check_watch)(struct xs_handle *);
 };
 
 extern struct ml_xen_lib ml_xen;

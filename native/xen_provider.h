@@ -47,6 +47,12 @@ int ml_xen_server_new(uint32_t peer_domid, const char *xs_path, size_t read_min,
  * read-only), set cli_live = 1, ask for the server's first write, signal.
  */
 int ml_xen_client_new(uint32_t server_domid, const char *xs_path, ml_vchan **out);
+/*
+ * Server end: remove the channel's XenStore nodes now rather than when it
+ * is freed (a connected channel is single-use; its path may then carry the
+ * next channel for the same client domain).  Blocks on XenStore.
+ */
+int ml_xen_server_unpublish(ml_vchan *v);
 /* The event channel's fd (non-blocking; readable when the peer signalled). */
 int ml_xen_event_fd(const ml_vchan *v);
 /* Take every pending event and unmask its port.  Count taken, or ML_ESYS. */
@@ -72,6 +78,17 @@ int ml_xs_set_permissions(ml_xs *h, uint32_t t, const char *path, const uint32_t
                           const uint32_t *perms, unsigned n);
 /* Children as NUL-terminated names back to back; total bytes, or ML_ESYS. */
 long ml_xs_directory(ml_xs *h, uint32_t t, const char *path, char *buf, size_t cap);
+/* Watch `path` (or a special path such as "@releaseDomain") under `token`;
+ * XenStore queues one event at once, then one per change. */
+int ml_xs_watch(ml_xs *h, const char *path, const char *token);
+int ml_xs_unwatch(ml_xs *h, const char *path, const char *token);
+/* An fd readable while watch events are queued, or ML_ESYS. */
+int ml_xs_fileno(ml_xs *h);
+/*
+ * Take one queued watch event without waiting: 1 (path and token copied,
+ * NUL-terminated, truncated to their caps), 0 (none queued), or ML_ESYS.
+ */
+int ml_xs_check_watch(ml_xs *h, char *path, size_t path_cap, char *token, size_t token_cap);
 
 /* cffi:end */
 

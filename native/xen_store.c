@@ -151,3 +151,57 @@ long ml_xs_directory(ml_xs *m, uint32_t t, const char *path, char *buf, size_t c
     free(names);
     return (long)total;
 }
+
+int ml_xs_watch(ml_xs *m, const char *path, const char *token)
+{
+    if (ml_xen.xs_watch(m->h, path, token))
+        return ML_OK;
+    ml_xen_set_error("xs_watch %s: %s", path, strerror(errno));
+    return ML_ESYS;
+}
+
+int ml_xs_unwatch(ml_xs *m, const char *path, const char *token)
+{
+    if (ml_xen.xs_unwatch(m->h, path, token))
+        return ML_OK;
+    ml_xen_set_error("xs_unwatch %s: %s", path, strerror(errno));
+    return ML_ESYS;
+}
+
+int ml_xs_fileno(ml_xs *m)
+{
+    int fd = ml_xen.xs_fileno(m->h);
+    if (fd < 0) {
+        ml_xen_set_error("xs_fileno: %s", strerror(errno));
+        return ML_ESYS;
+    }
+    return fd;
+}
+
+static void copy_str(char *dst, size_t cap, const char *src)
+{
+    if (!cap)
+        return;
+    size_t n = strlen(src);
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, src, n);
+    dst[n] = 0;
+}
+
+int ml_xs_check_watch(ml_xs *m, char *path, size_t path_cap, char *token, size_t token_cap)
+{
+    errno = 0;
+    char **ev = ml_xen.xs_check_watch(m->h);
+    if (!ev) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == 0)
+            return 0;
+        ml_xen_set_error("xs_check_watch: %s", strerror(errno));
+        return ML_ESYS;
+    }
+    /* XS_WATCH_PATH = 0, XS_WATCH_TOKEN = 1 (xenstore_lib.h). */
+    copy_str(path, path_cap, ev[0]);
+    copy_str(token, token_cap, ev[1]);
+    free(ev);
+    return 1;
+}

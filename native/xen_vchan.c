@@ -428,6 +428,19 @@ fail:
     return rc;
 }
 
+int ml_xen_server_unpublish(ml_vchan *v)
+{
+    if (v->provider != &xen_provider || !v->is_server)
+        return ML_EINVAL;
+    struct xen_vchan *x = xv(v);
+    if (x->xs_path) {
+        xs_remove(x->xs_path);
+        free(x->xs_path);
+        x->xs_path = NULL;
+    }
+    return ML_OK;
+}
+
 int ml_xen_event_fd(const ml_vchan *v)
 {
     const struct xen_vchan *x = (const struct xen_vchan *)v;

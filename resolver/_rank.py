@@ -32,7 +32,7 @@ __all__ = ["SOURCE_ORDER", "rank"]
 
 #: Sources in order of trust: local facts first, then the operator, then the
 #: network -- the DNS server the user named before anyone on the local link.
-SOURCE_ORDER = ("pin", "hoststore", "rules", "dns", "zeroconf")
+SOURCE_ORDER = ("pin", "hoststore", "xenstore", "rules", "dns", "zeroconf")
 
 
 def _source_rank(source: str) -> int:
@@ -58,6 +58,7 @@ def _merge(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
             fingerprint=prev.fingerprint if prev.fingerprint is not None else ep.fingerprint,
             source="+".join(sorted((s for s in sources if s), key=_source_rank)),
             via=prev.via,
+            domid=prev.domid,
         )
     return list(seen.values())
 
@@ -90,6 +91,16 @@ def _judge(ep: Endpoint, facts: LocalFacts, policy: Policy) -> tuple[bool, str]:
             return True, "pinned; co-location to be proved by the vchan handshake"
         if ep.via == "ivshmem":
             return _judge_ivshmem(ep, facts, src)
+        if ep.domid is not None:
+            # A Xen channel: co-located when it carries the Xen host's id, the
+            # one every domain of the host reads from XenStore.
+            if facts.xen_host_id is None:
+                return False, f"{src}; Xen vchan, but we are not on Xen"
+            if ep.host_id != facts.xen_host_id:
+                return False, (f"{src}; Xen host id {ep.host_id} differs from ours "
+                               f"({facts.xen_host_id}): not co-located")
+            return True, (f"{src}; co-located on Xen host {ep.host_id} (domain {ep.domid}; "
+                          "to be proved by the vchan handshake)")
         if ep.host_id is None:
             if ep.source.startswith("hoststore"):
                 return True, (f"{src}: live in our host store without a record (a bare vchan "
@@ -139,7 +150,8 @@ def rank(endpoints: Iterable[Endpoint], facts: LocalFacts, policy: Policy) -> Ra
         pin = policy.pin if isinstance(policy.pin, Endpoint) else Endpoint.parse(
             policy.pin, source="pin")
         pin = Endpoint(pin.scheme, pin.host, pin.port, store=pin.store, host_id=pin.host_id,
-                       fingerprint=pin.fingerprint, source="pin", via=pin.via)
+                       fingerprint=pin.fingerprint, source="pin", via=pin.via,
+                       domid=pin.domid)
         rejected += [Choice(ep, f"from {ep.source}; not the pinned endpoint {pin.url}")
                      for ep in candidates if ep.url != pin.url]
         candidates = [pin]

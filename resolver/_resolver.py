@@ -17,6 +17,7 @@ from .errors import DnsConfigError, ResolveError
 from .hoststore import HostStore, HostStoreSource, default_host_id
 from .names import validate_service_name
 from .rules import Rules, rules_from
+from .xenstore import XenStoreOpener, XenStoreSource, default_opener
 from .zeroconf import ZeroconfConfig
 
 __all__ = ["Resolver", "dns_config"]
@@ -43,6 +44,12 @@ class Resolver:
         ivshmem_host_id: the host id of the ivshmem region this end maps
             (``meshlink.transport.vchan.ivshmem.local_region_host_id``), which
             makes ``vchan://ivshmem/NAME`` endpoints of that host co-located.
+        xenstore: the XenStore registry source (:mod:`resolver.xenstore`): an
+            opener (returns a client, or None where there is no Xen),
+            ``False`` to disable, or ``None`` for the opener meshlink
+            registers (it opens XenStore when the vchan provider is Xen:
+            ``/dev/xen``, or ``MESHLINK_PROVIDER=xen``).  On Xen the Xen host
+            id is read once, here.
 
     Raises:
         RulesError: the rules file is malformed (file and line in the message).
@@ -60,6 +67,7 @@ class Resolver:
         host_id: str | None = None,
         tls_configured: bool = True,
         ivshmem_host_id: str | None = None,
+        xenstore: XenStoreOpener | bool | None = None,
     ) -> None:
         self.store = HostStore.of(host_store)
         self.hoststore = HostStoreSource(self.store)
@@ -73,8 +81,12 @@ class Resolver:
         else:
             self.zeroconf = zeroconf
         self.dns = dns_config(dns)
+        opener = default_opener() if xenstore is None or xenstore is True else (
+            xenstore or None)
+        self.xenstore = XenStoreSource(opener) if opener is not None else None
+        xen_host_id = self.xenstore.host_id() if self.xenstore is not None else None
         self.facts = LocalFacts(host_id or default_host_id(self.store), tls_configured,
-                                ivshmem_host_id)
+                                ivshmem_host_id=ivshmem_host_id, xen_host_id=xen_host_id)
 
     async def candidates(self, name: str) -> list[Endpoint]:
         """Every endpoint the sources know for ``name``, unranked, sources in order.
@@ -96,6 +108,10 @@ class Resolver:
         validate_service_name(name)
         notes: list[str] = []
         found = list(self.hoststore.lookup(name))
+        if self.xenstore is not None:
+            xen, xen_notes = await trio.to_thread.run_sync(self.xenstore.lookup, name)
+            found += xen
+            notes += xen_notes
         if self.rules is not None:
             found += self.rules.lookup(name)
         if self.dns is not None:

@@ -15,6 +15,8 @@ SCHEMES: tuple[Scheme, ...] = ("vchan", "tls", "tcp")
 VCHAN_AUTHORITY = "host-store"
 #: The authority of a vchan URL through a shared ivshmem region (KVM guests).
 IVSHMEM_AUTHORITY = "ivshmem"
+#: The authority of a vchan URL over Xen: ``vchan://xen/DOMID/PORT``.
+XEN_AUTHORITY = "xen"
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,12 @@ class Endpoint:
         host_id: the host id the publisher advertised (``None``: unknown).
         fingerprint: SHA-256 of the server's TLS certificate (hex), if advertised.
         source: which registry produced it (``hoststore``, ``rules``,
-            ``zeroconf``, ``dns``, ``pin``).
+            ``zeroconf``, ``dns``, ``pin``, ``xenstore``).
         via: for vchan, ``""`` (through the host store) or ``"ivshmem"``
             (through the ivshmem region this end maps; ``host_id`` is then
             the host id stamped in that region's header).
+        domid: for a vchan over Xen, the serving domain (``host`` is then
+            the vchan port name); ``None`` for every other endpoint.
     """
 
     scheme: Scheme
@@ -44,10 +48,14 @@ class Endpoint:
     fingerprint: str | None = field(default=None, compare=False)
     source: str = field(default="", compare=False)
     via: str = ""
+    domid: int | None = None
 
     @property
     def url(self) -> str:
-        """The endpoint as a URL: ``vchan://host-store/NAME``, ``tls://HOST:PORT``."""
+        """The endpoint as a URL: ``vchan://host-store/NAME``, ``vchan://xen/DOMID/PORT``,
+        ``tls://HOST:PORT``."""
+        if self.scheme == "vchan" and self.domid is not None:
+            return f"vchan://{XEN_AUTHORITY}/{self.domid}/{self.host}"
         if self.scheme == "vchan":
             authority = IVSHMEM_AUTHORITY if self.via == "ivshmem" else VCHAN_AUTHORITY
             return f"vchan://{authority}/{self.host}"
@@ -72,6 +80,13 @@ class Endpoint:
             raise ValueError(f"bad endpoint {url!r}: {exc}") from exc
         if parts.query or parts.fragment:
             raise ValueError(f"bad endpoint {url!r}: no query or fragment allowed")
+        if parts.scheme == "vchan" and parts.netloc == XEN_AUTHORITY:
+            dom, _, port_name = parts.path.lstrip("/").partition("/")
+            if not dom.isdigit() or not 0 <= int(dom) < 0x7FF0 or not port_name \
+                    or "/" in port_name:
+                raise ValueError(f"bad endpoint {url!r}: a Xen vchan endpoint is "
+                                 f"vchan://{XEN_AUTHORITY}/DOMID/PORT")
+            return cls("vchan", port_name, source=source, domid=int(dom))
         if parts.scheme == "vchan":
             name = parts.path.lstrip("/")
             if (parts.netloc not in (VCHAN_AUTHORITY, IVSHMEM_AUTHORITY) or not name
@@ -103,11 +118,16 @@ class LocalFacts:
         ivshmem_host_id: the host id in the header of the ivshmem region this
             end maps (``None``: none): parties that map the same region are
             co-located on one KVM host whatever their own host ids.
+        xen_host_id: on Xen, the id of the Xen host we run on, as dom0
+            published it in XenStore (:mod:`resolver.xenstore`): it comes
+            from the host, not from this guest's boot id, so every domain of
+            one host shares it.  ``None`` off Xen.
     """
 
     host_id: str
     tls_configured: bool = True
     ivshmem_host_id: str | None = None
+    xen_host_id: str | None = None
 
 
 @dataclass(frozen=True)

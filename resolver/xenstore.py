@@ -25,6 +25,15 @@ therefore squat a name in the index, but not impersonate: :func:`lookup`
 trusts only a record under the claimed domain's own subtree whose owner is
 that domain, and reports anything else as not found.
 
+The index directory also carries the **Xen host id**,
+``/meshlink/host-id``, written by dom0 with the index and readable by every
+domain: a digest of dom0's boot id, so it comes from the host and every guest
+of the host reads the same value (a guest's own boot id says nothing about
+the host).  A service found through the index is on this host by
+construction (XenStore is per host); the endpoint carries that id, and the
+ranking keeps a Xen vchan endpoint when it equals the id we read
+(:class:`~resolver.LocalFacts.xen_host_id`).
+
 The registry logic here talks to XenStore only through a
 :class:`XenStoreClient` the caller passes in (meshlink provides one over its
 native Xen provider, ``meshlink.transport.xenstore``), so the naming layer
@@ -35,15 +44,23 @@ on XenStore round trips: from trio, use ``trio.to_thread.run_sync``.
 from __future__ import annotations
 
 import errno
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from ._types import Endpoint
 from .errors import InvalidName, ServiceNotFound, StoreError
 from .names import validate_service_name
 
 __all__ = [
+    "HOST_ID_NODE",
     "INDEX",
+    "XenStoreOpener",
+    "XenStoreSource",
+    "default_opener",
+    "host_id",
+    "set_default_opener",
     "PERM_NONE",
     "PERM_READ",
     "PERM_WRITE",
@@ -56,6 +73,8 @@ __all__ = [
 ]
 
 INDEX = "/meshlink/services"
+HOST_ID_NODE = "/meshlink/host-id"
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 PERM_NONE, PERM_READ, PERM_WRITE = 0, 1, 2
 #: Errors XenStore gives for a node we may not see: reported as "not found".
 _HIDDEN = (errno.ENOENT, errno.EACCES, errno.EPERM)
@@ -93,6 +112,32 @@ class XenStoreClient(Protocol):
     def transaction_end(self, t: int, abort: bool) -> bool:
         """End transaction ``t``: ``False`` if it conflicted (EAGAIN) and must be retried."""
         ...
+
+    def close(self) -> None:
+        """Close the connection."""
+        ...
+
+
+#: Opens a XenStore connection, or returns None where there is no Xen.
+XenStoreOpener = Callable[[], "XenStoreClient | None"]
+_default_opener: list[XenStoreOpener] = []
+
+
+def set_default_opener(opener: XenStoreOpener | None) -> None:
+    """Register how :class:`~resolver.Resolver` opens XenStore by default.
+
+    The naming layer imports nothing of meshlink, so meshlink's transport
+    registers its native client here when it is imported (and a test or an
+    embedder may register another).  ``None`` unregisters.
+    """
+    _default_opener.clear()
+    if opener is not None:
+        _default_opener.append(opener)
+
+
+def default_opener() -> XenStoreOpener | None:
+    """The opener registered with :func:`set_default_opener`, if any."""
+    return _default_opener[0] if _default_opener else None
 
 
 @dataclass(frozen=True)
@@ -161,25 +206,48 @@ def _abort(xs: XenStoreClient, t: int) -> None:
         pass  # deliberate: the error that made us abort is the one to report
 
 
-def prepare_index(xs: XenStoreClient, readers_may_list: bool = False) -> None:
-    """Create the host-wide index (run once, in dom0).
+def _boot_host_id(boot_id_path: str = BOOT_ID_PATH) -> str:
+    try:
+        boot = open(boot_id_path).read().strip()
+    except OSError:
+        boot = "no-boot-id"
+    return "xen-" + hashlib.sha256(f"xen-host\0{boot}".encode()).hexdigest()[:24]
+
+
+def prepare_index(xs: XenStoreClient, readers_may_list: bool = False,
+                  xen_host_id: str | None = None) -> None:
+    """Create the host-wide index and the Xen host id (run once, in dom0).
 
     Args:
         xs: an open XenStore connection.
         readers_may_list: also let every domain list the index (reveals
             which names exist, not who may read them).
+        xen_host_id: the host id to publish (default: a digest of dom0's
+            boot id, that is of the host's).
 
     Raises:
         ServiceNotFound: we are not allowed to (not dom0).
         StoreError: XenStore failed otherwise.
     """
     default = PERM_WRITE | (PERM_READ if readers_may_list else 0)
+    hid = xen_host_id or _boot_host_id()
 
     def body(t: int) -> None:
         xs.write(t, INDEX, "")
         xs.set_permissions(t, INDEX, [(0, default)])
+        xs.write(t, HOST_ID_NODE, hid)
+        xs.set_permissions(t, HOST_ID_NODE, [(0, PERM_READ)])
 
     _transaction(xs, body)
+
+
+def host_id(xs: XenStoreClient) -> str | None:
+    """The Xen host id dom0 published, or None (no index, or not on Xen)."""
+    try:
+        value = xs.read(0, HOST_ID_NODE).strip()
+    except OSError:
+        return None
+    return value if value and len(value) <= 128 and value.isprintable() else None
 
 
 def publish(xs: XenStoreClient, name: str, domid: int, port: str,
@@ -245,3 +313,53 @@ def withdraw(xs: XenStoreClient, name: str, domid: int) -> None:
         xs.rm(t, _record(domid, name))
 
     _transaction(xs, body)
+
+
+class XenStoreSource:
+    """The XenStore registry as a resolver source (blocking: call from a thread).
+
+    Args:
+        opener: opens a connection, or returns None where there is no Xen.
+    """
+
+    def __init__(self, opener: XenStoreOpener) -> None:
+        self._opener = opener
+
+    def host_id(self) -> str | None:
+        """The Xen host id, or None off Xen (or without an index)."""
+        xs = self._open()
+        if xs is None:
+            return None
+        try:
+            return host_id(xs)
+        finally:
+            xs.close()
+
+    def lookup(self, name: str) -> tuple[list[Endpoint], list[str]]:
+        """Endpoints for ``name`` (a Xen vchan, or nothing) and notes.
+
+        Raises:
+            InvalidName: a bad name.
+        """
+        validate_service_name(name)
+        xs = self._open()
+        if xs is None:
+            return [], []
+        try:
+            try:
+                svc = lookup(xs, name)
+            except ServiceNotFound:
+                return [], []
+            except StoreError as exc:
+                return [], [f"xenstore: lookup failed: {exc}"]
+            hid = host_id(xs)
+        finally:
+            xs.close()
+        return [Endpoint("vchan", svc.port, host_id=hid, source="xenstore",
+                         domid=svc.domid)], []
+
+    def _open(self) -> XenStoreClient | None:
+        try:
+            return self._opener()
+        except (OSError, StoreError):
+            return None

@@ -149,6 +149,13 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--nbd", action="store_true", help="serve over NBD (instead of the blk ring)")
     p.add_argument("--blk", action="store_true", help="with --nbd: also serve over the blk ring")
     p.add_argument("--host-store", help="host store directory for the blk ring")
+    p.add_argument("--xen", action="store_true",
+                   help="serve one disk as a Xen vbd to --frontend-domid (run in the backend "
+                        "domain once the toolstack created the device); attach from the "
+                        "frontend domain with 'disk cp xen://BACKEND_DOMID/DEVID ...'")
+    p.add_argument("--frontend-domid", type=int, metavar="D", help="with --xen: the frontend")
+    p.add_argument("--devid", type=int, default=51712, metavar="N",
+                   help="with --xen: the vbd's device id (default 51712, xvda)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--listen", metavar="ADDR", type=parse_listen,
                        help="host:port, tcp:host:port or unix:/path")
@@ -215,7 +222,9 @@ def _add_cp(sub: Any) -> None:
     p = sub.add_parser("cp", help="copy between files and served disks",
                        description="Copy SRC to DST, each a local file or a served disk: "
                                    "blk://SERVICE/DISK (or SERVICE/DISK when no such file "
-                                   "exists) over the blk ring, or an nbd:// URI.  Shows a "
+                                   "exists) over the blk ring, xen://BACKEND_DOMID/DEVID (a "
+                                   "Xen vbd, from the frontend domain), or an nbd:// URI.  "
+                                   "Shows a "
                                    "progress bar on stderr and the throughput at the end.")
     p.add_argument("src")
     p.add_argument("dst")
@@ -334,7 +343,28 @@ def _open_backends(args: argparse.Namespace, specs: Sequence[DiskSpec]) -> dict[
     return backends
 
 
+def _cmd_serve_xen(args: argparse.Namespace, specs: Sequence[DiskSpec]) -> int:
+    from ..disk.blk.xen import serve_xen_blk
+
+    if args.frontend_domid is None or args.nbd or len(specs) != 1:
+        args.serve_parser.error("--xen serves one disk (no --nbd) and needs --frontend-domid")
+    backends = _open_backends(args, specs)
+    try:
+        async def run() -> None:
+            async with trio.open_nursery() as n:
+                paths = await n.start(serve_xen_blk, next(iter(backends.values())),
+                                      args.frontend_domid, args.devid)
+                print(f"ready xen:{paths.backend}", flush=True)
+        trio.run(run)
+        return 0
+    finally:
+        for backend in backends.values():
+            backend.close()
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.xen:
+        return _cmd_serve_xen(args, _disk_specs(args))
     if args.blk and not args.nbd:
         raise CommandFailed("--blk is the default; combine it only with --nbd")
     # Usage errors (exit 2), all found before anything is opened or created.
@@ -527,7 +557,7 @@ class _FileSide:
 
 
 def _is_served(spec: str) -> bool:
-    if spec.startswith("blk://") or _is_nbd(spec):
+    if spec.startswith(("blk://", "xen://")) or _is_nbd(spec):
         return True
     return (spec.count("/") == 1 and not spec.startswith((".", "/"))
             and not os.path.exists(spec))
@@ -539,6 +569,14 @@ async def _open_side(spec: str, write: bool, host_store: str | None
     if _is_nbd(spec):
         async with open_nbd(spec) as nbd_disk:
             yield nbd_disk, nbd_disk.size
+    elif spec.startswith("xen://"):
+        from ..disk.blk.xen import open_xen_blk
+
+        dom, _, dev = spec.removeprefix("xen://").partition("/")
+        if not dom.isdigit() or not dev.isdigit():
+            raise CommandFailed(f"{spec!r}: expected xen://BACKEND_DOMID/DEVID")
+        async with open_xen_blk(int(dom), int(dev)) as xen_disk:
+            yield xen_disk, xen_disk.size
     elif _is_served(spec):
         async with open_blk(spec.removeprefix("blk://"), host_store=host_store) as blk_disk:
             yield blk_disk, blk_disk.size

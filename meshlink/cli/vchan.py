@@ -11,8 +11,10 @@ can be exercised by hand::
     meshlink vchan server --domid 5 --path data/vchan/5/demo   # in dom0
     meshlink vchan client --domid 0 --path demo                 # in dom5
 
-``--domid`` is always the *other* end's domain.  ``--path`` is the full
-XenStore path, or a port name under libxenvchan's conventional
+``--domid`` is always the *other* end's domain.  ``--path`` is read as
+libxenvchan reads it: an absolute XenStore path as is, a relative one
+(``data/vchan/5/demo``) under our own ``/local/domain/<self>``, and a single
+word as a port name under the conventional
 ``/local/domain/<server>/data/vchan/<client>/<port>``.  The provider is Xen
 when ``/dev/xen`` exists (or ``--xen`` / ``MESHLINK_PROVIDER=xen``), else
 local; ``--local`` maps the path onto a host-store service name
@@ -79,8 +81,9 @@ def _add_common(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--domid", type=_domid, required=True,
                    help=f"domain id of the {other} (the other end)")
     p.add_argument("--path", required=True,
-                   help="XenStore path of the channel, or a port name under "
-                        "/local/domain/<server>/data/vchan/<client>/")
+                   help="XenStore path of the channel: absolute, relative to "
+                        "/local/domain/<self> (as libxenvchan reads it), or one word: a "
+                        "port name under /local/domain/<server>/data/vchan/<client>/")
     prov = p.add_mutually_exclusive_group()
     prov.add_argument("--xen", dest="provider", action="store_const", const="xen",
                       help="use Xen grants, event channels and XenStore (fail if absent)")

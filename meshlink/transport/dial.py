@@ -44,6 +44,7 @@ from ..errors import AuthError, LocalProtocolError, MeshlinkError, ResolveError
 from .tls import TLSConfig, tls_client_stream
 from .vchan import VchanStream, connect_vchan
 from .vchan.ivshmem import connect_ivshmem, local_region
+from .vchan.xen import connect_xen_vchan
 
 __all__ = ["ATTEMPT_ERRORS", "dial", "dial_tcp", "dial_tls", "dial_vchan", "open_first"]
 
@@ -76,8 +77,9 @@ def expected_server_uid(store: HostStore, service: str) -> int:
 
 
 async def dial_vchan(ep: Endpoint, host_store: HostStore) -> VchanStream:
-    """Open a vchan to ``ep`` through its host store (``host_store`` if it names none),
-    or through our ivshmem region for ``vchan://ivshmem/NAME``.
+    """Open a vchan to ``ep``: through its host store (``host_store`` if it names
+    none), over Xen for an endpoint found in XenStore (``ep.domid``), or
+    through our ivshmem region for ``vchan://ivshmem/NAME``.
 
     Raises:
         AuthError: the server refused our uid, or its uid is not the owner of
@@ -90,6 +92,11 @@ async def dial_vchan(ep: Endpoint, host_store: HostStore) -> VchanStream:
         # the region's host id must be the one the endpoint claims.
         with local_region() as region:
             return await connect_ivshmem(region, ep.host, expect_host_id=ep.host_id)
+    if ep.domid is not None:
+        # Over Xen (found in XenStore): the server domain's channel for us,
+        # at its port; XenStore's permissions and the grant table vouch for
+        # both ends' domains.
+        return await connect_xen_vchan(ep.domid, ep.host)
     store = HostStore(ep.store) if ep.store else host_store
     return await connect_vchan(ep.host, host_store=store,
                                expect_uid=expected_server_uid(store, ep.host))

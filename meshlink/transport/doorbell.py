@@ -68,6 +68,12 @@ class Doorbell:
         self._lot = trio.lowlevel.ParkingLot()
         self.closed = False
 
+    def also_wake_on(self, fd: int) -> None:
+        """Wake :meth:`wait` when ``fd`` is readable too (a provider's own
+        death detector, such as a XenStore watch); ``on_event`` must consume
+        what made it readable.  The caller keeps ownership of ``fd``."""
+        self._epoll.register(fd, select.EPOLLIN)
+
     def ring(self) -> None:
         """Signal the peer through ``peer_fd`` (an eventfd)."""
         os.write(self.peer_fd, _ONE)

@@ -11,6 +11,19 @@
  *   gnt/<dom>.table   8 bytes per ref: grantee domid + 1 (0 = free), flags
  *   evtchn/<dom>/<port>   one bound port: "<abstract socket name>\n<rdom> <rport>\n"
  *   store/...         XenStore: one directory per node ("#v" value, "#p" perms)
+ *   dom/<dom>.alive   a domain is alive while a process of it holds a read
+ *                     lock (fcntl) on byte 0 of this file
+ *   watch/<name>      one registered XenStore watch (socket, path, token)
+ *
+ * Domains live and die with their processes: every process that opens one
+ * of the libraries joins its domain (takes the read lock and keeps it until
+ * it exits), and the domain is dead once no process of it is left, as if
+ * the toolstack had destroyed it.  Its XenStore home /local/domain/<dom> is
+ * then removed and @releaseDomain fires, and -- the one thing that lets a
+ * peer tell a crash from a close -- the unmap notifications of its grants
+ * do not fire: a dead domain's kernel clears nothing.  A process that dies
+ * while another process of its domain lives is a process crash: its
+ * kernel (alive) performs the unmap notifications.  Domain 0 never dies.
  *
  * An event channel end is an abstract-namespace datagram socket per
  * xenevtchn handle; notifying a port sends the peer's port number to the
@@ -32,9 +45,11 @@
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -193,10 +208,227 @@ static inline int emu_notify_port(int sendfd, unsigned dom, unsigned port)
     return 0;
 }
 
+/* --- domains ------------------------------------------------------------ */
+
+struct emu_joined {
+    char *dir;
+    unsigned dom;
+    int fd;
+    int watched; /* a domain watchdog is armed (emu_dom_watchdog) */
+};
+static struct emu_joined emu_joined_tab[256];
+static unsigned emu_njoined;
+
+static inline int emu_dom_file(char *buf, size_t n, unsigned dom)
+{
+    const char *d = emu_dir();
+    if (!d)
+        return -1;
+    snprintf(buf, n, "%s/dom", d);
+    if (emu_mkdirs(buf) < 0)
+        return -1;
+    int r = snprintf(buf, n, "%s/dom/%u.alive", d, dom);
+    return r < 0 || (size_t)r >= n ? -1 : 0;
+}
+
+static inline int emu_dom_joined(unsigned dom)
+{
+    const char *d = emu_dir();
+    for (unsigned i = 0; d && i < emu_njoined; i++)
+        if (emu_joined_tab[i].dom == dom && !strcmp(emu_joined_tab[i].dir, d))
+            return 1;
+    return 0;
+}
+
+/* Make this process part of domain `dom` (of this emulated host) until it
+ * exits.  The lock's fd is kept open on purpose: closing any fd of the file
+ * would drop the process's fcntl locks on it. */
+static inline void emu_dom_join(unsigned dom)
+{
+    char path[PATH_MAX];
+    if (emu_dom_joined(dom) || emu_njoined >= 256 || emu_dom_file(path, sizeof path, dom) < 0)
+        return;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return;
+    struct flock fl = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+    if (fcntl(fd, F_SETLK, &fl) < 0) {
+        close(fd);
+        return;
+    }
+    char *d = strdup(emu_dir());
+    if (!d) {
+        close(fd);
+        return;
+    }
+    emu_joined_tab[emu_njoined].dir = d;
+    emu_joined_tab[emu_njoined].dom = dom;
+    emu_joined_tab[emu_njoined].fd = fd;
+    emu_njoined++;
+}
+
+/*
+ * Whether domain `dom` has a live process.  `dying` is a process known to be
+ * exiting (a watchdog's owner): its lock may linger for a moment while the
+ * kernel closes its files, so it is waited out (bounded) rather than counted.
+ */
+static inline int emu_dom_alive(unsigned dom, pid_t dying)
+{
+    if (dom == 0 || (dying <= 0 && emu_dom_joined(dom)))
+        return 1;
+    char path[PATH_MAX];
+    if (emu_dom_file(path, sizeof path, dom) < 0)
+        return 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    int alive = 1;
+    for (int i = 0; i < 3000; i++) {
+        struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+        if (fcntl(fd, F_GETLK, &fl) < 0)
+            break;
+        if (fl.l_type == F_UNLCK) {
+            alive = 0;
+            break;
+        }
+        if (dying <= 0 || fl.l_pid != dying)
+            break;
+        usleep(1000);
+    }
+    close(fd);
+    return alive;
+}
+
+static inline int emu_rm_tree(const char *dir);
+
+/* --- XenStore watches (registered by xenstore.c, fired by anyone) ------- */
+
+/*
+ * Fire every watch on `abs` or one of its ancestors (a node changed), and
+ * with `removed` also those on its descendants (a subtree went away).  The
+ * event names the changed node, relative when the watch was registered
+ * relative.  A watcher whose socket is gone is dropped.  (xenstored would
+ * also filter events by the watcher's permissions; the emulation does not.)
+ */
+static inline void emu_fire_watches(const char *abs, int removed)
+{
+    const char *d = emu_dir();
+    if (!d)
+        return;
+    char wdir[PATH_MAX];
+    snprintf(wdir, sizeof wdir, "%s/watch", d);
+    DIR *dh = opendir(wdir);
+    if (!dh)
+        return;
+    int s = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct dirent *e;
+    size_t alen = strlen(abs);
+    while (s >= 0 && (e = readdir(dh))) {
+        if (e->d_name[0] == '.')
+            continue;
+        char file[PATH_MAX + 256], buf[4096];
+        snprintf(file, sizeof file, "%s/%s", wdir, e->d_name);
+        int fd = open(file, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0)
+            continue;
+        buf[n] = 0;
+        /* sock \n path \n token \n strip \n */
+        char *sock = buf, *wpath = strchr(sock, '\n');
+        if (!wpath)
+            continue;
+        *wpath++ = 0;
+        char *token = strchr(wpath, '\n');
+        if (!token)
+            continue;
+        *token++ = 0;
+        char *strip_s = strchr(token, '\n');
+        if (!strip_s)
+            continue;
+        *strip_s++ = 0;
+        size_t strip = strtoul(strip_s, NULL, 10);
+        size_t wlen = strlen(wpath);
+        const char *event = NULL;
+        if (wpath[0] == '@') {
+            if (!strcmp(abs, wpath))
+                event = wpath;
+        } else if (!strncmp(abs, wpath, wlen) && (abs[wlen] == 0 || abs[wlen] == '/')) {
+            event = abs;
+        } else if (removed && !strncmp(wpath, abs, alen) && wpath[alen] == '/') {
+            event = wpath;
+        }
+        if (!event)
+            continue;
+        if (event[0] == '/' && strip && strlen(event) > strip)
+            event += strip;
+        char msg[4096];
+        size_t el = strlen(event), tl = strlen(token);
+        if (el + tl + 2 > sizeof msg)
+            continue;
+        memcpy(msg, event, el + 1);
+        memcpy(msg + el + 1, token, tl + 1);
+        struct sockaddr_un sa;
+        socklen_t sl = emu_sockaddr(&sa, sock);
+        if (sendto(s, msg, el + tl + 2, MSG_DONTWAIT, (struct sockaddr *)&sa, sl) < 0 &&
+            errno != EAGAIN)
+            unlink(file); /* the watcher is gone */
+    }
+    if (s >= 0)
+        close(s);
+    closedir(dh);
+}
+
+/* Domain `dom` has no process left: the toolstack's part (its home goes
+ * away) and xenstored's (@releaseDomain).  Idempotent. */
+static inline void emu_domain_died(unsigned dom)
+{
+    const char *d = emu_dir();
+    if (!d || dom == 0)
+        return;
+    char lock[PATH_MAX], home[PATH_MAX];
+    snprintf(lock, sizeof lock, "%s/store.lock", d);
+    snprintf(home, sizeof home, "%s/store/local/domain/%u", d, dom);
+    int fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd >= 0)
+        while (flock(fd, LOCK_EX) < 0 && errno == EINTR)
+            ;
+    emu_rm_tree(home);
+    if (fd >= 0)
+        close(fd);
+    emu_fire_watches("@releaseDomain", 0);
+}
+
+static inline int emu_rm_tree(const char *dir)
+{
+    DIR *dh = opendir(dir);
+    if (!dh)
+        return -1;
+    struct dirent *e;
+    while ((e = readdir(dh))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        char sub[PATH_MAX + 256];
+        int r = snprintf(sub, sizeof sub, "%s/%s", dir, e->d_name);
+        if (r < 0 || (size_t)r >= PATH_MAX)
+            continue;
+        struct stat st;
+        if (lstat(sub, &st) == 0 && S_ISDIR(st.st_mode))
+            emu_rm_tree(sub);
+        else
+            unlink(sub);
+    }
+    closedir(dh);
+    return rmdir(dir);
+}
+
 /* --- unmap notification ------------------------------------------------- */
 
 struct emu_unmap_notify {
     int active;
+    pid_t owner;         /* the process that armed it */
     int file_fd;         /* the pages file holding the page (owned) */
     off_t byte_off;      /* absolute offset of the byte to clear, or -1 */
     long port;           /* local event port to signal, or -1 */
@@ -230,6 +462,7 @@ static inline int emu_arm_watchdog(struct emu_unmap_notify *n)
     int p[2];
     if (pipe2(p, O_CLOEXEC) < 0)
         return -1;
+    n->owner = getpid();
     /* Double fork: the watchdog is reparented to init, so the caller never
      * collects zombies of ours. */
     pid_t pid = fork();
@@ -257,7 +490,13 @@ static inline int emu_arm_watchdog(struct emu_unmap_notify *n)
         } while (r < 0 && errno == EINTR);
         if (r == 1 && c == 'q')
             _exit(0);
-        emu_fire(n);
+        /* Our process died without unmapping.  If its domain lives on, its
+         * kernel performs the notification; if the domain died with it,
+         * nothing clears the byte and only @releaseDomain tells. */
+        if (emu_dom_alive(n->dom, n->owner))
+            emu_fire(n);
+        else
+            emu_domain_died(n->dom);
         _exit(0);
     }
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
@@ -286,6 +525,27 @@ static inline void emu_disarm(struct emu_unmap_notify *n, int fire)
         close(n->file_fd);
     n->file_fd = -1;
     n->active = 0;
+}
+
+/*
+ * Arm, once per domain and process, a watchdog that declares the domain
+ * dead (home removed, @releaseDomain) when this process dies and was its
+ * last one, even if it held no grant mapping with an unmap notification.
+ * It lives as long as the process (the pipe is never closed on purpose).
+ */
+static inline void emu_dom_watchdog(unsigned dom)
+{
+    const char *d = emu_dir();
+    for (unsigned i = 0; d && i < emu_njoined; i++) {
+        struct emu_joined *j = &emu_joined_tab[i];
+        if (j->dom != dom || strcmp(j->dir, d) || j->watched)
+            continue;
+        struct emu_unmap_notify n = {.active = 1, .file_fd = -1, .byte_off = -1, .port = -1,
+                                     .dom = dom, .pipe_w = -1};
+        if (emu_arm_watchdog(&n) == 0)
+            j->watched = 1;
+        return;
+    }
 }
 
 #endif

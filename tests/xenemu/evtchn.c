@@ -39,6 +39,7 @@ xenevtchn_handle *xenevtchn_open(struct xentoollog_logger *logger, unsigned open
     if (!h)
         return NULL;
     h->dom = emu_domid();
+    emu_dom_join(h->dom);
     char dir[PATH_MAX];
     snprintf(dir, sizeof dir, "%s/evtchn/%u", d, h->dom);
     if (emu_mkdirs(dir) < 0)

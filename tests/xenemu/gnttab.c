@@ -63,8 +63,13 @@ static struct xengntdev_handle *open_handle(void)
         return NULL;
     }
     struct xengntdev_handle *h = calloc(1, sizeof *h);
-    if (h)
+    if (h) {
         h->dom = emu_domid();
+        emu_dom_join(h->dom);
+        /* A process that shares or maps memory is one whose death its peers
+         * must hear of, mapping notifications or not. */
+        emu_dom_watchdog(h->dom);
+    }
     return h;
 }
 

@@ -13,12 +13,18 @@
  *
  * A transaction holds one store-wide lock (flock) from start to end; ending
  * it with abort=true does not roll back (nothing in the tests aborts).
+ *
+ * Watches: xs_watch records (our socket, path, token) as a file under
+ * watch/ and queues the initial event xenstored sends; every write, mkdir,
+ * rm and permission change fires the matching watches (emu_common.h);
+ * xs_fileno is the handle's datagram socket, readable while events are
+ * queued, xs_check_watch / xs_read_watch take one.  A domain whose processes
+ * are all gone has its home removed (by the last one's watchdog, or here,
+ * lazily, when someone looks) and fires @releaseDomain (emu_common.h).
  */
 #include "emu_common.h"
 
-#include <dirent.h>
 #include <stdbool.h>
-#include <sys/file.h>
 
 #include <xenstore.h>
 
@@ -28,6 +34,9 @@ struct xs_handle {
     unsigned dom;
     int txn_fd; /* lock held by the open transaction, or -1 */
     xs_transaction_t txn;
+    int wfd;    /* watch event socket, or -1 until the first watch */
+    char wname[128];
+    unsigned nwatch;
 };
 
 struct perms {
@@ -202,6 +211,24 @@ static void nearest(const char *abs, char *out, size_t n)
     }
 }
 
+/* A dead domain's home goes away (the toolstack's job); done lazily for a
+ * domain that died with no watchdog left to do it.  Caller holds the lock. */
+static void reap(const char *abs)
+{
+    unsigned dom;
+    int used = 0;
+    if (sscanf(abs, "/local/domain/%u%n", &dom, &used) != 1 ||
+        (abs[used] != 0 && abs[used] != '/'))
+        return;
+    char home[64];
+    snprintf(home, sizeof home, "/local/domain/%u", dom);
+    if (!node_exists(home) || emu_dom_alive(dom, 0))
+        return;
+    char dir[PATH_MAX];
+    if (node_dir(home, dir, sizeof dir) == 0)
+        emu_rm_tree(dir);
+}
+
 /* --- API ---------------------------------------------------------------- */
 
 struct xs_handle *xs_open(unsigned long flags)
@@ -217,6 +244,8 @@ struct xs_handle *xs_open(unsigned long flags)
         return NULL;
     h->dom = emu_domid();
     h->txn_fd = -1;
+    h->wfd = -1;
+    emu_dom_join(h->dom);
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/store", d);
     if (emu_mkdirs(path) < 0) {
@@ -228,6 +257,7 @@ struct xs_handle *xs_open(unsigned long flags)
     char home[64], domid[80];
     snprintf(home, sizeof home, "/local/domain/%u", h->dom);
     snprintf(domid, sizeof domid, "%s/domid", home);
+    reap(home);
     if (!node_exists(domid)) {
         unsigned saved = h->dom;
         h->dom = 0;
@@ -253,11 +283,17 @@ struct xs_handle *xs_daemon_open(void)
     return xs_open(0);
 }
 
+static void drop_watches(struct xs_handle *h, const char *path, const char *token);
+
 void xs_close(struct xs_handle *xsh)
 {
     if (!xsh)
         return;
     end(xsh->txn_fd);
+    if (xsh->wfd >= 0) {
+        drop_watches(xsh, NULL, NULL);
+        close(xsh->wfd);
+    }
     free(xsh);
 }
 
@@ -275,6 +311,7 @@ void *xs_read(struct xs_handle *h, xs_transaction_t t, const char *path, unsigne
     if (fd == -2)
         return NULL;
     char *out = NULL;
+    reap(abs);
     if (!node_exists(abs)) {
         errno = ENOENT;
         goto done;
@@ -336,6 +373,8 @@ bool xs_write(struct xs_handle *h, xs_transaction_t t, const char *path, const v
     ok = ok && rename(tmp, file) == 0;
 done:
     end(fd);
+    if (ok)
+        emu_fire_watches(abs, 0);
     return ok;
 }
 
@@ -354,28 +393,9 @@ bool xs_mkdir(struct xs_handle *h, xs_transaction_t t, const char *path)
     else
         ok = create_node(h, abs, false) == 0;
     end(fd);
+    if (ok)
+        emu_fire_watches(abs, 0);
     return ok;
-}
-
-static int rm_tree(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return -1;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-            continue;
-        char sub[PATH_MAX];
-        snprintf(sub, sizeof sub, "%s/%s", dir, e->d_name);
-        struct stat st;
-        if (lstat(sub, &st) == 0 && S_ISDIR(st.st_mode))
-            rm_tree(sub);
-        else
-            unlink(sub);
-    }
-    closedir(d);
-    return rmdir(dir);
 }
 
 bool xs_rm(struct xs_handle *h, xs_transaction_t t, const char *path)
@@ -394,9 +414,11 @@ bool xs_rm(struct xs_handle *h, xs_transaction_t t, const char *path)
     else {
         char dir[PATH_MAX];
         node_dir(abs, dir, sizeof dir);
-        ok = rm_tree(dir) == 0;
+        ok = emu_rm_tree(dir) == 0;
     }
     end(fd);
+    if (ok)
+        emu_fire_watches(abs, 1);
     return ok;
 }
 
@@ -409,6 +431,7 @@ char **xs_directory(struct xs_handle *h, xs_transaction_t t, const char *path, u
     if (fd == -2)
         return NULL;
     char **out = NULL;
+    reap(abs);
     if (!node_exists(abs)) {
         errno = ENOENT;
         goto done;
@@ -511,6 +534,8 @@ bool xs_set_permissions(struct xs_handle *h, xs_transaction_t t, const char *pat
     ok = write_perms(abs, &p) == 0;
 done:
     end(fd);
+    if (ok)
+        emu_fire_watches(abs, 0);
     return ok;
 }
 
@@ -546,4 +571,177 @@ char *xs_get_domain_path(struct xs_handle *h, unsigned int domid)
     if (out)
         snprintf(out, 32, "/local/domain/%u", domid);
     return out;
+}
+
+/* --- watches ------------------------------------------------------------ */
+
+static unsigned long wcounter;
+
+static int watch_socket(struct xs_handle *h)
+{
+    if (h->wfd >= 0)
+        return 0;
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    unsigned r = 0;
+    int rfd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (rfd >= 0) {
+        if (read(rfd, &r, sizeof r) != (ssize_t)sizeof r)
+            r = 0;
+        close(rfd);
+    }
+    snprintf(h->wname, sizeof h->wname, "xenemu-xsw-%d-%lu-%08x", (int)getpid(), ++wcounter, r);
+    struct sockaddr_un sa;
+    socklen_t sl = emu_sockaddr(&sa, h->wname);
+    if (bind(fd, (struct sockaddr *)&sa, sl) < 0) {
+        close(fd);
+        return -1;
+    }
+    h->wfd = fd;
+    return 0;
+}
+
+int xs_fileno(struct xs_handle *h)
+{
+    return watch_socket(h) < 0 ? -1 : h->wfd;
+}
+
+/* Remove our watch files matching path and token (NULL: any). */
+static void drop_watches(struct xs_handle *h, const char *path, const char *token)
+{
+    char wdir[PATH_MAX];
+    snprintf(wdir, sizeof wdir, "%s/watch", emu_dir());
+    DIR *d = opendir(wdir);
+    if (!d)
+        return;
+    struct dirent *e;
+    size_t nl = strlen(h->wname);
+    while ((e = readdir(d))) {
+        if (strncmp(e->d_name, h->wname, nl) || e->d_name[nl] != '.')
+            continue;
+        char file[PATH_MAX + 256], buf[4096];
+        snprintf(file, sizeof file, "%s/%s", wdir, e->d_name);
+        if (path) {
+            int fd = open(file, O_RDONLY | O_CLOEXEC);
+            if (fd < 0)
+                continue;
+            ssize_t n = read(fd, buf, sizeof buf - 1);
+            close(fd);
+            if (n <= 0)
+                continue;
+            buf[n] = 0;
+            char want[4096];
+            snprintf(want, sizeof want, "%s\n%s\n%s\n", h->wname, path, token);
+            if (strncmp(buf, want, strlen(want)))
+                continue;
+        }
+        unlink(file);
+    }
+    closedir(d);
+}
+
+static int watch_abs(struct xs_handle *h, const char *path, char *out, size_t n, size_t *strip)
+{
+    *strip = 0;
+    if (path && path[0] == '@') {
+        snprintf(out, n, "%s", path);
+        return 0;
+    }
+    if (abs_path(h, path, out, n) < 0)
+        return -1;
+    if (path[0] != '/')
+        *strip = strlen(out) - strlen(path);
+    return 0;
+}
+
+bool xs_watch(struct xs_handle *h, const char *path, const char *token)
+{
+    char abs[3100];
+    size_t strip;
+    if (!token || strchr(token, '\n') || watch_abs(h, path, abs, sizeof abs, &strip) < 0 ||
+        watch_socket(h) < 0)
+        return false;
+    char wdir[PATH_MAX], file[PATH_MAX + 256], tmp[PATH_MAX + 300];
+    snprintf(wdir, sizeof wdir, "%s/watch", emu_dir());
+    if (emu_mkdirs(wdir) < 0)
+        return false;
+    snprintf(file, sizeof file, "%s/%s.%u", wdir, h->wname, ++h->nwatch);
+    snprintf(tmp, sizeof tmp, "%s.tmp", file);
+    FILE *f = fopen(tmp, "we");
+    if (!f)
+        return false;
+    fprintf(f, "%s\n%s\n%s\n%zu\n", h->wname, abs, token, strip);
+    if (fclose(f) != 0 || rename(tmp, file) < 0) {
+        unlink(tmp);
+        return false;
+    }
+    /* xenstored fires every new watch once, with the path as registered. */
+    char msg[4096];
+    size_t pl = strlen(path), tl = strlen(token);
+    if (pl + tl + 2 <= sizeof msg) {
+        memcpy(msg, path, pl + 1);
+        memcpy(msg + pl + 1, token, tl + 1);
+        struct sockaddr_un sa;
+        socklen_t sl = emu_sockaddr(&sa, h->wname);
+        if (sendto(h->wfd, msg, pl + tl + 2, MSG_DONTWAIT, (struct sockaddr *)&sa, sl) < 0) {
+            /* a full queue already has events to wake the watcher */
+        }
+    }
+    return true;
+}
+
+bool xs_unwatch(struct xs_handle *h, const char *path, const char *token)
+{
+    char abs[3100];
+    size_t strip;
+    if (h->wfd < 0 || !token || watch_abs(h, path, abs, sizeof abs, &strip) < 0) {
+        errno = ENOENT;
+        return false;
+    }
+    drop_watches(h, abs, token);
+    return true;
+}
+
+static char **take_event(struct xs_handle *h, unsigned *num, int flags)
+{
+    if (watch_socket(h) < 0)
+        return NULL;
+    char msg[4096];
+    ssize_t n;
+    do {
+        n = recv(h->wfd, msg, sizeof msg - 1, flags);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return NULL;
+    msg[n] = 0;
+    char *path = msg, *token = memchr(msg, 0, (size_t)n);
+    if (!token || token + 1 > msg + n) {
+        errno = EIO;
+        return NULL;
+    }
+    token++;
+    size_t pl = strlen(path) + 1, tl = strlen(token) + 1;
+    char **out = malloc(3 * sizeof(char *) + pl + tl);
+    if (!out)
+        return NULL;
+    char *s = (char *)(out + 3);
+    memcpy(s, path, pl);
+    memcpy(s + pl, token, tl);
+    out[XS_WATCH_PATH] = s;
+    out[XS_WATCH_TOKEN] = s + pl;
+    out[2] = NULL;
+    if (num)
+        *num = 2;
+    return out;
+}
+
+char **xs_check_watch(struct xs_handle *h)
+{
+    return take_event(h, NULL, MSG_DONTWAIT);
+}
+
+char **xs_read_watch(struct xs_handle *h, unsigned int *num)
+{
+    return take_event(h, num, 0);
 }

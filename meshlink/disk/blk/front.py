@@ -84,7 +84,8 @@ class BlkDisk:
     sector_size = SECTOR
 
     def __init__(self, *, size: int, read_only: bool, features: dict[str, object],
-                 ring: FrontRing, order: int, bell: Doorbell) -> None:
+                 ring: FrontRing, order: int, bell: Doorbell,
+                 slot_pages: int = SLOT_PAGES + 1) -> None:
         self.size = size
         self.read_only = read_only
         self.features = features
@@ -97,7 +98,11 @@ class BlkDisk:
         self._pool = PAGE << order
         self.ring_entries = n = ring.entries
         indirect = features.get("max_indirect_segments")
-        self._indirect = isinstance(indirect, int) and indirect >= SLOT_PAGES
+        # Pages each slot owns: 256 of data and an indirect page, or (a ring
+        # without INDIRECT, over Xen) just a direct request's 11.
+        self._slot_pages = slot_pages
+        self._indirect = (isinstance(indirect, int) and indirect >= SLOT_PAGES
+                          and slot_pages >= SLOT_PAGES + 1)
         self._chunk = SLOT_PAGES * PAGE if self._indirect else SEGMENTS * PAGE
         self._bell = bell
         self._free = deque(range(n))
@@ -196,7 +201,7 @@ class BlkDisk:
 
     def _slot_data(self, slot: int) -> int:
         """Offset in the shared memory of ``slot``'s first data page."""
-        return self._pool + slot * (SLOT_PAGES + 1) * PAGE
+        return self._pool + slot * self._slot_pages * PAGE
 
     def _submit(self, slot: int, op: int, sector: int, nbytes: int) -> None:
         first = self._slot_data(slot)

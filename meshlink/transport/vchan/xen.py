@@ -23,11 +23,19 @@ Xen provider when ``/dev/xen`` exists, or when forced (argument, or the
 Forcing it where it cannot run raises :class:`~meshlink.ProviderUnavailable`
 naming what is missing.
 
-*Liveness.*  There is no socket to watch: a peer that dies has its live byte
-cleared by Xen (unmap-notify) and its port signalled, so to a reader a
-crash looks like a close (end of stream after the data already written),
-as it does for libxenvchan.  A writer facing a full ring whose peer's live
-byte is 0 cannot tell a half-closed peer that still reads from a dead one;
+*Liveness: crash told from close.*  There is no socket to watch.  A peer
+that closes clears its live byte and signals: the reader gets everything
+written before, then end of stream.  A peer *domain* that dies clears
+nothing (its kernel is gone), so each stream also watches ``@releaseDomain``
+on a XenStore connection of its own (:class:`~meshlink.transport.xenstore.DomainWatch`),
+whose fd wakes the same wait as the event channel: when a domain died and
+the peer's home ``/local/domain/<peer>`` is gone, the stream is broken --
+the data already in the ring is still read, then
+:class:`~meshlink.ConnectionLost`, and writes fail at once.  A peer
+*process* that dies in a domain that lives on has its live byte cleared by
+its kernel (unmap-notify), which Xen makes indistinguishable from a close,
+exactly as for libxenvchan.  A writer facing a full ring whose peer's live
+byte is 0 cannot tell a half-closed peer that still reads from a gone one;
 it keeps waiting while the peer makes progress and raises
 :class:`~meshlink.ConnectionLost` after :data:`CLOSED_PEER_GRACE` seconds
 without any.
@@ -41,6 +49,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import trio
@@ -56,18 +66,22 @@ from ...errors import (
     RingCorruptError,
     ServiceNotFound,
 )
+from ..xenstore import DomainWatch
 from .ring import VchanRing
 from .stream import DEFAULT_RING_SIZE, MAX_RING_SIZE, VchanStream
 
 __all__ = [
     "CLOSED_PEER_GRACE",
     "PROVIDER_ENV",
+    "XenVchanListener",
     "XenVchanServer",
     "XenVchanStream",
     "connect_xen_vchan",
+    "open_xen_vchan_listener",
     "open_xen_vchan_server",
     "own_domid",
     "require_xen",
+    "resolve_xs_path",
     "select_provider",
     "vchan_xs_path",
 ]
@@ -133,6 +147,45 @@ def vchan_xs_path(server_domid: int, client_domid: int, port: str) -> str:
     return f"/local/domain/{server_domid}/data/vchan/{client_domid}/{port}"
 
 
+#: Characters XenStore allows in a path (xenstored's rule), besides "/".
+_XS_CHARS = re.compile(r"[A-Za-z0-9_@-]+")
+
+
+def resolve_xs_path(path: str, *, own: int, server_domid: int, client_domid: int) -> str:
+    """The absolute XenStore path a channel ``path`` names, as libxenvchan reads it.
+
+    * ``/local/domain/0/data/vchan/5/x``: absolute, used as is;
+    * ``data/vchan/5/x`` (relative, several components): relative to our
+      own home ``/local/domain/<own>``, which is how XenStore (and so
+      libxenvchan, which passes the path straight to ``xs_write`` /
+      ``xs_read``) reads a relative path, on either end;
+    * ``x`` (one word): a port name under libxenvchan's conventional
+      ``/local/domain/<server>/data/vchan/<client>/x``.
+
+    Args:
+        path: as given by the user.
+        own: our domain id.
+        server_domid: the server's domain id.
+        client_domid: the client's domain id.
+
+    Returns:
+        The absolute path.
+
+    Raises:
+        LocalProtocolError: ``path`` is not a valid XenStore path (empty
+            components, characters XenStore refuses, longer than 400 bytes).
+    """
+    absolute = path.startswith("/")
+    parts = path[1:].split("/") if absolute else path.split("/")
+    if not path or len(path) > 400 or not all(_XS_CHARS.fullmatch(p) for p in parts):
+        raise LocalProtocolError(f"invalid XenStore path {path!r}")
+    if absolute:
+        return path
+    if len(parts) == 1:
+        return vchan_xs_path(server_domid, client_domid, path)
+    return f"/local/domain/{own}/{path}"
+
+
 def _check_domid(domid: int) -> int:
     if isinstance(domid, bool) or not isinstance(domid, int) or not 0 <= domid < 0x7FF0:
         raise LocalProtocolError(f"invalid domain id {domid!r}")
@@ -160,6 +213,18 @@ def _raise_setup_error(rc: int, err: int, detail: str, what: str) -> None:
     raise HandshakeError(msg)
 
 
+def _watch_domain(domid: int) -> DomainWatch:
+    """A :class:`DomainWatch` on the peer's domain (in a thread: XenStore round trips).
+
+    Raises:
+        HandshakeError: the watch could not be set.
+    """
+    try:
+        return DomainWatch(domid)
+    except OSError as exc:
+        raise HandshakeError(f"cannot watch domain {domid}: {exc}") from exc
+
+
 class XenVchanStream(VchanStream):
     """A :class:`~meshlink.transport.vchan.stream.VchanStream` over the Xen provider.
 
@@ -173,17 +238,31 @@ class XenVchanStream(VchanStream):
         closed_peer_grace: see :data:`CLOSED_PEER_GRACE`.
     """
 
-    def __init__(self, ring: VchanRing, ptr: Any, peer_domid: int, xs_path: str) -> None:
+    def __init__(self, ring: VchanRing, ptr: Any, peer_domid: int, xs_path: str,
+                 watch: DomainWatch | None = None) -> None:
         self._ptr = ptr
         fd = int(lib.ml_xen_event_fd(ptr))
         super().__init__(ring, fd, -1, None, None, on_event=self._ack, owns_fds=False)
         self.peer_domid = peer_domid
         self.xs_path = xs_path
         self.closed_peer_grace = CLOSED_PEER_GRACE
+        self._watch = watch
+        if watch is not None:
+            self._bell.also_wake_on(watch.fileno)
 
     def _ack(self) -> None:
         if lib.ml_xen_event_ack(self._ptr) < 0:
             raise ConnectionLost(f"vchan event channel failed: {_error()}")
+        if self._watch is not None and self._watch.poll():
+            # The peer's domain is gone: the stream reads what is left in
+            # the ring, then raises ConnectionLost (stream.py's peer_dead).
+            self._bell.peer_dead = True
+
+    async def aclose(self) -> None:
+        """Close both directions (see :meth:`VchanStream.aclose`) and drop the domain watch."""
+        await super().aclose()
+        if self._watch is not None:
+            self._watch.close()
 
     async def _wait_space(self) -> None:
         if self._ring.peer_live() != 0:
@@ -281,9 +360,11 @@ class XenVchanServer:
     Closing it before then withdraws the XenStore entry.
     """
 
-    def __init__(self, ring: VchanRing, ptr: Any, peer_domid: int, xs_path: str) -> None:
+    def __init__(self, ring: VchanRing, ptr: Any, peer_domid: int, xs_path: str,
+                 watch: DomainWatch | None = None) -> None:
         self._ring: VchanRing | None = ring
         self._ptr = ptr
+        self._watch = watch
         self.peer_domid = peer_domid
         self.xs_path = xs_path
         self.read_size = ring.read_size
@@ -302,13 +383,16 @@ class XenVchanServer:
 
         Args:
             domid: the client's domain id.
-            path: the full XenStore path, or a port name (then the path is
-                ``/local/domain/<own>/data/vchan/<domid>/<path>``).
+            path: an absolute XenStore path, a relative one (under
+                ``/local/domain/<own>``, as libxenvchan reads it), or a port
+                name (one word: ``/local/domain/<own>/data/vchan/<domid>/<path>``);
+                see :func:`resolve_xs_path`.
             read_min: minimum size of the ring we read (<= 1 MiB).
             write_min: minimum size of the ring we write (<= 1 MiB).
 
         Raises:
             ProviderUnavailable: no Xen here.
+            LocalProtocolError: a bad domain id, size or path.
             HandshakeError, AuthError: XenStore refused the entries.
         """
         _check_domid(domid)
@@ -316,8 +400,8 @@ class XenVchanServer:
             if not 0 <= size <= MAX_RING_SIZE:
                 raise LocalProtocolError(f"{what} must be in [0, {MAX_RING_SIZE}], got {size}")
         require_xen()
-        if not path.startswith("/"):
-            path = vchan_xs_path(await trio.to_thread.run_sync(own_domid), domid, path)
+        own = 0 if path.startswith("/") else await trio.to_thread.run_sync(own_domid)
+        path = resolve_xs_path(path, own=own, server_domid=own, client_domid=domid)
         out = ffi.new("ml_vchan **")
 
         def setup() -> tuple[int, int, str]:
@@ -328,7 +412,14 @@ class XenVchanServer:
         rc, err, detail = await trio.to_thread.run_sync(setup)
         if rc < 0:
             _raise_setup_error(rc, err, detail, f"cannot publish vchan at {path}")
-        return cls(VchanRing(out[0]), out[0], domid, path)
+        ring = VchanRing(out[0])
+        try:
+            watch = await trio.to_thread.run_sync(_watch_domain, domid)
+        except BaseException:
+            ring.close()
+            ring.free()
+            raise
+        return cls(ring, out[0], domid, path, watch)
 
     async def wait_connected(self) -> XenVchanStream:
         """Wait until the client has mapped the rings; return the stream.
@@ -350,7 +441,26 @@ class XenVchanServer:
             await self.aclose()
             raise
         self._ring = None
-        return XenVchanStream(ring, self._ptr, self.peer_domid, self.xs_path)
+        watch, self._watch = self._watch, None
+        return XenVchanStream(ring, self._ptr, self.peer_domid, self.xs_path, watch)
+
+    def connected_now(self) -> bool:
+        """Take pending events; True once the client has mapped the rings.
+
+        Raises:
+            HandshakeError: the event channel failed.
+            trio.ClosedResourceError: this server was closed.
+        """
+        if self._ring is None:
+            raise trio.ClosedResourceError("this vchan server was closed")
+        if lib.ml_xen_event_ack(self._ptr) < 0:
+            raise HandshakeError(f"vchan event channel failed: {_error()}")
+        return self._ring.peer_live() != 2
+
+    @property
+    def event_fd(self) -> int:
+        """The event channel's fd: readable when the client may have connected."""
+        return int(lib.ml_xen_event_fd(self._ptr))
 
     async def aclose(self) -> None:
         """Withdraw the channel if no client connected yet.  Idempotent."""
@@ -358,7 +468,111 @@ class XenVchanServer:
             ring, self._ring = self._ring, None
             ring.close()
             ring.free()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         await trio.lowlevel.checkpoint()
+
+
+class XenVchanListener(trio.abc.Listener[XenVchanStream]):
+    """vchan at one port name for a set of client domains (a trio listener).
+
+    A libxenvchan channel serves one client: this keeps one published
+    :class:`XenVchanServer` per client domain, at
+    ``/local/domain/<own>/data/vchan/<client>/<port>``; when a client
+    connects, the channel's nodes are withdrawn and the domain's next
+    channel is published at the same path before the stream is handed out,
+    so a domain may hold several connections and reconnect at once.  Made by
+    :func:`open_xen_vchan_listener`.
+    """
+
+    def __init__(self, port: str, clients: tuple[int, ...], read_min: int,
+                 write_min: int) -> None:
+        self.port = port
+        self.clients = clients
+        self._sizes = (read_min, write_min)
+        self._pending: dict[int, XenVchanServer] = {}
+        self._closed = False
+
+    async def _refill(self) -> None:
+        for domid in self.clients:
+            if domid not in self._pending:
+                self._pending[domid] = await XenVchanServer.publish(
+                    domid, self.port, read_min=self._sizes[0], write_min=self._sizes[1])
+
+    async def accept(self) -> XenVchanStream:
+        """Wait for the next client domain to connect; return its stream.
+
+        Raises:
+            trio.ClosedResourceError: the listener was closed.
+            HandshakeError, AuthError: publishing failed.
+        """
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("this Xen vchan listener was closed")
+            await self._refill()
+            for domid, server in list(self._pending.items()):
+                if server.connected_now():
+                    del self._pending[domid]
+                    stream = await server.wait_connected()
+                    try:
+                        await trio.to_thread.run_sync(lib.ml_xen_server_unpublish,
+                                                      stream._ptr)
+                        await self._refill()
+                    except BaseException:
+                        await stream.aclose()
+                        raise
+                    return stream
+            async with trio.open_nursery() as nursery:
+                for server in self._pending.values():
+
+                    async def wake(fd: int = server.event_fd) -> None:
+                        await trio.lowlevel.wait_readable(fd)
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(wake)
+
+    async def aclose(self) -> None:
+        """Withdraw every channel not yet connected (streams handed out stay open)."""
+        self._closed = True
+        pending, self._pending = self._pending, {}
+        for server in pending.values():
+            await server.aclose()
+        await trio.lowlevel.checkpoint()
+
+
+async def open_xen_vchan_listener(
+    port: str,
+    clients: Iterable[int],
+    *,
+    read_min: int = DEFAULT_RING_SIZE,
+    write_min: int = DEFAULT_RING_SIZE,
+) -> XenVchanListener:
+    """Serve vchan at port name ``port`` to the domains ``clients``.
+
+    Publishes a channel for each client domain at once (so that a client
+    that looked the service up can connect straight away).
+
+    Args:
+        port: the port name (one word, see :func:`resolve_xs_path`).
+        clients: the client domains.
+        read_min, write_min: ring sizes, as for :meth:`XenVchanServer.publish`.
+
+    Raises:
+        LocalProtocolError: a bad port name or domain id.
+        ProviderUnavailable: no Xen here.
+        HandshakeError, AuthError: XenStore refused the entries.
+    """
+    doms = tuple(sorted({_check_domid(d) for d in clients}))
+    if not doms or "/" in port:
+        raise LocalProtocolError("a Xen vchan listener needs client domains and a port name")
+    listener = XenVchanListener(port, doms, read_min, write_min)
+    try:
+        await listener._refill()
+    except BaseException:
+        await listener.aclose()
+        raise
+    return listener
 
 
 async def open_xen_vchan_server(
@@ -385,11 +599,14 @@ async def connect_xen_vchan(domid: int, path: str) -> XenVchanStream:
 
     Args:
         domid: the server's domain id.
-        path: the full XenStore path, or a port name (then the path is
-            ``/local/domain/<domid>/data/vchan/<own>/<path>``).
+        path: an absolute XenStore path, a relative one (under
+            ``/local/domain/<own>``, as libxenvchan reads it), or a port
+            name (one word: ``/local/domain/<domid>/data/vchan/<own>/<path>``);
+            see :func:`resolve_xs_path`.
 
     Raises:
         ProviderUnavailable: no Xen here.
+        LocalProtocolError: a bad domain id or path.
         ServiceNotFound: nothing published at ``path``.
         AuthError: the entries exist but are not readable by us.
         RingCorruptError: the server's page is not acceptable.
@@ -400,8 +617,8 @@ async def connect_xen_vchan(domid: int, path: str) -> XenVchanStream:
     """
     _check_domid(domid)
     require_xen()
-    if not path.startswith("/"):
-        path = vchan_xs_path(domid, await trio.to_thread.run_sync(own_domid), path)
+    own = 0 if path.startswith("/") else await trio.to_thread.run_sync(own_domid)
+    path = resolve_xs_path(path, own=own, server_domid=domid, client_domid=own)
     out = ffi.new("ml_vchan **")
 
     def setup() -> tuple[int, int, str]:
@@ -410,4 +627,11 @@ async def connect_xen_vchan(domid: int, path: str) -> XenVchanStream:
     rc, err, detail = await trio.to_thread.run_sync(setup)
     if rc < 0:
         _raise_setup_error(rc, err, detail, f"cannot connect to vchan at {path}")
-    return XenVchanStream(VchanRing(out[0]), out[0], domid, path)
+    ring = VchanRing(out[0])
+    try:
+        watch = await trio.to_thread.run_sync(_watch_domain, domid)
+    except BaseException:
+        ring.close()
+        ring.free()
+        raise
+    return XenVchanStream(ring, out[0], domid, path, watch)
