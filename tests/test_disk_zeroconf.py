@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from .helpers.connect_certs import Certs, make_certs
-from .test_connect_netns import ADDR_A, ADDR_B, HELPERS, Pair, _env, pair, procs
+from .helpers.netns import Hosts as Pair
+from .test_connect_netns import ADDR_A, ADDR_B, HELPERS, _env, pair, procs
 
 __all__ = ["pair", "procs"]  # fixtures shared with the connect tests
 
