@@ -125,7 +125,9 @@ def _add_serve(sub: Any) -> None:
                     "for both): the export name is NAME (with --disk, --blk or when "
                     "advertised on zeroconf: each DISK name); listens on --listen "
                     "(default 127.0.0.1:10809), or on a socket passed by systemd socket "
-                    "activation (LISTEN_FDS), or talks NBD on stdin/stdout with --stdio.")
+                    "activation (LISTEN_FDS), or talks NBD on stdin/stdout with --stdio.  "
+                    "Ready when it prints 'ready ...' on stdout, or (for harnesses) when the "
+                    "--pidfile appears; SIGINT/SIGTERM stop it cleanly.")
     p.add_argument("name", help="SERVICE[/DISK] for the blk ring; the export name for NBD "
                                 "(with --disk: the SERVICE)")
     p.add_argument("--backend", choices=BACKEND_KINDS,
