@@ -94,7 +94,7 @@ def test_pidfile_over_nbd_replaces_a_stale_one(
     pidfile.write_text("999999\n")  # left by a server that crashed
     sock = tmp_path / "nbd.sock"
     proc = subprocess.Popen(serve_cmd("export", "--backend", "memory", "--size", "1M", "--nbd",
-                                      "--listen", f"unix:{sock}", "-P", str(pidfile)),
+                                      "--listen", f"unix:{sock}", "-f", "-P", str(pidfile)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs.append(proc)
     assert proc.stdout is not None
