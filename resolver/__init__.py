@@ -19,33 +19,36 @@ source (``hoststore``, ``rules``, ``dnssrv``, ``zeroconf``), ``_resolver``
 
 from __future__ import annotations
 
-from ._rank import rank
-from ._resolver import Resolver
-from ._types import SCHEMES, Choice, Endpoint, LocalFacts, Policy, Ranking, Scheme
-from .dnssrv import DnsConfig
-from .errors import (
-    DnsConfigError,
-    InvalidName,
-    NameInUse,
-    ResolveError,
-    ResolverError,
-    RulesError,
-    ServiceNotFound,
-    StoreError,
-)
-from .hoststore import (
-    HostStore,
-    HostStoreSource,
-    Publication,
-    ServiceRecord,
-    blk_entry_name,
-    default_host_id,
-    remove_record,
-    write_record,
-)
-from .names import validate_service_name
-from .rules import Rules, load_rules, parse_rules
-from .zeroconf import Advertisement, ZeroconfConfig
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._rank import rank
+    from ._resolver import Resolver
+    from ._types import SCHEMES, Choice, Endpoint, LocalFacts, Policy, Ranking, Scheme
+    from .dnssrv import DnsConfig
+    from .errors import (
+        DnsConfigError,
+        InvalidName,
+        NameInUse,
+        ResolveError,
+        ResolverError,
+        RulesError,
+        ServiceNotFound,
+        StoreError,
+    )
+    from .hoststore import (
+        HostStore,
+        HostStoreSource,
+        Publication,
+        ServiceRecord,
+        blk_entry_name,
+        default_host_id,
+        remove_record,
+        write_record,
+    )
+    from .names import validate_service_name
+    from .rules import Rules, load_rules, parse_rules
+    from .zeroconf import Advertisement, ZeroconfConfig
 
 __all__ = [
     "SCHEMES",
@@ -81,3 +84,37 @@ __all__ = [
     "validate_service_name",
     "write_record",
 ]
+
+#: Names imported on first access (PEP 562), and the module each comes from:
+#: ``from resolver import HostStore`` loads the host store alone, not zeroconf,
+#: DNS or the rules parser.
+_LAZY: dict[str, str] = {
+    "rank": "._rank",
+    "Resolver": "._resolver",
+    "SCHEMES": "._types", "Choice": "._types", "Endpoint": "._types", "LocalFacts": "._types",
+    "Policy": "._types", "Ranking": "._types", "Scheme": "._types",
+    "DnsConfig": ".dnssrv",
+    "DnsConfigError": ".errors", "InvalidName": ".errors", "NameInUse": ".errors",
+    "ResolveError": ".errors", "ResolverError": ".errors", "RulesError": ".errors",
+    "ServiceNotFound": ".errors", "StoreError": ".errors",
+    "HostStore": ".hoststore", "HostStoreSource": ".hoststore", "Publication": ".hoststore",
+    "ServiceRecord": ".hoststore", "blk_entry_name": ".hoststore",
+    "default_host_id": ".hoststore", "remove_record": ".hoststore", "write_record": ".hoststore",
+    "validate_service_name": ".names",
+    "Rules": ".rules", "load_rules": ".rules", "parse_rules": ".rules",
+    "Advertisement": ".zeroconf", "ZeroconfConfig": ".zeroconf",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -25,6 +25,10 @@ registration keeps its object until :meth:`Registration.withdraw`.
 network namespaces joined by a veth pair.  Zeroconf is opt-in in meshlink
 (``zeroconf=`` arguments, ``MESHLINK_ZEROCONF``): a library should not announce
 services on a network nobody asked it to.
+
+*Cost.*  python-zeroconf (and attrs, asyncio under it) is imported on first
+use, inside the calls that touch the network: a program that only parses a
+``ZeroconfConfig`` or builds an ``Advertisement`` does not pay for it.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from ._types import Endpoint
+
+if TYPE_CHECKING:
+    from zeroconf import ServiceInfo, ServiceStateChange, Zeroconf
 
 __all__ = [
     "ENV_VAR",
@@ -84,6 +90,8 @@ class ZeroconfConfig:
         return cls(tuple(v.strip() for v in value.split(",") if v.strip()))
 
     def _new(self) -> Zeroconf:
+        from zeroconf import IPVersion, Zeroconf
+
         if self.interfaces:
             return Zeroconf(interfaces=list(self.interfaces), ip_version=IPVersion.V4Only)
         return Zeroconf(ip_version=IPVersion.V4Only)
@@ -138,6 +146,8 @@ class Advertisement:
         if self.fingerprint:
             props["fp"] = self.fingerprint
         host = f"meshlink-{self.host_id[:12]}.local."
+        from zeroconf import ServiceInfo
+
         return ServiceInfo(
             SERVICE_TYPE, f"{self.name}.{SERVICE_TYPE}",
             port=self.tls_port or self.tcp_port,
@@ -264,6 +274,8 @@ async def lookup(name: str, config: ZeroconfConfig) -> list[Advertisement]:
     """
 
     def run() -> list[Advertisement]:
+        from zeroconf import ServiceBrowser, ServiceStateChange
+
         zc = config._new()
         seen: queue.Queue[str] = queue.Queue()
         browsed: set[str] = set()
@@ -329,6 +341,8 @@ async def browse(config: ZeroconfConfig) -> list[Advertisement]:
     """
 
     def run() -> list[Advertisement]:
+        from zeroconf import ServiceBrowser, ServiceStateChange
+
         zc = config._new()
         found: set[str] = set()
         done = threading.Event()

@@ -46,7 +46,6 @@ from ..disk.nbd import (
     TLSMode,
     activation_listeners,
     open_listeners,
-    open_nbd,
     server_ssl_context,
 )
 from ..disk.nbd import wire as c
@@ -55,6 +54,7 @@ from ..errors import LocalProtocolError, MeshlinkError
 from ..transport.tls import TLSConfig
 from ._app import add_group, run_group
 from ._common import CommandFailed, add_verbose
+from ._daemon import Daemon, add_daemon_options
 from ._disk_spec import DiskSpec, check_unique, parse_disk_spec
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
@@ -125,7 +125,9 @@ def _add_serve(sub: Any) -> None:
                     "for both): the export name is NAME (with --disk, --blk or when "
                     "advertised on zeroconf: each DISK name); listens on --listen "
                     "(default 127.0.0.1:10809), or on a socket passed by systemd socket "
-                    "activation (LISTEN_FDS), or talks NBD on stdin/stdout with --stdio.")
+                    "activation (LISTEN_FDS), or talks NBD on stdin/stdout with --stdio.  "
+                    "Ready when it prints 'ready ...' on stdout, or (for harnesses) when the "
+                    "--pidfile appears; SIGINT/SIGTERM stop it cleanly.")
     p.add_argument("name", help="SERVICE[/DISK] for the blk ring; the export name for NBD "
                                 "(with --disk: the SERVICE)")
     p.add_argument("--backend", choices=BACKEND_KINDS,
@@ -176,6 +178,7 @@ def _add_serve(sub: Any) -> None:
                    help="NBD over TCP: advertise SERVICE.nbd by DNS-SD on these interface "
                         "addresses (comma-separated), 'all' or 'off' (default: "
                         "$MESHLINK_ZEROCONF, unset = off)")
+    add_daemon_options(p)
     add_verbose(p)
     p.set_defaults(func=_cmd_serve, serve_parser=p)
 
@@ -391,6 +394,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             args.fingerprint = TLSConfig(args.tls_cert).fingerprint()
         except MeshlinkError as exc:
             raise CommandFailed(f"cannot load TLS files: {exc}") from exc
+    args.daemon = daemon = Daemon.from_args(args)
+    if not daemon.start():
+        return 0  # --exit-with-parent, and the parent is already gone
     backends = _open_backends(args, specs)
     try:
         # The export is the whole NAME only for the one disk served over NBD
@@ -409,6 +415,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C before trio's handler is in: still a clean stop
         return 0
     finally:
+        daemon.close()
         for backend in backends.values():
             backend.close()
 
@@ -429,8 +436,10 @@ async def _serve(server: NBDServer, args: argparse.Namespace) -> int:
                 print(f"ready blk://{args.service}/{disk_name} (host store {store.path})",
                       flush=True)
             if not args.nbd:
+                args.daemon.ready()
                 return 0
         if args.stdio:
+            args.daemon.ready()
             await server.serve_stdio()
             nursery.cancel_scope.cancel()
             return 0
@@ -456,6 +465,7 @@ async def _serve(server: NBDServer, args: argparse.Namespace) -> int:
                 logging.getLogger("meshlink.disk.nbd").info("%s", line)
             else:
                 print(line, flush=True)
+        args.daemon.ready()
     return 0
 
 
@@ -567,6 +577,8 @@ def _is_served(spec: str) -> bool:
 async def _open_side(spec: str, write: bool, host_store: str | None
                      ) -> AsyncIterator[tuple[Any, int]]:
     if _is_nbd(spec):
+        from ..disk.nbd import open_nbd  # the client: not loaded to serve
+
         async with open_nbd(spec) as nbd_disk:
             yield nbd_disk, nbd_disk.size
     elif spec.startswith("xen://"):
@@ -648,6 +660,8 @@ _FLAG_NAMES = [(c.TF_READ_ONLY, "read_only"), (c.TF_SEND_FLUSH, "can_flush"),
 
 
 async def _info(url: str, ctx: ssl.SSLContext | None) -> dict[str, Any]:
+    from ..disk.nbd import open_nbd  # the client: not loaded to serve
+
     async with open_nbd(url, ssl_context=ctx) as disk:
         info = disk.info
         out: dict[str, Any] = {"export": info.name, "size": info.size,

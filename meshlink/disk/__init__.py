@@ -6,6 +6,11 @@ declares.  :func:`serve` exports backends to co-located processes over the
 Xen blk ring (:mod:`meshlink.disk.blk`) and/or to the network over NBD
 (:mod:`meshlink.disk.nbd`); :func:`open` opens a served disk by
 ``SERVICE/DISK`` (blk ring) or NBD URI, with the same calls either way.
+
+The names are imported on first use (PEP 562) and :func:`open` and
+:func:`serve` import what they use when called, so ``import meshlink.disk``
+(and ``meshlink disk serve`` over the blk ring) loads neither the NBD client,
+the dialer, TLS set-up nor zeroconf.
 """
 
 from __future__ import annotations
@@ -13,39 +18,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from resolver import (
-    Endpoint,
-    HostStore,
-    Policy,
-    Resolver,
-    ZeroconfConfig,
-    blk_entry_name,
-    validate_service_name,
-)
-
 from ..errors import LocalProtocolError, resolver_errors
-from ..transport.dial import open_first
-from ..transport.tls import TLSConfig
-from .advertise import NBD_NAME_SUFFIX, advertised, zeroconf_config
-from .backends import (
-    BACKEND_KINDS,
-    Backend,
-    Capabilities,
-    CowBackend,
-    FileBackend,
-    MemoryBackend,
-    MmapBackend,
-    NullBackend,
-    open_backend,
-)
-from .blk import BlkDisk, open_blk, serve_blk
-from .counters import DiskCounters, DiskStats
-from .nbd import Export, NBDDisk, NBDServer, TLSMode, list_exports, open_nbd
+
+if TYPE_CHECKING:
+    import ssl
+
+    from resolver import HostStore, Resolver, ZeroconfConfig
+
+    from ..transport.tls import TLSConfig
+    from .advertise import NBD_NAME_SUFFIX
+    from .backends import (
+        BACKEND_KINDS,
+        Backend,
+        Capabilities,
+        CowBackend,
+        FileBackend,
+        MemoryBackend,
+        MmapBackend,
+        NullBackend,
+        open_backend,
+    )
+    from .blk import BlkDisk, open_blk, serve_blk
+    from .counters import DiskCounters, DiskStats
+    from .nbd import Export, NBDDisk, NBDServer, TLSMode, list_exports, open_nbd
 
 log = logging.getLogger("meshlink.disk")
 
@@ -97,6 +97,14 @@ async def open(target: str, *, ssl_context: ssl.SSLContext | None = None,
             ``resolver`` and ``zeroconf`` given (checked first).
         ConnectionLost / HandshakeError: see :func:`open_blk` and :func:`open_nbd`.
     """
+    from resolver import Endpoint, HostStore, Policy, Resolver, blk_entry_name
+
+    from ..transport.dial import open_first
+    from ..transport.tls import TLSConfig
+    from .advertise import NBD_NAME_SUFFIX
+    from .blk import open_blk
+    from .nbd import open_nbd
+
     if (not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool)
             or not 1 <= max_in_flight <= MAX_IN_FLIGHT):
         raise LocalProtocolError(f"max_in_flight must be 1..{MAX_IN_FLIGHT}, "
@@ -191,7 +199,7 @@ def check_exports(exports: Mapping[str, Backend]) -> None:
 async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
                 service: str | None = None, blk: bool = True,
                 host_store: HostStore | str | os.PathLike[str] | None = None,
-                tls: TLSMode | str = TLSMode.OFF, ssl_context: ssl.SSLContext | None = None,
+                tls: TLSMode | str = "off", ssl_context: ssl.SSLContext | None = None,
                 zeroconf: ZeroconfConfig | bool | None = None,
                 advertise: Sequence[str] | None = None, fingerprint: str | None = None,
                 host_id: str | None = None, stats: DiskStats | None = None,
@@ -247,7 +255,11 @@ async def serve(exports: Mapping[str, Backend], listen: str | None = None, *,
     Cancellation: withdraws the advertisement, stops listening, withdraws the
     service, closes every connection.
     """
-    from .nbd import open_listeners, parse_listen_address
+    from resolver import validate_service_name
+
+    from .advertise import NBD_NAME_SUFFIX, zeroconf_config
+    from .blk import serve_blk
+    from .nbd import Export, NBDServer, open_listeners, parse_listen_address
 
     if listen is None and service is None:
         raise ValueError("serve needs listen= (NBD), service= (blk ring), or both")
@@ -295,6 +307,8 @@ async def _advertise(service: str, listeners: Sequence[trio.SocketListener], *,
                      host_id: str | None, advertise: Sequence[str] | None,
                      fingerprint: str | None, task_status: trio.TaskStatus[None]) -> None:
     """Keep ``SERVICE.nbd`` advertised until cancelled (a task of :func:`serve`)."""
+    from .advertise import advertised
+
     async with advertised(service, listeners, tls=tls, config=config, host_store=host_store,
                           host_id=host_id, advertise=advertise, fingerprint=fingerprint):
         task_status.started()
@@ -328,3 +342,29 @@ __all__ = [
     "serve",
     "serve_blk",
 ]
+
+#: Names imported on first access (PEP 562), and the module each comes from.
+_LAZY: dict[str, str] = {
+    "BACKEND_KINDS": ".backends", "Backend": ".backends", "Capabilities": ".backends",
+    "CowBackend": ".backends", "FileBackend": ".backends", "MemoryBackend": ".backends",
+    "MmapBackend": ".backends", "NullBackend": ".backends", "open_backend": ".backends",
+    "BlkDisk": ".blk", "open_blk": ".blk", "serve_blk": ".blk",
+    "DiskCounters": ".counters", "DiskStats": ".counters",
+    "Export": ".nbd", "NBDDisk": ".nbd", "NBDServer": ".nbd", "TLSMode": ".nbd",
+    "list_exports": ".nbd", "open_nbd": ".nbd",
+    "NBD_NAME_SUFFIX": ".advertise",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
