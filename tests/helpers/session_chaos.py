@@ -8,7 +8,8 @@ this side); SIGUSR2 withdraws vchan, or offers it again (each line
 arrival order.
 
 ``client STORE NAME COUNT [PIN]``: connects (by name, or to PIN), sends
-COUNT numbered messages -- every tenth a call, the rest notifies -- then
+numbered messages -- every tenth a call, the rest notifies -- at least
+COUNT and until the session was resumed MIN_RESUMES times, then
 asks the server what it saw and prints one JSON line: ``{"ok": ...}`` with
 what went wrong, if anything.
 """
@@ -26,6 +27,8 @@ import trio
 import meshlink
 from meshlink.bus import Handlers, current_connection
 
+#: The client goes on past COUNT until the session was resumed this often.
+MIN_RESUMES = 10
 FAST = meshlink.SessionConfig(keepalive_interval=0.1, keepalive_timeout=0.4,
                               resume_timeout=60.0, backoff_min=0.01, backoff_max=0.2,
                               upgrade_interval=None)
@@ -82,22 +85,28 @@ async def client(store: str, name: str, count: int, pin: str | None) -> None:
     async with meshlink.connect(name, host_store=store, pin=pin, session=FAST,
                                 allow_plaintext=True, attempt_timeout=1.0) as conn:
         print(f"connected {conn.transport}", flush=True)
-        for i in range(count):
+        # At least ``count`` messages, and on until the session has been
+        # resumed MIN_RESUMES times (so the exchange surely ran under fire;
+        # bounded: at most 20 times ``count``).
+        i = 0
+        while (i < count or conn.resumes < MIN_RESUMES) and i < 20 * count:
             if i % 10 == 9:
                 got = await conn.call("call", i)
                 if got != 2 * i:
                     problems.append(f"call {i} answered {got}")
             else:
                 await conn.notify("note", i)
+            i += 1
+        count = i
         seen = await conn.call("report")
         calls = count // 10
-        if seen["count"] != count + 0:
+        if seen["count"] != count:
             problems.append(f"server saw {seen['count']} messages, not {count}")
         if not seen["in_order"]:
             problems.append(f"out of order or repeated at {seen['first_bad']}: {seen['around']}")
         if seen["call_runs"] != calls:
             problems.append(f"{seen['call_runs']} call handler runs for {calls} calls")
-        print(json.dumps({"ok": not problems, "problems": problems,
+        print(json.dumps({"ok": not problems, "problems": problems, "messages": count,
                           "resumes": conn.resumes, "sessions": conn.sessions,
                           "transport": conn.transport}), flush=True)
 
