@@ -528,17 +528,24 @@ async def connect(
             finally:
                 await conn.aclose()
             return
+        # What the caller's block raises is re-raised as itself after the
+        # nursery (not wrapped in an exception group), as Connection.open does.
+        to_raise: BaseException | None = None
         async with trio.open_nursery() as nursery:
             driver = SessionDriver(conn, nursery, name, resolver, policy, dial_one, open_bus, scfg,
-                             attempt_timeout, not forbid_vchan and pin is None,
-                             on_new_session)
+                                   attempt_timeout, not forbid_vchan and pin is None,
+                                   on_new_session)
             nursery.start_soon(sess.keep)
             nursery.start_soon(driver.resumer)
             nursery.start_soon(driver.upgrader)
             nursery.start_soon(conn._watch, bus)
             try:
                 yield conn
+            except BaseException as exc:
+                to_raise = exc
             finally:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
                 nursery.cancel_scope.cancel()
+        if to_raise is not None:
+            raise to_raise

@@ -412,3 +412,13 @@ async def test_resume_false_runs_the_bus_on_the_transport(
         with pytest.raises(Exception) as info:
             await conn.call("call", 2)
         assert not isinstance(info.value, SessionLost)
+
+
+async def test_an_error_in_the_block_comes_out_as_itself(
+        tcp_server: tuple[Server, Ledger, Proxy], store: Path) -> None:
+    srv, ledger, proxy = tcp_server
+    with pytest.raises(KeyError, match="mine"):
+        async with connect(NAME, host_store=store, pin=f"tcp://127.0.0.1:{proxy.port}",
+                           allow_plaintext=True, session=FAST) as conn:
+            assert await conn.call("call", 1) == 2
+            raise KeyError("mine")
