@@ -53,6 +53,7 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
 AS_NOBODY = """
 import os, sys, json, logging, socket, ssl, encodings.idna
 import trio, meshlink.cli._app, meshlink.cli.service, meshlink.service, meshlink.bus, resolver
+import meshlink.client, meshlink.client_session, meshlink.session  # connect's modules
 import resolver._resolver  # resolver loads its sources on first use: load them as root
 os.setgroups([])
 os.setresgid(65534, 65534, 65534)
