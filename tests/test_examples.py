@@ -117,6 +117,18 @@ def test_cluster_demo_runs() -> None:
     assert "demo: OK" in out.stdout
 
 
+def test_sessions_example_moves_and_resumes() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "examples/cluster/sessions.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "connected over vchan" in out.stdout
+    assert "the session runs over tcp (resumes 1, moves 1)" in out.stdout
+    assert "the session runs over vchan (resumes 2, moves 2)" in out.stdout
+    assert "the session runs over vchan (resumes 3, moves 2)" in out.stdout
+    assert "server counted resumes 3, moves 2" in out.stdout
+    assert "sessions: OK" in out.stdout
+
+
 def _runnable_doc_examples() -> list[str]:
     import re
 
