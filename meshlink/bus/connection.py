@@ -260,7 +260,7 @@ class Connection:
                             work.start_soon(self._guard, self._timers)
                         await self._shutdown.wait()
                         # Graceful end: let the writer (and a reply being sent
-                        # directly, see Writer.send_reply) flush what is queued, the close
+                        # directly, see Writer.send_direct) flush what is queued, the close
                         # frame included, unless the peer is known to be gone.
                         flush_deadline = trio.current_time() + self._cfg.close_timeout
                         peer_gone = isinstance(self._error, ConnectionLost)

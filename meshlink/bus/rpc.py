@@ -108,6 +108,25 @@ class InContext:
                 value = None
 
 
+#: A request up to this size is written by the caller itself when the line is
+#: idle (see :meth:`Rpc.call`); a larger one goes through the writer task, so
+#: that a cancelled call never waits long for its own request to be written.
+DIRECT_REQUEST_MAX: Final = 16 * 1024
+
+
+class _Sending:
+    """The place of a call whose caller is still writing its request directly.
+
+    The caller has not parked yet, so it cannot be rescheduled: a reply (or
+    the end of the connection) that comes meanwhile is left here instead.
+    """
+
+    __slots__ = ("outcome",)
+
+    def __init__(self) -> None:
+        self.outcome: outcome.Outcome[Any] | None = None
+
+
 class _Worker:
     """A long-lived task that runs request handlers, one at a time."""
 
@@ -183,7 +202,7 @@ class Rpc:
         self._spawn = spawn
         # our calls
         self._next_call_id = 0
-        self._calls: dict[int, trio.lowlevel.Task] = {}
+        self._calls: dict[int, trio.lowlevel.Task | _Sending] = {}
         self.call_slots = trio.Semaphore(1)  # resized after the handshake
         # the peer's requests
         self._handler_scopes: dict[int, trio.CancelScope] = {}
@@ -211,7 +230,10 @@ class Rpc:
         self._ended = True
         calls, self._calls = self._calls, {}
         for task in calls.values():
-            trio.lowlevel.reschedule(task, outcome.Error(error()))
+            if isinstance(task, _Sending):
+                task.outcome = outcome.Error(error())
+            else:
+                trio.lowlevel.reschedule(task, outcome.Error(error()))
 
     # --- our calls -----------------------------------------------------------------
 
@@ -236,10 +258,22 @@ class Rpc:
         except BaseException:
             self.call_slots.release()
             raise
-        writer.outbuf += data
-        writer.frames += 1
-        writer.wakeup.set()
-        self._calls[call_id] = trio.lowlevel.current_task()
+        calls = self._calls
+        if len(data) <= DIRECT_REQUEST_MAX and writer.idle():
+            # The line is idle: write the request from this task (no hop
+            # through the writer task).  The reply may come in while the send
+            # finishes, before this task parks: on_reply leaves it here then.
+            sending = _Sending()
+            calls[call_id] = sending
+            await writer.send_direct(data)
+            if sending.outcome is not None:  # the reply (or the end) came already
+                return sending.outcome.unwrap()
+            calls[call_id] = trio.lowlevel.current_task()
+        else:
+            writer.outbuf += data
+            writer.frames += 1
+            writer.wakeup.set()
+            calls[call_id] = trio.lowlevel.current_task()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             # The slot stays taken until the peer answers the cancel: it still
@@ -253,16 +287,22 @@ class Rpc:
     def on_reply(self, id: int, result: Any) -> None:
         self.call_slots.release()
         task = self._calls.pop(id, None)
-        if task is not None:
+        if task is None:
+            return  # deliberate no-op, the caller was cancelled; the slot is free now
+        if isinstance(task, _Sending):
+            task.outcome = outcome.Value(result)
+        else:
             trio.lowlevel.reschedule(task, outcome.Value(result))
-        # else: deliberate no-op, the caller was cancelled; the slot is free now
 
     def on_error(self, id: int, type: str, message: str) -> None:
         self.call_slots.release()
         task = self._calls.pop(id, None)
-        if task is not None:
+        if task is None:
+            return  # deliberate no-op, the caller was cancelled; the slot is free now
+        if isinstance(task, _Sending):
+            task.outcome = outcome.Error(RemoteError(type, message))
+        else:
             trio.lowlevel.reschedule(task, outcome.Error(RemoteError(type, message)))
-        # else: deliberate no-op, the caller was cancelled; the slot is free now
 
     # --- the peer's requests -------------------------------------------------------
 
@@ -376,7 +416,7 @@ class Rpc:
                 data = proto.send(Error(id, "LocalProtocolError", str(exc)))
         else:
             data = proto.send(Error(id, *failure))
-        await self._writer.send_reply(data)
+        await self._writer.send_direct(data)
 
     # --- the peer's notifications --------------------------------------------------
 

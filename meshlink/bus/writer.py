@@ -6,10 +6,12 @@ The writer owns ``send_all``.  Every frame is packed by the task that produces
 it and appended to one outgoing buffer (:attr:`Writer.outbuf`); the writer task
 wakes on the next scheduler tick and sends the whole buffer in one
 ``send_all``, so frames produced in the same tick share one write (one ring or
-socket write).  One exception, for latency: a reply produced while nothing is
-queued and no send is in progress is sent at once by the worker that produced
-it (:meth:`Writer.send_reply`); frames produced meanwhile queue for the writer
-as usual.
+socket write).  One exception, for latency: a reply, or a small request,
+produced while nothing is queued and no send is in progress is sent at once by
+the task that produced it (the worker, or the caller: :meth:`Writer.send_direct`);
+frames produced meanwhile queue for the writer as usual.  At most one
+``send_all`` is ever in progress (``_sending``): a trio stream allows one
+sender at a time.
 
 The buffer holds at most ``buffer_size`` bytes of application frames; a
 producer that would overfill it waits (:meth:`Writer.send_flow`, which also
@@ -158,19 +160,26 @@ class Writer:
         lost.__cause__ = exc
         self._fail(lost)
 
-    async def send_reply(self, data: bytes) -> None:
-        """Queue a reply, or send it from this (worker) task when the line is idle.
+    def idle(self) -> bool:
+        """True when a frame may be sent directly: nothing queued, no send in progress."""
+        return not (self._sending or self.outbuf or self.closing)
 
-        An idle line (nothing queued, no send in progress) means no batching
-        is lost by sending at once, and it saves the reply a trip through the
-        scheduler to the writer (one tick, ~4-8 us of round trip).  Anything
+    async def send_direct(self, data: bytes) -> None:
+        """Queue a frame, or send it from this task when the line is idle.
+
+        For replies (from a worker) and small requests (from the caller,
+        which parks for the reply right after).  An idle line (nothing
+        queued, no send in progress) means no batching is lost by sending at
+        once, and it saves the frame a trip through the scheduler to the
+        writer (one task step and one scheduler pass each way).  Anything
         queued meanwhile goes out with the writer's next send_all.
 
-        The send is shielded: a worker is only ever cancelled when the
-        connection shuts down, and then the connection gives this send the same
-        flush deadline as the writer (or cancels it when the peer is gone)
-        through :attr:`direct_scope`.  A send cut short may leave half a frame
-        on the stream, so nothing more is sent.
+        The send is shielded: a send cut short may leave half a frame on the
+        stream.  The connection gives it the same flush deadline as the
+        writer when it shuts down (or cancels it when the peer is gone)
+        through :attr:`direct_scope`; a send cut short that way leaves the
+        stream broken, so nothing more is sent.  A failed send ends the
+        connection (``fail``); this never raises for it.
         """
         if self._sending or self.outbuf or self.closing:
             self.append(data)
