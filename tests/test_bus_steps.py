@@ -42,6 +42,9 @@ import trio.testing
 
 from meshlink import ConnectionLost
 from meshlink.bus import BusConfig, Connection, Handlers, RemoteError
+from meshlink.bus.codec import PROTOCOL_VERSION
+from meshlink.bus.events import NEED_DATA, Close, ConnectionClosed, Hello, Reply, Request
+from meshlink.bus.proto import BusProtocol
 from meshlink.bus.rpc import DIRECT_REQUEST_MAX
 
 CONFIG = BusConfig(heartbeat_interval=None)
@@ -251,3 +254,50 @@ async def test_caller_cancelled_while_it_still_sends_cancels_the_handler() -> No
             await handler_cancelled.wait()
         # the slot comes back once the peer answered the cancel
         assert await client.call("echo", "after") == "after"
+
+
+async def test_close_lets_a_reply_in_progress_finish_whole() -> None:
+    """A worker's reply is sent without a cancel scope of its own: closing the
+    connection while it is being written waits for it (within close_timeout),
+    so the peer reads the whole reply and then the close frame."""
+    a, b = trio.testing.lockstep_stream_pair()  # send_all waits for the reader
+    handlers = Handlers()
+
+    @handlers.method
+    async def big(n: int) -> bytes:
+        return b"x" * n
+
+    config = BusConfig(heartbeat_interval=None, close_timeout=10)
+    hello = Hello(PROTOCOL_VERSION, ["rpc"], "raw", 8, 1 << 20, 1 << 20, 1 << 24)
+    core = BusProtocol(hello)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            box: list[Connection] = []
+
+            async def server() -> None:
+                async with Connection.open(b, handlers, config=config) as conn:
+                    box.append(conn)
+                    await conn.wait_closed()
+
+            nursery.start_soon(server)
+            await a.send_all(core.send(hello))
+            while not isinstance(core.next_event(), Hello):
+                core.receive_data(await a.receive_some(1))
+            await trio.testing.wait_all_tasks_blocked()
+            await a.send_all(core.send(Request(0, "big", [200_000])))
+            await trio.testing.wait_all_tasks_blocked()
+            assert box[0]._replying  # the worker is writing the reply itself
+            nursery.start_soon(box[0].aclose)
+            await trio.testing.wait_all_tasks_blocked()
+            events: list[Any] = []
+            for _ in range(1000):  # bounded: 200 KB arrive in a few reads
+                core.receive_data(await a.receive_some(65536))
+                while (event := core.next_event()) is not NEED_DATA:
+                    events.append(event)
+                    if isinstance(event, Close | ConnectionClosed):
+                        break
+                if events and isinstance(events[-1], Close | ConnectionClosed):
+                    break
+            assert isinstance(events[0], Reply) and events[0].result == b"x" * 200_000
+            assert isinstance(events[-1], Close)
+            assert box[0].error is None

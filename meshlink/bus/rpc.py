@@ -4,7 +4,12 @@ requests and notifications run on our handlers.
 Theory of operation
 -------------------
 A call packs a request with a fresh id, parks the calling task and is
-rescheduled by the reader with the reply (or the error) for that id.  The
+rescheduled by the reader with the reply (or the error) for that id.  On an
+idle line a small request is written by the caller itself
+(:meth:`~.writer.Writer.send_direct`), saving a hop through the writer task;
+until it parks, its entry in the call table is a :class:`_Sending`
+placeholder, in which the reader (or the end of the connection) leaves the
+outcome instead of rescheduling a task that is not waiting.  The
 peer's ``max_concurrency`` bounds our calls in flight (a semaphore); a
 cancelled call sends a cancel frame and keeps its slot until the peer answers,
 because the peer still counts the handler until then.
@@ -416,7 +421,7 @@ class Rpc:
                 data = proto.send(Error(id, "LocalProtocolError", str(exc)))
         else:
             data = proto.send(Error(id, *failure))
-        await self._writer.send_direct(data)
+        await self._writer.send_reply(data)
 
     # --- the peer's notifications --------------------------------------------------
 
