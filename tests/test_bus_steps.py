@@ -301,3 +301,52 @@ async def test_close_lets_a_reply_in_progress_finish_whole() -> None:
             assert isinstance(events[0], Reply) and events[0].result == b"x" * 200_000
             assert isinstance(events[-1], Close)
             assert box[0].error is None
+
+
+async def test_a_worker_serves_on_after_a_cancelled_handler() -> None:
+    """Handlers run under one cancel scope per worker, renewed after a cancel:
+    the worker whose handler was cancelled serves the next requests without
+    them being cancelled, and a cancel for a finished request touches nothing."""
+    handlers = _echo_handlers()
+    started = trio.Event()
+    cancelled = 0
+
+    @handlers.method
+    async def hang() -> None:
+        nonlocal cancelled
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled += 1
+            raise
+
+    @handlers.method
+    async def steps(n: int) -> int:
+        for _ in range(n):
+            await trio.lowlevel.checkpoint()
+        return n
+
+    a, b = _pair("socket")
+    async with _connected(a, b, handlers) as (client, server):
+        for round in range(5):
+            started = trio.Event()
+            with trio.CancelScope() as scope:
+
+                async def cancel_when_started(
+                    scope: trio.CancelScope = scope, started: trio.Event = started
+                ) -> None:
+                    await started.wait()
+                    scope.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel_when_started)
+                    await client.call("hang")
+            assert scope.cancelled_caught
+            # Workers that ran a cancelled handler serve these, under new scopes.
+            assert await client.call("steps", 20) == 20
+            assert await client.call("echo", round) == round
+        assert cancelled == 5
+        # the next call may come before the cancelled worker answered: two at most
+        assert len(server._rpc._idle_workers) <= 2
+        assert not server._rpc._handler_scopes

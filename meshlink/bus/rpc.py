@@ -19,6 +19,10 @@ a request costs a reschedule of an idle worker rather than a new task (about
 6 us here).  The core caps requests in flight at our ``max_concurrency``,
 which caps the workers too.  Each handler runs in a fresh copy of the
 connection's context (:class:`InContext`), as it would in a task of its own.
+A worker's handlers share one cancel scope (a scope per request would cost
+about two task steps), renewed after a cancel frame used it (see
+:meth:`Rpc._worker`); a worker's reply goes out without a scope of its own
+(:meth:`~.writer.Writer.send_reply`).
 
 The peer's notifications run one at a time, in order, in one task (the
 *notify runner*); the notify window (credit, see :mod:`.flow`) bounds how many
@@ -360,48 +364,77 @@ class Rpc:
         self._dead = 0
 
     async def _worker(self, id: int, method: str, args: list[Any]) -> None:
-        """Run request handlers: this one, then whatever the reader hands over."""
+        """Run request handlers: this one, then whatever the reader hands over.
+
+        The handlers run under one cancel scope per worker, not one per
+        request (a cancel scope costs as much as two task steps): a cancel
+        frame cancels the worker's scope while, and only while, the handler
+        of that request runs (it is in ``_handler_scopes`` only then).  A
+        cancelled scope cannot be used again, so the worker then leaves it,
+        answers that request outside it and opens a new one for the next.
+        """
         me = _Worker(trio.lowlevel.current_task(), (id, method, args))
         idle = self._idle_workers
         base = contextvars.copy_context()
+        wait = trio.lowlevel.wait_task_rescheduled
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             idle.remove(me)
             return trio.lowlevel.Abort.SUCCEEDED
 
         while True:
-            await self._handle_request(*me.job, base.copy())
-            idle.append(me)
-            await trio.lowlevel.wait_task_rescheduled(abort)
-
-    async def _handle_request(
-        self, id: int, method: str, args: list[Any], context: contextvars.Context
-    ) -> None:
-        failure: tuple[str, str] | None = None
-        result: Any = None
-        if args is _NOT_STARTED:
-            failure = ("Cancelled", "the call was cancelled before its handler started")
-        else:
-            fn = self._handlers.methods.get(method)
             scope = trio.CancelScope()
-            self._handler_scopes[id] = scope
-            try:
-                with scope:
-                    if fn is None:
-                        failure = ("MethodNotFound", f"no method {method!r}")
-                    else:
-                        try:
-                            coro = fn(*args)
-                            if type(coro) is CoroutineType:
-                                result = await InContext(coro, context)
-                            else:  # some other awaitable: no context of its own
-                                result = await coro
-                        except Exception as exc:
-                            failure = (type(exc).__name__, str(exc))
-            finally:
-                del self._handler_scopes[id]
-            if scope.cancelled_caught:
-                failure = ("Cancelled", "the handler was cancelled")
+            answer: tuple[Any, tuple[str, str] | None] | None = None
+            with scope:
+                while True:
+                    answer = None
+                    answer = await self._run_handler(*me.job, base.copy(), scope)
+                    if scope.cancel_called:
+                        break  # this request's cancel: answer it outside the scope
+                    await self._answer(me.job[0], *answer)
+                    idle.append(me)
+                    await wait(abort)
+            # The handler of me.job was cancelled by its caller.  It may still
+            # have returned (a cancel only lands at a checkpoint), then its
+            # answer stands, as it would under a scope of its own.
+            if answer is None or scope.cancelled_caught:
+                answer = (None, ("Cancelled", "the handler was cancelled"))
+            await self._answer(me.job[0], *answer)
+            idle.append(me)
+            await wait(abort)
+
+    async def _run_handler(
+        self,
+        id: int,
+        method: str,
+        args: list[Any],
+        context: contextvars.Context,
+        scope: trio.CancelScope,
+    ) -> tuple[Any, tuple[str, str] | None]:
+        """Run the handler of request ``id`` in ``context``: (result, failure).
+
+        ``scope`` (the worker's) is what a cancel frame for ``id`` cancels
+        meanwhile; ``trio.Cancelled`` goes through to the worker.
+        """
+        if args is _NOT_STARTED:
+            return None, ("Cancelled", "the call was cancelled before its handler started")
+        fn = self._handlers.methods.get(method)
+        if fn is None:
+            return None, ("MethodNotFound", f"no method {method!r}")
+        scopes = self._handler_scopes
+        scopes[id] = scope
+        try:
+            coro = fn(*args)
+            if type(coro) is CoroutineType:
+                return await InContext(coro, context), None
+            return await coro, None  # some other awaitable: no context of its own
+        except Exception as exc:
+            return None, (type(exc).__name__, str(exc))
+        finally:
+            del scopes[id]
+
+    async def _answer(self, id: int, result: Any, failure: tuple[str, str] | None) -> None:
+        """Pack and send the reply (or error) to request ``id``."""
         self.served += 1
         if failure is not None:
             self.served_errors += 1
@@ -421,7 +454,7 @@ class Rpc:
                 data = proto.send(Error(id, "LocalProtocolError", str(exc)))
         else:
             data = proto.send(Error(id, *failure))
-        await self._writer.send_reply(data)
+        await writer.send_reply(data)
 
     # --- the peer's notifications --------------------------------------------------
 
