@@ -27,8 +27,11 @@ a measurable share of the budget.
 Closing: ``aclose`` (or leaving ``Connection.open``) cancels the handlers,
 fails pending operations with :class:`trio.ClosedResourceError`, queues a close
 frame, lets the writer flush for at most ``close_timeout`` and closes the
-transport.  A dead peer, a heartbeat timeout or malformed input fails every
-pending operation with :class:`~meshlink.ConnectionLost` (the cause chained).
+transport.  A reply that a worker is writing directly at that moment is let
+finish first, within the same ``close_timeout`` (its send has no cancel scope
+of its own: see :mod:`.writer`); handlers are cancelled after it.  A dead
+peer, a heartbeat timeout or malformed input fails every pending operation
+with :class:`~meshlink.ConnectionLost` (the cause chained).
 """
 
 from __future__ import annotations
@@ -259,9 +262,10 @@ class Connection:
                         if self._cfg.heartbeat_interval or self._cfg.frame_timeout:
                             work.start_soon(self._guard, self._timers)
                         await self._shutdown.wait()
-                        # Graceful end: let the writer (and a reply being sent
-                        # directly, see Writer.send_reply) flush what is queued, the close
-                        # frame included, unless the peer is known to be gone.
+                        # Graceful end: let the writer (and a frame being sent
+                        # directly, see Writer.send_direct and send_reply) flush
+                        # what is queued, the close frame included, unless the
+                        # peer is known to be gone.
                         flush_deadline = trio.current_time() + self._cfg.close_timeout
                         peer_gone = isinstance(self._error, ConnectionLost)
                         direct = writer.direct_scope
@@ -270,6 +274,13 @@ class Connection:
                                 direct.cancel()
                             else:
                                 direct.deadline = flush_deadline
+                        if writer.replying and not peer_gone:
+                            # A worker's reply is unshielded: cancelling the
+                            # workers now would cut it short.  Handlers go on
+                            # meanwhile (no new reply starts: the rpc ended).
+                            with trio.move_on_at(flush_deadline):
+                                while writer.replying:
+                                    await writer.reply_lot.park()
                         work.cancel_scope.cancel()
                     writer.closing = True
                     writer.wakeup.set()
@@ -353,9 +364,9 @@ class Connection:
         return self.peer_features & frozenset(FEATURES)
 
     @property
-    def _direct_scope(self) -> trio.CancelScope | None:
-        """The cancel scope of a reply being sent directly (the tests watch it)."""
-        return self._writer.direct_scope
+    def _replying(self) -> bool:
+        """A worker is sending a reply directly (the tests watch it)."""
+        return self._writer.replying
 
     @property
     def closed(self) -> bool:
@@ -576,7 +587,9 @@ class Connection:
         Cancellation:
             Safe.  If cancelled after the request went out, a cancel frame is
             sent and the peer cancels the handler (it sees ``trio.Cancelled``);
-            any late reply is discarded.
+            any late reply is discarded.  A call that writes its own small
+            request (on an idle line) finishes that write before the cancel
+            takes effect; it waits only if the transport's buffer is full.
 
         Backpressure:
             Waits while the peer already runs ``max_concurrency`` of our calls

@@ -4,7 +4,12 @@ requests and notifications run on our handlers.
 Theory of operation
 -------------------
 A call packs a request with a fresh id, parks the calling task and is
-rescheduled by the reader with the reply (or the error) for that id.  The
+rescheduled by the reader with the reply (or the error) for that id.  On an
+idle line a small request is written by the caller itself
+(:meth:`~.writer.Writer.send_direct`), saving a hop through the writer task;
+until it parks, its entry in the call table is a :class:`_Sending`
+placeholder, in which the reader (or the end of the connection) leaves the
+outcome instead of rescheduling a task that is not waiting.  The
 peer's ``max_concurrency`` bounds our calls in flight (a semaphore); a
 cancelled call sends a cancel frame and keeps its slot until the peer answers,
 because the peer still counts the handler until then.
@@ -14,6 +19,10 @@ a request costs a reschedule of an idle worker rather than a new task (about
 6 us here).  The core caps requests in flight at our ``max_concurrency``,
 which caps the workers too.  Each handler runs in a fresh copy of the
 connection's context (:class:`InContext`), as it would in a task of its own.
+A worker's handlers share one cancel scope (a scope per request would cost
+about two task steps), renewed after a cancel frame used it (see
+:meth:`Rpc._worker`); a worker's reply goes out without a scope of its own
+(:meth:`~.writer.Writer.send_reply`).
 
 The peer's notifications run one at a time, in order, in one task (the
 *notify runner*); the notify window (credit, see :mod:`.flow`) bounds how many
@@ -108,6 +117,25 @@ class InContext:
                 value = None
 
 
+#: A request up to this size is written by the caller itself when the line is
+#: idle (see :meth:`Rpc.call`); a larger one goes through the writer task, so
+#: that a cancelled call never waits long for its own request to be written.
+DIRECT_REQUEST_MAX: Final = 16 * 1024
+
+
+class _Sending:
+    """The place of a call whose caller is still writing its request directly.
+
+    The caller has not parked yet, so it cannot be rescheduled: a reply (or
+    the end of the connection) that comes meanwhile is left here instead.
+    """
+
+    __slots__ = ("outcome",)
+
+    def __init__(self) -> None:
+        self.outcome: outcome.Outcome[Any] | None = None
+
+
 class _Worker:
     """A long-lived task that runs request handlers, one at a time."""
 
@@ -183,7 +211,7 @@ class Rpc:
         self._spawn = spawn
         # our calls
         self._next_call_id = 0
-        self._calls: dict[int, trio.lowlevel.Task] = {}
+        self._calls: dict[int, trio.lowlevel.Task | _Sending] = {}
         self.call_slots = trio.Semaphore(1)  # resized after the handshake
         # the peer's requests
         self._handler_scopes: dict[int, trio.CancelScope] = {}
@@ -211,7 +239,10 @@ class Rpc:
         self._ended = True
         calls, self._calls = self._calls, {}
         for task in calls.values():
-            trio.lowlevel.reschedule(task, outcome.Error(error()))
+            if isinstance(task, _Sending):
+                task.outcome = outcome.Error(error())
+            else:
+                trio.lowlevel.reschedule(task, outcome.Error(error()))
 
     # --- our calls -----------------------------------------------------------------
 
@@ -236,10 +267,22 @@ class Rpc:
         except BaseException:
             self.call_slots.release()
             raise
-        writer.outbuf += data
-        writer.frames += 1
-        writer.wakeup.set()
-        self._calls[call_id] = trio.lowlevel.current_task()
+        calls = self._calls
+        if len(data) <= DIRECT_REQUEST_MAX and writer.idle():
+            # The line is idle: write the request from this task (no hop
+            # through the writer task).  The reply may come in while the send
+            # finishes, before this task parks: on_reply leaves it here then.
+            sending = _Sending()
+            calls[call_id] = sending
+            await writer.send_direct(data)
+            if sending.outcome is not None:  # the reply (or the end) came already
+                return sending.outcome.unwrap()
+            calls[call_id] = trio.lowlevel.current_task()
+        else:
+            writer.outbuf += data
+            writer.frames += 1
+            writer.wakeup.set()
+            calls[call_id] = trio.lowlevel.current_task()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             # The slot stays taken until the peer answers the cancel: it still
@@ -253,16 +296,22 @@ class Rpc:
     def on_reply(self, id: int, result: Any) -> None:
         self.call_slots.release()
         task = self._calls.pop(id, None)
-        if task is not None:
+        if task is None:
+            return  # deliberate no-op, the caller was cancelled; the slot is free now
+        if isinstance(task, _Sending):
+            task.outcome = outcome.Value(result)
+        else:
             trio.lowlevel.reschedule(task, outcome.Value(result))
-        # else: deliberate no-op, the caller was cancelled; the slot is free now
 
     def on_error(self, id: int, type: str, message: str) -> None:
         self.call_slots.release()
         task = self._calls.pop(id, None)
-        if task is not None:
+        if task is None:
+            return  # deliberate no-op, the caller was cancelled; the slot is free now
+        if isinstance(task, _Sending):
+            task.outcome = outcome.Error(RemoteError(type, message))
+        else:
             trio.lowlevel.reschedule(task, outcome.Error(RemoteError(type, message)))
-        # else: deliberate no-op, the caller was cancelled; the slot is free now
 
     # --- the peer's requests -------------------------------------------------------
 
@@ -315,48 +364,77 @@ class Rpc:
         self._dead = 0
 
     async def _worker(self, id: int, method: str, args: list[Any]) -> None:
-        """Run request handlers: this one, then whatever the reader hands over."""
+        """Run request handlers: this one, then whatever the reader hands over.
+
+        The handlers run under one cancel scope per worker, not one per
+        request (a cancel scope costs as much as two task steps): a cancel
+        frame cancels the worker's scope while, and only while, the handler
+        of that request runs (it is in ``_handler_scopes`` only then).  A
+        cancelled scope cannot be used again, so the worker then leaves it,
+        answers that request outside it and opens a new one for the next.
+        """
         me = _Worker(trio.lowlevel.current_task(), (id, method, args))
         idle = self._idle_workers
         base = contextvars.copy_context()
+        wait = trio.lowlevel.wait_task_rescheduled
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             idle.remove(me)
             return trio.lowlevel.Abort.SUCCEEDED
 
         while True:
-            await self._handle_request(*me.job, base.copy())
-            idle.append(me)
-            await trio.lowlevel.wait_task_rescheduled(abort)
-
-    async def _handle_request(
-        self, id: int, method: str, args: list[Any], context: contextvars.Context
-    ) -> None:
-        failure: tuple[str, str] | None = None
-        result: Any = None
-        if args is _NOT_STARTED:
-            failure = ("Cancelled", "the call was cancelled before its handler started")
-        else:
-            fn = self._handlers.methods.get(method)
             scope = trio.CancelScope()
-            self._handler_scopes[id] = scope
-            try:
-                with scope:
-                    if fn is None:
-                        failure = ("MethodNotFound", f"no method {method!r}")
-                    else:
-                        try:
-                            coro = fn(*args)
-                            if type(coro) is CoroutineType:
-                                result = await InContext(coro, context)
-                            else:  # some other awaitable: no context of its own
-                                result = await coro
-                        except Exception as exc:
-                            failure = (type(exc).__name__, str(exc))
-            finally:
-                del self._handler_scopes[id]
-            if scope.cancelled_caught:
-                failure = ("Cancelled", "the handler was cancelled")
+            answer: tuple[Any, tuple[str, str] | None] | None = None
+            with scope:
+                while True:
+                    answer = None
+                    answer = await self._run_handler(*me.job, base.copy(), scope)
+                    if scope.cancel_called:
+                        break  # this request's cancel: answer it outside the scope
+                    await self._answer(me.job[0], *answer)
+                    idle.append(me)
+                    await wait(abort)
+            # The handler of me.job was cancelled by its caller.  It may still
+            # have returned (a cancel only lands at a checkpoint), then its
+            # answer stands, as it would under a scope of its own.
+            if answer is None or scope.cancelled_caught:
+                answer = (None, ("Cancelled", "the handler was cancelled"))
+            await self._answer(me.job[0], *answer)
+            idle.append(me)
+            await wait(abort)
+
+    async def _run_handler(
+        self,
+        id: int,
+        method: str,
+        args: list[Any],
+        context: contextvars.Context,
+        scope: trio.CancelScope,
+    ) -> tuple[Any, tuple[str, str] | None]:
+        """Run the handler of request ``id`` in ``context``: (result, failure).
+
+        ``scope`` (the worker's) is what a cancel frame for ``id`` cancels
+        meanwhile; ``trio.Cancelled`` goes through to the worker.
+        """
+        if args is _NOT_STARTED:
+            return None, ("Cancelled", "the call was cancelled before its handler started")
+        fn = self._handlers.methods.get(method)
+        if fn is None:
+            return None, ("MethodNotFound", f"no method {method!r}")
+        scopes = self._handler_scopes
+        scopes[id] = scope
+        try:
+            coro = fn(*args)
+            if type(coro) is CoroutineType:
+                return await InContext(coro, context), None
+            return await coro, None  # some other awaitable: no context of its own
+        except Exception as exc:
+            return None, (type(exc).__name__, str(exc))
+        finally:
+            del scopes[id]
+
+    async def _answer(self, id: int, result: Any, failure: tuple[str, str] | None) -> None:
+        """Pack and send the reply (or error) to request ``id``."""
         self.served += 1
         if failure is not None:
             self.served_errors += 1
@@ -376,7 +454,7 @@ class Rpc:
                 data = proto.send(Error(id, "LocalProtocolError", str(exc)))
         else:
             data = proto.send(Error(id, *failure))
-        await self._writer.send_reply(data)
+        await writer.send_reply(data)
 
     # --- the peer's notifications --------------------------------------------------
 
