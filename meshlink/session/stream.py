@@ -141,6 +141,8 @@ class SessionStream(trio.abc.Stream):
         self._sent = 0
         self._written = 0
         self._room = trio.lowlevel.ParkingLot()
+        self._room_waiters = 0  # plain counts: ParkingLot.__bool__ is a Python call
+        self._send_waiters = 0
         self._sending = False
         self._send_lot = trio.lowlevel.ParkingLot()
         # incoming
@@ -305,12 +307,16 @@ class SessionStream(trio.abc.Stream):
 
     async def _acquire_send(self) -> None:
         while self._sending:
-            await self._send_lot.park()
+            self._send_waiters += 1
+            try:
+                await self._send_lot.park()
+            finally:
+                self._send_waiters -= 1
         self._sending = True
 
     def _release_send(self) -> None:
         self._sending = False
-        if self._send_lot:
+        if self._send_waiters:
             self._send_lot.unpark()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -327,14 +333,19 @@ class SessionStream(trio.abc.Stream):
         Backpressure:
             Waits while ``replay_limit`` bytes are unacknowledged.
         """
-        self._check()
+        if self._lost is not None or self._closed:
+            self._check()
         size = len(data)
         if not size:
             await trio.lowlevel.checkpoint()
             return
         limit = self._cfg.replay_limit
         while self._replay and len(self._replay) + size > limit:
-            await self._room.park()
+            self._room_waiters += 1
+            try:
+                await self._room.park()
+            finally:
+                self._room_waiters -= 1
             self._check()
         self._replay += data
         self._sent += size
@@ -362,7 +373,9 @@ class SessionStream(trio.abc.Stream):
             else:
                 await self._flush(t, data)
         finally:
-            self._release_send()
+            self._sending = False  # _release_send, inline (hot path)
+            if self._send_waiters:
+                self._send_lot.unpark()
 
     async def _flush(self, t: trio.abc.Stream, data: bytes | bytearray | memoryview | None
                      ) -> None:
@@ -432,7 +445,8 @@ class SessionStream(trio.abc.Stream):
             if self._peer_ended:
                 await trio.lowlevel.checkpoint()
                 return b""
-            self._check()
+            if self._lost is not None or self._closed:
+                self._check()
             t = self.transport
             if t is None:
                 await self._attached_lot.park()
@@ -452,13 +466,20 @@ class SessionStream(trio.abc.Stream):
                 # The common case: the chunk is exactly one whole DATA record.
                 kind, length, ack = HEADER.unpack_from(chunk)
                 if kind == DATA and length == len(chunk) - HEADER_SIZE:
+                    # _ack_in and _count_in, inline (hot path).
                     if ack > self._base:
-                        try:
-                            self._ack_in(ack)
-                        except RemoteProtocolError as exc:
-                            self.lose(exc)
-                            raise
-                    self._count_in(length)
+                        if ack > self._sent:
+                            bad = RemoteProtocolError(
+                                f"peer acknowledges byte {ack}, we sent only {self._sent}")
+                            self.lose(bad)
+                            raise bad
+                        del self._replay[:ack - self._base]
+                        self._base = ack
+                        if self._room_waiters:
+                            self._room.unpark_all()
+                    received = self._received = self._received + length
+                    if received - self._acked_out >= self._ack_every:
+                        self._kick.set()
                     return chunk[HEADER_SIZE:]
             try:
                 data = self._parse(chunk)
@@ -527,7 +548,7 @@ class SessionStream(trio.abc.Stream):
                     f"peer acknowledges byte {ack}, we sent only {self._sent}")
             del self._replay[:ack - self._base]
             self._base = ack
-            if self._room:
+            if self._room_waiters:
                 self._room.unpark_all()
 
     # --- liveness -------------------------------------------------------------------
