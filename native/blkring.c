@@ -71,6 +71,8 @@ struct ml_blk_back {
      * where the hypervisor checks them.  INDIRECT is then not offered. */
     int granted;
     uint64_t counters[ML_BLK_NCOUNTERS]; /* the native loop's; see ml_blk_back_counters */
+    uint8_t *write_map;    /* see ml_blk_back_set_write_map; NULL: none */
+    unsigned map_shift;
 };
 
 size_t ml_blk_request_size(void) { return sizeof(struct ml_blk_request); }
@@ -590,6 +592,35 @@ int ml_blk_back_final_check(ml_blk_back *b)
     return n < 0 ? (int)n : n > 0;
 }
 
+int ml_blk_back_set_write_map(ml_blk_back *b, uint8_t *map, uint64_t map_len,
+                              unsigned shift)
+{
+    if (map == NULL) {
+        b->write_map = NULL;
+        return 0;
+    }
+    if (shift < 9 || shift > 30)
+        return ML_EINVAL;
+    /* Every validated request ends within disk_sectors, so a map covering
+     * the whole disk keeps every mark below in bounds. */
+    uint64_t bytes = b->disk_sectors << 9;
+    uint64_t chunks = (bytes >> shift) + ((bytes & ((1ull << shift) - 1)) != 0);
+    if (map_len < chunks)
+        return ML_EINVAL;
+    b->write_map = map;
+    b->map_shift = shift;
+    return 0;
+}
+
+/* Only stores of 1 (see ml_blk_back_set_write_map): a racing discard in
+ * another thread clears whole bytes and loses nothing of ours. */
+static void mark_written(ml_blk_back *b, uint64_t offset, uint64_t length)
+{
+    uint64_t first = offset >> b->map_shift;
+    uint64_t last = (offset + length - 1) >> b->map_shift;
+    memset(b->write_map + first, 1, (size_t)(last - first + 1));
+}
+
 long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify)
 {
     struct ml_blk_checked c;
@@ -619,6 +650,8 @@ long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify)
                  * flush semantics hold trivially (deliberate no-op). */
                 if (at)
                     ml_blk_back_gather(b, &c, at);
+                if (at && b->write_map && c.length)
+                    mark_written(b, c.offset, c.length);
                 n[6] += c.length;
                 break;
             case ML_BLK_OP_DISCARD:

@@ -206,6 +206,18 @@ int ml_blk_back_final_check(ml_blk_back *b);
  */
 long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify);
 /*
+ * Give the native loop a map of the disk's written chunks, one byte per
+ * 2^shift bytes of disk (map_len bytes, covering the whole disk): each
+ * WRITE it serves stores 1 into the bytes of the chunks it touches, so a
+ * sparse in-memory backend still knows which chunks hold data (its extents
+ * and allocated size).  Only stores of 1, never a read-modify-write, so
+ * another thread clearing bytes for a discard cannot lose a neighbour's
+ * mark.  NULL map: no marking (the default).  Returns ML_EINVAL, changing
+ * nothing, if the map does not cover the disk or shift is not 9..30.
+ */
+int ml_blk_back_set_write_map(ml_blk_back *b, uint8_t *map, uint64_t map_len,
+                              unsigned shift);
+/*
  * What the native loop served on this ring so far (only it counts: the
  * Python loop keeps its own counters), written to out[0..ML_BLK_NCOUNTERS):
  * requests by kind (READ, WRITE incl. WRITE_BARRIER, FLUSH_DISKCACHE,

@@ -306,6 +306,35 @@ async def test_disk_open_and_serve_pick_the_front_end(store: Path, tmp_path: Pat
         nursery.cancel_scope.cancel()
 
 
+async def test_native_loop_serves_a_memory_disk_and_marks_its_chunks(store: Path) -> None:
+    """The mapped memory disk is served by the C loop, whose writes show in its extents."""
+    from meshlink.disk import MemoryBackend
+    from meshlink.disk.backends import STATE_HOLE, STATE_ZERO
+    from meshlink.disk.blk import serve_blk
+    from meshlink.disk.counters import DiskStats
+
+    disk = MemoryBackend(16 << 20)
+    if not disk.mapped:
+        pytest.skip("no lazily allocated anonymous mapping here (not Linux)")
+    stats = DiskStats()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve_blk(
+            "mapped", {"d": disk}, host_store=store, stats=stats, task_status=task_status))
+        async with open_blk("mapped/d", host_store=store) as front:
+            await front.write((5 << 20) + 512, b"\x7e" * 4096)  # inside chunk 80
+            await front.write(8 << 20, b"\x11" * (128 << 10))  # chunks 128 and 129
+            assert await front.read((5 << 20) + 512, 4096) == b"\x7e" * 4096
+            live = [c for c in stats._live if c.key == ("d", "blk")]
+            assert len(live) == 1 and live[0].native is not None  # the C loop served it
+        nursery.cancel_scope.cancel()
+    hole = STATE_HOLE | STATE_ZERO
+    assert disk.extents(0, 16 << 20) == [
+        (5 << 20, hole), (64 << 10, 0), ((8 << 20) - (5 << 20) - (64 << 10), hole),
+        (128 << 10, 0), ((16 << 20) - (8 << 20) - (128 << 10), hole)]
+    assert disk.allocated_bytes == 3 * (64 << 10)
+    assert bytes(disk.read(8 << 20, 128 << 10)) == b"\x11" * (128 << 10)
+
+
 async def test_barrier_and_flush_are_acknowledged_in_order(blk_server: tuple[Path, Path]) -> None:
     """WRITE_BARRIER (no data) and FLUSH_DISKCACHE complete after the writes before them."""
     store, d = blk_server

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from meshlink.disk.backends import (
     NullBackend,
     open_backend,
 )
+from meshlink.disk.backends import memory as memory_mod
 
 SIZE = 256 * 1024 + 1536  # whole sectors, deliberately not a multiple of cow's 4 KiB blocks
 
@@ -41,6 +43,7 @@ def _gold(tmp: Path, size: int = SIZE) -> Path:
 
 FACTORIES: dict[str, Factory] = {
     "memory": lambda tmp: MemoryBackend(SIZE),
+    "memory-chunked": lambda tmp: MemoryBackend(SIZE, mapped=False),
     "file": lambda tmp: FileBackend(tmp / "disk.img", size=SIZE),
     "mmap": lambda tmp: MmapBackend(tmp / "disk.img", size=SIZE),
     "cow-ram": lambda tmp: CowBackend(FileBackend(_gold(tmp), read_only=True)),
@@ -129,8 +132,10 @@ def test_null_reads_zero_and_drops_writes() -> None:
     assert disk.extents(10, 100) == [((1 << 30) - 10, STATE_HOLE | STATE_ZERO)]
 
 
-def test_memory_is_sparse() -> None:
-    disk = MemoryBackend(1 << 40)  # a terabyte costs nothing until written
+@pytest.mark.parametrize("size", [1 << 40, 1 << 45])  # mapped (on Linux), chunked
+def test_memory_is_sparse(size: int) -> None:
+    disk = MemoryBackend(size)  # terabytes cost nothing until written
+    assert disk.mapped == (size <= memory_mod.MAP_MAX and sys.platform.startswith("linux"))
     disk.write((1 << 39) + 5, b"hello")
     assert disk.allocated_bytes == 64 * 1024
     assert bytes(disk.read((1 << 39) + 5, 5)) == b"hello"
@@ -139,6 +144,22 @@ def test_memory_is_sparse() -> None:
     assert ext[1] == (64 * 1024, 0)
     disk.discard(1 << 39, 64 * 1024)
     assert disk.allocated_bytes == 0
+    assert bytes(disk.read((1 << 39) + 5, 5)) == bytes(5)
+
+
+def test_memory_zeroing_frees_whole_chunks_and_clears_partial_ones() -> None:
+    for mapped in (None, False):
+        disk = MemoryBackend(1 << 20, mapped=mapped)
+        disk.write(0, b"\xaa" * (1 << 20))
+        # 1000 bytes into chunk 1 .. 1000 bytes into chunk 4: frees chunks 2 and 3.
+        disk.discard(65536 + 1000, 3 * 65536)
+        assert disk.allocated_bytes == 14 * 65536
+        data = bytes(disk.read(0, 1 << 20))
+        assert data[: 65536 + 1000] == b"\xaa" * (65536 + 1000)
+        assert data[65536 + 1000 : 4 * 65536 + 1000] == bytes(3 * 65536)
+        assert data[4 * 65536 + 1000 :] == b"\xaa" * ((1 << 20) - 4 * 65536 - 1000)
+        disk.close()
+        assert disk.allocated_bytes == 0 and bytes(disk.read(0, 4096)) == bytes(4096)
 
 
 def test_cow_never_modifies_gold_image(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@
  *    further;
  *  - the data: a shadow disk and shadow pages replay every servable request
  *    with plain loops; after each serve, disk and pages must equal them;
+ *  - the written-chunk map (ml_blk_back_set_write_map), when one is given:
+ *    after each native serve it must equal a shadow marked from the model;
  *  - notification: push signals exactly when ring.h's rule says;
  *  - the backend never has more requests outstanding than the ring holds.
  */
@@ -110,6 +112,9 @@ struct world {
     uint32_t rsp_prod_pvt;
     uint32_t front_prod;   /* the honest part of the frontend */
     int corrupt;           /* the backend reported ML_ECORRUPT */
+    uint8_t *map, *shadow_map; /* written-chunk map (set_write_map), or NULL */
+    size_t map_len;
+    unsigned map_shift;
 };
 
 static uint8_t *slot_at(struct world *w, uint32_t idx)
@@ -326,6 +331,12 @@ static void back_serve(struct world *w)
         int16_t st = model_status(w, reqs[i], w->shadow_pages, &m);
         if (st == 0)
             model_apply(w, &m);
+        /* The native loop marks exactly the chunks its servable writes touch. */
+        if (st == 0 && w->map && (m.op == 1 || m.op == 2) && m.sectors) {
+            uint64_t first = m.sector * SECTOR >> w->map_shift;
+            uint64_t last = ((m.sector + m.sectors) * SECTOR - 1) >> w->map_shift;
+            memset(w->shadow_map + first, 1, (size_t)(last - first + 1));
+        }
         const uint8_t *rsp = slot_at(w, w->rsp_prod_pvt + i);
         uint64_t id;
         int16_t status;
@@ -344,6 +355,8 @@ static void back_serve(struct world *w)
         CHECK(notify == 0);
     }
     check_data(w);
+    if (w->map)
+        CHECK(memcmp(w->map, w->shadow_map, w->map_len) == 0);
     free(reqs);
 }
 
@@ -481,6 +494,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     CHECK(rc == ML_OK && ents == (32u << order));
     w.nr_ents = ents;
+    if (w.disk && (flags & 16)) {
+        /* An exactly sized map (ASan sees any mark past it); one too short
+         * and a bad shift are refused. */
+        w.map_shift = 9 + take8(&in) % 4;
+        uint64_t bytes = w.disk_sectors * SECTOR;
+        w.map_len = (size_t)((bytes + (1u << w.map_shift) - 1) >> w.map_shift);
+        w.map = calloc(w.map_len ? w.map_len : 1, 1);
+        w.shadow_map = calloc(w.map_len ? w.map_len : 1, 1);
+        CHECK(w.map && w.shadow_map);
+        if (w.map_len)
+            CHECK(ml_blk_back_set_write_map(w.b, w.map, w.map_len - 1, w.map_shift) == ML_EINVAL);
+        CHECK(ml_blk_back_set_write_map(w.b, w.map, w.map_len, 8) == ML_EINVAL);
+        CHECK(ml_blk_back_set_write_map(w.b, w.map, w.map_len, w.map_shift) == ML_OK);
+    }
 
     unsigned steps = 0;
     while (in.n && steps++ < 512 && !w.corrupt) {
@@ -559,5 +586,7 @@ out:
     free(w.shadow_pages);
     free(w.disk);
     free(w.shadow_disk);
+    free(w.map);
+    free(w.shadow_map);
     return 0;
 }

@@ -44,7 +44,11 @@ backend, through :class:`Capabilities`, whether it may.  ``stores_nothing``
 says reads are zeroes and writes vanish (the null disk), so nothing need be
 called at all; ``direct_memory`` says the backend implements
 :class:`DirectMemory` and its ``direct_buffer()`` may hand out the disk as one
-writable buffer.  Front ends never look at a backend's class or private fields.
+writable buffer.  A sparse such backend may also define ``write_map() ->
+memoryview | None``: one byte per 64 KiB of disk, which a front end that
+stores into the direct buffer sets to 1 for every chunk it writes (the
+``memory`` disk's extents come from it).  Front ends never look at a
+backend's class or private fields.
 """
 
 from __future__ import annotations

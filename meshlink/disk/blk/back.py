@@ -44,6 +44,7 @@ from ...transport.rendezvous import (
 )
 from ..backends import Backend
 from ..backends._base import direct_buffer
+from ..backends.memory import CHUNK_SHIFT
 from ..counters import DiskCounters, DiskStats
 from .handshake import (
     HANDSHAKE_TIMEOUT,
@@ -93,6 +94,12 @@ class _Conn:
             disk = direct_buffer(backend)
             if disk is not None:
                 ring.serve_natively(disk)
+                # A sparse backend (memory) learns from this map which chunks
+                # the C loop wrote; see MemoryBackend.write_map.
+                write_map = getattr(backend, "write_map", None)
+                chunk_map = write_map() if write_map is not None else None
+                if chunk_map is not None:
+                    ring.set_write_map(chunk_map, CHUNK_SHIFT)
                 self.native = True
         if self.native:
             self.counters.native = ring  # the C loop counts kinds, bytes, errors

@@ -186,6 +186,7 @@ class BackRing:
         self.ptr = back[0]
         self._notify = ffi.new("int *")
         self._direct: Any = None
+        self._write_map: Any = None  # keeps the buffer the C loop marks alive
 
     @staticmethod
     def new_checked() -> Any:
@@ -241,6 +242,19 @@ class BackRing:
         writable buffer holding the whole disk, or None for the null disk."""
         self._direct = ffi.NULL if disk is None else ffi.from_buffer(disk)
 
+    def set_write_map(self, chunk_map: memoryview, shift: int) -> None:
+        """Have :meth:`serve_direct` mark written chunks in ``chunk_map``
+        (one byte per ``2**shift`` bytes of disk; see ``ml_blk_back_set_write_map``).
+
+        Raises:
+            ValueError: the map does not cover the disk, or ``shift`` is out of range.
+        """
+        self._write_map = ffi.from_buffer(chunk_map)  # the C side keeps only the pointer
+        if lib.ml_blk_back_set_write_map(self.ptr, self._write_map,
+                                         len(chunk_map), shift) != 0:
+            self._write_map = None
+            raise ValueError("write map does not cover the disk")
+
     def serve_direct(self) -> tuple[int, bool]:
         """Serve every request published now in C: (count, must signal)."""
         n = _corrupt(lib.ml_blk_back_serve_buffer(self.ptr, self._direct, self._notify),
@@ -263,4 +277,5 @@ class BackRing:
         lib.ml_blk_back_free(self.ptr)
         self.ptr = None
         self._direct = None
+        self._write_map = None
         lib.ml_grant_pages_free(self._pages)
