@@ -165,6 +165,8 @@ class SessionStream(trio.abc.Stream):
         self.detached.set()
         self._lost: BaseException | None = None
         self._closed = False
+        self._over = False  # lost or closed: one flag for the hot paths
+        self._limit = config.replay_limit
 
     # --- state ----------------------------------------------------------------
 
@@ -196,6 +198,7 @@ class SessionStream(trio.abc.Stream):
         if self._lost is not None or self._closed:
             return
         self._lost = exc
+        self._over = True
         logger.info("session %s lost: %s", self.session_id.hex()[:8], exc)
         self._drop_transport()
         self._wake()
@@ -333,22 +336,22 @@ class SessionStream(trio.abc.Stream):
         Backpressure:
             Waits while ``replay_limit`` bytes are unacknowledged.
         """
-        if self._lost is not None or self._closed:
+        if self._over:
             self._check()
         size = len(data)
         if not size:
             await trio.lowlevel.checkpoint()
             return
-        limit = self._cfg.replay_limit
-        while self._replay and len(self._replay) + size > limit:
+        replay = self._replay
+        while replay and len(replay) + size > self._limit:
             self._room_waiters += 1
             try:
                 await self._room.park()
             finally:
                 self._room_waiters -= 1
             self._check()
-        self._replay += data
-        self._sent += size
+        replay += data  # in place: the same bytearray as self._replay
+        sent = self._sent = self._sent + size
         t = self.transport
         if t is None or self._sending:
             # Detached (the next attach replays it), or whoever holds the flag
@@ -357,10 +360,10 @@ class SessionStream(trio.abc.Stream):
             return
         self._sending = True
         try:
-            if self._written + size == self._sent and size <= MAX_RECORD and not isinstance(
-                    data, memoryview):
+            if self._written + size == sent and size <= MAX_RECORD and type(
+                    data) is not memoryview:
                 # The common case, inline: one record, nothing else pending.
-                self._written = self._sent
+                self._written = sent
                 received = self._acked_out = self._received
                 try:
                     await t.send_all(HEADER.pack(DATA, size, received) + data)
@@ -445,7 +448,7 @@ class SessionStream(trio.abc.Stream):
             if self._peer_ended:
                 await trio.lowlevel.checkpoint()
                 return b""
-            if self._lost is not None or self._closed:
+            if self._over:
                 self._check()
             t = self.transport
             if t is None:
@@ -602,6 +605,7 @@ class SessionStream(trio.abc.Stream):
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await self._send_record(END)
         self._closed = True
+        self._over = True
         self._drop_transport()
         self._wake()
         with trio.CancelScope(shield=True):
