@@ -1,7 +1,9 @@
-"""Keeping a client's session alive: resume, upgrade and renew (see ``docs/sessions.md``).
+"""The connection a client holds, and what keeps its session alive (``docs/sessions.md``).
 
-:class:`SessionDriver` runs beside every :class:`~meshlink.client.MeshConnection`
-made with sessions:
+:class:`MeshConnection` is what ``meshlink.connect`` yields: the bus calls of
+the current bus connection, re-bound when a restarted server gives a new
+session, and its subscriptions (:class:`_Resubscription`) made again then.
+:class:`SessionDriver` runs beside every one made with sessions:
 
 * ``resumer``: whenever the session loses its transport, resolve the name
   again and resume over the best endpoint allowed now, with capped,
@@ -22,27 +24,279 @@ import dataclasses
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Literal
 
 import trio
 
 from resolver import Choice, Endpoint, Policy, Resolver
 
 from .bus import Connection
-from .errors import AuthError, MeshlinkError, SessionLost, resolver_errors
+from .bus.pubsub import Subscription
+from .bus.streams import MessageStream
+from .errors import AuthError, ConnectionLost, MeshlinkError, SessionLost, resolver_errors
 from .session import NEW, RESUMED, Greeting, SessionConfig, SessionStream, greet
 from .transport.dial import ATTEMPT_ERRORS
 
-if TYPE_CHECKING:
-    from .client import MeshConnection
-
-__all__ = ["OnNewSession", "SessionDriver"]
+__all__ = ["MeshConnection", "OnNewSession", "SessionDriver"]
 
 logger = logging.getLogger("meshlink.connect")
 
 OnNewSession = Callable[["MeshConnection"], Awaitable[None] | None]
+
+
+class MeshConnection:
+    """A connection made by :func:`connect`: the bus calls of
+    :class:`~meshlink.bus.Connection`, over a session that survives its transports.
+
+    ``call``, ``notify``, ``publish`` and ``open_stream`` are the current bus
+    connection's own methods (see :class:`~meshlink.bus.Connection` for
+    their arguments, errors and backpressure), re-bound when a restarted
+    server gives us a new session.
+
+    Attributes:
+        service: the service name connected to.
+        endpoint: the endpoint in use (the latest one after a resume).
+        choice: the ranking's choice for it, with the reason.
+        session: the session under the bus (None with ``resume=False``).
+        sessions: sessions opened so far (more than 1 after server restarts).
+    """
+
+    call: Callable[..., Awaitable[Any]]
+    notify: Callable[..., Awaitable[None]]
+    publish: Callable[[str, Any], Awaitable[None]]
+    open_stream: Callable[..., AbstractAsyncContextManager[MessageStream]]
+
+    def __init__(self, service: str, bus: Connection, session: SessionStream | None,
+                 choice: Choice) -> None:
+        self.service = service
+        self.session = session
+        self.choice = choice
+        self.endpoint = choice.endpoint
+        self.sessions = 1
+        self._past_resumes = 0
+        self._past_moves = 0
+        self._subs: set[_Resubscription] = set()
+        self._error: BaseException | None = None
+        self._ended = trio.Event()
+        self._closing = False
+        self._replacing = False
+        self._new_bus = trio.Event()
+        self._bind(bus)
+
+    def _bind(self, bus: Connection) -> None:
+        self.bus = bus
+        self.call = bus.call
+        self.notify = bus.notify
+        self.publish = bus.publish
+        self.open_stream = bus.open_stream
+
+    def _hold(self) -> None:
+        """Until the next :meth:`_bind`, new calls wait for the new session
+        (those in flight on the old one fail with SessionLost)."""
+        self._new_bus = trio.Event()
+
+        async def call(method: str, *args: Any, **kw: Any) -> Any:
+            await self._next_bus()
+            return await self.call(method, *args, **kw)
+
+        async def notify(method: str, *args: Any) -> None:
+            await self._next_bus()
+            await self.notify(method, *args)
+
+        async def publish(topic: str, message: Any) -> None:
+            await self._next_bus()
+            await self.publish(topic, message)
+
+        @asynccontextmanager
+        async def open_stream(method: str, *args: Any) -> AsyncIterator[MessageStream]:
+            await self._next_bus()
+            async with self.open_stream(method, *args) as stream:
+                yield stream
+
+        self.call, self.notify, self.publish, self.open_stream = (
+            call, notify, publish, open_stream)
+
+    async def _next_bus(self) -> None:
+        await self._new_bus.wait()
+        if self._error is not None:
+            raise self._error
+        if self._closing or self.closed:
+            raise trio.ClosedResourceError("the connection was closed")
+
+    # --- what it is -------------------------------------------------------------
+
+    @property
+    def transport(self) -> str:
+        """``"vchan"``, ``"tls"`` or ``"tcp"``: what carries the connection now
+        (the last one while a resume is under way)."""
+        if self.session is not None and self.session.label:
+            return self.session.label
+        return self.endpoint.scheme
+
+    @property
+    def resumes(self) -> int:
+        """Times the session continued on a new transport (all sessions)."""
+        return self._past_resumes + (self.session.resumes if self.session else 0)
+
+    @property
+    def moves(self) -> int:
+        """Resumes onto another kind of transport (vchan to TLS, TLS to vchan...)."""
+        return self._past_moves + (self.session.moves if self.session else 0)
+
+    @property
+    def session_id(self) -> str:
+        """The current session's id in hex ("" without sessions)."""
+        return self.session.session_id.hex() if self.session is not None else ""
+
+    @property
+    def name(self) -> str:
+        """Our name, as sent in the bus hello."""
+        return self.bus.name
+
+    @property
+    def peer_name(self) -> str:
+        """The service name the server announced."""
+        return self.bus.peer_name
+
+    @property
+    def peer_features(self) -> frozenset[str]:
+        """The bus features the server announced."""
+        return self.bus.peer_features
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The bus features both ends speak."""
+        return self.bus.features
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection ended for good."""
+        return self._ended.is_set()
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why it ended (None while open or after a close by us)."""
+        return self._error
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has ended for good.
+
+        Cancellation:
+            Safe; has no effect on the connection.
+        """
+        await self._ended.wait()
+
+    async def aclose(self) -> None:
+        """Close the connection (the server is told; the session ends).  Idempotent."""
+        self._closing = True
+        await self.bus.aclose()
+        self._end(None)
+
+    def _end(self, error: BaseException | None) -> None:
+        if self._ended.is_set():
+            return
+        self._error = error
+        self._ended.set()
+        self._new_bus.set()  # subscriptions waiting for a new session give up
+
+    def subscribe(
+        self,
+        prefix: str = "",
+        *,
+        policy: Literal["block", "drop_oldest"] = "block",
+        queue_size: int = 1024,
+        window: int | None = None,
+    ) -> Subscription | _Resubscription:
+        """Subscribe to the server's messages whose topic starts with ``prefix``.
+
+        As :meth:`meshlink.bus.Connection.subscribe`; over a session, the
+        subscription is made again on the new session when the server
+        restarted (messages published meanwhile are lost: ``on_new_session``
+        says when to re-sync).
+        """
+        if self.session is None:
+            return self.bus.subscribe(prefix, policy=policy, queue_size=queue_size,
+                                      window=window)
+        return _Resubscription(self, prefix, policy, queue_size, window)
+
+    async def _watch(self, bus: Connection) -> None:
+        """End the connection when its bus ends, unless a new session replaces it."""
+        await bus.wait_closed()
+        if self._closing:
+            self._end(None)
+        elif bus is self.bus and not self._replacing:
+            self._end(bus.error)
+
+
+class _Resubscription:
+    """A subscription of a :class:`MeshConnection` that follows it to new sessions.
+
+    Same use as :class:`meshlink.bus.Subscription`: ``async with`` it, then
+    ``async for topic, message in sub``.
+    """
+
+    def __init__(self, conn: MeshConnection, prefix: str,
+                 policy: Literal["block", "drop_oldest"], queue_size: int,
+                 window: int | None) -> None:
+        self._conn = conn
+        self.prefix = prefix
+        self._args = (policy, queue_size, window)
+        self._sub: Subscription | None = None
+        self._dropped_before = 0
+
+    def _new(self) -> Subscription:
+        policy, queue_size, window = self._args
+        return self._conn.bus.subscribe(self.prefix, policy=policy, queue_size=queue_size,
+                                        window=window)
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the queue was full (``"drop_oldest"``)."""
+        return self._dropped_before + (self._sub.dropped if self._sub else 0)
+
+    async def _renew(self) -> None:
+        """Subscribe again on the connection's current bus (after a new session)."""
+        if self._sub is not None:
+            self._dropped_before += self._sub.dropped
+        sub = self._new()
+        await sub.__aenter__()
+        self._sub = sub
+
+    async def __aenter__(self) -> _Resubscription:
+        sub = self._new()
+        await sub.__aenter__()
+        self._sub = sub
+        self._conn._subs.add(self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._conn._subs.discard(self)
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.__aexit__(None, None, None)
+            except (ConnectionLost, trio.ClosedResourceError):
+                pass  # deliberate: its connection is gone, nothing to withdraw
+
+    def __aiter__(self) -> _Resubscription:
+        return self
+
+    async def __anext__(self) -> tuple[str, Any]:
+        while True:
+            sub = self._sub
+            if sub is None:
+                raise trio.ClosedResourceError("subscription not active")
+            try:
+                return await sub.__anext__()
+            except SessionLost:
+                conn = self._conn
+                await conn._new_bus.wait()
+                if conn.closed:
+                    raise
+                if self._sub is sub:  # not renewed (it was made meanwhile): do it now
+                    await self._renew()
 
 
 @dataclasses.dataclass

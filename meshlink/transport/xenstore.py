@@ -20,6 +20,7 @@ from resolver.xenstore import XenService
 
 from .._native import ffi, lib
 from ..errors import LocalProtocolError, ProviderUnavailable, resolver_errors
+from .provider import select_provider
 
 __all__ = [
     "DomainWatch",
@@ -213,8 +214,6 @@ def open_if_xen() -> NativeXenStore | None:
     :func:`resolver.xenstore.set_default_opener`): off Xen it costs an
     environment lookup and a ``stat`` of ``/dev/xen``, nothing more.
     """
-    from .vchan.xen import select_provider
-
     try:
         if select_provider() != "xen":
             return None

@@ -48,7 +48,6 @@ event channel's fd, then taking and unmasking the pending ports.
 from __future__ import annotations
 
 import errno
-import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -66,6 +65,7 @@ from ...errors import (
     RingCorruptError,
     ServiceNotFound,
 )
+from ..provider import PROVIDER_ENV, require_xen, select_provider, xen_error
 from ..xenstore import DomainWatch
 from .ring import VchanRing
 from .stream import DEFAULT_RING_SIZE, MAX_RING_SIZE, VchanStream
@@ -86,48 +86,9 @@ __all__ = [
     "vchan_xs_path",
 ]
 
-PROVIDER_ENV = "MESHLINK_PROVIDER"
 #: Seconds a writer waits on a full ring whose peer closed (or died) before
 #: giving up with ConnectionLost, if the peer consumes nothing meanwhile.
 CLOSED_PEER_GRACE = 5.0
-
-
-def _error() -> str:
-    return str(ffi.string(lib.ml_xen_error()).decode(errors="replace"))
-
-
-def require_xen() -> None:
-    """Check that the Xen provider can run here.
-
-    Raises:
-        ProviderUnavailable: a Xen library is missing, or there is no Xen
-            (no ``/dev/xen``); the message says which.
-    """
-    if lib.ml_xen_probe() < 0:
-        raise ProviderUnavailable(f"Xen provider unavailable: {_error()}")
-
-
-def select_provider(requested: str | None = None) -> str:
-    """Which provider to use: ``"xen"`` or ``"local"``.
-
-    Args:
-        requested: ``"xen"``, ``"local"`` or ``"auto"``; default: the
-            ``MESHLINK_PROVIDER`` environment variable, else ``"auto"``
-            (Xen when ``/dev/xen`` exists).
-
-    Raises:
-        ProviderUnavailable: ``"xen"`` was forced but cannot run here.
-        LocalProtocolError: an unknown provider name.
-    """
-    choice = (requested or os.environ.get(PROVIDER_ENV) or "auto").strip().lower()
-    if choice == "local":
-        return "local"
-    if choice == "xen":
-        require_xen()
-        return "xen"
-    if choice == "auto":
-        return "xen" if os.path.exists("/dev/xen") else "local"
-    raise LocalProtocolError(f"unknown vchan provider {choice!r} (use xen, local or auto)")
 
 
 def own_domid() -> int:
@@ -138,7 +99,7 @@ def own_domid() -> int:
     """
     out = ffi.new("uint32_t *")
     if lib.ml_xen_own_domid(out) < 0:
-        raise ProviderUnavailable(f"cannot learn our domain id: {_error()}")
+        raise ProviderUnavailable(f"cannot learn our domain id: {xen_error()}")
     return int(out[0])
 
 
@@ -195,7 +156,7 @@ def _check_domid(domid: int) -> int:
 def _in_thread(fn: Any) -> tuple[int, int, str]:
     """Run a native setup call; its errno and message are per thread."""
     rc = int(fn())
-    return rc, ffi.errno, (_error() if rc < 0 else "")
+    return rc, ffi.errno, (xen_error() if rc < 0 else "")
 
 
 def _raise_setup_error(rc: int, err: int, detail: str, what: str) -> None:
@@ -252,7 +213,7 @@ class XenVchanStream(VchanStream):
 
     def _ack(self) -> None:
         if lib.ml_xen_event_ack(self._ptr) < 0:
-            raise ConnectionLost(f"vchan event channel failed: {_error()}")
+            raise ConnectionLost(f"vchan event channel failed: {xen_error()}")
         if self._watch is not None and self._watch.poll():
             # The peer's domain is gone: the stream reads what is left in
             # the ring, then raises ConnectionLost (stream.py's peer_dead).
@@ -433,7 +394,7 @@ class XenVchanServer:
         try:
             while True:
                 if lib.ml_xen_event_ack(self._ptr) < 0:
-                    raise HandshakeError(f"vchan event channel failed: {_error()}")
+                    raise HandshakeError(f"vchan event channel failed: {xen_error()}")
                 if ring.peer_live() != 2:
                     break
                 await trio.lowlevel.wait_readable(fd)
@@ -454,7 +415,7 @@ class XenVchanServer:
         if self._ring is None:
             raise trio.ClosedResourceError("this vchan server was closed")
         if lib.ml_xen_event_ack(self._ptr) < 0:
-            raise HandshakeError(f"vchan event channel failed: {_error()}")
+            raise HandshakeError(f"vchan event channel failed: {xen_error()}")
         return self._ring.peer_live() != 2
 
     @property
