@@ -15,7 +15,9 @@ on first use, not by ``import meshlink``: code that needs only a transport or
 the disk service, such as ``meshlink disk``/``vchan``, starts without them.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from resolver.lazy import lazy_names
 
 from .errors import (
     AddressInUse,
@@ -83,15 +85,4 @@ _LAZY = {"BusConfig": ".bus", "Connection": ".bus", "Handlers": ".bus", "RemoteE
          "serve": ".service", "TLSConfig": ".transport.tls"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals(), __all__)
