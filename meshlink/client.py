@@ -113,11 +113,10 @@ def _tls_refusal(ep: Endpoint, exc: BaseException) -> BaseException:
 def _ivshmem_host_id() -> str | None:
     """The host id of the ivshmem region we map (``$MESHLINK_IVSHMEM``, or a guest's
     ivshmem PCI device), which makes the server's ``vchan://ivshmem/NAME``
-    endpoint co-located; None when there is none (the usual case)."""
-    from .transport.vchan.ivshmem import REGION_ENV, local_region_host_id
+    endpoint co-located; None when there is none (the usual case).  The
+    resolver asks only when such an endpoint turns up."""
+    from .transport.vchan.ivshmem import local_region_host_id
 
-    if REGION_ENV not in os.environ and not os.path.isdir("/sys/bus/pci/devices"):
-        return None
     return local_region_host_id()
 
 
@@ -221,7 +220,7 @@ async def connect(
             resolver = Resolver(host_store=host_store, rules=rules, zeroconf=zeroconf,
                                 dns=dns, host_id=host_id,
                                 tls_configured=tls is not None and tls.can_connect,
-                                ivshmem_host_id=None if forbid_vchan else _ivshmem_host_id())
+                                ivshmem_host_id=None if forbid_vchan else _ivshmem_host_id)
         try:
             choices = await resolver.resolve(name, policy)
         except InvalidName:

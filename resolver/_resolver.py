@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -43,7 +44,9 @@ class Resolver:
             servers and a certificate); TLS endpoints are rejected otherwise.
         ivshmem_host_id: the host id of the ivshmem region this end maps
             (``meshlink.transport.vchan.ivshmem.local_region_host_id``), which
-            makes ``vchan://ivshmem/NAME`` endpoints of that host co-located.
+            makes ``vchan://ivshmem/NAME`` endpoints of that host co-located;
+            or a function returning it, called once, and only when such an
+            endpoint turns up (finding the region may scan PCI devices).
         xenstore: the XenStore registry source (:mod:`resolver.xenstore`): an
             opener (returns a client, or None where there is no Xen),
             ``False`` to disable, or ``None`` for the opener meshlink
@@ -66,7 +69,7 @@ class Resolver:
         dns: DnsConfig | str | bool | None = None,
         host_id: str | None = None,
         tls_configured: bool = True,
-        ivshmem_host_id: str | None = None,
+        ivshmem_host_id: str | Callable[[], str | None] | None = None,
         xenstore: XenStoreOpener | bool | None = None,
     ) -> None:
         self.store = HostStore.of(host_store)
@@ -86,7 +89,9 @@ class Resolver:
         self.xenstore = XenStoreSource(opener) if opener is not None else None
         xen_host_id = self.xenstore.host_id() if self.xenstore is not None else None
         self.facts = LocalFacts(host_id or default_host_id(self.store), tls_configured,
-                                ivshmem_host_id=ivshmem_host_id, xen_host_id=xen_host_id)
+                                ivshmem_host_id=None if callable(ivshmem_host_id)
+                                else ivshmem_host_id, xen_host_id=xen_host_id)
+        self._ivshmem_lookup = ivshmem_host_id if callable(ivshmem_host_id) else None
 
     async def candidates(self, name: str) -> list[Endpoint]:
         """Every endpoint the sources know for ``name``, unranked, sources in order.
@@ -136,6 +141,11 @@ class Resolver:
         Raises, Cancellation, Backpressure: as :meth:`candidates`.
         """
         found, notes = await self._gather(name)
+        lookup = self._ivshmem_lookup
+        if lookup is not None and any(ep.via == "ivshmem" for ep in found):
+            self._ivshmem_lookup = None  # once: the region is this end's, it does not move
+            host_id = await trio.to_thread.run_sync(lookup)
+            self.facts = dataclasses.replace(self.facts, ivshmem_host_id=host_id)
         ranking = rank(found, self.facts, policy or Policy())
         return dataclasses.replace(ranking, notes=tuple(notes))
 

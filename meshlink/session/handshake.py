@@ -73,7 +73,7 @@ async def greet(transport: trio.abc.Stream, session: SessionStream | None) -> Gr
     if session is None:
         hello = pack_greeting(0, ZERO_ID, ZERO_ID, 0)
     else:
-        hello = pack_greeting(0, session.session_id, session.token, session._received)
+        hello = pack_greeting(0, session.session_id, session.token, session.received)
     await transport.send_all(hello)
     reply = parse_greeting(await receive_exactly(transport, GREETING_SIZE), reply=True)
     if reply.status == REFUSED:

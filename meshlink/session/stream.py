@@ -176,6 +176,11 @@ class SessionStream(trio.abc.Stream):
         return self._lost
 
     @property
+    def received(self) -> int:
+        """Payload bytes received in this session (what a resume greeting reports)."""
+        return self._received
+
+    @property
     def unacknowledged(self) -> int:
         """Bytes we sent that the peer has not acknowledged (the replay buffer)."""
         return self._sent - self._base
