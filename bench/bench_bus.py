@@ -96,10 +96,14 @@ async def bus_peer(kind: str, where: str) -> None:
     async def echo(payload: bytes) -> bytes:
         return payload
 
+    def echo_inline(payload: bytes) -> bytes:  # a plain def: run inline by the reader
+        return payload
+
     h.add_method("m", m)
     h.add_method("rate", rate)
     h.add_method("arm", arm)
     h.add_method("echo", echo)
+    h.add_method("echo_inline", echo_inline)
     listener = await _listen(kind, where)
     if isinstance(listener, trio.SocketListener) and kind == "tcp":
         print(f"READY {listener.socket.getsockname()[1]}", flush=True)
@@ -193,20 +197,22 @@ def bus_oneway(kind: str, count: int) -> float:
     return float(with_bus_peer(kind, run))
 
 
-def bus_rpc(kind: str, calls: int, rate: float) -> tuple[list[float], list[float]]:
+def bus_rpc(
+    kind: str, calls: int, rate: float, method: str = "echo"
+) -> tuple[list[float], list[float]]:
     async def run(conn: Connection) -> tuple[list[float], list[float]]:
         for _ in range(500):  # warm-up
-            await conn.call("echo", PAYLOAD)
+            await conn.call(method, PAYLOAD)
         closed: list[float] = []
         for _ in range(calls):
             t = time.perf_counter()
-            await conn.call("echo", PAYLOAD)
+            await conn.call(method, PAYLOAD)
             closed.append(time.perf_counter() - t)
         opened: list[float] = []
 
         async def one() -> None:
             t = time.perf_counter()
-            await conn.call("echo", PAYLOAD)
+            await conn.call(method, PAYLOAD)
             opened.append(time.perf_counter() - t)
 
         # Calls start on a fixed schedule whatever the replies do.  Latency is
@@ -305,6 +311,8 @@ def main() -> None:
         f"meshlink vchan open@{args.rate:g}/s",
         "meshlink tcp closed",
         f"meshlink tcp open@{args.rate:g}/s",
+        "meshlink vchan closed, def handler",
+        "meshlink tcp closed, def handler",
         "pyzmq REQ/REP ipc closed",
     ]
     if args.only in (None, "oneway"):
@@ -337,6 +345,12 @@ def main() -> None:
             lat[f"meshlink {kind} open@{args.rate:g}/s"] = (
                 statistics.median(pct(o, 0.5) for _, o in runs),
                 statistics.median(pct(o, 0.99) for _, o in runs),
+            )
+            # The same echo as a plain def: answered inline by the reader.
+            runs = [bus_rpc(kind, args.calls, args.rate, "echo_inline") for _ in range(args.repeat)]
+            lat[f"meshlink {kind} closed, def handler"] = (
+                statistics.median(pct(c, 0.5) for c, _ in runs),
+                statistics.median(pct(c, 0.99) for c, _ in runs),
             )
         zruns = [zmq_reqrep(args.calls) for _ in range(args.repeat)]
         lat["pyzmq REQ/REP ipc closed"] = (
@@ -388,7 +402,21 @@ def main() -> None:
         lat,
         "<= 0.5x",
     )
-    for name in names[:4]:
+    ratio(
+        "RPC p50 closed, def handler: vchan / meshlink tcp",
+        "meshlink vchan closed, def handler",
+        "meshlink tcp closed, def handler",
+        lat,
+        "<= 0.3x",
+    )
+    ratio(
+        "RPC p50 closed, def handler: vchan / pyzmq ipc",
+        "meshlink vchan closed, def handler",
+        "pyzmq REQ/REP ipc closed",
+        lat,
+        "<= 0.5x",
+    )
+    for name in names[:6]:
         if name in lat:
             p50, p99 = lat[name]
             print(f"  {'p99/p50 ' + name:52s} {p99 / p50:6.2f}x  [<= 3x]")

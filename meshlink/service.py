@@ -587,8 +587,7 @@ async def _refuse(stream: trio.SSLStream[trio.SocketStream]) -> None:
 def _with_stats(handlers: Handlers, stats: ServiceStats) -> Handlers:
     """``handlers`` plus the built-in stats method (a copy: the caller's is not changed)."""
     served = Handlers()
-    served.methods.update(handlers.methods)
-    served.streams.update(handlers.streams)
+    served.update(handlers)
 
     async def service_stats() -> dict[str, Any]:
         return stats.snapshot()

@@ -48,6 +48,7 @@ or raise :class:`~meshlink.RemoteProtocolError`.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -268,7 +269,14 @@ class Rpc:
             self.call_slots.release()
             raise
         calls = self._calls
-        if len(data) <= DIRECT_REQUEST_MAX and writer.idle():
+        if len(data) <= DIRECT_REQUEST_MAX and writer.send_now(data):
+            # Written without waiting (or the connection ended meanwhile:
+            # then end() already ran, and the call must not park).
+            if self._ended:
+                self.call_slots.release()
+                self._check_usable()
+            calls[call_id] = trio.lowlevel.current_task()
+        elif len(data) <= DIRECT_REQUEST_MAX and writer.idle():
             # The line is idle: write the request from this task (no hop
             # through the writer task).  The reply may come in while the send
             # finishes, before this task parks: on_reply leaves it here then.
@@ -326,7 +334,15 @@ class Rpc:
         self._start(id, method, args)
 
     def _start(self, id: int, method: str, args: list[Any]) -> None:
-        """Hand a request to an idle worker, or to a new one."""
+        """Run a request's plain-function handler inline, or hand the request
+        to an idle worker, or to a new one."""
+        if args is not _NOT_STARTED:
+            fn = self._handlers.inline.get(method)
+            # Inline only while the reply can be queued without waiting for
+            # room: a peer that never reads must not grow our buffer.
+            if fn is not None and len(self._writer.outbuf) < self._writer.buffer_size:
+                self._run_inline(id, fn, args)
+                return
         idle = self._idle_workers
         if idle:
             worker = idle.pop()
@@ -334,6 +350,46 @@ class Rpc:
             trio.lowlevel.reschedule(worker.task)
         else:
             self._spawn(partial(self._worker, id, method, args))
+
+    def _run_inline(self, id: int, fn: Callable[..., Any], args: list[Any]) -> None:
+        """Run a plain-function handler here (in the reader, or the notify
+        runner) and queue or write its reply, without a task switch.
+
+        It runs in a copy of the current context, as a worker's handler does.
+        A plain function that returned an awaitable was an async handler in
+        disguise: a task awaits it and answers (cancellable like a worker's).
+        """
+        failure: tuple[str, str] | None = None
+        try:
+            result = contextvars.copy_context().run(fn, *args)
+        except Exception as exc:
+            result, failure = None, (type(exc).__name__, str(exc))
+        else:
+            if inspect.isawaitable(result):
+                self._spawn(partial(self._await_answer, id, result))
+                return
+        if self._ended:
+            return
+        data = self._pack_answer(id, result, failure)
+        writer = self._writer
+        if not writer.send_now(data):
+            writer.outbuf += data
+            writer.frames += 1
+            writer.wakeup.set()
+
+    async def _await_answer(self, id: int, awaitable: Awaitable[Any]) -> None:
+        answer: tuple[Any, tuple[str, str] | None] = (
+            None, ("Cancelled", "the handler was cancelled"))
+        scopes = self._handler_scopes
+        with trio.CancelScope() as scope:
+            scopes[id] = scope
+            try:
+                answer = (await awaitable, None)
+            except Exception as exc:
+                answer = (None, (type(exc).__name__, str(exc)))
+            finally:
+                del scopes[id]
+        await self._answer(id, *answer)
 
     def on_cancel(self, id: int) -> None:
         scope = self._handler_scopes.get(id)
@@ -424,7 +480,14 @@ class Rpc:
         scopes = self._handler_scopes
         scopes[id] = scope
         try:
-            coro = fn(*args)
+            if method in self._handlers.inline:
+                # A plain function that could not run inline (the outgoing
+                # buffer was full): run it here, in its own context.
+                coro = context.run(fn, *args)
+                if not inspect.isawaitable(coro):
+                    return coro, None
+            else:
+                coro = fn(*args)
             if type(coro) is CoroutineType:
                 return await InContext(coro, context), None
             return await coro, None  # some other awaitable: no context of its own
@@ -435,9 +498,6 @@ class Rpc:
 
     async def _answer(self, id: int, result: Any, failure: tuple[str, str] | None) -> None:
         """Pack and send the reply (or error) to request ``id``."""
-        self.served += 1
-        if failure is not None:
-            self.served_errors += 1
         writer = self._writer
         while len(writer.outbuf) >= writer.buffer_size and not self._ended:
             # A peer that sends requests but never reads must not grow our
@@ -446,15 +506,21 @@ class Rpc:
             await writer.space_lot.park()
         if self._ended:
             return
+        data = self._pack_answer(id, result, failure)
+        if not writer.send_now(data):
+            await writer.send_reply(data)
+
+    def _pack_answer(self, id: int, result: Any, failure: tuple[str, str] | None) -> bytes:
+        """The reply (or error) frame to request ``id``, counted as served."""
+        self.served += 1
         proto = self._proto
-        if failure is None:
-            try:
-                data = proto.pack_reply(id, result)
-            except LocalProtocolError as exc:
-                data = proto.send(Error(id, "LocalProtocolError", str(exc)))
-        else:
-            data = proto.send(Error(id, *failure))
-        await writer.send_reply(data)
+        if failure is not None:
+            self.served_errors += 1
+            return proto.send(Error(id, *failure))
+        try:
+            return proto.pack_reply(id, result)
+        except LocalProtocolError as exc:
+            return proto.send(Error(id, "LocalProtocolError", str(exc)))
 
     # --- the peer's notifications --------------------------------------------------
 
@@ -477,6 +543,7 @@ class Rpc:
         credit = self._notify_in
         quarter = credit.window // 4
         methods = self._handlers.methods
+        inline = self._handlers.inline
         queued = self._queued
         pending = 0  # bytes run and not yet credited back
         popleft = queue.popleft
@@ -512,7 +579,12 @@ class Rpc:
                     logger.warning("notification for unknown method %r ignored", method)
                 else:
                     try:
-                        await fn(*args)
+                        if method in inline:
+                            returned = fn(*args)
+                            if inspect.isawaitable(returned):
+                                await returned
+                        else:
+                            await fn(*args)
                     except Exception:
                         logger.exception("notification handler %r raised", method)
                 popleft()

@@ -24,6 +24,15 @@ credit, cancel, close) skip that limit (:meth:`Writer.append`): they are small
 and bounded by what the peer sends us; pongs are coalesced (at most one
 queued, see :mod:`.dispatch`), since a peer may ping without limit.
 
+Writing without waiting: a transport that can write part of a buffer at once,
+synchronously, has a ``try_send(data) -> int`` method (vchan and the session
+stream do; a trio ``SocketStream`` gets one here, :func:`nowait_sender`, a
+non-blocking ``write`` on its socket).  Over such a transport a direct send
+(:meth:`Writer.send_now`) is an ordinary function call: it takes no task
+step, needs no shielded cancel scope (nothing can interrupt it halfway), and
+whatever the transport does not take at once is queued for the writer task.
+Over the others (TLS, test streams) the direct sends await ``send_all``.
+
 The hottest producers (``Connection.notify`` and ``Rpc.call``) append to
 :attr:`Writer.outbuf` and set :attr:`Writer.wakeup` themselves rather than
 call in here: one function call per message is a measurable share of a
@@ -35,6 +44,7 @@ The writer does not know why a connection ends: it reports a failed send to the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Final
 
@@ -43,7 +53,7 @@ import trio
 from ..errors import ConnectionLost, SessionLost
 from .flow import CreditOut, Wakeup
 
-__all__ = ["SCHEDULE_EVERY", "Writer"]
+__all__ = ["SCHEDULE_EVERY", "Writer", "nowait_sender"]
 
 #: A send-side operation that did not have to wait still yields to the
 #: scheduler once per this many calls (see "Cancellation" in the docstrings).
@@ -53,6 +63,39 @@ __all__ = ["SCHEDULE_EVERY", "Writer"]
 #: runs; fewer writes, ticks and receiver wakeups per message); 1024 gained
 #: nothing more.  The send buffer limit still bounds large messages.
 SCHEDULE_EVERY: Final = 256
+
+
+NowaitSender = Callable[[bytes | bytearray | memoryview], int]
+
+
+def nowait_sender(stream: trio.abc.SendStream) -> NowaitSender | None:
+    """How to write to ``stream`` without waiting, if it can: a function that
+    writes a prefix of its argument at once and returns its length (0 when
+    the transport is full), or None.
+
+    A stream's own ``try_send`` method, or for a trio ``SocketStream`` a
+    non-blocking ``write`` on its socket (trio's sockets are non-blocking;
+    the writer's one-sender rule stands in for trio's conflict detector).
+    """
+    own = getattr(stream, "try_send", None)
+    if own is not None:
+        fn: NowaitSender = own
+        return fn
+    if type(stream) is trio.SocketStream:
+        sock = stream.socket
+
+        def write(data: bytes | bytearray | memoryview) -> int:
+            try:
+                return os.write(sock.fileno(), data)
+            except BlockingIOError:
+                return 0
+            except OSError as exc:
+                if sock.fileno() < 0:
+                    raise trio.ClosedResourceError("the socket was closed") from None
+                raise trio.BrokenResourceError(f"socket write failed: {exc!r}") from exc
+
+        return write
+    return None
 
 
 class Writer:
@@ -80,6 +123,8 @@ class Writer:
         ops: calls since the last schedule point (see :data:`SCHEDULE_EVERY`).
         sends: ``outbuf`` handed to ``send_all`` so far (a frame appended when
             it had some value is still queued while it has that value).
+        try_send: the transport's non-waiting write (:func:`nowait_sender`),
+            or None.
     """
 
     __slots__ = (
@@ -100,6 +145,7 @@ class Writer:
         "outbuf",
         "sends",
         "space_lot",
+        "try_send",
         "wakeup",
     )
 
@@ -111,6 +157,7 @@ class Writer:
         fail: Callable[[BaseException], None],
     ) -> None:
         self._stream = stream
+        self.try_send = nowait_sender(stream)
         self._check_usable = check_usable
         self._fail = fail
         self.outbuf = bytearray()
@@ -176,6 +223,37 @@ class Writer:
         """True when a frame may be sent directly: nothing queued, no send in
         progress, the connection not closing and no earlier send cut short."""
         return not (self._sending or self.outbuf or self.closing or self._tx_broken)
+
+    def send_now(self, data: bytes) -> bool:
+        """Write ``data`` from this task at once, if the line is idle and the
+        transport takes some of it without waiting; the rest is queued for
+        the writer task.  Never waits.
+
+        Returns:
+            True if ``data`` was written (or partly written, the rest queued),
+            or the write failed and the connection is ending (``fail`` was
+            told); False if nothing was written (not idle, no non-waiting
+            write, or the transport full): then use :meth:`send_direct` or
+            :meth:`send_reply`.
+        """
+        try_send = self.try_send
+        if try_send is None or self._sending or self.outbuf or self.closing or self._tx_broken:
+            return False
+        try:
+            n = try_send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._tx_broken = True
+            self._send_failed(exc)
+            self.wakeup.set()
+            return True
+        if not n:
+            return False
+        self.frames += 1
+        self.bytes_out += n
+        if n < len(data):
+            self.outbuf += memoryview(data)[n:]
+            self.wakeup.set()
+        return True
 
     async def send_reply(self, data: bytes) -> None:
         """Queue a reply, or send it from this (worker) task when the line is idle.

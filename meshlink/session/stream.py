@@ -167,6 +167,9 @@ class SessionStream(trio.abc.Stream):
         self._closed = False
         self._over = False  # lost or closed: one flag for the hot paths
         self._limit = config.replay_limit
+        # The attached transport's send_space (how much it takes without
+        # waiting), if it has one: what try_send needs.
+        self._t_space: Callable[[], int] | None = None
 
     # --- state ----------------------------------------------------------------
 
@@ -218,6 +221,7 @@ class SessionStream(trio.abc.Stream):
         t = self.transport
         if t is not None:
             self.transport = None
+            self._t_space = None
             self._dead.append(t)
             self._detached_at = trio.current_time()
             self.detached.set()
@@ -279,6 +283,8 @@ class SessionStream(trio.abc.Stream):
             self._header.clear()
             self._remaining = 0
             self.transport = transport
+            space = getattr(transport, "send_space", None)
+            self._t_space = space if hasattr(transport, "try_send") else None
             self._written = peer_received
             if self._attached_once:
                 self.resumes += 1
@@ -384,6 +390,54 @@ class SessionStream(trio.abc.Stream):
             self._sending = False  # _release_send, inline (hot path)
             if self._send_waiters:
                 self._send_lot.unpark()
+
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
+        """Send all of ``data`` now, without waiting, or none of it.
+
+        For a writer with a queue of its own (the bus writes a small frame
+        from the task that made it).  It succeeds when the attached transport
+        says how much it takes without waiting (vchan's ``send_space``) and
+        the whole record fits there, nothing else is pending, and the replay
+        buffer has room; the bytes are then kept for replay as with
+        :meth:`send_all`.  A transport that breaks during the write is
+        detached and the bytes go out again after the resume.
+
+        Returns:
+            ``len(data)``, or 0 when nothing was sent (then use :meth:`send_all`).
+
+        Raises:
+            SessionLost: the session ended for good.
+            trio.ClosedResourceError: this end closed the session.
+        """
+        if self._over:
+            self._check()
+        space = self._t_space
+        size = len(data)
+        if (space is None or self._sending or self._written != self._sent or not size
+                or size > MAX_RECORD or len(self._replay) + size > self._limit):
+            return 0
+        t = self.transport
+        assert t is not None
+        try:
+            if space() < HEADER_SIZE + size:
+                return 0
+        except _TRANSPORT_ERRORS:
+            return 0  # send_all meets the same error and handles it
+        received = self._acked_out = self._received
+        record = HEADER.pack(DATA, size, received) + data
+        self._replay += data
+        self._sent += size
+        try:
+            n = t.try_send(record)  # type: ignore[attr-defined]
+        except _TRANSPORT_ERRORS as exc:
+            self.transport_failed(t, exc)  # replayed after the resume
+            return size
+        if n != len(record):  # cannot happen: the space was there, and we are its one writer
+            self.transport_failed(t, f"short write of a record ({n} of {len(record)} bytes)")
+            return size
+        self._written = self._sent
+        self._tx_records += 1
+        return size
 
     async def _flush(self, t: trio.abc.Stream, data: bytes | bytearray | memoryview | None
                      ) -> None:

@@ -303,6 +303,32 @@ class VchanStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what fits of ``data`` into the ring now, without waiting.
+
+        The synchronous form of :meth:`send_all` for callers that have a
+        queue of their own for the rest (the bus writes a small frame from
+        the task that made it, with no trip through the scheduler).  Only
+        one sender at a time, as for :meth:`send_all`.
+
+        Returns:
+            The bytes written: ``len(data)``, fewer, or 0 when the ring is full.
+
+        Raises:
+            trio.BusyResourceError: a :meth:`send_all` is in progress.
+            trio.ClosedResourceError, ConnectionLost, RingCorruptError: as
+                :meth:`send_all`.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._check_can_send()
+        return self._ring.write(data)
+
+    def send_space(self) -> int:
+        """Bytes :meth:`try_send` would take now (the free space of our ring)."""
+        self._check_can_send()
+        return self._ring.buffer_space()
+
     async def _wait_space(self) -> None:
         if await self._spin(self._writable_now):
             return
