@@ -42,6 +42,10 @@ def _handlers(done: trio.Event | None = None) -> Handlers:
         return bytes(n)
 
     @h.method
+    def blob_def(n: int) -> bytes:  # a plain def: answered inline by the reader
+        return bytes(n)
+
+    @h.method
     async def mark() -> None:
         if done is not None:
             done.set()
@@ -190,7 +194,8 @@ async def test_ping_flood_from_a_peer_that_never_reads_queues_one_pong() -> None
     await raw.aclose()
 
 
-async def test_requests_from_a_peer_that_never_reads_do_not_pile_up_replies() -> None:
+@pytest.mark.parametrize("method", ["blob", "blob_def"])
+async def test_requests_from_a_peer_that_never_reads_do_not_pile_up_replies(method: str) -> None:
     a, b = socket.socketpair()
     for s in (a, b):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -210,7 +215,7 @@ async def test_requests_from_a_peer_that_never_reads_do_not_pile_up_replies() ->
                     batch = range(round * 40, round * 40 + 40)
                     try:
                         await raw.send_all(
-                            b"".join(msgpack.packb([1, i, "blob", [64 * 1024]]) for i in batch)
+                            b"".join(msgpack.packb([1, i, method, [64 * 1024]]) for i in batch)
                         )
                     except trio.BrokenResourceError:
                         break  # closed on us: the limit worked
