@@ -81,6 +81,17 @@ _NOT_STARTED: Final[list[Any]] = []
 _COMPACT_ABOVE: Final = 64
 
 
+def _awaitable(value: object) -> bool:
+    """What a plain-def handler returned is to be awaited (``inspect.isawaitable``,
+    with the common answers first: its ABC check is slow for a hot path)."""
+    t = type(value)
+    if t is CoroutineType:
+        return True
+    if t in (int, str, bytes, float, bool, list, dict, tuple):
+        return False
+    return inspect.isawaitable(value)
+
+
 class InContext:
     """Await a coroutine with every step run in ``context`` (as its own task would).
 
@@ -365,7 +376,7 @@ class Rpc:
         except Exception as exc:
             result, failure = None, (type(exc).__name__, str(exc))
         else:
-            if inspect.isawaitable(result):
+            if result is not None and _awaitable(result):
                 self._spawn(partial(self._await_answer, id, result))
                 return
         if self._ended:
@@ -484,7 +495,7 @@ class Rpc:
                 # A plain function that could not run inline (the outgoing
                 # buffer was full): run it here, in its own context.
                 coro = context.run(fn, *args)
-                if not inspect.isawaitable(coro):
+                if coro is None or not _awaitable(coro):
                     return coro, None
             else:
                 coro = fn(*args)
@@ -581,7 +592,7 @@ class Rpc:
                     try:
                         if method in inline:
                             returned = fn(*args)
-                            if inspect.isawaitable(returned):
+                            if returned is not None and _awaitable(returned):
                                 await returned
                         else:
                             await fn(*args)
