@@ -140,6 +140,42 @@ async def test_notifications_to_plain_functions_run_in_order_before_a_later_call
         assert await client.call("seen") == list(range(200))
 
 
+async def test_plain_notifications_give_their_credit_back() -> None:
+    """Ten notify windows of notifications to a plain function: the reader
+    runs them and credits them back, so the sender never stalls for good."""
+    log: list[Any] = []
+    blob = b"n" * 1000
+    async with _pair(_handlers(log)) as client:
+        window = client._notify_out.window
+        count = 10 * window // len(blob)
+        with trio.fail_after(60):
+            for i in range(count):
+                await client.notify("record", (i, blob))
+            assert await client.call("seen") == [[i, blob] for i in range(count)]
+        assert client._notify_out.outstanding < window
+
+
+async def test_a_plain_notification_handler_that_returns_an_awaitable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log: list[Any] = []
+    h = _handlers(log)
+
+    async def later(x: Any) -> None:
+        log.append(x)
+
+    h.add_method("disguised_note", lambda x: later(x))
+    async with _pair(h) as client:
+        await client.notify("disguised_note", 1)
+        with trio.fail_after(10):
+            while not log:  # bounded by the deadline: the handler runs in a task
+                await client.call("echo", 0)
+        await client.notify("disguised_note", 2)
+        await client.notify("record", 3)
+        assert (await client.call("seen"))[-2:] == [2, 3]  # in order from then on
+    assert "register it with async def" in caplog.text
+
+
 async def test_a_call_to_a_plain_function_skips_every_hop() -> None:
     """Over a socketpair: the peer's reader answers, our reader wakes the
     caller: 3 task steps in 3 scheduler passes (6 and 4 before inline

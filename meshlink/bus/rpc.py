@@ -189,6 +189,7 @@ class Rpc:
         "_handler_scopes",
         "_idle_workers",
         "_handlers",
+        "_inline_context",
         "_next_call_id",
         "_notify_in",
         "_proto",
@@ -235,6 +236,7 @@ class Rpc:
         # Requests waiting in notify_queue, by id, with their entry there (an
         # id may come again once answered, so the runner checks the identity).
         self._queued: dict[int, tuple[str, list[Any], int]] = {}
+        self._inline_context: contextvars.Context | None = None  # see on_notifications
         self._dead = 0  # entries of notify_queue whose request was cancelled
         # Statistics (meshlink.stats): the peer's requests answered, and of
         # those, answered with an error.
@@ -545,7 +547,58 @@ class Rpc:
         if unacked + total > credit.window and (unacked or len(batch) > 1):
             raise RemoteProtocolError(f"peer overran the notify window of {credit.window} bytes")
         credit.unacked = unacked + total
-        self.notify_queue.extend(batch)
+        queue = self.notify_queue
+        if not queue and batch[0][0] in self._handlers.inline:
+            batch = self._run_inline_notifications(batch)
+        queue.extend(batch)
+
+    def _run_inline_notifications(
+        self, batch: list[tuple[str, list[Any], int]]
+    ) -> list[tuple[str, list[Any], int]]:
+        """Run the leading notifications of ``batch`` whose handlers are plain
+        functions, here in the reader (nothing runs or waits before them: the
+        queue is empty); return the rest, from the first async one on.
+
+        They run in one context of their own (as the runner's handlers share
+        the runner's), so what they set does not reach the workers the reader
+        starts.  The bytes they took are credited back at once.
+        """
+        inline = self._handlers.inline
+        context = self._inline_context
+        if context is None:
+            context = self._inline_context = contextvars.copy_context()
+        run = context.run
+        done = 0
+        n = 0
+        for method, args, size in batch:
+            fn = inline.get(method)
+            if fn is None:
+                break
+            n += 1
+            done += size
+            try:
+                returned = run(fn, *args)
+                if returned is not None and _awaitable(returned):
+                    # An async handler in disguise (``lambda x: f(x)``): it
+                    # was called, so it runs, in a task of its own and out of
+                    # order; from now on the runner awaits it, in order.
+                    inline.pop(method, None)
+                    logger.warning(
+                        "notification handler %r is a plain function that returned an "
+                        "awaitable: register it with async def to keep the order", method)
+                    self._spawn(partial(self._await_notification, method, returned))
+            except Exception:
+                logger.exception("notification handler %r raised", method)
+        credit = self._notify_in
+        credit.unacked -= done
+        self._send_control(Credit(Channel.NOTIFY, done))
+        return batch[n:] if n < len(batch) else []
+
+    async def _await_notification(self, method: str, awaitable: Awaitable[Any]) -> None:
+        try:
+            await awaitable
+        except Exception:
+            logger.exception("notification handler %r raised", method)
 
     async def run_notifications(self) -> None:
         """The notify runner: run queued notifications in order, forever, and
