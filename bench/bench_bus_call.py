@@ -12,12 +12,13 @@ counts).  For an instruction count that load on a shared machine does not
 move, run a fixed number of calls under callgrind twice and take the
 difference, e.g. with the real interpreter (not a pyenv shim)::
 
-    valgrind --tool=callgrind python3 -m bench.bench_bus_call --calls 200 --quiet
-    valgrind --tool=callgrind python3 -m bench.bench_bus_call --calls 1200 --quiet
+    valgrind --tool=callgrind python3 -m bench.bench_bus_call --handler async --calls 200 --quiet
+    valgrind --tool=callgrind python3 -m bench.bench_bus_call --handler async --calls 1200 --quiet
 
 (instructions per call = difference of the two totals / 1000).
 
-Usage: python3 -m bench.bench_bus_call [--transport socket|memory] [--calls N] [--quiet]
+Usage: python3 -m bench.bench_bus_call [--transport socket|memory] [--calls N]
+       [--handler async|def|both] [--quiet]
 """
 
 from __future__ import annotations
@@ -58,12 +59,17 @@ def _pair(kind: str) -> tuple[trio.abc.Stream, trio.abc.Stream]:
     )
 
 
-async def run(kind: str, calls: int) -> tuple[list[float], int, int]:
-    """(round trips in seconds, task steps, scheduler passes of one call)."""
+async def run(kind: str, calls: int, method: str) -> tuple[list[float], int, int]:
+    """(round trips in seconds, task steps, scheduler passes of one call) of
+    ``method``: ``echo`` (async) or ``echo_def`` (a plain def, run inline)."""
     handlers = Handlers()
 
     @handlers.method
     async def echo(x: bytes) -> bytes:
+        return x
+
+    @handlers.method
+    def echo_def(x: bytes) -> bytes:
         return x
 
     a, b = _pair(kind)
@@ -81,16 +87,16 @@ async def run(kind: str, calls: int) -> tuple[list[float], int, int]:
         async with Connection.open(a, name="bench") as conn:
             await up.wait()
             for _ in range(WARMUP):
-                await conn.call("echo", PAYLOAD)
+                await conn.call(method, PAYLOAD)
             for _ in range(calls):
                 t = time.perf_counter()
-                await conn.call("echo", PAYLOAD)
+                await conn.call(method, PAYLOAD)
                 samples.append(time.perf_counter() - t)
             await trio.testing.wait_all_tasks_blocked()
             steps = _Steps()
             trio.lowlevel.add_instrument(steps)
             try:
-                await conn.call("echo", PAYLOAD)
+                await conn.call(method, PAYLOAD)
             finally:
                 trio.lowlevel.remove_instrument(steps)
         done.set()
@@ -101,18 +107,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--transport", choices=["socket", "memory"], default="socket")
     ap.add_argument("--calls", type=int, default=5000, help="timed calls after the warm-up")
+    ap.add_argument("--handler", choices=["async", "def", "both"], default="both",
+                    help="async def handler, plain def (run inline), or both in turn")
     ap.add_argument("--quiet", action="store_true", help="print nothing (for callgrind)")
     args = ap.parse_args()
-    samples, steps, passes = trio.run(run, args.transport, args.calls)
-    if args.quiet:
-        return
-    p50 = percentile(samples, 0.5) * 1e6
-    p99 = percentile(samples, 0.99) * 1e6
-    print(
-        f"bus call in one process over {args.transport}, {args.calls} calls: "
-        f"p50 {p50:.1f} us, p99 {p99:.1f} us; "
-        f"one call: {steps} task steps, {passes} scheduler passes"
-    )
+    kinds = ["async", "def"] if args.handler == "both" else [args.handler]
+    for kind in kinds:
+        method = "echo" if kind == "async" else "echo_def"
+        samples, steps, passes = trio.run(run, args.transport, args.calls, method)
+        if args.quiet:
+            continue
+        p50 = percentile(samples, 0.5) * 1e6
+        p99 = percentile(samples, 0.99) * 1e6
+        print(
+            f"bus call ({kind} handler) in one process over {args.transport}, {args.calls} "
+            f"calls: p50 {p50:.1f} us, p99 {p99:.1f} us; "
+            f"one call: {steps} task steps, {passes} scheduler passes"
+        )
 
 
 if __name__ == "__main__":
