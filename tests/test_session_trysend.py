@@ -1,0 +1,144 @@
+"""SessionStream.try_send: a whole record written at once, or nothing.
+
+The bus writes small frames from the task that made them through
+``try_send`` (see meshlink/bus/writer.py); under a session over vchan that
+is ``SessionStream.try_send``.  These tests run two session ends over a real
+vchan pair in one process and check that a record is never cut, that
+nothing is written when it does not fit, and that bytes taken while the
+transport breaks are resent after a resume.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from meshlink.session.stream import SessionConfig, SessionStream
+from meshlink.session.wire import HEADER_SIZE
+from meshlink.transport.vchan import VchanStream, connect_vchan, open_vchan_listener
+
+ID = b"i" * 16
+TOKEN = b"t" * 16
+
+
+@asynccontextmanager
+async def _vchan_pairs(store: Path) -> AsyncIterator[list[tuple[VchanStream, VchanStream]]]:
+    """A list to which ``await _new_pair(...)`` adds vchan pairs; all closed at the end."""
+    pairs: list[tuple[VchanStream, VchanStream]] = []
+    try:
+        yield pairs
+    finally:
+        for a, b in pairs:
+            await a.aclose()
+            await b.aclose()
+
+
+async def _new_pair(store: Path, pairs: list[tuple[VchanStream, VchanStream]]
+                    ) -> tuple[VchanStream, VchanStream]:
+    name = f"trysend-{len(pairs)}"
+    listener = await open_vchan_listener(name, host_store=str(store))
+    got: list[VchanStream] = []
+    async with trio.open_nursery() as nursery:
+
+        async def accept() -> None:
+            got.append(await listener.accept())
+
+        nursery.start_soon(accept)
+        client = await connect_vchan(name, host_store=str(store))
+    await listener.aclose()
+    pairs.append((client, got[0]))
+    return client, got[0]
+
+
+def _store(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    os.mkdir(store, 0o700)
+    return store
+
+
+async def _read(end: SessionStream, n: int) -> bytes:
+    out = bytearray()
+    with trio.fail_after(10):
+        while len(out) < n:
+            out += await end.receive_some(n - len(out))
+    return bytes(out)
+
+
+async def test_records_are_whole_or_not_written(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    async with _vchan_pairs(store) as pairs:
+        va, vb = await _new_pair(store, pairs)
+        a = SessionStream(ID, TOKEN, SessionConfig(), server=False)
+        b = SessionStream(ID, TOKEN, SessionConfig(), server=True)
+        await a.attach(va, 0, "vchan")
+        await b.attach(vb, 0, "vchan")
+        assert a.try_send(b"hello") == 5
+        assert await _read(b, 5) == b"hello"
+        assert a.unacknowledged == 5
+        # Fill the ring with records: each try is all or nothing.
+        taken = bytearray()
+        piece = bytes(range(256)) * 16  # 4 KiB
+        for i in range(1000):  # bounded: the ring is 256 KiB
+            n = a.try_send(piece[: 4096 - i % 7])
+            assert n in (0, 4096 - i % 7)
+            if not n:
+                break
+            taken += piece[: 4096 - i % 7]
+        assert n == 0
+        assert va.send_space() < HEADER_SIZE + 4096  # it did not fit: nothing went
+        assert await _read(b, len(taken)) == bytes(taken)
+
+
+async def test_no_send_without_a_transport_that_says_how_much_fits(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    async with _vchan_pairs(store) as pairs:
+        va, _ = await _new_pair(store, pairs)
+        a = SessionStream(ID, TOKEN, SessionConfig(), server=False)
+        assert a.try_send(b"x") == 0  # detached
+        await a.attach(va, 0, "vchan")
+        a.detach()
+        assert a.try_send(b"x") == 0
+        s1, s2 = socket.socketpair()
+        sock = trio.SocketStream(trio.socket.from_stdlib_socket(s1))
+        c = SessionStream(ID, TOKEN, SessionConfig(), server=False)
+        await c.attach(sock, 0, "tcp")
+        assert c.try_send(b"x") == 0  # a socket cannot promise a whole record
+        await sock.aclose()
+        s2.close()
+        # a replay buffer without room
+        d = SessionStream(ID, TOKEN, SessionConfig(replay_limit=65536), server=False)
+        vc, _ = await _new_pair(store, pairs)
+        await d.attach(vc, 0, "vchan")
+        assert d.try_send(b"y" * 60000) == 60000
+        assert d.try_send(b"y" * 6000) == 0
+
+
+async def test_records_written_by_try_send_are_resent_after_a_resume(tmp_path: Path) -> None:
+    """A record try_send wrote is kept for replay like any other: the reader
+    that never read it from the broken transport gets it after the resume."""
+    store = _store(tmp_path)
+    async with _vchan_pairs(store) as pairs:
+        va, vb = await _new_pair(store, pairs)
+        a = SessionStream(ID, TOKEN, SessionConfig(), server=False)
+        b = SessionStream(ID, TOKEN, SessionConfig(), server=True)
+        await a.attach(va, 0, "vchan")
+        await b.attach(vb, 0, "vchan")
+        assert a.try_send(b"first") == 5
+        assert await _read(b, 5) == b"first"
+        assert a.try_send(b"second") == 6  # in the ring, never read from it
+        await va.aclose()  # the transport breaks
+        assert a.try_send(b"third") == 0  # nothing taken: send_all's turn
+        await a.send_all(b"third")  # kept for the next transport
+        assert a.transport is None
+        b.detach()  # what is left in the old ring no longer counts
+        va2, vb2 = await _new_pair(store, pairs)
+        await b.attach(vb2, a.received, "vchan")
+        await a.attach(va2, b.received, "vchan")
+        assert await _read(b, 11) == b"secondthird"
+        assert a.try_send(b"fourth") == 6
+        assert await _read(b, 6) == b"fourth"
