@@ -46,15 +46,16 @@ from ._peers import Child, child_argv
 PAYLOAD = b"c" * 64
 NAME = "bench-load"
 WARMUP_CALLS = 200
+KINDS = ("pyzmq", "vchan", "tcp")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
 # --- children ---------------------------------------------------------------------------
 
 
-def _rusage_cpu() -> float:
+def _rusage_cpu() -> tuple[float, float]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    return ru.ru_utime, ru.ru_stime
 
 
 def _wait_go() -> None:
@@ -63,8 +64,10 @@ def _wait_go() -> None:
     sys.stdin.readline()
 
 
-def _report(calls: int, elapsed: float, cpu: float) -> None:
-    print(f"DONE {calls} {elapsed} {cpu}", flush=True)
+def _report(calls: int, elapsed: float, cpu0: tuple[float, float]) -> None:
+    """Print what the window did: calls, seconds, user and system CPU seconds."""
+    user, system = _rusage_cpu()
+    print(f"DONE {calls} {elapsed} {user - cpu0[0]} {system - cpu0[1]}", flush=True)
 
 
 async def meshlink_server(store: str) -> None:
@@ -104,8 +107,8 @@ async def meshlink_client(kind: str, store: str, port: int, seconds: float) -> N
         while time.perf_counter() < deadline:
             await conn.call("echo", PAYLOAD)
             calls += 1
-        elapsed, cpu = time.perf_counter() - t0, _rusage_cpu() - cpu0
-    _report(calls, elapsed, cpu)
+        elapsed = time.perf_counter() - t0
+        _report(calls, elapsed, cpu0)
 
 
 def zmq_server(endpoint: str) -> None:
@@ -137,13 +140,28 @@ def zmq_client(endpoint: str, seconds: float) -> None:
         s.send(PAYLOAD)
         s.recv()
         calls += 1
-    elapsed, cpu = time.perf_counter() - t0, _rusage_cpu() - cpu0
+    _report(calls, time.perf_counter() - t0, cpu0)
     s.close(linger=0)
     ctx.term()
-    _report(calls, elapsed, cpu)
 
 
 def run_child(role: str, rest: Sequence[str]) -> None:
+    out = os.environ.get("BENCH_LOAD_PROFILE")
+    if out:  # where the time goes: one cProfile dump per child process
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            _run_role(role, rest)
+        finally:
+            prof.disable()
+            prof.dump_stats(os.path.join(out, f"{role}-{os.getpid()}.prof"))
+    else:
+        _run_role(role, rest)
+
+
+def _run_role(role: str, rest: Sequence[str]) -> None:
     if role == "server":
         trio.run(meshlink_server, rest[0])
     elif role == "client":
@@ -159,11 +177,11 @@ def run_child(role: str, rest: Sequence[str]) -> None:
 # --- driver -----------------------------------------------------------------------------
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads) process ``pid`` has used so far."""
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds (all threads) process ``pid`` has used so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
 
 def proc_rss_kib(pid: int) -> int:
@@ -185,12 +203,20 @@ def start(role: str, *args: str, stdin: bool = False) -> Child:
 
 @dataclass
 class Figure:
-    """One measured window: aggregate rate and CPU seconds per call."""
+    """One measured window: aggregate rate and CPU microseconds per call (user + system,
+    and the system part of it)."""
 
     calls_s: float
     server_cpu_us: float
+    server_sys_us: float
     client_cpu_us: float
+    client_sys_us: float
     calls: int
+
+    def cpu(self, side: str) -> str:
+        total, system = ((self.server_cpu_us, self.server_sys_us) if side == "server"
+                         else (self.client_cpu_us, self.client_sys_us))
+        return f"{total:5.0f} us ({system:3.0f} sys)"
 
 
 def load_window(server: Child, client_args: Callable[[], list[str]], clients: int,
@@ -206,7 +232,9 @@ def load_window(server: Child, client_args: Callable[[], list[str]], clients: in
         if during is not None:
             during()
         done = [c.readline().split() for c in procs]
-        server_cpu = proc_cpu(server.proc.pid) - cpu0
+        cpu1 = proc_cpu(server.proc.pid)
+        for c in procs:  # they exit on their own once they reported
+            c.proc.wait(timeout=30)
     finally:
         for c in procs:
             c.stop()
@@ -214,8 +242,12 @@ def load_window(server: Child, client_args: Callable[[], list[str]], clients: in
         raise SystemExit(f"a client failed: {done}")
     calls = sum(int(d[1]) for d in done)
     rate = sum(int(d[1]) / float(d[2]) for d in done)
-    client_cpu = sum(float(d[3]) for d in done)
-    return Figure(rate, server_cpu / calls * 1e6, client_cpu / calls * 1e6, calls)
+    client_user = sum(float(d[3]) for d in done)
+    client_sys = sum(float(d[4]) for d in done)
+    server_user, server_sys = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    per = 1e6 / calls
+    return Figure(rate, (server_user + server_sys) * per, server_sys * per,
+                  (client_user + client_sys) * per, client_sys * per, calls)
 
 
 def measure(kind: str, clients: int, seconds: float, tmp: str) -> Figure:
@@ -267,7 +299,7 @@ def soak(clients: int, seconds: float, tmp: str) -> None:
           f"(after warm-up: first {steady[0][1]:,})")
     print(f"slope after the first tenth: {slope_kib_per_min(steady):+.1f} KiB/min "
           f"(goal: flat, ~0)")
-    print(f"CPU per call: server {fig.server_cpu_us:.0f} us, clients {fig.client_cpu_us:.0f} us")
+    print(f"CPU per call: server {fig.cpu('server')}, clients {fig.cpu('clients')}")
 
 
 def main() -> None:
@@ -276,6 +308,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16, help="client processes")
     ap.add_argument("--repeat", type=int, default=1,
                     help="windows per figure, alternating (median kept)")
+    ap.add_argument("--only", choices=KINDS, action="append",
+                    help="measure only this (repeatable; ratios need all three)")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
                     help="run the vchan load this long, sampling the server's RSS")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -293,17 +327,22 @@ def main() -> None:
             return
         runs: dict[str, list[Figure]] = {}
         for _ in range(args.repeat):
-            for kind in ("pyzmq", "vchan", "tcp"):
+            for kind in args.only or KINDS:
                 runs.setdefault(kind, []).append(measure(kind, args.clients, args.seconds, tmp))
     figs = {k: Figure(*(statistics.median(getattr(f, a) for f in v) for a in
-                        ("calls_s", "server_cpu_us", "client_cpu_us", "calls")))
+                        ("calls_s", "server_cpu_us", "server_sys_us", "client_cpu_us",
+                         "client_sys_us", "calls")))
             for k, v in runs.items()}
-    print(f"\n{'':28} {'calls/s':>10} {'server CPU/call':>16} {'clients CPU/call':>17}")
+    print(f"\n{'':28} {'calls/s':>10} {'server CPU/call':>20} {'clients CPU/call':>20}")
     for kind, label in (("pyzmq", "pyzmq ROUTER + REQ, ipc"), ("vchan", "meshlink vchan"),
                         ("tcp", "meshlink TCP")):
+        if kind not in figs:
+            continue
         f = figs[kind]
-        print(f"{label:28} {f.calls_s:10,.0f} {f.server_cpu_us:13.0f} us "
-              f"{f.client_cpu_us:14.0f} us")
+        print(f"{label:28} {f.calls_s:10,.0f} {f.cpu('server'):>20} {f.cpu('clients'):>20}")
+    if len(figs) < len(KINDS):
+        print_load_average("end")
+        return
     peer, vchan, tcp = figs["pyzmq"].calls_s, figs["vchan"].calls_s, figs["tcp"].calls_s
     print(f"\n{'ratio':40} {'peer':>10} {'ours':>10} {'ratio':>7}  goal")
     print(f"{'vchan / pyzmq ipc, calls/s':40} {peer:10,.0f} {vchan:10,.0f} "
