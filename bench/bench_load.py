@@ -64,10 +64,24 @@ def _wait_go() -> None:
     sys.stdin.readline()
 
 
-def _report(calls: int, elapsed: float, cpu0: tuple[float, float]) -> None:
-    """Print what the window did: calls, seconds, user and system CPU seconds."""
+def _report(calls: int, elapsed: float, cpu0: tuple[float, float], passes: int = 0,
+            server_passes: int = -1) -> None:
+    """Print what the window did: calls, seconds, user and system CPU seconds, trio
+    scheduler passes here and in the server (-1: not counted)."""
     user, system = _rusage_cpu()
-    print(f"DONE {calls} {elapsed} {user - cpu0[0]} {system - cpu0[1]}", flush=True)
+    print(f"DONE {calls} {elapsed} {user - cpu0[0]} {system - cpu0[1]} {passes} "
+          f"{server_passes}", flush=True)
+
+
+class Passes(trio.abc.Instrument):
+    """Counts trio scheduler passes (one per I/O check): a figure the machine's
+    load does not move, unlike time, which shows spinning and extra hops."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.count += 1
 
 
 async def meshlink_server(store: str) -> None:
@@ -79,14 +93,22 @@ async def meshlink_server(store: str) -> None:
     async def echo(payload: bytes) -> bytes:
         return payload
 
+    passes = Passes()
+    trio.lowlevel.add_instrument(passes)
+
+    async def bench_passes() -> int:
+        return passes.count
+
     h.add_method("echo", echo)
+    h.add_method("bench_passes", bench_passes)
     async with trio.open_nursery() as nursery:
         srv = await nursery.start(partial(meshlink.serve, NAME, h, host_store=store,
                                           allow_plaintext=True))
         print(f"READY {srv.tcp_port}", flush=True)
 
 
-async def meshlink_client(kind: str, store: str, port: int, seconds: float) -> None:
+async def meshlink_client(kind: str, store: str, port: int, seconds: float,
+                          first: bool) -> None:
     import meshlink
 
     if kind == "vchan":
@@ -101,6 +123,9 @@ async def meshlink_client(kind: str, store: str, port: int, seconds: float) -> N
             await conn.call("echo", PAYLOAD)
         print("READY", flush=True)
         await trio.to_thread.run_sync(_wait_go)
+        server0 = int(await conn.call("bench_passes")) if first else 0
+        passes = Passes()
+        trio.lowlevel.add_instrument(passes)
         calls = 0
         cpu0, t0 = _rusage_cpu(), time.perf_counter()
         deadline = t0 + seconds
@@ -108,7 +133,9 @@ async def meshlink_client(kind: str, store: str, port: int, seconds: float) -> N
             await conn.call("echo", PAYLOAD)
             calls += 1
         elapsed = time.perf_counter() - t0
-        _report(calls, elapsed, cpu0)
+        trio.lowlevel.remove_instrument(passes)
+        server1 = int(await conn.call("bench_passes")) if first else -1
+        _report(calls, elapsed, cpu0, passes.count, server1 - server0)
 
 
 def zmq_server(endpoint: str) -> None:
@@ -165,7 +192,8 @@ def _run_role(role: str, rest: Sequence[str]) -> None:
     if role == "server":
         trio.run(meshlink_server, rest[0])
     elif role == "client":
-        trio.run(meshlink_client, rest[0], rest[1], int(rest[2]), float(rest[3]))
+        trio.run(meshlink_client, rest[0], rest[1], int(rest[2]), float(rest[3]),
+                 rest[4] == "first")
     elif role == "zmq-server":
         zmq_server(rest[0])
     elif role == "zmq-client":
@@ -212,6 +240,8 @@ class Figure:
     client_cpu_us: float
     client_sys_us: float
     calls: int
+    server_passes: float = float("nan")
+    client_passes: float = float("nan")
 
     def cpu(self, side: str) -> str:
         total, system = ((self.server_cpu_us, self.server_sys_us) if side == "server"
@@ -219,13 +249,13 @@ class Figure:
         return f"{total:5.0f} us ({system:3.0f} sys)"
 
 
-def load_window(server: Child, client_args: Callable[[], list[str]], clients: int,
+def load_window(server: Child, client_args: Callable[[bool], list[str]], clients: int,
                 seconds: float, during: Callable[[], None] | None = None) -> Figure:
     """Start ``clients`` clients, release them together, and measure one window."""
     procs: list[Child] = []
     try:
-        for _ in range(clients):  # one after another: each one's READY is its handshake done
-            procs.append(start(*client_args(), stdin=True))
+        for i in range(clients):  # one after another: each one's READY is its handshake done
+            procs.append(start(*client_args(i == 0), stdin=True))
         cpu0 = proc_cpu(server.proc.pid)
         for c in procs:
             c.write("GO\n")
@@ -246,21 +276,25 @@ def load_window(server: Child, client_args: Callable[[], list[str]], clients: in
     client_sys = sum(float(d[4]) for d in done)
     server_user, server_sys = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     per = 1e6 / calls
+    client_passes = sum(int(d[5]) for d in done) / calls
+    server_passes = int(done[0][6]) / calls if int(done[0][6]) >= 0 else float("nan")
     return Figure(rate, (server_user + server_sys) * per, server_sys * per,
-                  (client_user + client_sys) * per, client_sys * per, calls)
+                  (client_user + client_sys) * per, client_sys * per, calls,
+                  server_passes, client_passes)
 
 
 def measure(kind: str, clients: int, seconds: float, tmp: str) -> Figure:
     if kind == "pyzmq":
         endpoint = f"ipc://{tmp}/load.ipc"
         with start("zmq-server", endpoint) as server:
-            return load_window(server, lambda: ["zmq-client", endpoint, str(seconds)],
+            return load_window(server, lambda _: ["zmq-client", endpoint, str(seconds)],
                                clients, seconds)
     store = os.path.join(tmp, "store")
     os.makedirs(store, 0o700, exist_ok=True)
     with start("server", store) as server:
         port = server.first_line.split()[1]
-        return load_window(server, lambda: ["client", kind, store, port, str(seconds)],
+        return load_window(server, lambda first: ["client", kind, store, port, str(seconds),
+                                                  "first" if first else "other"],
                            clients, seconds)
 
 
@@ -289,7 +323,8 @@ def soak(clients: int, seconds: float, tmp: str) -> None:
                 # on their own clock and report when their time is up.
                 time.sleep(max(0.0, t0 + i + 1 - time.monotonic()))
 
-        fig = load_window(server, lambda: ["client", "vchan", store, port, str(seconds)],
+        fig = load_window(server, lambda first: ["client", "vchan", store, port, str(seconds),
+                                                 "first" if first else "other"],
                           clients, seconds, during=sample)
     rss = [v for _, v in samples]
     steady = samples[len(samples) // 10:]
@@ -331,15 +366,19 @@ def main() -> None:
                 runs.setdefault(kind, []).append(measure(kind, args.clients, args.seconds, tmp))
     figs = {k: Figure(*(statistics.median(getattr(f, a) for f in v) for a in
                         ("calls_s", "server_cpu_us", "server_sys_us", "client_cpu_us",
-                         "client_sys_us", "calls")))
+                         "client_sys_us", "calls", "server_passes", "client_passes")))
             for k, v in runs.items()}
-    print(f"\n{'':28} {'calls/s':>10} {'server CPU/call':>20} {'clients CPU/call':>20}")
+    print(f"\n{'':28} {'calls/s':>10} {'server CPU/call':>20} {'clients CPU/call':>20}"
+          f"  trio passes/call: server, client")
     for kind, label in (("pyzmq", "pyzmq ROUTER + REQ, ipc"), ("vchan", "meshlink vchan"),
                         ("tcp", "meshlink TCP")):
         if kind not in figs:
             continue
         f = figs[kind]
-        print(f"{label:28} {f.calls_s:10,.0f} {f.cpu('server'):>20} {f.cpu('clients'):>20}")
+        passes = (f"  {f.server_passes:5.2f} {f.client_passes:5.2f}" if kind != "pyzmq"
+                  else "")
+        print(f"{label:28} {f.calls_s:10,.0f} {f.cpu('server'):>20} {f.cpu('clients'):>20}"
+              f"{passes}")
     if len(figs) < len(KINDS):
         print_load_average("end")
         return
