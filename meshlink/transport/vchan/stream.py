@@ -29,9 +29,10 @@ peer's byte, re-checks the ring, and only then sleeps on the doorbell
 set, one sleeper, the other waiters parked).  Before arming, it polls
 cooperatively (each turn yields to trio), because waking a sleeping process
 costs tens of microseconds: a writer for 50 us, a reader for about twice its
-recent wait, up to 250 us for message-sized traffic (see
+recent wait, up to 250 us for message-sized traffic, and not at all (but for
+a probe now and then) when its peer usually takes longer than that (see
 :meth:`VchanStream._read_spin_budget`); this is what makes small round trips
-fast.
+fast without taking the CPU a loaded machine's peers need.
 
 *Half-close.*  ``send_eof`` clears our live byte; the peer drains what we
 wrote and then reads EOF, while the other direction keeps working.  Unlike
