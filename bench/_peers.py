@@ -45,18 +45,26 @@ class Child:
     """A process with stdout piped whose first line says it is ready.
 
     The constructor returns once that line is read (``first_line``); leaving the
-    ``with`` block, or ``stop()``, ends the process.
+    ``with`` block, or ``stop()``, ends the process.  With ``stdin=True`` its
+    stdin is a pipe too, for :meth:`write` (a start signal, say).
     """
 
     def __init__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-                 stop_timeout: float = 10) -> None:
-        self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, text=True, env=env)
+                 stop_timeout: float = 10, stdin: bool = False) -> None:
+        self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, text=True, env=env,
+                                     stdin=subprocess.PIPE if stdin else None)
         self.stop_timeout = stop_timeout
         self.first_line = self.readline()
 
     def readline(self) -> str:
         assert self.proc.stdout is not None
         return self.proc.stdout.readline()
+
+    def write(self, text: str) -> None:
+        """Write ``text`` to the child's stdin (made with ``stdin=True``) and flush."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
 
     def stop(self) -> None:
         stop(self.proc, self.stop_timeout)

@@ -60,6 +60,7 @@ class Doorbell:
         self._on_event = on_event
         self._owns_fds = owns_fds
         self._epoll = select.epoll()
+        self._epoll_fd = self._epoll.fileno()
         self._epoll.register(own_fd, select.EPOLLIN)
         if liveness is not None:
             liveness.setblocking(False)
@@ -86,6 +87,12 @@ class Doorbell:
                 os.read(self.own_fd, 8)
             except BlockingIOError:
                 pass
+            else:
+                # The peer signalled: that is why we woke, so skip the liveness
+                # check (a syscall per wakeup).  A death is not missed: its EOF
+                # stays readable in the epoll set, so the next wait returns at
+                # once, finds no signal, and looks.
+                return
         if self._sock is not None and not self.peer_dead:
             try:
                 self.peer_dead = self._sock.recv(1, socket.MSG_PEEK) == b""
@@ -107,7 +114,7 @@ class Doorbell:
         else:
             self._polling = True
             try:
-                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                await trio.lowlevel.wait_readable(self._epoll_fd)
             finally:
                 self._polling = False
                 self._lot.unpark_all()
@@ -120,7 +127,7 @@ class Doorbell:
         if self.closed:
             return
         self.closed = True
-        trio.lowlevel.notify_closing(self._epoll.fileno())
+        trio.lowlevel.notify_closing(self._epoll_fd)
         self._lot.unpark_all()
         self._epoll.close()
         if self._sock is not None:
