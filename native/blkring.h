@@ -206,6 +206,31 @@ int ml_blk_back_final_check(ml_blk_back *b);
  */
 long ml_blk_back_serve_buffer(ml_blk_back *b, uint8_t *disk, int *notify);
 /*
+ * Give the native loop the eventfd that signals the frontend (-1: none, the
+ * default).  With it, ml_blk_back_serve_buffer publishes the response to
+ * each large request (64 KiB or more) as soon as it is served and signals
+ * the frontend at once if it sleeps, so the frontend works on one response
+ * while the loop serves the next request; *notify then covers only what is
+ * left at the batch's end.  Without it the loop still publishes early but
+ * leaves every signal to *notify.  Returns ML_EINVAL for fd < -1.
+ */
+int ml_blk_back_set_notify_fd(ml_blk_back *b, int fd);
+/*
+ * The whole service loop in C for a ring served by ml_blk_back_serve_buffer
+ * (same `disk`), run in a thread of its own: serve, signal the frontend
+ * (`peer_fd`), poll the ring for spin_ns after the last request, then arm
+ * req_event and sleep in poll() on `own_fd` (the eventfd the frontend
+ * signals), `live_fd` (the rendezvous socket: its hang-up means the
+ * frontend died) and `stop_fd`.  Sets the notify fd to `peer_fd`.
+ * Returns ML_OK once *stop is non-zero (the caller sets it, then makes
+ * stop_fd readable to wake a sleeping loop; it is checked after every
+ * batch, so a busy ring cannot hold the loop), ML_ESYS with errno EPIPE
+ * when the frontend died, ML_ECORRUPT for hostile indices, ML_ESYS if
+ * poll() failed.
+ */
+int ml_blk_back_run(ml_blk_back *b, uint8_t *disk, int own_fd, int peer_fd, int live_fd,
+                    int stop_fd, const int *stop, uint64_t spin_ns);
+/*
  * Give the native loop a map of the disk's written chunks, one byte per
  * 2^shift bytes of disk (map_len bytes, covering the whole disk): each
  * WRITE it serves stores 1 into the bytes of the chunks it touches, so a
@@ -222,9 +247,12 @@ int ml_blk_back_set_write_map(ml_blk_back *b, uint8_t *map, uint64_t map_len,
  * Python loop keeps its own counters), written to out[0..ML_BLK_NCOUNTERS):
  * requests by kind (READ, WRITE incl. WRITE_BARRIER, FLUSH_DISKCACHE,
  * DISCARD, other), bytes read, bytes written, requests answered with an
- * error.  Plain increments in the loop, read only when someone asks.
+ * error, then the nanoseconds spent serving batches and the requests they
+ * held (the order of meshlink/disk/counters.py's DISK_COUNTERS).  One
+ * writer (the thread serving the ring), relaxed atomic stores; this call
+ * may run in another thread meanwhile.
  */
-#define ML_BLK_NCOUNTERS 8
+#define ML_BLK_NCOUNTERS 10
 void ml_blk_back_counters(const ml_blk_back *b, uint64_t *out);
 
 /* cffi:end */

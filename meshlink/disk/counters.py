@@ -12,8 +12,9 @@ Each connection gets its own :class:`DiskCounters` (so the NBD worker
 threads of two connections never add to the same integer), kept by the
 :class:`DiskStats` while open and folded into its totals when the
 connection ends, so totals never go backwards.  The native blk loop counts
-kinds, bytes and errors in C, on its ring (``ml_blk_back_counters``); its
-connection's counters read them through ``native``.  Latency is the time
+kinds, bytes, errors and latency in C, on its ring (``ml_blk_back_counters``,
+relaxed atomics: it may run in a thread of its own); its connection's
+counters read them through ``native``.  Latency is the time
 the disk took (``monotonic_ns``): per request in the Python loops, around
 one served batch in the native loop (counted once per request of the
 batch), so the sum over the count is the mean service time per request.

@@ -22,6 +22,7 @@ flushed before and after.  A frontend's liveness is its rendezvous socket.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ import time
 from collections.abc import Collection, Mapping
 from typing import Any, NoReturn
 
+import outcome
 import trio
 
 from resolver import HostStore, blk_entry_name
@@ -76,10 +78,11 @@ class _Conn:
     """One frontend's ring as the server sees it."""
 
     def __init__(self, backend: Backend, ring: BackRing, bell: Doorbell,
-                 stats: DiskStats, name: str) -> None:
+                 stats: DiskStats, name: str, live: socket.socket | None = None) -> None:
         self.backend = backend
         self.ring = ring
         self.bell = bell
+        self.live = live  # the rendezvous socket (the bell watches it too)
         self.stats = stats
         self.counters: DiskCounters = stats.open(name, "blk")
         self.checked = ring.new_checked()
@@ -103,6 +106,9 @@ class _Conn:
                 self.native = True
         if self.native:
             self.counters.native = ring  # the C loop counts kinds, bytes, errors
+            # Large responses are signalled as soon as each is served, so the
+            # client copies one while the loop copies the next.
+            ring.set_notify_fd(bell.peer_fd)
         self.blocking = caps.blocking
         # The Backend protocol's optional zero-copy extensions (non-blocking
         # backends only: they hand out views of memory the loop copies into).
@@ -175,12 +181,8 @@ class _Conn:
         ring = self.ring
         counts = self.counters
         if self.native:
-            # The C loop counts kinds, bytes and errors; only the batch's time here.
-            t0 = time.monotonic_ns()
+            # The C loop counts everything, the batch's time included.
             n, notify = ring.serve_direct()
-            if n:
-                counts.latency_ns_sum += time.monotonic_ns() - t0
-                counts.latency_count += n
             if notify:
                 self.bell.ring()
             return n
@@ -221,6 +223,9 @@ class _Conn:
         return served
 
     async def run(self) -> None:
+        if self.native and self.live is not None and _NATIVE_THREADS.available_tokens >= 1:
+            await self._run_native()
+            return
         while True:
             if await self._serve_available():
                 continue
@@ -231,6 +236,56 @@ class _Conn:
             if self.bell.peer_dead:
                 return
             await self.bell.wait()
+
+
+    async def _run_native(self) -> None:
+        """The native loop in a thread of its own (``ml_blk_back_run``) until the
+        frontend dies or we are cancelled.
+
+        Raises:
+            RingCorruptError: the frontend published impossible indices.
+
+        Cancellation: sets the loop's stop flag and wakes it; returns (then
+        raises Cancelled) once the thread has left the ring, so the ring is
+        never freed under it.
+        """
+        assert self.live is not None
+        live_fd = self.live.fileno()
+        stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        result: list[outcome.Outcome[None]] = []
+
+        def run() -> None:
+            self.ring.run_native(self.bell.own_fd, self.bell.peer_fd, live_fd, stop_fd,
+                                 SPIN_SECONDS)
+
+        async def serve() -> None:
+            # Not abandoned on cancel: the thread uses the ring's memory.
+            result.append(await outcome.acapture(
+                functools.partial(trio.to_thread.run_sync, run, limiter=_NATIVE_THREADS)))
+
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_cancel() -> None:
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self.ring.stop_native(stop_fd)
+
+                nursery.start_soon(stop_on_cancel)
+                await serve()
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(stop_fd)
+        # Raised here, outside the nursery, so callers see RingCorruptError
+        # itself rather than an exception group.
+        result[0].unwrap()
+
+
+#: Rings served by the native loop in threads of their own at once; more are
+#: served by the Python loop (same answers, slower wake-ups), so that a crowd
+#: of clients costs at most this many threads.
+_NATIVE_THREADS = trio.CapacityLimiter(64)
 
 
 async def _handshake(conn: socket.socket, disks: Mapping[str, Backend],
@@ -291,7 +346,7 @@ def _accept(conn: socket.socket, backend: Backend, ring: BackRing,
     if conn.send(reply, socket.MSG_DONTWAIT) != len(reply):
         raise HandshakeError("blk handshake: reply did not fit in the socket")
     bell = Doorbell(own, peer, conn)
-    return _Conn(backend, ring, bell, stats, name)
+    return _Conn(backend, ring, bell, stats, name, conn)
 
 
 async def serve_blk(service: str, disks: Mapping[str, Backend], *,

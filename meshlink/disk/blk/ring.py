@@ -13,6 +13,7 @@ index, so ``gref * PAGE`` is a byte offset into :attr:`FrontRing.memory`.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -187,6 +188,7 @@ class BackRing:
         self._notify = ffi.new("int *")
         self._direct: Any = None
         self._write_map: Any = None  # keeps the buffer the C loop marks alive
+        self._stop: Any = ffi.new("int *")  # run_native's stop flag, set by stop_native
 
     @staticmethod
     def new_checked() -> Any:
@@ -255,11 +257,40 @@ class BackRing:
             self._write_map = None
             raise ValueError("write map does not cover the disk")
 
+    def set_notify_fd(self, fd: int) -> None:
+        """Let :meth:`serve_direct` signal the frontend's eventfd ``fd`` itself
+        in the middle of a batch (see ``ml_blk_back_set_notify_fd``)."""
+        if lib.ml_blk_back_set_notify_fd(self.ptr, fd) != 0:
+            raise ValueError(f"bad notify fd {fd}")
+
     def serve_direct(self) -> tuple[int, bool]:
         """Serve every request published now in C: (count, must signal)."""
         n = _corrupt(lib.ml_blk_back_serve_buffer(self.ptr, self._direct, self._notify),
                      _BAD_REQUESTS)
         return n, bool(self._notify[0])
+
+    def run_native(self, own_fd: int, peer_fd: int, live_fd: int, stop_fd: int,
+                   spin: float) -> None:
+        """Serve in C until :meth:`stop_native` or the frontend's death
+        (``ml_blk_back_run``); blocks, so call it in a thread.
+
+        Raises:
+            RingCorruptError: hostile ring indices.
+            OSError: poll() on the fds failed.
+        """
+        rc = lib.ml_blk_back_run(self.ptr, self._direct, own_fd, peer_fd, live_fd, stop_fd,
+                                 self._stop, int(spin * 1e9))
+        if rc == lib.ML_ECORRUPT:
+            raise RingCorruptError(_BAD_REQUESTS)
+        if rc == lib.ML_ESYS and ffi.errno != errno.EPIPE:  # EPIPE: the frontend died
+            raise OSError(ffi.errno, f"blk native loop: {os.strerror(ffi.errno)}")
+        if rc == lib.ML_EINVAL:
+            raise ValueError("blk native loop: bad arguments")
+
+    def stop_native(self, stop_fd: int) -> None:
+        """Make :meth:`run_native` return soon (from any thread)."""
+        self._stop[0] = 1
+        os.eventfd_write(stop_fd, 1)
 
     def native_counters(self) -> list[int]:
         """What the native loop served on this ring (see :mod:`meshlink.disk.counters`);
