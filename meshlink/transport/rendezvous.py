@@ -22,13 +22,17 @@ from __future__ import annotations
 import array
 import json
 import os
+import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
-
-import trio
+from typing import TYPE_CHECKING
 
 from ..errors import AuthError, HandshakeError
+
+if TYPE_CHECKING:
+    import trio
 
 __all__ = [
     "MAX_DEPTH",
@@ -252,10 +256,48 @@ async def receive_hello(sock: socket.socket, what: str,
     Raises:
         HandshakeError: as :meth:`MessageReader.poll` (descriptors closed).
     """
+    import trio  # here, so that the trio-free disk server can use the rest
+
     reader = MessageReader(what, nfds)
     try:
         while True:
             await trio.lowlevel.wait_readable(sock)
+            msg = reader.poll(sock)
+            if msg is not None:
+                return msg, reader.fds
+    except BaseException:
+        reader.close_fds()
+        raise
+
+
+def receive_hello_blocking(sock: socket.socket, what: str, nfds: int, timeout: float,
+                           stop_fd: int) -> tuple[dict[str, object], list[int]] | None:
+    """:func:`receive_hello` for a thread of its own (the trio-free disk server).
+
+    Args:
+        sock: the non-blocking connection.
+        what: the protocol's name, for error messages.
+        nfds: how many descriptors may come with the hello.
+        timeout: seconds the whole hello may take.
+        stop_fd: returns None (descriptors closed) as soon as it is readable.
+
+    Raises:
+        HandshakeError: as :meth:`MessageReader.poll` (descriptors closed).
+        TimeoutError: no complete hello within ``timeout`` (descriptors closed).
+    """
+    reader = MessageReader(what, nfds)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            readable: list[int] = []
+            if left > 0:
+                readable = select.select([sock.fileno(), stop_fd], [], [], left)[0]
+            if stop_fd in readable:
+                reader.close_fds()
+                return None
+            if not readable:
+                raise TimeoutError(f"no {what} hello within {timeout:g} s")
             msg = reader.poll(sock)
             if msg is not None:
                 return msg, reader.fds

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ... import errors
 from ..._native import ffi, lib
-from ...errors import HandshakeError, LocalProtocolError, RingCorruptError
+from ...errors import HandshakeError, LocalProtocolError
 
 __all__ = [
     "OP_DISCARD",
@@ -62,7 +63,9 @@ _BAD_REQUESTS = "frontend published impossible request indices"
 def _corrupt(n: int, why: str) -> int:
     """Pass a count through, or raise for ML_ECORRUPT (impossible shared indices)."""
     if n < 0:
-        raise RingCorruptError(why)
+        # Looked up here: RingCorruptError is a trio error, and a trio-free
+        # server (meshlink.disk.syncserve) loads trio only when a ring breaks.
+        raise errors.RingCorruptError(why)
     return n
 
 
