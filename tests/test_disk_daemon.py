@@ -22,9 +22,10 @@ from resolver import HostStore, blk_entry_name
 
 HELPERS = Path(__file__).parent / "helpers"
 
-#: Modules the blk ring and plain NBD never need: zeroconf (with its asyncio
+#: Modules the blk ring and plain NBD never need: trio (the trio-free path
+#: serves them, see meshlink/disk/syncserve.py), zeroconf (with its asyncio
 #: and attrs users), the bus and its msgpack, the dialer, the NBD client.
-NOT_FOR_SERVING = ("zeroconf", "meshlink.bus", "msgpack", "meshlink.session",
+NOT_FOR_SERVING = ("trio", "zeroconf", "meshlink.bus", "msgpack", "meshlink.session",
                    "meshlink.transport.dial", "meshlink.transport.vchan",
                    "meshlink.disk.nbd.client", "resolver._resolver", "resolver.dnssrv",
                    "cryptography")

@@ -400,7 +400,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         why = trio_needed(args, backends)
         if why is None:
             return serve_sync(args, specs, backends)
-        logging.getLogger("meshlink.disk").debug("serving on trio: %s", why)
+        logging.getLogger("meshlink.disk").info("serving on trio: %s", why)
         return _serve_on_trio(args, specs, backends, ssl_context)
     except KeyboardInterrupt:  # Ctrl-C before a handler is in: still a clean stop
         return 0

@@ -240,6 +240,19 @@ class MessageReader:
             if self._length >= 0 and len(self._buf) == 4 + self._length:
                 return _decode(bytes(self._buf[4:]), what)
 
+    def hello(self, sock: socket.socket) -> tuple[dict[str, object], list[int]] | None:
+        """:meth:`poll`, with the descriptors: ``(message, fds)`` once complete."""
+        msg = self.poll(sock)
+        return None if msg is None else (msg, self.fds)
+
+    def __enter__(self) -> MessageReader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """On an exception (a cancellation included), close what was received."""
+        if kind is not None:
+            self.close_fds()
+
     def close_fds(self) -> None:
         """Close every descriptor received so far."""
         for fd in self.fds:
@@ -258,16 +271,10 @@ async def receive_hello(sock: socket.socket, what: str,
     """
     import trio  # here, so that the trio-free disk server can use the rest
 
-    reader = MessageReader(what, nfds)
-    try:
-        while True:
+    with MessageReader(what, nfds) as reader:
+        while (got := reader.hello(sock)) is None:
             await trio.lowlevel.wait_readable(sock)
-            msg = reader.poll(sock)
-            if msg is not None:
-                return msg, reader.fds
-    except BaseException:
-        reader.close_fds()
-        raise
+        return got
 
 
 def receive_hello_blocking(sock: socket.socket, what: str, nfds: int, timeout: float,
@@ -285,25 +292,17 @@ def receive_hello_blocking(sock: socket.socket, what: str, nfds: int, timeout: f
         HandshakeError: as :meth:`MessageReader.poll` (descriptors closed).
         TimeoutError: no complete hello within ``timeout`` (descriptors closed).
     """
-    reader = MessageReader(what, nfds)
     deadline = time.monotonic() + timeout
-    try:
-        while True:
+    with MessageReader(what, nfds) as reader:
+        while (got := reader.hello(sock)) is None:
             left = deadline - time.monotonic()
-            readable: list[int] = []
-            if left > 0:
-                readable = select.select([sock.fileno(), stop_fd], [], [], left)[0]
+            if left <= 0:
+                raise TimeoutError(f"no {what} hello within {timeout:g} s")
+            readable = select.select([sock.fileno(), stop_fd], [], [], left)[0]
             if stop_fd in readable:
                 reader.close_fds()
                 return None
-            if not readable:
-                raise TimeoutError(f"no {what} hello within {timeout:g} s")
-            msg = reader.poll(sock)
-            if msg is not None:
-                return msg, reader.fds
-    except BaseException:
-        reader.close_fds()
-        raise
+        return got
 
 
 def refuse_now(sock: socket.socket, why: str, code: str) -> None:
