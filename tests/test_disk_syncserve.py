@@ -14,7 +14,6 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,20 +21,9 @@ import pytest
 from resolver import HostStore, blk_entry_name
 
 from .helpers.nbd import need, run
-from .test_disk_daemon import HELPERS, serve_cmd, wait_exit, wait_for_file
+from .test_disk_daemon import HELPERS, serve_cmd, wait_for_file
 
 CLI = [sys.executable, "-m", "meshlink.cli", "disk"]
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes to kill at the end, whatever the test did."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -140,31 +128,6 @@ def test_fast_path_with_nbd_tools_over_tcp_and_unix(
     for proc in (tcp, unix):
         proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop too
         assert proc.wait(timeout=20) == 0, proc.communicate()[1]
-
-
-def test_fast_path_exit_with_parent_over_nbd(
-        tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
-    """The harness dies (SIGKILL): the NBD server follows, and removes its pidfile."""
-    pidfile, sock = tmp_path / "serve.pid", tmp_path / "nbd.sock"
-    parent = subprocess.Popen(
-        [sys.executable, str(HELPERS / "disk_parent.py"), "export", "--backend", "memory",
-         "--size", "1M", "--nbd", "--listen", f"unix:{sock}", "--pidfile", str(pidfile),
-         "--exit-with-parent"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=_env())
-    procs.append(parent)
-    assert parent.stdout is not None
-    server_pid = int(parent.stdout.readline())
-    try:
-        wait_for_file(pidfile, parent)
-        assert pidfile.read_text() == f"{server_pid}\n"
-        parent.kill()
-        parent.wait(timeout=10)
-        assert wait_exit(server_pid, timeout=20), "the server outlived its parent"
-    finally:
-        if not wait_exit(server_pid, 0):
-            os.kill(server_pid, signal.SIGKILL)
-    assert not pidfile.exists()
 
 
 def test_fast_path_blk_refuses_a_second_server_and_a_bad_hello(
