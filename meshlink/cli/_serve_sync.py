@@ -32,9 +32,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..disk.backends import Backend
-from ..disk.blk.back_conn import blk_native
-from ..disk.nbd.exports import Export, ExportTable
-from ..disk.nbd.server_listen import bind_sockets
 from ..disk.syncserve import SyncServer
 from ..errors import MeshlinkError
 from ._common import CommandFailed
@@ -59,6 +56,8 @@ def trio_needed(args: argparse.Namespace, backends: Mapping[str, Backend]) -> st
     if args.nbd and os.environ.get("LISTEN_FDS") is not None:
         return "socket activation"
     if args.blk_disks is not None:
+        from ..disk.blk.back_conn import blk_native  # loaded when asked for
+
         for name, backend in args.blk_disks.items():
             if not blk_native(backend):
                 return (f"the blk ring for disk {name!r}: the native ring loop does not "
@@ -89,15 +88,17 @@ def serve_sync(args: argparse.Namespace, specs: Sequence[DiskSpec],
     Raises:
         CommandFailed: binding the listeners failed.
     """
-    server = SyncServer(handshake_timeout=args.handshake_timeout,
-                        max_connections=args.max_connections)
+    server = SyncServer()
     previous = {sig: signal.signal(sig, lambda _sig, _frame: server.stop())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         lines = []
         if args.blk_disks is not None:
+            from ..disk.blk.back_sync import serve_blk_sync  # loaded when asked for
+
             try:
-                store = server.add_blk(args.service, args.blk_disks, host_store=args.host_store)
+                store = serve_blk_sync(server, args.service, args.blk_disks,
+                                       host_store=args.host_store)
             except (OSError, MeshlinkError) as exc:
                 raise CommandFailed(
                     f"cannot serve {args.service!r} over the blk ring: {exc}") from exc
@@ -119,6 +120,10 @@ def serve_sync(args: argparse.Namespace, specs: Sequence[DiskSpec],
 def _listen_nbd(server: SyncServer, args: argparse.Namespace, specs: Sequence[DiskSpec],
                 backends: Mapping[str, Backend]) -> list[str]:
     """Bind ``--listen`` and serve NBD there; the ``ready`` lines."""
+    from ..disk.nbd.exports import Export, ExportTable  # loaded when asked for
+    from ..disk.nbd.server_listen import bind_sockets
+    from ..disk.nbd.server_sync import SyncNBD
+
     table = ExportTable({export: Export(export, backends[spec.name], spec.description,
                                         spec.read_only)
                          for export, spec in zip(args.exports, specs, strict=True)})
@@ -126,6 +131,8 @@ def _listen_nbd(server: SyncServer, args: argparse.Namespace, specs: Sequence[Di
         socks: list[socket.socket] = bind_sockets(args.listen or "127.0.0.1:10809")
     except (OSError, MeshlinkError) as exc:
         raise CommandFailed(f"cannot listen on {args.listen}: {exc}") from exc
+    nbd = SyncNBD(server, table, handshake_timeout=args.handshake_timeout,
+                  max_connections=args.max_connections)
     for sock in socks:
-        server.add_nbd(sock, table)
+        nbd.listen(sock)
     return [f"ready {uri}" for export in args.exports for uri in nbd_uris(socks, export)]

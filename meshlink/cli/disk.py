@@ -32,7 +32,6 @@ from ..disk.backends import (
     check_options,
     open_backend,
 )
-from ..disk.nbd import wire as c
 from ..disk.nbd.server_handshake import TLSMode
 from ..disk.nbd.server_listen import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS
 from ..errors import LocalProtocolError, MeshlinkError
@@ -607,11 +606,15 @@ def _cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
-_FLAG_NAMES = [(c.TF_READ_ONLY, "read_only"), (c.TF_SEND_FLUSH, "can_flush"),
-               (c.TF_SEND_FUA, "can_fua"), (c.TF_SEND_TRIM, "can_trim"),
-               (c.TF_SEND_WRITE_ZEROES, "can_zero"), (c.TF_SEND_FAST_ZERO, "can_fast_zero"),
-               (c.TF_SEND_DF, "can_df"), (c.TF_CAN_MULTI_CONN, "can_multi_conn"),
-               (c.TF_SEND_CACHE, "can_cache"), (c.TF_ROTATIONAL, "rotational")]
+def _flag_names() -> list[tuple[int, str]]:
+    """``disk info``'s name for each transmission flag (wire is loaded when asked for)."""
+    from ..disk.nbd import wire as c
+
+    return [(c.TF_READ_ONLY, "read_only"), (c.TF_SEND_FLUSH, "can_flush"),
+            (c.TF_SEND_FUA, "can_fua"), (c.TF_SEND_TRIM, "can_trim"),
+            (c.TF_SEND_WRITE_ZEROES, "can_zero"), (c.TF_SEND_FAST_ZERO, "can_fast_zero"),
+            (c.TF_SEND_DF, "can_df"), (c.TF_CAN_MULTI_CONN, "can_multi_conn"),
+            (c.TF_SEND_CACHE, "can_cache"), (c.TF_ROTATIONAL, "rotational")]
 
 
 async def _info(url: str, ctx: ssl.SSLContext | None) -> dict[str, Any]:
@@ -622,7 +625,7 @@ async def _info(url: str, ctx: ssl.SSLContext | None) -> dict[str, Any]:
         out: dict[str, Any] = {"export": info.name, "size": info.size,
                                "structured_replies": info.structured,
                                "contexts": sorted(info.contexts.values())}
-        for flag, name in _FLAG_NAMES:
+        for flag, name in _flag_names():
             out[name] = bool(info.flags & flag)
         out.update(block_size_minimum=info.min_block,
                    block_size_preferred=info.preferred_block,
