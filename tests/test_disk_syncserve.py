@@ -162,3 +162,10 @@ def test_fast_path_blk_refuses_a_second_server_and_a_bad_hello(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     assert not HostStore(store).is_live(blk_entry_name("node"))
+
+
+def test_tls_choices_are_the_handshake_modes() -> None:
+    from meshlink.cli.disk import TLS_MODES
+    from meshlink.disk.nbd.server_handshake import TLSMode
+
+    assert TLS_MODES == tuple(m.value for m in TLSMode)
