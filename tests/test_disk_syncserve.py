@@ -169,3 +169,48 @@ def test_tls_choices_are_the_handshake_modes() -> None:
     from meshlink.disk.nbd.server_handshake import TLSMode
 
     assert TLS_MODES == tuple(m.value for m in TLSMode)
+
+
+def test_fast_path_blk_drops_a_silent_client_and_serves_others_meanwhile(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: the trio-free blk server with a 1 s hello timeout.  A client that
+    never says hello does not hold up another one, and is dropped in time."""
+    import socket
+    import threading
+    import time
+
+    import trio
+
+    from meshlink.disk.backends import open_backend
+    from meshlink.disk.blk import back_sync, open_blk
+    from meshlink.disk.syncserve import SyncServer
+
+    timeout = 1.0
+    monkeypatch.setattr(back_sync, "HANDSHAKE_TIMEOUT", timeout)
+    server = SyncServer()
+    disk = open_backend("memory", size=1 << 20)
+    back_sync.serve_blk_sync(server, "node", {"disk0": disk}, host_store=store)
+    runner = threading.Thread(target=server.run)
+    runner.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as silent:
+            silent.connect(str(store / "node.blk.sock"))
+            started = time.monotonic()
+
+            async def use() -> bytes:
+                async with open_blk("node/disk0", host_store=store) as d:
+                    await d.write(4096, b"x" * 4096)
+                    return await d.read(4096, 4096)
+
+            assert trio.run(use) == b"x" * 4096
+            assert time.monotonic() - started < timeout  # not queued behind the silent one
+            silent.settimeout(timeout * 10)
+            assert silent.recv(1) == b""  # dropped: EOF, no reply
+            assert time.monotonic() - started < timeout * 10
+    finally:
+        server.stop()
+        runner.join(timeout=30)
+        server.close()
+        disk.close()
+    assert not runner.is_alive()
+    assert not HostStore(store).is_live(blk_entry_name("node"))  # withdrawn on stop

@@ -127,7 +127,9 @@ class SyncServer:
                 if delay:
                     # Out of descriptors: the pending connection keeps the
                     # listener readable, so wait on the stop pipe alone.
-                    if select.select([self._stop_r], [], [], delay)[0]:
+                    stop = select.poll()  # not select(): the fd may be above FD_SETSIZE
+                    stop.register(self._stop_r, select.POLLIN)
+                    if stop.poll(round(delay * 1000)):
                         break
                 for key, _ in self._selector.select():
                     if key.data is None:

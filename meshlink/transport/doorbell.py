@@ -132,8 +132,10 @@ class Doorbell:
         Returns:
             False when ``stop_fd`` woke it (nothing consumed), else True.
         """
-        readable = select.select([self._epoll.fileno(), stop_fd], [], [])[0]
-        if stop_fd in readable:
+        poller = select.poll()  # not select(): descriptors may be above FD_SETSIZE
+        poller.register(self._epoll.fileno(), select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
+        if any(fd == stop_fd for fd, _ in poller.poll()):
             return False
         self._acknowledge()
         return True

@@ -293,13 +293,16 @@ def receive_hello_blocking(sock: socket.socket, what: str, nfds: int, timeout: f
         TimeoutError: no complete hello within ``timeout`` (descriptors closed).
     """
     deadline = time.monotonic() + timeout
+    poller = select.poll()  # not select(): descriptors may be above FD_SETSIZE
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(stop_fd, select.POLLIN)
     with MessageReader(what, nfds) as reader:
         while (got := reader.hello(sock)) is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no {what} hello within {timeout:g} s")
-            readable = select.select([sock.fileno(), stop_fd], [], [], left)[0]
-            if stop_fd in readable:
+            events = poller.poll(max(1, round(left * 1000)))
+            if any(fd == stop_fd for fd, _ in events):
                 reader.close_fds()
                 return None
         return got
