@@ -4,7 +4,9 @@ Readiness is the pidfile appearing (``--pidfile`` / nbdkit's ``-P``), as a
 harness waits for either; both get ``--exit-with-parent`` (so nothing
 outlives the benchmark) and otherwise their default options: ours serves
 the blk ring by default, so it is measured that way and over NBD on a Unix
-socket; nbdkit serves NBD on a Unix socket.  Each round runs every case once,
+socket; nbdkit serves NBD on a Unix socket.  Both of ours are also timed
+on the trio path (``MESHLINK_DISK_SERVE_TRIO=1``, what every invocation
+took before the trio-free driver, ``meshlink/disk/syncserve.py``).  Each round runs every case once,
 in turn (ours, nbdkit, ours over NBD, ...), so a drift in the machine's speed
 touches all of them; the medians of the rounds and their ratios are printed.
 
@@ -93,6 +95,8 @@ def main() -> None:
         if not opts.no_bytecode_cache:
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(d / "pycache")
+        env.pop("MESHLINK_DISK_SERVE_TRIO", None)
+        trio_env = {**env, "MESHLINK_DISK_SERVE_TRIO": "1"}
         common = ["--backend", "memory", "--size", "64M", "--pidfile", str(pid),
                   "--exit-with-parent"]
         ours = [py, "-m", "meshlink.cli", "disk", "serve"]
@@ -101,6 +105,11 @@ def main() -> None:
                 [*ours, "bench/disk0", *common, "--host-store", str(store)], pid, env=env),
             "ours, NBD on a Unix socket": lambda: ready_seconds(
                 [*ours, "bench", *common, "--nbd", "--listen", f"unix:{sock}"], pid, sock, env),
+            "ours, blk ring, trio path": lambda: ready_seconds(
+                [*ours, "bench/disk0", *common, "--host-store", str(store)], pid, env=trio_env),
+            "ours, NBD Unix, trio path": lambda: ready_seconds(
+                [*ours, "bench", *common, "--nbd", "--listen", f"unix:{sock}"], pid, sock,
+                trio_env),
             "floor: python3 -c pass": lambda: run_seconds([py, "-c", "pass"], env),
             "floor: python3 -c 'import trio'": lambda: run_seconds([py, "-c", "import trio"],
                                                                     env),
@@ -128,7 +137,8 @@ def main() -> None:
         print(f"  {name:34s} {ms:8.1f}   (min {lo:.1f}, max {hi:.1f})")
     peer = medians.get("nbdkit memory 64M, Unix socket")
     if peer:
-        for name in ("ours, blk ring (default)", "ours, NBD on a Unix socket"):
+        for name in ("ours, blk ring (default)", "ours, NBD on a Unix socket",
+                     "ours, blk ring, trio path", "ours, NBD Unix, trio path"):
             print(f"  ratio {name} / nbdkit: {medians[name] / peer:.1f}x")
 
 

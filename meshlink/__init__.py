@@ -13,6 +13,8 @@ out is importable from here.  See README.md.
 The names from :mod:`meshlink.service` (and with them the bus) are imported
 on first use, not by ``import meshlink``: code that needs only a transport or
 the disk service, such as ``meshlink disk``/``vchan``, starts without them.
+Nor does ``import meshlink`` import trio: the errors that subclass trio's
+are loaded on first use too (see :mod:`meshlink.errors`).
 """
 
 from typing import TYPE_CHECKING
@@ -22,7 +24,6 @@ from resolver.lazy import lazy_names
 from .errors import (
     AddressInUse,
     AuthError,
-    ConnectionLost,
     DiskError,
     HandshakeError,
     InvalidName,
@@ -32,10 +33,8 @@ from .errors import (
     ProviderUnavailable,
     RemoteProtocolError,
     ResolveError,
-    RingCorruptError,
     RulesError,
     ServiceNotFound,
-    SessionLost,
     StoreError,
     TransportError,
 )
@@ -43,6 +42,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .bus import BusConfig, Connection, Handlers, RemoteError
     from .client import MeshConnection, connect
+    from .errors import ConnectionLost, RingCorruptError, SessionLost
     from .service import Server, serve
     from .session import SessionConfig
     from .transport.tls import TLSConfig
@@ -82,7 +82,9 @@ __all__ = [
 _LAZY = {"BusConfig": ".bus", "Connection": ".bus", "Handlers": ".bus", "RemoteError": ".bus",
          "MeshConnection": ".client", "Server": ".service", "connect": ".client",
          "SessionConfig": ".session",
-         "serve": ".service", "TLSConfig": ".transport.tls"}
+         "serve": ".service", "TLSConfig": ".transport.tls",
+         # subclasses of trio's errors: loading them imports trio (see errors.py)
+         "ConnectionLost": ".errors", "RingCorruptError": ".errors", "SessionLost": ".errors"}
 
 
 __getattr__, __dir__ = lazy_names(__name__, _LAZY, globals(), __all__)

@@ -72,6 +72,11 @@ int ml_blk_back_run(ml_blk_back *b, uint8_t *disk, int own_fd, int peer_fd, int 
                 continue;
             return ML_ESYS;
         }
+        /* A readable stop_fd stops the loop by itself: it may be shared by
+         * many loops (a server's stop pipe, never read here), whose flags
+         * nobody sets, so waiting for the flag would spin. */
+        if (fds[1].revents & POLLIN)
+            break;
         if (fds[2].revents & (POLLRDHUP | POLLHUP | POLLERR) && live_fd >= 0) {
             errno = EPIPE;
             return ML_ESYS;

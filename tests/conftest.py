@@ -22,6 +22,17 @@ def store(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes to kill at the end, whatever the test did."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 class Peer:
     """A helper script running as its own process, read line by line."""
 

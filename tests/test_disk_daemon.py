@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,10 @@ from resolver import HostStore, blk_entry_name
 
 HELPERS = Path(__file__).parent / "helpers"
 
-#: Modules the blk ring and plain NBD never need: zeroconf (with its asyncio
+#: Modules the blk ring and plain NBD never need: trio (the trio-free path
+#: serves them, see meshlink/disk/syncserve.py), zeroconf (with its asyncio
 #: and attrs users), the bus and its msgpack, the dialer, the NBD client.
-NOT_FOR_SERVING = ("zeroconf", "meshlink.bus", "msgpack", "meshlink.session",
+NOT_FOR_SERVING = ("trio", "zeroconf", "meshlink.bus", "msgpack", "meshlink.session",
                    "meshlink.transport.dial", "meshlink.transport.vchan",
                    "meshlink.disk.nbd.client", "resolver._resolver", "resolver.dnssrv",
                    "cryptography")
@@ -57,17 +57,6 @@ def wait_exit(pid: int, timeout: float) -> bool:
         return bool(ready)
     finally:
         os.close(fd)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes to kill at the end, whatever the test did."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 def test_pidfile_holds_the_pid_once_ready_and_goes_on_exit(
@@ -132,13 +121,15 @@ def test_pidfile_in_a_missing_directory_is_refused(store: Path, tmp_path: Path) 
     assert out.returncode == 1 and "error: --pidfile" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("front", ["blk", "nbd"])
 def test_exit_with_parent_withdraws_the_service(
-        store: Path, tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+        store: Path, tmp_path: Path, procs: list[subprocess.Popen[str]], front: str) -> None:
     pidfile = tmp_path / "serve.pid"
+    where = (["node/disk0", "--host-store", str(store)] if front == "blk" else
+             ["export", "--nbd", "--listen", f"unix:{tmp_path / 'nbd.sock'}"])
     parent = subprocess.Popen(
-        [sys.executable, str(HELPERS / "disk_parent.py"), "node/disk0", "--backend", "memory",
-         "--size", "1M", "--host-store", str(store), "--pidfile", str(pidfile),
-         "--exit-with-parent"],
+        [sys.executable, str(HELPERS / "disk_parent.py"), *where, "--backend", "memory",
+         "--size", "1M", "--pidfile", str(pidfile), "--exit-with-parent"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs.append(parent)
     assert parent.stdout is not None
@@ -146,7 +137,8 @@ def test_exit_with_parent_withdraws_the_service(
     try:
         wait_for_file(pidfile, parent)
         assert pidfile.read_text() == f"{server_pid}\n"
-        assert HostStore(store).is_live(blk_entry_name("node"))
+        if front == "blk":
+            assert HostStore(store).is_live(blk_entry_name("node"))
         parent.kill()  # SIGKILL: the parent gets no chance to stop its child
         parent.wait(timeout=10)
         assert wait_exit(server_pid, timeout=20), "the server outlived its parent"

@@ -27,8 +27,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import trio
-
 from resolver import ResolverError
 
 from ..errors import MeshlinkError
@@ -98,14 +96,20 @@ def _command(argv: Sequence[str]) -> str | None:
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The ``meshlink`` parser; of the groups, only the one ``argv`` names is loaded."""
-    from . import service
+    """The ``meshlink`` parser; of the groups, only the one ``argv`` names is loaded.
 
+    The root commands (``cli/service.py``, which import trio and the bus) are
+    left out when ``argv`` names a group: they could not be parsed then, and
+    ``disk serve`` must start without trio.
+    """
     parser = _new_parser("meshlink", "Serve and reach meshlink services by name: vchan "
                                      "shared memory when co-located, TLS or TCP otherwise.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    service.add_service_commands(sub)
     wanted = _command(argv)
+    if wanted not in _GROUPS:
+        from . import service
+
+        service.add_service_commands(sub)
     for name, (_, summary) in _GROUPS.items():
         if name == wanted:
             add_group(sub, name)
@@ -143,11 +147,23 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         return 130
     # ResolverError: `resolve` and `ls` ask the resolver directly.
-    except (CommandFailed, MeshlinkError, ResolverError, OSError,
-            trio.BrokenResourceError) as exc:
+    except (CommandFailed, MeshlinkError, ResolverError, OSError) as exc:
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if not _broken_stream(exc):
+            raise
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 1
     return code
+
+
+def _broken_stream(exc: BaseException) -> bool:
+    """Whether ``exc`` is trio's BrokenResourceError (trio is not imported to ask:
+    a command that never loaded it, such as ``disk serve``'s fast path, cannot
+    have raised it)."""
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(exc, trio.BrokenResourceError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

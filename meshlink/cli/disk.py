@@ -18,19 +18,12 @@ import logging
 import math
 import os
 import re
-import signal
-import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
-
-import trio
-
-from resolver import ResolverError, ZeroconfConfig, validate_service_name
+from typing import TYPE_CHECKING, Any
 
 from ..disk import check_listen_address
-from ..disk.advertise import NBD_NAME_SUFFIX, advertised, zeroconf_config
 from ..disk.backends import (
     BACKEND_KINDS,
     MAX_SIZE,
@@ -39,23 +32,22 @@ from ..disk.backends import (
     check_options,
     open_backend,
 )
-from ..disk.blk import open_blk, serve_blk
-from ..disk.nbd import (
-    Export,
-    NBDServer,
-    TLSMode,
-    activation_listeners,
-    open_listeners,
-    server_ssl_context,
-)
-from ..disk.nbd import wire as c
-from ..disk.nbd.server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS
+from ..disk.nbd.server_listen import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS
 from ..errors import LocalProtocolError, MeshlinkError
-from ..transport.tls import TLSConfig
 from ._app import add_group, run_group
 from ._common import CommandFailed, add_verbose
 from ._daemon import Daemon, add_daemon_options
 from ._disk_spec import DiskSpec, check_unique, parse_disk_spec
+from ._serve_sync import serve_sync, trio_needed
+
+if TYPE_CHECKING:
+    import ssl
+
+    from resolver import ZeroconfConfig
+
+#: ``--tls`` choices: the values of ``nbd.server_handshake.TLSMode`` (spelled out so
+#: that parsing does not load the NBD option phase; a test checks they agree).
+TLS_MODES = ("off", "optional", "required")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -163,7 +155,7 @@ def _add_serve(sub: Any) -> None:
                        help="host:port, tcp:host:port or unix:/path")
     where.add_argument("--stdio", action="store_true",
                        help="serve one client on stdin/stdout (inetd style)")
-    p.add_argument("--tls", choices=[m.value for m in TLSMode], default="off",
+    p.add_argument("--tls", choices=TLS_MODES, default="off",
                    help="off, optional or required (needs --tls-cert and --tls-key)")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
@@ -194,6 +186,8 @@ def _positive_float(text: str) -> float:
 
 
 def _zeroconf_arg(value: str) -> ZeroconfConfig | bool:
+    from resolver import ZeroconfConfig
+
     if value.lower() in ("off", "no", "0"):
         return False
     if value.lower() in ("all", "on", "1"):
@@ -301,6 +295,10 @@ def _disk_specs(args: argparse.Namespace) -> list[DiskSpec]:
 
 def _zeroconf(args: argparse.Namespace, service: str) -> ZeroconfConfig | None:
     """The zeroconf config to advertise ``SERVICE.nbd`` with, or None (usage errors exit 2)."""
+    from resolver import ResolverError, validate_service_name
+
+    from ..disk.advertise import NBD_NAME_SUFFIX, zeroconf_config
+
     zc, explicit = zeroconf_config(args.zeroconf)
     if zc is None:
         return None
@@ -347,6 +345,8 @@ def _open_backends(args: argparse.Namespace, specs: Sequence[DiskSpec]) -> dict[
 
 
 def _cmd_serve_xen(args: argparse.Namespace, specs: Sequence[DiskSpec]) -> int:
+    import trio
+
     from ..disk.blk.xen import serve_xen_blk
 
     if args.frontend_domid is None or args.nbd or len(specs) != 1:
@@ -383,36 +383,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except LocalProtocolError as exc:
             args.serve_parser.error(f"disk {spec.name!r}: {exc}" if args.disk else str(exc))
     service = args.name.partition("/")[0]
-    args.zc = _zeroconf(args, service)
-    ssl_context: ssl.SSLContext | None = None
-    args.fingerprint = None
-    if args.tls != "off":
-        if not (args.tls_cert and args.tls_key):
-            raise CommandFailed("--tls optional/required needs --tls-cert and --tls-key")
-        try:
-            ssl_context = server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
-            args.fingerprint = TLSConfig(args.tls_cert).fingerprint()
-        except MeshlinkError as exc:
-            raise CommandFailed(f"cannot load TLS files: {exc}") from exc
+    # Zeroconf is decided (and its usage errors given) only when asked for:
+    # deciding imports the advertiser, which the trio-free path must not.
+    asked = args.zeroconf is not None or os.environ.get("MESHLINK_ZEROCONF")
+    args.zc = _zeroconf(args, service) if asked else None
+    ssl_context = _tls_context(args)
+    # The export is the whole NAME only for the one disk served over NBD
+    # alone and not advertised: otherwise clients ask for SERVICE/DISK's DISK.
+    whole = not args.disk and args.nbd and not args.blk and args.zc is None
+    args.exports = [args.name] if whole else [spec.name for spec in specs]
+    args.service = service
     args.daemon = daemon = Daemon.from_args(args)
     if not daemon.start():
         return 0  # --exit-with-parent, and the parent is already gone
     backends = _open_backends(args, specs)
     try:
-        # The export is the whole NAME only for the one disk served over NBD
-        # alone and not advertised: otherwise clients ask for SERVICE/DISK's DISK.
-        whole = not args.disk and args.nbd and not args.blk and args.zc is None
-        args.exports = [args.name] if whole else [spec.name for spec in specs]
-        server = NBDServer([Export(export, backends[spec.name], spec.description,
-                                   spec.read_only)
-                            for export, spec in zip(args.exports, specs, strict=True)],
-                           tls=args.tls, ssl_context=ssl_context,
-                           handshake_timeout=args.handshake_timeout,
-                           max_connections=args.max_connections)
-        args.service = service
         args.blk_disks = backends if (args.blk or not args.nbd) else None
-        return trio.run(_serve, server, args)
-    except KeyboardInterrupt:  # Ctrl-C before trio's handler is in: still a clean stop
+        why = trio_needed(args, backends)
+        if why is None:
+            return serve_sync(args, specs, backends)
+        logging.getLogger("meshlink.disk").info("serving on trio: %s", why)
+        return _serve_on_trio(args, specs, backends, ssl_context)
+    except KeyboardInterrupt:  # Ctrl-C before a handler is in: still a clean stop
         return 0
     finally:
         daemon.close()
@@ -420,83 +412,38 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             backend.close()
 
 
-async def _serve(server: NBDServer, args: argparse.Namespace) -> int:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        if args.blk_disks is not None:
-            try:
-                store = await nursery.start(
-                    lambda task_status: serve_blk(args.service, args.blk_disks,
-                                                  host_store=args.host_store,
-                                                  task_status=task_status))
-            except (OSError, MeshlinkError) as exc:
-                raise CommandFailed(
-                    f"cannot serve {args.service!r} over the blk ring: {exc}") from exc
-            for disk_name in args.blk_disks:
-                print(f"ready blk://{args.service}/{disk_name} (host store {store.path})",
-                      flush=True)
-            if not args.nbd:
-                args.daemon.ready()
-                return 0
-        if args.stdio:
-            args.daemon.ready()
-            await server.serve_stdio()
-            nursery.cancel_scope.cancel()
-            return 0
-        listeners = activation_listeners()
-        activated = bool(listeners)
-        if not activated:
-            try:
-                listeners = await open_listeners(args.listen or "127.0.0.1:10809")
-            except (OSError, MeshlinkError) as exc:
-                raise CommandFailed(f"cannot listen on {args.listen}: {exc}") from exc
-        await nursery.start(server.serve_listeners, listeners)
-        advert = ""
-        if args.zc is not None:
-            try:
-                advert = await nursery.start(_advertise, listeners, args)
-            except (OSError, MeshlinkError) as exc:
-                raise CommandFailed(f"cannot advertise on zeroconf: {exc}") from exc
-        lines = [f"ready {uri}" for export in args.exports for uri in _uris(listeners, export)]
-        if advert:
-            lines.append(advert)
-        for line in lines:
-            if activated:  # our parent speaks NBD to us; keep stdout quiet
-                logging.getLogger("meshlink.disk.nbd").info("%s", line)
-            else:
-                print(line, flush=True)
-        args.daemon.ready()
-    return 0
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server's TLS context (None when ``--tls off``); sets ``args.fingerprint``."""
+    args.fingerprint = None
+    if args.tls == "off":
+        return None
+    from ..disk.nbd import server_ssl_context
+    from ..transport.tls import TLSConfig
+
+    if not (args.tls_cert and args.tls_key):
+        raise CommandFailed("--tls optional/required needs --tls-cert and --tls-key")
+    try:
+        context = server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
+        args.fingerprint = TLSConfig(args.tls_cert).fingerprint()
+    except MeshlinkError as exc:
+        raise CommandFailed(f"cannot load TLS files: {exc}") from exc
+    return context
 
 
-async def _advertise(listeners: Sequence[trio.SocketListener], args: argparse.Namespace, *,
-                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Keep ``SERVICE.nbd`` on zeroconf until cancelled; report what was announced."""
-    async with advertised(args.service, listeners, tls=args.tls, config=args.zc,
-                          host_store=args.host_store, fingerprint=args.fingerprint) as reg:
-        ad = reg.advertisement
-        task_status.started(f"advertised {ad.name} on zeroconf: "
-                            f"{' '.join(ep.url for ep in ad.endpoints())}")
-        await trio.sleep_forever()
+def _serve_on_trio(args: argparse.Namespace, specs: Sequence[DiskSpec],
+                   backends: dict[str, Backend], ssl_context: ssl.SSLContext | None) -> int:
+    """``serve`` on trio: every option (see :mod:`._serve_sync` for the other path)."""
+    import trio
 
+    from ..disk.nbd import Export, NBDServer
+    from ._serve_trio import serve_trio
 
-def _uris(listeners: Sequence[trio.SocketListener], name: str) -> list[str]:
-    out = []
-    for listener in listeners:
-        addr = listener.socket.getsockname()
-        if isinstance(addr, str):
-            out.append(f"nbd+unix:///{name}?socket={addr}")
-        else:
-            host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-            out.append(f"nbd://{host}:{addr[1]}/{name}")
-    return out
-
-
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
+    server = NBDServer([Export(export, backends[spec.name], spec.description, spec.read_only)
+                        for export, spec in zip(args.exports, specs, strict=True)],
+                       tls=args.tls, ssl_context=ssl_context,
+                       handshake_timeout=args.handshake_timeout,
+                       max_connections=args.max_connections)
+    return trio.run(serve_trio, server, args)
 
 
 def _is_nbd(url: str) -> bool:
@@ -504,6 +451,8 @@ def _is_nbd(url: str) -> bool:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    import trio
+
     if not _is_nbd(args.url):
         try:
             info = trio.run(_blk_info, args.url.removeprefix("blk://"), args.host_store)
@@ -513,6 +462,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     ctx: ssl.SSLContext | None = None
     if args.url.startswith("nbds"):
+        import ssl
+
         ctx = ssl.create_default_context(cafile=args.tls_ca)
         if args.tls_cert:
             ctx.load_cert_chain(args.tls_cert, args.tls_key)
@@ -533,6 +484,8 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
 
 
 async def _blk_info(target: str, host_store: str | None) -> dict[str, Any]:
+    from ..disk.blk import open_blk
+
     async with open_blk(target, host_store=host_store) as disk:
         return {"disk": target, "transport": "blk ring", "size": disk.size,
                 "sector_size": disk.sector_size, "read_only": disk.read_only,
@@ -590,6 +543,8 @@ async def _open_side(spec: str, write: bool, host_store: str | None
         async with open_xen_blk(int(dom), int(dev)) as xen_disk:
             yield xen_disk, xen_disk.size
     elif _is_served(spec):
+        from ..disk.blk import open_blk
+
         async with open_blk(spec.removeprefix("blk://"), host_store=host_store) as blk_disk:
             yield blk_disk, blk_disk.size
     else:
@@ -643,6 +598,8 @@ async def _copy(args: argparse.Namespace) -> tuple[int, float]:
 
 
 def _cmd_cp(args: argparse.Namespace) -> int:
+    import trio
+
     try:
         size, elapsed = trio.run(_copy, args)
     except ValueError as exc:  # a malformed disk spec
@@ -652,11 +609,15 @@ def _cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
-_FLAG_NAMES = [(c.TF_READ_ONLY, "read_only"), (c.TF_SEND_FLUSH, "can_flush"),
-               (c.TF_SEND_FUA, "can_fua"), (c.TF_SEND_TRIM, "can_trim"),
-               (c.TF_SEND_WRITE_ZEROES, "can_zero"), (c.TF_SEND_FAST_ZERO, "can_fast_zero"),
-               (c.TF_SEND_DF, "can_df"), (c.TF_CAN_MULTI_CONN, "can_multi_conn"),
-               (c.TF_SEND_CACHE, "can_cache"), (c.TF_ROTATIONAL, "rotational")]
+def _flag_names() -> list[tuple[int, str]]:
+    """``disk info``'s name for each transmission flag (wire is loaded when asked for)."""
+    from ..disk.nbd import wire as c
+
+    return [(c.TF_READ_ONLY, "read_only"), (c.TF_SEND_FLUSH, "can_flush"),
+            (c.TF_SEND_FUA, "can_fua"), (c.TF_SEND_TRIM, "can_trim"),
+            (c.TF_SEND_WRITE_ZEROES, "can_zero"), (c.TF_SEND_FAST_ZERO, "can_fast_zero"),
+            (c.TF_SEND_DF, "can_df"), (c.TF_CAN_MULTI_CONN, "can_multi_conn"),
+            (c.TF_SEND_CACHE, "can_cache"), (c.TF_ROTATIONAL, "rotational")]
 
 
 async def _info(url: str, ctx: ssl.SSLContext | None) -> dict[str, Any]:
@@ -667,7 +628,7 @@ async def _info(url: str, ctx: ssl.SSLContext | None) -> dict[str, Any]:
         out: dict[str, Any] = {"export": info.name, "size": info.size,
                                "structured_replies": info.structured,
                                "contexts": sorted(info.contexts.values())}
-        for flag, name in _FLAG_NAMES:
+        for flag, name in _flag_names():
             out[name] = bool(info.flags & flag)
         out.update(block_size_minimum=info.min_block,
                    block_size_preferred=info.preferred_block,

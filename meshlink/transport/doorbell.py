@@ -18,6 +18,10 @@ all to re-check their own condition (a signal carries no meaning beyond
 Before sleeping it usually pays to poll for a few tens of microseconds:
 waking a sleeping process costs more than that.  :func:`spin` polls
 cooperatively, yielding to trio on every turn, so other tasks keep running.
+
+A thread that owns a doorbell alone (the trio-free disk server,
+:mod:`meshlink.disk.syncserve`) waits with :meth:`Doorbell.wait_blocking`
+instead; trio is imported only by the async calls.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import trio
+if TYPE_CHECKING:
+    import trio
 
 __all__ = ["Doorbell", "spin"]
 
@@ -66,7 +72,7 @@ class Doorbell:
             liveness.setblocking(False)
             self._epoll.register(liveness.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         self._polling = False
-        self._lot = trio.lowlevel.ParkingLot()
+        self._lot: trio.lowlevel.ParkingLot | None = None  # made by the first async wait
         self.closed = False
 
     def also_wake_on(self, fd: int) -> None:
@@ -109,6 +115,10 @@ class Doorbell:
 
         Cancellation: safe; nothing is consumed.
         """
+        import trio  # here: wait_blocking's users never load it
+
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
         if self._polling:
             await self._lot.park()
         else:
@@ -122,13 +132,31 @@ class Doorbell:
             raise trio.ClosedResourceError("closed while waiting for the peer")
         self._acknowledge()
 
+    def wait_blocking(self, stop_fd: int) -> bool:
+        """:meth:`wait` for a thread of its own: block until the peer signals or
+        dies, or ``stop_fd`` turns readable.  One waiting thread per doorbell.
+
+        Returns:
+            False when ``stop_fd`` woke it (nothing consumed), else True.
+        """
+        poller = select.poll()  # not select(): descriptors may be above FD_SETSIZE
+        poller.register(self._epoll.fileno(), select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
+        if any(fd == stop_fd for fd, _ in poller.poll()):
+            return False
+        self._acknowledge()
+        return True
+
     def close(self) -> None:
         """Wake every waiter with ClosedResourceError and release the fds.  Idempotent."""
         if self.closed:
             return
         self.closed = True
-        trio.lowlevel.notify_closing(self._epoll_fd)
-        self._lot.unpark_all()
+        if self._lot is not None:  # an async waiter may exist: wake it
+            import trio
+
+            trio.lowlevel.notify_closing(self._epoll_fd)
+            self._lot.unpark_all()
         self._epoll.close()
         if self._sock is not None:
             self._sock.close()
@@ -149,6 +177,8 @@ async def spin(ready: Callable[[], bool], budget: float,
     Returns:
         True if ``ready()`` came true.
     """
+    import trio
+
     deadline = time.perf_counter() + budget
     while time.perf_counter() < deadline:
         await trio.lowlevel.checkpoint()

@@ -22,13 +22,17 @@ from __future__ import annotations
 import array
 import json
 import os
+import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
-
-import trio
+from typing import TYPE_CHECKING
 
 from ..errors import AuthError, HandshakeError
+
+if TYPE_CHECKING:
+    import trio
 
 __all__ = [
     "MAX_DEPTH",
@@ -236,6 +240,19 @@ class MessageReader:
             if self._length >= 0 and len(self._buf) == 4 + self._length:
                 return _decode(bytes(self._buf[4:]), what)
 
+    def hello(self, sock: socket.socket) -> tuple[dict[str, object], list[int]] | None:
+        """:meth:`poll`, with the descriptors: ``(message, fds)`` once complete."""
+        msg = self.poll(sock)
+        return None if msg is None else (msg, self.fds)
+
+    def __enter__(self) -> MessageReader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """On an exception (a cancellation included), close what was received."""
+        if kind is not None:
+            self.close_fds()
+
     def close_fds(self) -> None:
         """Close every descriptor received so far."""
         for fd in self.fds:
@@ -252,16 +269,43 @@ async def receive_hello(sock: socket.socket, what: str,
     Raises:
         HandshakeError: as :meth:`MessageReader.poll` (descriptors closed).
     """
-    reader = MessageReader(what, nfds)
-    try:
-        while True:
+    import trio  # here, so that the trio-free disk server can use the rest
+
+    with MessageReader(what, nfds) as reader:
+        while (got := reader.hello(sock)) is None:
             await trio.lowlevel.wait_readable(sock)
-            msg = reader.poll(sock)
-            if msg is not None:
-                return msg, reader.fds
-    except BaseException:
-        reader.close_fds()
-        raise
+        return got
+
+
+def receive_hello_blocking(sock: socket.socket, what: str, nfds: int, timeout: float,
+                           stop_fd: int) -> tuple[dict[str, object], list[int]] | None:
+    """:func:`receive_hello` for a thread of its own (the trio-free disk server).
+
+    Args:
+        sock: the non-blocking connection.
+        what: the protocol's name, for error messages.
+        nfds: how many descriptors may come with the hello.
+        timeout: seconds the whole hello may take.
+        stop_fd: returns None (descriptors closed) as soon as it is readable.
+
+    Raises:
+        HandshakeError: as :meth:`MessageReader.poll` (descriptors closed).
+        TimeoutError: no complete hello within ``timeout`` (descriptors closed).
+    """
+    deadline = time.monotonic() + timeout
+    poller = select.poll()  # not select(): descriptors may be above FD_SETSIZE
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(stop_fd, select.POLLIN)
+    with MessageReader(what, nfds) as reader:
+        while (got := reader.hello(sock)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {what} hello within {timeout:g} s")
+            events = poller.poll(max(1, round(left * 1000)))
+            if any(fd == stop_fd for fd, _ in events):
+                reader.close_fds()
+                return None
+        return got
 
 
 def refuse_now(sock: socket.socket, why: str, code: str) -> None:

@@ -2,12 +2,17 @@
 
 ``null``, ``memory``, ``file``, ``mmap`` store data; ``cow`` is a filter that
 stacks copy-on-write over any of them.  :func:`open_backend` builds one from
-the command line's vocabulary.
+the command line's vocabulary.  Each kind's module is imported when that
+kind is first opened or named (PEP 562): ``disk serve`` of a memory disk
+loads neither the file helpers (and their ``ctypes``) nor ``cow``.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+from resolver.lazy import lazy_names
 
 from ...errors import LocalProtocolError
 from ._base import (
@@ -22,11 +27,13 @@ from ._base import (
     Extent,
     check_size,
 )
-from .cow import CowBackend
-from .file import FileBackend
-from .memory import MemoryBackend
-from .mmap import MmapBackend
-from .null import NullBackend
+
+if TYPE_CHECKING:
+    from .cow import CowBackend
+    from .file import FileBackend
+    from .memory import MemoryBackend
+    from .mmap import MmapBackend
+    from .null import NullBackend
 
 #: Names accepted by :func:`open_backend` (and ``--backend`` on the CLI).
 BACKEND_KINDS = ("null", "memory", "file", "mmap", "cow")
@@ -116,15 +123,27 @@ def open_backend(kind: str, *, path: str | os.PathLike[str] | None = None,
     """
     check_options(kind, path=path, size=size, read_only=read_only,
                   overlay_path=overlay_path, shrink=shrink, reset=reset)
-    if kind in ("null", "memory"):
+    if kind == "null":
+        from .null import NullBackend
+
         assert size is not None
-        cls = NullBackend if kind == "null" else MemoryBackend
-        return cls(size, read_only=read_only)
+        return NullBackend(size, read_only=read_only)
+    if kind == "memory":
+        from .memory import MemoryBackend
+
+        assert size is not None
+        return MemoryBackend(size, read_only=read_only)
     assert path is not None
+    if kind == "mmap":
+        from .mmap import MmapBackend
+
+        return MmapBackend(path, read_only=read_only, size=size, shrink=shrink)
+    from .file import FileBackend
+
     if kind == "file":
         return FileBackend(path, read_only=read_only, size=size, shrink=shrink)
-    if kind == "mmap":
-        return MmapBackend(path, read_only=read_only, size=size, shrink=shrink)
+    from .cow import CowBackend
+
     lower = FileBackend(path, read_only=True)
     try:
         return CowBackend(lower, overlay_path=overlay_path, read_only=read_only, reset=reset)
@@ -153,3 +172,11 @@ __all__ = [
     "check_size",
     "open_backend",
 ]
+
+#: Names imported on first access (PEP 562), and the module each comes from.
+_LAZY: dict[str, str] = {"CowBackend": ".cow", "FileBackend": ".file",
+                         "MemoryBackend": ".memory", "MmapBackend": ".mmap",
+                         "NullBackend": ".null"}
+
+
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals(), __all__)

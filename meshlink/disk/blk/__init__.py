@@ -17,14 +17,28 @@ vchan.
 The package is split by role:
 
 * :mod:`.front`: :class:`BlkDisk` and :func:`open_blk`, the frontend;
-* :mod:`.back`: :func:`serve_blk`, the backend and its service loops;
+* :mod:`.back`: :func:`serve_blk`, the backend on trio;
+* :mod:`.back_conn`: one client as the backend sees it (admission, the
+  hello, the service loops), shared with :mod:`meshlink.disk.syncserve`;
 * :mod:`.ring`: the typed wrapper over the native ring and its shared pages;
 * :mod:`.handshake`: what both ends agree on outside the ring.
 """
 
 from __future__ import annotations
 
-from .back import serve_blk
-from .front import BlkDisk, open_blk
+from typing import TYPE_CHECKING
+
+from resolver.lazy import lazy_names
+
+if TYPE_CHECKING:
+    from .back import serve_blk
+    from .front import BlkDisk, open_blk
 
 __all__ = ["BlkDisk", "open_blk", "serve_blk"]
+
+#: Names imported on first access (PEP 562): both ends run on trio, and the
+#: trio-free server (``meshlink.disk.syncserve``) imports only ``.back_conn``.
+_LAZY: dict[str, str] = {"BlkDisk": ".front", "open_blk": ".front", "serve_blk": ".back"}
+
+
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals(), __all__)

@@ -17,8 +17,9 @@ import errno
 import os
 from typing import Any
 
+from ... import errors
 from ..._native import ffi, lib
-from ...errors import HandshakeError, LocalProtocolError, RingCorruptError
+from ...errors import HandshakeError, LocalProtocolError
 
 __all__ = [
     "OP_DISCARD",
@@ -63,7 +64,9 @@ _BAD_REQUESTS = "frontend published impossible request indices"
 def _corrupt(n: int, why: str) -> int:
     """Pass a count through, or raise for ML_ECORRUPT (impossible shared indices)."""
     if n < 0:
-        raise RingCorruptError(why)
+        # Looked up here: RingCorruptError is a trio error, and a trio-free
+        # server (meshlink.disk.syncserve) loads trio only when a ring breaks.
+        raise errors.RingCorruptError(why)
     return n
 
 
@@ -281,7 +284,7 @@ class BackRing:
         rc = lib.ml_blk_back_run(self.ptr, self._direct, own_fd, peer_fd, live_fd, stop_fd,
                                  self._stop, int(spin * 1e9))
         if rc == lib.ML_ECORRUPT:
-            raise RingCorruptError(_BAD_REQUESTS)
+            raise errors.RingCorruptError(_BAD_REQUESTS)
         if rc == lib.ML_ESYS and ffi.errno != errno.EPIPE:  # EPIPE: the frontend died
             raise OSError(ffi.errno, f"blk native loop: {os.strerror(ffi.errno)}")
         if rc == lib.ML_EINVAL:

@@ -21,7 +21,8 @@ from resolver.lazy import lazy_names
 
 if TYPE_CHECKING:
     from .client import NBDDisk, list_exports, open_nbd, parse_nbd_url
-    from .server import Export, NBDServer
+    from .exports import Export
+    from .server import NBDServer
     from .server_handshake import TLSMode
     from .server_listen import (
         activation_listeners,
@@ -48,7 +49,7 @@ __all__ = [
 _LAZY: dict[str, str] = {
     "NBDDisk": ".client", "list_exports": ".client", "open_nbd": ".client",
     "parse_nbd_url": ".client",
-    "Export": ".server", "NBDServer": ".server",
+    "Export": ".exports", "NBDServer": ".server",
     "TLSMode": ".server_handshake",
     "activation_listeners": ".server_listen", "open_listeners": ".server_listen",
     "parse_listen_address": ".server_listen", "server_ssl_context": ".server_listen",

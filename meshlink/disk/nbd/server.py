@@ -48,7 +48,6 @@ connection's failure reaches another one or the listener.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -60,54 +59,21 @@ import trio
 
 from ...errors import RemoteProtocolError
 from ...ratelog import RateLimitedLog
-from ..backends._base import Backend
 from ..counters import DiskCounters, DiskStats
-from . import wire as c
+from .exports import Export, ExportTable
 from .sansio import NEED_DATA, HardDisconnect, StartTLS
 from .server_executor import MAX_REPLY_BYTES, Executor
 from .server_handshake import Aborted, EnterTransmission, ExportInfo, ServerHandshake, TLSMode
-from .server_listen import accept_connections
+from .server_listen import (
+    HANDSHAKE_TIMEOUT,
+    MAX_CONNECTIONS,
+    accept_connections,
+    size_buffers,
+)
 from .server_transmission import ServerTransmission
-from .wire import transmission_flags
 
 log = logging.getLogger("meshlink.disk.nbd")
 
-_SOCKET_BUFFER = 4 << 20
-#: Defaults of the per-client bounds (see :class:`NBDServer`).  Ten seconds is
-#: ample for a handshake, even over TLS on a slow link, yet frees a slot soon;
-#: 64 MiB of queued reply data is two maximum-size READs, which keeps a deep
-#: queue of large reads streaming while capping what one client can pin.
-HANDSHAKE_TIMEOUT = 10.0
-MAX_CONNECTIONS = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Export:
-    """One export: a name bound to a backend.
-
-    Attributes:
-        name: the name clients ask for.
-        backend: the disk (shared by every connection to this export).
-        description: shown by ``nbdinfo``.
-        read_only: force read-only even if the backend is writable.
-    """
-
-    name: str
-    backend: Backend
-    description: str = ""
-    read_only: bool = False
-
-    def info(self) -> ExportInfo:
-        """The handshake's view of this export (flags from declared capabilities)."""
-        caps = self.backend.capabilities
-        read_only = self.read_only or self.backend.read_only
-        flags = transmission_flags(
-            read_only=read_only, can_flush=caps.can_flush, can_fua=caps.can_fua,
-            can_trim=caps.can_trim, can_zero=caps.can_zero, can_fast_zero=caps.can_fast_zero,
-            can_multi_conn=caps.can_multi_conn, can_cache=caps.can_cache)
-        return ExportInfo(self.name, self.backend.size, flags, self.description,
-                          min_block=1, preferred_block=max(4096, self.backend.sector_size),
-                          max_block=c.MAX_REQUEST)
 
 
 class NBDServer:
@@ -174,18 +140,16 @@ class NBDServer:
         return dict(self._exports)
 
     def _find(self, name: str) -> Export | None:
-        export = self._exports.get(name)
-        if export is None and name == "":
-            key = self._default if self._default is not None else next(iter(self._exports), None)
-            export = self._exports.get(key) if key is not None else None
-        return export
+        return self._table().find(name)
 
     def _lookup(self, name: str) -> ExportInfo | None:
-        export = self._find(name)
-        return export.info() if export is not None else None
+        return self._table().lookup(name)
 
     def _names(self) -> list[tuple[str, str]]:
-        return [(e.name, e.description) for e in self._exports.values()]
+        return self._table().names()
+
+    def _table(self) -> ExportTable:
+        return ExportTable(self._exports, self._default)
 
     # -- one connection -------------------------------------------------------------
 
@@ -304,20 +268,7 @@ class NBDServer:
 
     async def _serve_socket(self, stream: trio.SocketStream) -> None:
         fd = stream.socket.fileno()
-        # Bigger buffers mean fewer wake-ups per MiB (the kernel caps the value).
-        # TCP gets only the send side: a fixed SO_RCVBUF would switch off the
-        # receive window's auto-tuning (measured: 1 MiB reads over TCP loopback
-        # 0.92x -> 1.02-1.19x nbdkit; writes unchanged).
-        options: tuple[int, ...]
-        if stream.socket.family == _socket.AF_UNIX:
-            options = (_socket.SO_SNDBUF, _socket.SO_RCVBUF)
-        else:
-            options = (_socket.SO_SNDBUF,)
-        for opt in options:
-            try:
-                stream.socket.setsockopt(_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
-            except OSError:
-                pass
+        size_buffers(stream.socket)
         await self._serve(stream, (fd, fd))
 
     # -- listening ----------------------------------------------------------------------

@@ -24,8 +24,7 @@ import os
 import select
 import time
 from collections.abc import Callable
-
-import trio
+from typing import TYPE_CHECKING
 
 from ...errors import DiskError
 from ..backends._base import Backend, Buffer
@@ -40,6 +39,9 @@ from .wire import (
     read_reply_header,
     simple_reply,
 )
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("meshlink.disk.nbd")
 
@@ -362,6 +364,8 @@ class Executor:
         executed, so at most one reply is pending and a client that does not
         read its replies stops being served.
         """
+        import trio  # here: the threaded driver must not load it (see syncserve)
+
         tx = self.tx
         offload = self.backend.capabilities.blocking
         out: list[Buffer] = []
