@@ -155,6 +155,10 @@ class VchanStream(trio.abc.HalfCloseableStream):
         Not spinning is what a machine with more runnable processes than
         cores needs (a busy server and many clients): every wait is long
         there, and a spin would only take the CPU the peer needs to answer.
+        That is for messages: after a read of half the ring or more the
+        writer is streaming and blocked on a full ring, and a reader that
+        never spins would make it sleep for every ring-full (1 KiB rings
+        then ran twice as slow), so the least spin (MIN_READ_SPIN) stays.
         After a large read (bulk transfer) the cap
         is the writer's SPIN_SECONDS: there the peer is busy producing, and
         on a loaded machine a long spin takes the CPU it needs.
@@ -162,6 +166,11 @@ class VchanStream(trio.abc.HalfCloseableStream):
         avg = self._read_wait_avg
         cap = MAX_READ_SPIN if self._last_read < BULK_READ else SPIN_SECONDS
         if avg > cap:
+            if 2 * self._last_read >= self.read_size:
+                # The last read took half the ring or more: the writer is
+                # streaming into a ring too small for it, and its own spin for
+                # space only succeeds if we read soon: keep the least spin.
+                return MIN_READ_SPIN
             self._probe += 1
             if self._probe < PROBE_EVERY:
                 return 0.0
@@ -184,7 +193,7 @@ class VchanStream(trio.abc.HalfCloseableStream):
         """
         sample = time.perf_counter() - started
         self._quick_wait += (sample - self._quick_wait) / 4
-        if self._read_wait_avg > MAX_READ_SPIN:
+        if self._read_wait_avg > MAX_READ_SPIN and 2 * self._last_read < self.read_size:
             self._read_wait_avg = sample
         else:
             self._read_wait_avg += (sample - self._read_wait_avg) / 4
