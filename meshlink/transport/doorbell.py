@@ -66,7 +66,6 @@ class Doorbell:
         self._on_event = on_event
         self._owns_fds = owns_fds
         self._epoll = select.epoll()
-        self._epoll_fd = self._epoll.fileno()
         self._epoll.register(own_fd, select.EPOLLIN)
         if liveness is not None:
             liveness.setblocking(False)
@@ -93,12 +92,6 @@ class Doorbell:
                 os.read(self.own_fd, 8)
             except BlockingIOError:
                 pass
-            else:
-                # The peer signalled: that is why we woke, so skip the liveness
-                # check (a syscall per wakeup).  A death is not missed: its EOF
-                # stays readable in the epoll set, so the next wait returns at
-                # once, finds no signal, and looks.
-                return
         if self._sock is not None and not self.peer_dead:
             try:
                 self.peer_dead = self._sock.recv(1, socket.MSG_PEEK) == b""
@@ -124,7 +117,7 @@ class Doorbell:
         else:
             self._polling = True
             try:
-                await trio.lowlevel.wait_readable(self._epoll_fd)
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
             finally:
                 self._polling = False
                 self._lot.unpark_all()
@@ -155,7 +148,7 @@ class Doorbell:
         if self._lot is not None:  # an async waiter may exist: wake it
             import trio
 
-            trio.lowlevel.notify_closing(self._epoll_fd)
+            trio.lowlevel.notify_closing(self._epoll.fileno())
             self._lot.unpark_all()
         self._epoll.close()
         if self._sock is not None:

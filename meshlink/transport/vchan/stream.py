@@ -29,10 +29,9 @@ peer's byte, re-checks the ring, and only then sleeps on the doorbell
 set, one sleeper, the other waiters parked).  Before arming, it polls
 cooperatively (each turn yields to trio), because waking a sleeping process
 costs tens of microseconds: a writer for 50 us, a reader for about twice its
-recent wait, up to 250 us for message-sized traffic, and not at all (but for
-a probe now and then) when its peer usually takes longer than that (see
+recent wait, up to 250 us for message-sized traffic (see
 :meth:`VchanStream._read_spin_budget`); this is what makes small round trips
-fast without taking the CPU a loaded machine's peers need.
+fast.
 
 *Half-close.*  ``send_eof`` clears our live byte; the peer drains what we
 wrote and then reads EOF, while the other direction keeps working.  Unlike
@@ -78,9 +77,6 @@ MIN_READ_SPIN = 5e-6
 MAX_READ_SPIN = 250e-6
 #: Reads at least this large count as bulk traffic for the spin heuristic.
 BULK_READ = 16384
-#: When the peer is usually slow, one wait in this many still spins (a probe),
-#: so that a peer that became quick again is noticed (see _read_spin_budget).
-PROBE_EVERY = 16
 
 
 
@@ -124,8 +120,6 @@ class VchanStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._receiving = False
         self._read_wait_avg = SPIN_SECONDS
-        self._quick_wait = SPIN_SECONDS
-        self._probe = 0
         self._last_read = 0
 
     # -- waiting -------------------------------------------------------------
@@ -147,35 +141,14 @@ class VchanStream(trio.abc.HalfCloseableStream):
         of how long recent reads waited: twice that, within
         [MIN_READ_SPIN, MAX_READ_SPIN]; when the peer usually takes longer
         than MAX_READ_SPIN (an idle or slow peer) spinning is pointless and
-        we do not spin at all, except one wait in PROBE_EVERY: a wait that
-        ends in a sleep measures the wakeup too, which on a loaded machine
-        alone can exceed the cap, so only a spin can see that the peer is
-        quick again.  The probe spins twice the recent quick waits (those
-        that ended in a spin); a reply it catches restarts the average.
-        Not spinning is what a machine with more runnable processes than
-        cores needs (a busy server and many clients): every wait is long
-        there, and a spin would only take the CPU the peer needs to answer.
-        That is for messages: after a read of half the ring or more the
-        writer is streaming and blocked on a full ring, and a reader that
-        never spins would make it sleep for every ring-full (1 KiB rings
-        then ran twice as slow), so the least spin (MIN_READ_SPIN) stays.
-        After a large read (bulk transfer) the cap
+        we barely spin at all.  After a large read (bulk transfer) the cap
         is the writer's SPIN_SECONDS: there the peer is busy producing, and
         on a loaded machine a long spin takes the CPU it needs.
         """
         avg = self._read_wait_avg
         cap = MAX_READ_SPIN if self._last_read < BULK_READ else SPIN_SECONDS
         if avg > cap:
-            if 2 * self._last_read >= self.read_size:
-                # The last read took half the ring or more: the writer is
-                # streaming into a ring too small for it, and its own spin for
-                # space only succeeds if we read soon: keep the least spin.
-                return MIN_READ_SPIN
-            self._probe += 1
-            if self._probe < PROBE_EVERY:
-                return 0.0
-            self._probe = 0
-            avg = self._quick_wait
+            return MIN_READ_SPIN
         return max(MIN_READ_SPIN, min(cap, 2 * avg))
 
     def _note_read_wait(self, started: float) -> None:
@@ -183,20 +156,6 @@ class VchanStream(trio.abc.HalfCloseableStream):
         # quick exchanges.
         sample = min(time.perf_counter() - started, 2 * MAX_READ_SPIN)
         self._read_wait_avg += (sample - self._read_wait_avg) / 4
-
-    def _note_quick_wait(self, started: float) -> None:
-        """A wait that ended while spinning: it also tells what a probe should spin.
-
-        A probe that caught a reply (the average was above the cap) proves the
-        peer quick again: the average restarts from it rather than creeping
-        down, since the sleeping waits in between would push it back up.
-        """
-        sample = time.perf_counter() - started
-        self._quick_wait += (sample - self._quick_wait) / 4
-        if self._read_wait_avg > MAX_READ_SPIN and 2 * self._last_read < self.read_size:
-            self._read_wait_avg = sample
-        else:
-            self._read_wait_avg += (sample - self._read_wait_avg) / 4
 
     async def _spin(self, ready: Callable[[], bool], budget: float = SPIN_SECONDS) -> bool:
         """Poll cooperatively for ``budget`` seconds; True if ``ready()`` came true."""
@@ -245,30 +204,18 @@ class VchanStream(trio.abc.HalfCloseableStream):
         return await self._receive(lambda: ring.read_into(buf), 0)
 
     async def _receive(self, read: Callable[[], _R], eof: _R) -> _R:
-        """Run ``read`` until it returns something (a non-empty result) or EOF.
-
-        As trio's sockets do: honour a pending cancel, try the read, and yield
-        afterwards when it found data at once; when it did not, the wait is
-        the schedule point (a yield before it would cost a scheduler pass on
-        every receive that has to wait, which under load is every one).
-        """
+        """Run ``read`` until it returns something (a non-empty result) or EOF."""
         self._begin_receive()
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_open()
-            got = read()
-            if got:
-                self._last_read = got if isinstance(got, int) else len(got)
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return got
+            await trio.lowlevel.checkpoint()
             while True:
-                if await self._wait_readable():
-                    return eof
                 self._check_open()
                 got = read()
                 if got:
                     self._last_read = got if isinstance(got, int) else len(got)
                     return got
+                if await self._wait_readable():
+                    return eof
         finally:
             self._receiving = False
 
@@ -280,8 +227,7 @@ class VchanStream(trio.abc.HalfCloseableStream):
     async def _wait_readable(self) -> bool:
         """Wait until the ring has data; True means end of stream instead.
 
-        Called with the ring found empty.  Always yields to trio at least once
-        unless it raises (it is the receive's schedule point).
+        Called with the ring found empty.
         """
         ring = self._ring
         started = time.perf_counter()
@@ -290,19 +236,15 @@ class VchanStream(trio.abc.HalfCloseableStream):
                 # Clean EOF, but only after everything written before it:
                 # the live byte was read (acquire) after the ring was seen
                 # empty, so one more look sees data published before the close.
-                await trio.lowlevel.cancel_shielded_checkpoint()
                 return ring.data_ready() == 0
             if self._bell.peer_dead:
                 if ring.data_ready():
-                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return False
                 raise ConnectionLost("vchan peer process died without closing")
-            budget = self._read_spin_budget()
-            if budget and await self._spin(self._readable_now, budget):
-                self._note_quick_wait(started)
+            if await self._spin(self._readable_now, self._read_spin_budget()):
+                self._note_read_wait(started)
                 return False
             if ring.arm_read() or ring.peer_live() != 1:
-                await trio.lowlevel.cancel_shielded_checkpoint()
                 return False
             await self._sleep()
             self._check_open()
@@ -344,17 +286,20 @@ class VchanStream(trio.abc.HalfCloseableStream):
             # and yield afterwards only if we never had to wait; yielding
             # before the write would hold the bytes back a scheduler pass.
             await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             ring = self._ring
-            if type(data) is bytes:
-                # The common case, a message that fits: one write, no views.
-                self._check_can_send()
-                n = ring.write(data)
-                if n == len(data):
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    return
-                await self._send_rest(memoryview(data)[n:])
-            else:
-                await self._send_rest(data)
+            with memoryview(data) as mv, mv.cast("B") as view:
+                while True:
+                    self._check_can_send()
+                    if not view:
+                        break
+                    n = ring.write(view)
+                    view = view[n:]
+                    if not n:
+                        await self._wait_space()
+                        waited = True
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 
@@ -383,24 +328,6 @@ class VchanStream(trio.abc.HalfCloseableStream):
         """Bytes :meth:`try_send` would take now (the free space of our ring)."""
         self._check_can_send()
         return self._ring.buffer_space()
-
-    async def _send_rest(self, data: bytes | bytearray | memoryview) -> None:
-        """The body of :meth:`send_all` (the caller holds the flag): write all
-        of ``data``, waiting for space; yields at least once."""
-        waited = False
-        ring = self._ring
-        with memoryview(data) as mv, mv.cast("B") as view:
-            while True:
-                self._check_can_send()
-                if not view:
-                    break
-                n = ring.write(view)
-                view = view[n:]
-                if not n:
-                    await self._wait_space()
-                    waited = True
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _wait_space(self) -> None:
         if await self._spin(self._writable_now):
