@@ -10,7 +10,6 @@ transport breaks are resent after a resume.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +26,7 @@ TOKEN = b"t" * 16
 
 
 @asynccontextmanager
-async def _vchan_pairs(store: Path) -> AsyncIterator[list[tuple[VchanStream, VchanStream]]]:
+async def _vchan_pairs() -> AsyncIterator[list[tuple[VchanStream, VchanStream]]]:
     """A list to which ``await _new_pair(...)`` adds vchan pairs; all closed at the end."""
     pairs: list[tuple[VchanStream, VchanStream]] = []
     try:
@@ -55,10 +54,15 @@ async def _new_pair(store: Path, pairs: list[tuple[VchanStream, VchanStream]]
     return client, got[0]
 
 
-def _store(tmp_path: Path) -> Path:
-    store = tmp_path / "store"
-    os.mkdir(store, 0o700)
-    return store
+async def _sessions(store: Path, pairs: list[tuple[VchanStream, VchanStream]]
+                    ) -> tuple[SessionStream, SessionStream]:
+    """A client and a server end of one session, attached over a new vchan pair."""
+    va, vb = await _new_pair(store, pairs)
+    a = SessionStream(ID, TOKEN, SessionConfig(), server=False)
+    b = SessionStream(ID, TOKEN, SessionConfig(), server=True)
+    await a.attach(va, 0, "vchan")
+    await b.attach(vb, 0, "vchan")
+    return a, b
 
 
 async def _read(end: SessionStream, n: int) -> bytes:
@@ -69,14 +73,11 @@ async def _read(end: SessionStream, n: int) -> bytes:
     return bytes(out)
 
 
-async def test_records_are_whole_or_not_written(tmp_path: Path) -> None:
-    store = _store(tmp_path)
-    async with _vchan_pairs(store) as pairs:
-        va, vb = await _new_pair(store, pairs)
-        a = SessionStream(ID, TOKEN, SessionConfig(), server=False)
-        b = SessionStream(ID, TOKEN, SessionConfig(), server=True)
-        await a.attach(va, 0, "vchan")
-        await b.attach(vb, 0, "vchan")
+async def test_records_are_whole_or_not_written(store: Path) -> None:
+    async with _vchan_pairs() as pairs:
+        a, b = await _sessions(store, pairs)
+        va = a.transport
+        assert isinstance(va, VchanStream)
         assert a.try_send(b"hello") == 5
         assert await _read(b, 5) == b"hello"
         assert a.unacknowledged == 5
@@ -94,9 +95,8 @@ async def test_records_are_whole_or_not_written(tmp_path: Path) -> None:
         assert await _read(b, len(taken)) == bytes(taken)
 
 
-async def test_no_send_without_a_transport_that_says_how_much_fits(tmp_path: Path) -> None:
-    store = _store(tmp_path)
-    async with _vchan_pairs(store) as pairs:
+async def test_no_send_without_a_transport_that_says_how_much_fits(store: Path) -> None:
+    async with _vchan_pairs() as pairs:
         va, _ = await _new_pair(store, pairs)
         a = SessionStream(ID, TOKEN, SessionConfig(), server=False)
         assert a.try_send(b"x") == 0  # detached
@@ -118,16 +118,13 @@ async def test_no_send_without_a_transport_that_says_how_much_fits(tmp_path: Pat
         assert d.try_send(b"y" * 6000) == 0
 
 
-async def test_records_written_by_try_send_are_resent_after_a_resume(tmp_path: Path) -> None:
+async def test_records_written_by_try_send_are_resent_after_a_resume(store: Path) -> None:
     """A record try_send wrote is kept for replay like any other: the reader
     that never read it from the broken transport gets it after the resume."""
-    store = _store(tmp_path)
-    async with _vchan_pairs(store) as pairs:
-        va, vb = await _new_pair(store, pairs)
-        a = SessionStream(ID, TOKEN, SessionConfig(), server=False)
-        b = SessionStream(ID, TOKEN, SessionConfig(), server=True)
-        await a.attach(va, 0, "vchan")
-        await b.attach(vb, 0, "vchan")
+    async with _vchan_pairs() as pairs:
+        a, b = await _sessions(store, pairs)
+        va = a.transport
+        assert va is not None
         assert a.try_send(b"first") == 5
         assert await _read(b, 5) == b"first"
         assert a.try_send(b"second") == 6  # in the ring, never read from it
