@@ -89,8 +89,10 @@ def test_pidfile_over_nbd_replaces_a_stale_one(
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("ready nbd+unix:///export")
     deadline = time.monotonic() + 30
-    while pidfile.read_text() != f"{proc.pid}\n":  # replaced atomically: never partial
-        assert pidfile.read_text() == "999999\n"
+    # Replaced atomically: one read sees the old pid or the new one, never a mix
+    # (one read per turn: the file may change between two).
+    while (text := pidfile.read_text()) != f"{proc.pid}\n":
+        assert text == "999999\n"
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.005)
     assert sock.exists()
