@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import trio
 
-from .errors import RemoteProtocolError, TransportError
+from ._error_classes import RemoteProtocolError, TransportError
 
 __all__ = ["ConnectionLost", "RingCorruptError", "SessionLost"]
 

@@ -13,9 +13,11 @@ resolver raises into these at every place meshlink calls it.  So both
 ``except meshlink.ResolveError`` and ``except resolver.ResolveError`` catch
 what meshlink raises.
 
-The three classes that inherit a trio class (:class:`ConnectionLost`,
-:class:`SessionLost`, :class:`RingCorruptError`) are defined in
-``meshlink/_trio_errors.py`` and loaded from here on first use (PEP 562), so
+The classes are defined in two modules below this one, and named here: those
+without trio in ``meshlink/_error_classes.py``; the three that inherit a trio
+class (:class:`ConnectionLost`, :class:`SessionLost`,
+:class:`RingCorruptError`) in ``meshlink/_trio_errors.py``, loaded from here
+on first use (PEP 562), so
 that importing this module does not import trio: ``meshlink disk serve``'s
 trio-free path (``meshlink/disk/syncserve.py``) starts about 70 ms sooner.
 ``meshlink.errors.ConnectionLost`` names the same class either way.
@@ -30,96 +32,27 @@ from typing import TYPE_CHECKING, Any
 
 from resolver import errors as naming
 
+from ._error_classes import AddressInUse as AddressInUse
+from ._error_classes import AuthError as AuthError
+from ._error_classes import DiskError as DiskError
+from ._error_classes import HandshakeError as HandshakeError
+from ._error_classes import InvalidName as InvalidName
+from ._error_classes import LocalProtocolError as LocalProtocolError
+from ._error_classes import MeshlinkError as MeshlinkError
+from ._error_classes import ProtocolError as ProtocolError
+from ._error_classes import ProviderUnavailable as ProviderUnavailable
+from ._error_classes import RemoteProtocolError as RemoteProtocolError
+from ._error_classes import ResolveError as ResolveError
+from ._error_classes import RulesError as RulesError
+from ._error_classes import ServiceNotFound as ServiceNotFound
+from ._error_classes import StoreError as StoreError
+from ._error_classes import TransportError as TransportError
+
 if TYPE_CHECKING:
     # Explicit re-exports, for type checkers (at run time: __getattr__ below).
     from ._trio_errors import ConnectionLost as ConnectionLost
     from ._trio_errors import RingCorruptError as RingCorruptError
     from ._trio_errors import SessionLost as SessionLost
-
-
-class MeshlinkError(Exception):
-    """Base class of every error meshlink raises on purpose."""
-
-
-# --- protocol errors, split by blame (as h11 does) -------------------------
-
-
-class ProtocolError(MeshlinkError):
-    """A protocol was violated.  Not raised directly: see the two subclasses."""
-
-
-class LocalProtocolError(ProtocolError):
-    """Our caller misused an API or asked for something the protocol forbids."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol forbids (malformed, oversized...)."""
-
-
-# --- transport errors ------------------------------------------------------
-
-
-class TransportError(MeshlinkError):
-    """Setting up or using a transport failed."""
-
-
-class HandshakeError(TransportError):
-    """The rendezvous or connection handshake failed."""
-
-
-class AuthError(HandshakeError):
-    """The peer is not allowed to connect (credentials, certificates)."""
-
-
-class ServiceNotFound(TransportError, naming.ServiceNotFound):
-    """No live service of that name is published where we looked (an OSError)."""
-
-
-class AddressInUse(TransportError, naming.NameInUse):
-    """A live server already publishes this service name (an OSError, EADDRINUSE)."""
-
-
-class InvalidName(LocalProtocolError, naming.InvalidName):
-    """A service name (or a vchan port name) is not acceptable (also a ValueError)."""
-
-
-class StoreError(TransportError, naming.StoreError):
-    """The host store directory or XenStore cannot be used."""
-
-
-class ProviderUnavailable(TransportError):
-    """A grant/event provider was requested but cannot run on this machine."""
-
-
-# --- resolver and disk errors -----------------------------------------------
-
-
-class ResolveError(MeshlinkError, naming.ResolveError):
-    """A name could not be resolved to any usable endpoint."""
-
-
-class DiskError(MeshlinkError):
-    """A disk request failed.
-
-    Attributes:
-        errno: the NBD/POSIX errno carried on the wire (for example 5, EIO).
-    """
-
-    def __init__(self, message: str, errno: int = 5) -> None:
-        super().__init__(message)
-        self.errno = errno
-
-
-class RulesError(ResolveError, naming.RulesError):
-    """A static rules file is malformed; the message names the file and line.
-
-    Made as ``RulesError(path, line, reason)`` (see :class:`resolver.RulesError`).
-
-    Attributes:
-        path: the rules file.
-        line: the 1-based line of the error (0 when unknown).
-        reason: the message without the ``path:line:`` prefix.
-    """
 
 
 def _ours(exc: naming.ResolverError) -> MeshlinkError:

@@ -282,14 +282,15 @@ class Rpc:
             self.call_slots.release()
             raise
         calls = self._calls
-        if len(data) <= DIRECT_REQUEST_MAX and writer.send_now(data):
+        small = len(data) <= DIRECT_REQUEST_MAX
+        if small and writer.send_now(data):
             # Written without waiting (or the connection ended meanwhile:
             # then end() already ran, and the call must not park).
             if self._ended:
                 self.call_slots.release()
                 self._check_usable()
             calls[call_id] = trio.lowlevel.current_task()
-        elif len(data) <= DIRECT_REQUEST_MAX and writer.idle():
+        elif small and writer.idle():
             # The line is idle: write the request from this task (no hop
             # through the writer task).  The reply may come in while the send
             # finishes, before this task parks: on_reply leaves it here then.
