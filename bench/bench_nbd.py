@@ -14,7 +14,7 @@ round of each server is kept (the machines this runs on are noisy; the best
 round is the least disturbed).  Ratios are ours / nbdkit; >= 1.0 means we are
 at least as fast.  Run time: about two minutes with the defaults.
 
-Usage: python3 -m bench.bench_nbd [--seconds 3] [--rounds 2]
+Usage: python3 -m bench.bench_nbd [--seconds 3] [--rounds 2] [--only NAME] [--transport T]
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="fio run time per figure")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per figure (best kept)")
     parser.add_argument("--only", default="", help="run only figures whose name contains this")
+    parser.add_argument("--transport", choices=("unix", "tcp", "both"), default="both",
+                        help="run only the figures over this transport")
     args = parser.parse_args()
     for tool in ("fio", "nbdcopy", "nbdkit"):
         if shutil.which(tool) is None:
@@ -91,7 +93,8 @@ def main() -> int:
              lambda u: SIZE_MIB / timed(["nbdcopy", str(src), u])),
         ]
         figures = [f for f in figures if args.only in f[0]]
-        for transport in ("unix", "tcp"):
+        transports = ("unix", "tcp") if args.transport == "both" else (args.transport,)
+        for transport in transports:
             for name, unit, measure in figures:
                 for _ in range(args.rounds):
                     for server in ("ours", "nbdkit"):
@@ -103,7 +106,10 @@ def main() -> int:
                       f"{unit:5}  ratio {o / k:5.2f}x", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     ratios = [results[(t, n, "ours")] / results[(t, n, "nbdkit")]
-              for t in ("unix", "tcp") for n, _, _ in figures]
+              for t in transports for n, _, _ in figures]
+    if not ratios:
+        print(f"no figure matches --only {args.only!r}", file=sys.stderr)
+        return 1
     print(f"min ratio {min(ratios):.2f}x over {len(ratios)} figures "
           f"({time.monotonic() - started:.0f} s)")
     return 0

@@ -66,6 +66,31 @@ async def test_sizes_negotiated(store: Path) -> None:
     await server.aclose()
 
 
+async def test_read_spin_follows_recent_waits(store: Path) -> None:
+    """A reader spins a few times its recent average wait (a wake-up costs more than
+    a short spin), not at all for a slow peer, briefly after bulk reads."""
+    from meshlink.transport.vchan import stream as vs
+
+    client, server = await vchan_pair(store)
+    client._read_wait_avg = 30e-6  # peer answers in ~30 us: spin through 4x that
+    assert client._read_spin_budget() == pytest.approx(vs.READ_SPIN_FACTOR * 30e-6)
+    client._read_wait_avg = 200e-6  # capped
+    assert client._read_spin_budget() == vs.MAX_READ_SPIN
+    client._read_wait_avg = 2 * vs.MAX_READ_SPIN  # a slow peer: sleep at once
+    assert client._read_spin_budget() == vs.MIN_READ_SPIN
+    client._read_wait_avg, client._last_read = 30e-6, vs.BULK_READ  # bulk: the writer's cap
+    assert client._read_spin_budget() == vs.SPIN_SECONDS
+    # A real wait feeds the average: a reply that comes at once pulls it down.
+    client._read_wait_avg, client._last_read = 2 * vs.MAX_READ_SPIN, 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.receive_some, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        await server.send_all(b"x")
+    assert client._read_wait_avg < 2 * vs.MAX_READ_SPIN
+    await client.aclose()
+    await server.aclose()
+
+
 async def test_uid_not_allowed_is_refused(store: Path) -> None:
     listener = await open_vchan_listener("guarded", host_store=store,
                                          allow_uids={os.getuid() + 4242})

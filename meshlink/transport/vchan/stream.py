@@ -75,6 +75,12 @@ SPIN_SECONDS = 50e-6
 #: Bounds of a reader's adaptive spin (see VchanStream._read_spin_budget).
 MIN_READ_SPIN = 5e-6
 MAX_READ_SPIN = 250e-6
+#: A reader spins this many times the recent average wait.  With 2, about 2 %
+#: of closed-loop bus calls outlasted the spin, slept, and paid a wake-up (on
+#: these VMs 150-250 us, an idle vCPU must be woken): p99 was 4-5x p50.  With
+#: 4, almost none do and p99 is 2.3-2.7x p50 (bench/RESULTS.md); the spin is
+#: still bounded by MAX_READ_SPIN and drops to MIN_READ_SPIN for slow peers.
+READ_SPIN_FACTOR = 4
 #: Reads at least this large count as bulk traffic for the spin heuristic.
 BULK_READ = 16384
 
@@ -137,8 +143,9 @@ class VchanStream(trio.abc.HalfCloseableStream):
         """How long a reader should poll before sleeping.
 
         Spinning pays when data usually comes sooner than a wakeup would cost
-        (tens of microseconds here), so the budget follows a moving average
-        of how long recent reads waited: twice that, within
+        (a woken idle vCPU: 150-250 us on the VMs we measure on), so the
+        budget follows a moving average of how long recent reads waited:
+        :data:`READ_SPIN_FACTOR` times that, within
         [MIN_READ_SPIN, MAX_READ_SPIN]; when the peer usually takes longer
         than MAX_READ_SPIN (an idle or slow peer) spinning is pointless and
         we barely spin at all.  After a large read (bulk transfer) the cap
@@ -149,7 +156,7 @@ class VchanStream(trio.abc.HalfCloseableStream):
         cap = MAX_READ_SPIN if self._last_read < BULK_READ else SPIN_SECONDS
         if avg > cap:
             return MIN_READ_SPIN
-        return max(MIN_READ_SPIN, min(cap, 2 * avg))
+        return max(MIN_READ_SPIN, min(cap, READ_SPIN_FACTOR * avg))
 
     def _note_read_wait(self, started: float) -> None:
         # Samples are capped so one long idle gap is forgotten within a few
