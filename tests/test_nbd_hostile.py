@@ -155,6 +155,33 @@ def test_client_dying_mid_write_leaves_server_up(server: Server) -> None:
     _still_serving(server)
 
 
+def test_large_writes_in_pieces_and_pipelined(server: Server) -> None:
+    """A large WRITE's payload is read straight into the disk however it arrives: in
+    many small sends, or in one send with the next requests right behind it."""
+    client = _raw(server)
+    client.greet()
+    client.go("disk")
+    first = bytes(range(256)) * (MIB // 256)
+    _, header = client.request(c.CMD_WRITE, 0, MIB, send=False)
+    client.sock.sendall(header)
+    for i in range(0, MIB, 4096):  # 256 sends: the payload comes as many segments
+        client.sock.sendall(first[i:i + 4096])
+    reply = client.reply()
+    assert isinstance(reply, Reply) and reply.error == 0
+    second = b"\x5a" * MIB
+    _, h1 = client.request(c.CMD_WRITE, MIB, MIB, send=False)
+    _, h2 = client.request(c.CMD_WRITE, 3 * MIB, 7, send=False)
+    _, h3 = client.request(c.CMD_READ, MIB - 3, 8, send=False)
+    client.sock.sendall(h1 + second + h2 + b"behind!" + h3)
+    replies = [client.reply() for _ in range(3)]
+    assert all(isinstance(r, Reply) and r.error == 0 for r in replies)
+    assert replies[2].data == first[-3:] + second[:5]  # type: ignore[attr-defined]
+    client.request(c.CMD_READ, 3 * MIB, 7)
+    reply = client.reply()
+    assert isinstance(reply, Reply) and reply.data == b"behind!"
+    client.close()
+
+
 def test_simple_replies_when_structured_not_negotiated(server: Server) -> None:
     client = _raw(server)
     client.greet()

@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
+import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -189,6 +191,14 @@ class Executor:
         a client that pipelines reads but never reads the replies stops being
         read from, and pins at most about ``max_reply_bytes`` plus one request.
         """
+        receive = _PayloadReceiver(rfd)
+        try:
+            return self._serve_blocking(rfd, wfd, receive)
+        finally:
+            receive.close()
+
+    def _serve_blocking(self, rfd: int, wfd: int, receive: _PayloadReceiver) -> str:
+        """:meth:`run_blocking`'s loop; ``receive`` fills large WRITEs' payloads."""
         tx = self.tx
         limit = self.max_reply_bytes
         queued = 0  # READ payload bytes in ``out``; a counter, so the hot path stays cheap
@@ -265,7 +275,7 @@ class Executor:
                     queued = 0
                     views_pending = False
                 if ev.payload is None and cmd == c.CMD_WRITE:
-                    out.append(self._direct_write(ev, rfd, write_views))
+                    out.append(self._direct_write(ev, receive, write_views))
                     lean = True
                     continue
                 lean = False
@@ -306,7 +316,7 @@ class Executor:
         except OSError as exc:
             return OSError, str(exc)
 
-    def _direct_write(self, req: Request, rfd: int,
+    def _direct_write(self, req: Request, receive: _PayloadReceiver,
                       write_views: Callable[[int, int], list[memoryview]] | None) -> bytes:
         """Receive a large WRITE's payload straight into its destination, then reply."""
         scratch: bytearray | None = None
@@ -317,7 +327,7 @@ class Executor:
             sinks = [memoryview(scratch)]
         rest = self.tx.fill_payload(sinks)
         while rest:
-            n = os.readv(rfd, rest[:_IOV_MAX])
+            n = receive(rest[:_IOV_MAX])
             if n == 0:
                 raise HardDisconnect("client closed the connection in the middle of a write")
             while n:
@@ -391,6 +401,34 @@ class Executor:
                 if out:
                     await stream.send_all(b"".join(out))
                 return "client sent NBD_CMD_DISC"
+
+
+class _PayloadReceiver:
+    """Reads a WRITE's payload into its destination views, as much as one call can.
+
+    On a socket, ``recvmsg_into`` with ``MSG_WAITALL``: the kernel returns once
+    every view is full (or at EOF), instead of once per arriving segment, so a
+    1 MiB payload costs one wake-up and one trip through Python rather than
+    dozens (measured: 1 MiB writes at QD8 over TCP, nine alternating fio runs,
+    2,634 -> 2,961 MiB/s, nbdkit 2,939).  Anything else (a pipe with ``--stdio``)
+    gets ``readv``, which returns what is there.  Both block: the fd is blocking.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        # A duplicate, so that closing this object never closes the connection's fd.
+        self._sock: socket.socket | None = None
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            self._sock = socket.socket(fileno=os.dup(fd))
+
+    def __call__(self, views: list[memoryview]) -> int:
+        if self._sock is not None:
+            return self._sock.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
+        return os.readv(self._fd, views)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
 
 
 def _writev_all(fd: int, buffers: list[Buffer]) -> None:
