@@ -7,6 +7,10 @@ streams; then vchan's zero-copy path (``send_all`` of memoryview slices of a
 one out of it, nothing else) against a single-core memcpy of the same 64 KiB
 pieces between two 64 MiB buffers (into DRAM).  The ratios are issue 15's
 goals: bulk >= 3x TCP, zero-copy >= 1.0x memcpy, ping-pong p50 <= 0.12x Unix.
+With gcc at hand it also builds and runs ``ring_ceiling.c``: the same pieces
+through a ring of the same size between two C threads that busy-poll (no
+Python, no trio, no notifications), which is as fast as any ring can go on
+this machine, against a memcpy measured in that run.
 Absolute figures drift on shared machines; the ratios measured in one run
 are what count.
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -137,6 +142,21 @@ def memcpy_rate(total: int) -> float:
     return total / (time.perf_counter() - t0) / (1 << 20)
 
 
+def ring_ceiling(ring: int, total_mib: int) -> tuple[float, float] | None:
+    """(memcpy, C ring) MiB/s from ``ring_ceiling.c``, or None without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or ring % (64 << 10):
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "ring_ceiling")
+        subprocess.run([cc, "-std=c11", "-O2", "-pthread", os.path.join(here, "ring_ceiling.c"),
+                        "-o", exe], check=True)
+        out = subprocess.run([exe, str(ring), str(total_mib)], check=True,
+                             capture_output=True, text=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
 async def pingpong(kind: str, count: int, ring: int) -> tuple[float, float]:
     stream, proc, closers = await _open(kind, "ping", count, ring)
     lat = await ping_rtts(stream, count, PING)
@@ -170,6 +190,14 @@ async def main(args: argparse.Namespace) -> None:
     print(f"ratio bulk vchan/unix = {rates['vchan'] / rates['unix']:.2f}  (goal >= 1.5)")
     print(f"ratio zero-copy/memcpy = {zc / mc:.2f}  (goal >= 1.0)")
     print(f"ratio p50 vchan/unix  = {pings['vchan'][0] / pings['unix'][0]:.2f}  (goal <= 0.12)")
+    ceiling = ring_ceiling(ring, args.bulk_mib)
+    if ceiling is None:
+        print("C ring ceiling: skipped (no C compiler, or a ring below 64 KiB)")
+    else:
+        c_mc, c_ring = ceiling
+        print(f"C ring ceiling (ring_ceiling.c, two threads, no Python): {c_ring:.0f} MiB/s, "
+              f"memcpy in that run {c_mc:.0f} MiB/s, ratio {c_ring / c_mc:.2f}; "
+              f"vchan zero-copy reaches {zc / c_ring:.2f}x of that ring")
 
 
 if __name__ == "__main__":
