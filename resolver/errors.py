@@ -45,6 +45,10 @@ class RulesError(ResolveError):
         self.line = line
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[RulesError], tuple[str, int, str]]:
+        # Exceptions pickle as ``cls(*args)``; args holds the joined message.
+        return type(self), (self.path, self.line, self.reason)
+
 
 class DnsConfigError(ResolveError):
     """The DNS source is configured with something unusable (``dns=``,

@@ -27,6 +27,10 @@ class RemoteError(MeshlinkError):
         self.remote_type = remote_type
         self.remote_message = remote_message
 
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str]]:
+        # Exceptions pickle as ``cls(*args)``; args holds the joined message.
+        return type(self), (self.remote_type, self.remote_message)
+
 
 class VersionMismatch(HandshakeError, RemoteProtocolError):
     """The peer speaks a different version of the bus protocol.
@@ -45,6 +49,9 @@ class VersionMismatch(HandshakeError, RemoteProtocolError):
         )
         self.local_version = local_version
         self.peer_version = peer_version
+
+    def __reduce__(self) -> tuple[type[VersionMismatch], tuple[int, object]]:
+        return type(self), (self.local_version, self.peer_version)
 
 
 class PeerClosedError(RemoteProtocolError):
