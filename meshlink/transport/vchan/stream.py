@@ -78,7 +78,7 @@ MAX_READ_SPIN = 250e-6
 #: A reader spins this many times the recent average wait.  With 2, about 2 %
 #: of closed-loop bus calls outlasted the spin, slept, and paid a wake-up (on
 #: these VMs 150-250 us, an idle vCPU must be woken): p99 was 4-5x p50.  With
-#: 4, almost none do and p99 is 2.3-2.7x p50 (bench/RESULTS.md); the spin is
+#: 4, almost none do and p99 is 2.3-2.9x p50 (docs/performance.md); the spin is
 #: still bounded by MAX_READ_SPIN and drops to MIN_READ_SPIN for slow peers.
 READ_SPIN_FACTOR = 4
 #: Reads at least this large count as bulk traffic for the spin heuristic.
