@@ -214,3 +214,34 @@ def test_fast_path_blk_drops_a_silent_client_and_serves_others_meanwhile(
         disk.close()
     assert not runner.is_alive()
     assert not HostStore(store).is_live(blk_entry_name("node"))  # withdrawn on stop
+
+
+def test_fast_path_turns_nagle_off_on_tcp_connections() -> None:
+    """Small replies (16-byte write acknowledgements) must not wait behind Nagle's
+    algorithm: TCP connections get TCP_NODELAY, as on the trio path."""
+    import queue
+    import socket
+    import threading
+
+    from meshlink.disk.syncserve import SyncServer
+
+    seen: queue.Queue[tuple[int, int]] = queue.Queue()
+
+    def handler(conn: socket.socket) -> None:
+        seen.put((conn.family, conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+        conn.close()
+
+    server = SyncServer()
+    tcp = socket.create_server(("127.0.0.1", 0))
+    server.add_listener(tcp, handler)
+    runner = threading.Thread(target=server.run)
+    runner.start()
+    try:
+        with socket.create_connection(tcp.getsockname()):
+            family, nodelay = seen.get(timeout=30)
+        assert family == socket.AF_INET and nodelay != 0
+    finally:
+        server.stop()
+        runner.join(timeout=30)
+        server.close()
+    assert not runner.is_alive()

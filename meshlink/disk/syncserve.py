@@ -155,6 +155,10 @@ class SyncServer:
             self.rlog.warning("accept", "cannot accept a connection: %s; retrying in %d ms",
                                os.strerror(exc.errno or 0), round(delay * 1000))
             return delay
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            # As trio's SocketStream does on the trio path, and nbdkit: without
+            # it Nagle holds a small reply back while an earlier one is unacked.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handler(conn)
         return 0.0
 
