@@ -77,10 +77,11 @@ MIN_READ_SPIN = 5e-6
 MAX_READ_SPIN = 250e-6
 #: A reader spins this many times the recent average wait.  With 2, about 2 %
 #: of closed-loop bus calls outlasted the spin, slept, and paid a wake-up (on
-#: these VMs 150-250 us, an idle vCPU must be woken): p99 was 4-5x p50.  With
-#: 4, almost none do and p99 is 2.3-2.9x p50 (docs/performance.md); the spin is
+#: these VMs 150-250 us, an idle vCPU must be woken): p99 was 4-5x p50.  Over
+#: 15 runs of 5,000 calls each (docs/performance.md), p99/p50 was 1.9-4.0x
+#: with 4 (5 runs above 3x, one of them 16.5x) and 1.9-3.4x with 8 (one above 3x).  The spin is
 #: still bounded by MAX_READ_SPIN and drops to MIN_READ_SPIN for slow peers.
-READ_SPIN_FACTOR = 4
+READ_SPIN_FACTOR = 8
 #: Reads at least this large count as bulk traffic for the spin heuristic.
 BULK_READ = 16384
 
