@@ -22,7 +22,7 @@ import trio
 import trio.testing
 
 from meshlink.bus import BusConfig, Connection, Handlers, RemoteError
-from meshlink.bus.writer import nowait_sender
+from meshlink.transport.nowait import nowait_sender
 
 from .test_bus_steps import StepCounter, count_one_call
 

@@ -1,11 +1,12 @@
-"""SessionStream.try_send: a whole record written at once, or nothing.
+"""SessionStream.try_send: bytes taken at once, without waiting, or none.
 
 The bus writes small frames from the task that made them through
-``try_send`` (see meshlink/bus/writer.py); under a session over vchan that
-is ``SessionStream.try_send``.  These tests run two session ends over a real
-vchan pair in one process and check that a record is never cut, that
-nothing is written when it does not fit, and that bytes taken while the
-transport breaks are resent after a resume.
+``try_send`` (see meshlink/bus/writer.py); under a session that is
+``SessionStream.try_send``.  These tests run two session ends in one
+process, over a real vchan pair (a record is never cut, nothing is written
+when it does not fit, bytes taken while the transport breaks are resent
+after a resume) and over real TCP sockets (a record the socket took only in
+part is finished by the keeper before anything else, and before END).
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ async def test_no_send_without_a_transport_that_says_how_much_fits(store: Path) 
         sock = trio.SocketStream(trio.socket.from_stdlib_socket(s1))
         c = SessionStream(ID, TOKEN, SessionConfig(), server=False)
         await c.attach(sock, 0, "tcp")
-        assert c.try_send(b"x") == 0  # a socket cannot promise a whole record
         await sock.aclose()
         s2.close()
+        assert c.try_send(b"x") == 0  # the socket is closed: nothing taken
         # a replay buffer without room
         d = SessionStream(ID, TOKEN, SessionConfig(replay_limit=65536), server=False)
         vc, _ = await _new_pair(store, pairs)
@@ -139,3 +140,63 @@ async def test_records_written_by_try_send_are_resent_after_a_resume(store: Path
         assert await _read(b, 11) == b"secondthird"
         assert a.try_send(b"fourth") == 6
         assert await _read(b, 6) == b"fourth"
+
+
+async def _tcp_sessions(nursery: trio.Nursery) -> tuple[SessionStream, SessionStream]:
+    """Two session ends over a loopback TCP connection with small socket buffers,
+    each with its keeper running in ``nursery``."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    ta = await trio.open_tcp_stream("127.0.0.1", port)
+    tb = await listener.accept()
+    await listener.aclose()
+    ta.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    tb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    a = SessionStream(ID, TOKEN, SessionConfig(), server=False)
+    b = SessionStream(ID, TOKEN, SessionConfig(), server=True)
+    await a.attach(ta, 0, "tcp")
+    await b.attach(tb, 0, "tcp")
+    nursery.start_soon(a.keep)
+    nursery.start_soon(b.keep)
+    return a, b
+
+
+def _fill(a: SessionStream) -> bytes:
+    """try_send 8 KiB pieces until the socket takes one only in part (bounded)."""
+    taken = bytearray()
+    for i in range(1000):
+        piece = bytes([i % 251]) * 8192
+        n = a.try_send(piece)
+        assert n in (0, len(piece))
+        if not n:
+            break
+        taken += piece
+    assert a._tail is not None  # the last record went out only in part
+    assert a.try_send(b"z") == 0  # nothing may pass the tail
+    return bytes(taken)
+
+
+async def test_socket_records_go_out_at_once_or_are_finished_by_the_keeper() -> None:
+    async with trio.open_nursery() as nursery:
+        a, b = await _tcp_sessions(nursery)
+        assert a.try_send(b"hello") == 5  # a socket with room: written at once
+        assert await _read(b, 5) == b"hello"
+        taken = _fill(a)
+        await a.send_all(b"queued behind the tail")  # the tail's holder sends it after
+        want = taken + b"queued behind the tail"
+        assert await _read(b, len(want)) == want  # whole, in order
+        assert a._tail is None
+        assert a.try_send(b"again") == 5  # the flag was given back
+        assert await _read(b, 5) == b"again"
+        nursery.cancel_scope.cancel()
+
+
+async def test_close_finishes_a_started_record_before_end() -> None:
+    async with trio.open_nursery() as nursery:
+        a, b = await _tcp_sessions(nursery)
+        taken = _fill(a)
+        nursery.start_soon(a.aclose)
+        assert await _read(b, len(taken)) == taken
+        with trio.fail_after(10):
+            assert await b.receive_some() == b""  # END arrived: a clean end
+        nursery.cancel_scope.cancel()

@@ -26,8 +26,9 @@ queued, see :mod:`.dispatch`), since a peer may ping without limit.
 
 Writing without waiting: a transport that can write part of a buffer at once,
 synchronously, has a ``try_send(data) -> int`` method (vchan and the session
-stream do; a trio ``SocketStream`` gets one here, :func:`nowait_sender`, a
-non-blocking ``write`` on its socket).  Over such a transport a direct send
+stream do; a trio ``SocketStream`` gets one from
+:func:`meshlink.transport.nowait.nowait_sender`, a non-blocking ``write`` on
+its socket).  Over such a transport a direct send
 (:meth:`Writer.send_now`) is an ordinary function call: it takes no task
 step, needs no shielded cancel scope (nothing can interrupt it halfway), and
 whatever the transport does not take at once is queued for the writer task.
@@ -44,16 +45,16 @@ The writer does not know why a connection ends: it reports a failed send to the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Final
 
 import trio
 
 from ..errors import ConnectionLost, SessionLost
+from ..transport.nowait import nowait_sender
 from .flow import CreditOut, Wakeup
 
-__all__ = ["SCHEDULE_EVERY", "Writer", "nowait_sender"]
+__all__ = ["SCHEDULE_EVERY", "Writer"]
 
 #: A send-side operation that did not have to wait still yields to the
 #: scheduler once per this many calls (see "Cancellation" in the docstrings).
@@ -63,39 +64,6 @@ __all__ = ["SCHEDULE_EVERY", "Writer", "nowait_sender"]
 #: runs; fewer writes, ticks and receiver wakeups per message); 1024 gained
 #: nothing more.  The send buffer limit still bounds large messages.
 SCHEDULE_EVERY: Final = 256
-
-
-NowaitSender = Callable[[bytes | bytearray | memoryview], int]
-
-
-def nowait_sender(stream: trio.abc.SendStream) -> NowaitSender | None:
-    """How to write to ``stream`` without waiting, if it can: a function that
-    writes a prefix of its argument at once and returns its length (0 when
-    the transport is full), or None.
-
-    A stream's own ``try_send`` method, or for a trio ``SocketStream`` a
-    non-blocking ``write`` on its socket (trio's sockets are non-blocking;
-    the writer's one-sender rule stands in for trio's conflict detector).
-    """
-    own = getattr(stream, "try_send", None)
-    if own is not None:
-        fn: NowaitSender = own
-        return fn
-    if type(stream) is trio.SocketStream:
-        sock = stream.socket
-
-        def write(data: bytes | bytearray | memoryview) -> int:
-            try:
-                return os.write(sock.fileno(), data)
-            except BlockingIOError:
-                return 0
-            except OSError as exc:
-                if sock.fileno() < 0:
-                    raise trio.ClosedResourceError("the socket was closed") from None
-                raise trio.BrokenResourceError(f"socket write failed: {exc!r}") from exc
-
-        return write
-    return None
 
 
 class Writer:

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import ConnectionLost, RemoteProtocolError, SessionLost
+from ..transport.nowait import NowaitSender, nowait_sender
 from .wire import ACK, DATA, END, HEADER, HEADER_SIZE, MAX_RECORD
 
 __all__ = ["SessionConfig", "SessionStream"]
@@ -168,8 +169,13 @@ class SessionStream(trio.abc.Stream):
         self._over = False  # lost or closed: one flag for the hot paths
         self._limit = config.replay_limit
         # The attached transport's send_space (how much it takes without
-        # waiting), if it has one: what try_send needs.
+        # waiting), if it has one: try_send then writes whole records or nothing.
         self._t_space: Callable[[], int] | None = None
+        # Otherwise its non-waiting write, if it has one (a socket): try_send
+        # writes what the socket takes, and the rest of a record that did not
+        # fit whole is the tail, finished by the keeper (see try_send).
+        self._t_write: NowaitSender | None = None
+        self._tail: bytes | None = None
 
     # --- state ----------------------------------------------------------------
 
@@ -222,6 +228,7 @@ class SessionStream(trio.abc.Stream):
         if t is not None:
             self.transport = None
             self._t_space = None
+            self._t_write = None
             self._dead.append(t)
             self._detached_at = trio.current_time()
             self.detached.set()
@@ -285,6 +292,8 @@ class SessionStream(trio.abc.Stream):
             self.transport = transport
             space = getattr(transport, "send_space", None)
             self._t_space = space if hasattr(transport, "try_send") else None
+            self._t_write = None if self._t_space is not None else nowait_sender(transport)
+            self._tail = None
             self._written = peer_received
             if self._attached_once:
                 self.resumes += 1
@@ -395,12 +404,21 @@ class SessionStream(trio.abc.Stream):
         """Send all of ``data`` now, without waiting, or none of it.
 
         For a writer with a queue of its own (the bus writes a small frame
-        from the task that made it).  It succeeds when the attached transport
-        says how much it takes without waiting (vchan's ``send_space``) and
-        the whole record fits there, nothing else is pending, and the replay
-        buffer has room; the bytes are then kept for replay as with
-        :meth:`send_all`.  A transport that breaks during the write is
-        detached and the bytes go out again after the resume.
+        from the task that made it).  It takes the bytes when nothing else is
+        pending, the replay buffer has room, and the attached transport can
+        write without waiting; they are then kept for replay as with
+        :meth:`send_all`:
+
+        * a transport that says how much it takes (vchan's ``send_space``):
+          the whole record is written, or nothing is;
+        * a socket: its non-blocking write takes the record, or part of it.
+          The rest (the *tail*) must go out before any other byte, so the
+          send flag stays taken and :meth:`keep` writes the tail, and then
+          whatever :meth:`send_all` queued meanwhile.  This needs the keeper
+          running, as acknowledgements already do.
+
+        A transport that breaks during the write is detached and the bytes go
+        out again after the resume.
 
         Returns:
             ``len(data)``, or 0 when nothing was sent (then use :meth:`send_all`).
@@ -411,11 +429,13 @@ class SessionStream(trio.abc.Stream):
         """
         if self._over:
             self._check()
-        space = self._t_space
         size = len(data)
-        if (space is None or self._sending or self._written != self._sent or not size
+        if (self._sending or self._written != self._sent or not size
                 or size > MAX_RECORD or len(self._replay) + size > self._limit):
             return 0
+        space = self._t_space
+        if space is None:
+            return self._try_write(data) if self._t_write is not None else 0
         t = self.transport
         assert t is not None
         try:
@@ -438,6 +458,51 @@ class SessionStream(trio.abc.Stream):
         self._written = self._sent
         self._tx_records += 1
         return size
+
+    def _try_write(self, data: bytes | bytearray | memoryview) -> int:
+        """:meth:`try_send` over a socket (checks done): the record, or its start."""
+        write = self._t_write
+        t = self.transport
+        assert write is not None and t is not None
+        acked = self._acked_out
+        received = self._acked_out = self._received
+        record = HEADER.pack(DATA, len(data), received) + data
+        try:
+            n = write(record)
+        except _TRANSPORT_ERRORS as exc:
+            n = 0
+            self.transport_failed(t, exc)
+        if not n:  # nothing left us: as if never called
+            self._acked_out = acked
+            return 0
+        size = len(data)
+        self._replay += data
+        self._sent += size
+        self._written = self._sent
+        self._tx_records += 1
+        if n < len(record):
+            self._sending = True  # released by _finish_tail once the record is whole
+            self._tail = record[n:]
+            self._kick.set()
+        return size
+
+    async def _finish_tail(self) -> None:
+        """Write the rest of a record that :meth:`try_send` started, then what
+        queued behind it; release the send flag that the tail held."""
+        tail, self._tail = self._tail, None
+        if tail is None:
+            return
+        t = self.transport
+        try:
+            if t is not None:
+                await t.send_all(tail)
+                if self._written != self._sent and t is self.transport:
+                    await self._flush(t, None)  # send_all calls that found the flag taken
+        except _TRANSPORT_ERRORS as exc:
+            assert t is not None
+            self.transport_failed(t, exc)  # the peer's count decides what is resent
+        finally:
+            self._release_send()
 
     async def _flush(self, t: trio.abc.Stream, data: bytes | bytearray | memoryview | None
                      ) -> None:
@@ -629,6 +694,8 @@ class SessionStream(trio.abc.Stream):
                 await self._kick.wait()
             self._kick = trio.Event()
             await self._close_dead()
+            if self._tail is not None:
+                await self._finish_tail()
             now = trio.current_time()
             if self._rx_chunks != seen_rx:
                 seen_rx, rx_since = self._rx_chunks, now
@@ -657,11 +724,13 @@ class SessionStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             return
         t = self.transport
-        if t is not None and self._lost is None and not self._sending:
+        if t is not None and self._lost is None and (self._tail is not None
+                                                     or not self._sending):
             # Bounded and shielded: the bus closes its stream from a cancelled
             # scope, and a peer that never hears END keeps the session for
-            # resume_timeout.
+            # resume_timeout.  A record try_send started is finished first.
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await self._finish_tail()
                 await self._send_record(END)
         self._closed = True
         self._over = True
