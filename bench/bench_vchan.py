@@ -143,7 +143,8 @@ def memcpy_rate(total: int) -> float:
 
 
 def ring_ceiling(ring: int, total_mib: int) -> tuple[float, float] | None:
-    """(memcpy, C ring) MiB/s from ``ring_ceiling.c``, or None without a C compiler."""
+    """(memcpy, C ring) MiB/s from ``ring_ceiling.c`` (best of three runs), or None
+    without a C compiler."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None or ring % (64 << 10):
         return None
@@ -152,9 +153,12 @@ def ring_ceiling(ring: int, total_mib: int) -> tuple[float, float] | None:
         exe = os.path.join(tmp, "ring_ceiling")
         subprocess.run([cc, "-std=c11", "-O2", "-pthread", os.path.join(here, "ring_ceiling.c"),
                         "-o", exe], check=True)
-        out = subprocess.run([exe, str(ring), str(total_mib)], check=True,
-                             capture_output=True, text=True).stdout.split()
-    return float(out[0]), float(out[1])
+        # Best of three: two threads that busy-poll need both cores, and one
+        # run in which another process takes a core collapses (seen: 0.2x).
+        runs = [subprocess.run([exe, str(ring), str(total_mib)], check=True,
+                               capture_output=True, text=True).stdout.split()
+                for _ in range(3)]
+    return max(float(r[0]) for r in runs), max(float(r[1]) for r in runs)
 
 
 async def pingpong(kind: str, count: int, ring: int) -> tuple[float, float]:
