@@ -167,3 +167,40 @@ def test_default_store_must_be_private(monkeypatch: pytest.MonkeyPatch, tmp_path
     os.chmod(tmp_path / "meshlink", 0o777)
     with pytest.raises(TransportError, match="not private"):
         HostStore()
+
+
+async def test_a_parked_waiter_leaves_a_later_signal_for_the_next_sleep() -> None:
+    """Two tasks wait on one doorbell (a stream's reader and writer do): one polls,
+    one parks.  When the poller wakes, a signal the peer sends afterwards (for a
+    waiter that re-armed and slept again) must survive the parked waiter's
+    wake-up; if that waiter consumed it, the sleeper would never wake."""
+    import select
+
+    from meshlink.transport.doorbell import Doorbell
+
+    own = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    peer = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    bell = Doorbell(own, peer, None)
+    woke: list[str] = []
+
+    async def poller() -> None:
+        await bell.wait()
+        woke.append("poller")
+        os.eventfd_write(own, 1)  # the peer signals again, for a later sleep
+
+    async def parked() -> None:
+        await bell.wait()
+        woke.append("parked")
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poller)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(parked)
+                await trio.testing.wait_all_tasks_blocked()
+                os.eventfd_write(own, 1)
+        assert sorted(woke) == ["parked", "poller"]
+        assert select.select([own], [], [], 0)[0] == [own]  # still there for the next sleep
+    finally:
+        bell.close()

@@ -107,6 +107,15 @@ class Doorbell:
             trio.ClosedResourceError: the doorbell was closed meanwhile.
 
         Cancellation: safe; nothing is consumed.
+
+        One task polls; the others park until it wakes.  The poller alone
+        acknowledges, before it wakes the others.  A waiter that
+        acknowledged after it woke could consume a signal that the peer
+        sent later, for another waiter that had meanwhile re-armed and gone
+        back to sleep (a task woken here may run after that one did): a
+        lost wakeup.  With the poller acknowledging, a signal sent after
+        that leaves the fd readable for the next sleep, and every woken
+        waiter re-checks the ring.
         """
         import trio  # here: wait_blocking's users never load it
 
@@ -118,12 +127,13 @@ class Doorbell:
             self._polling = True
             try:
                 await trio.lowlevel.wait_readable(self._epoll.fileno())
+                if not self.closed:
+                    self._acknowledge()
             finally:
                 self._polling = False
                 self._lot.unpark_all()
         if self.closed:
             raise trio.ClosedResourceError("closed while waiting for the peer")
-        self._acknowledge()
 
     def wait_blocking(self, stop_fd: int) -> bool:
         """:meth:`wait` for a thread of its own: block until the peer signals or
