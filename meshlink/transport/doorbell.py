@@ -172,6 +172,9 @@ async def spin(ready: Callable[[], bool], budget: float,
                check: Callable[[], None] | None = None) -> bool:
     """Poll ``ready()`` for up to ``budget`` seconds, yielding to trio each turn.
 
+    It always yields at least once, before its first look (a caller may count
+    the spin as its schedule point).
+
     Args:
         ready: the condition.
         budget: how long to poll.
@@ -183,10 +186,11 @@ async def spin(ready: Callable[[], bool], budget: float,
     import trio
 
     deadline = time.perf_counter() + budget
-    while time.perf_counter() < deadline:
+    while True:
         await trio.lowlevel.checkpoint()
         if check is not None:
             check()
         if ready():
             return True
-    return False
+        if time.perf_counter() >= deadline:
+            return False

@@ -149,14 +149,16 @@ class VchanStream(trio.abc.HalfCloseableStream):
         :data:`READ_SPIN_FACTOR` times that, within
         [MIN_READ_SPIN, MAX_READ_SPIN]; when the peer usually takes longer
         than MAX_READ_SPIN (an idle or slow peer) spinning is pointless and
-        we barely spin at all.  After a large read (bulk transfer) the cap
-        is the writer's SPIN_SECONDS: there the peer is busy producing, and
-        on a loaded machine a long spin takes the CPU it needs.
+        we do not spin at all (0): the reader arms and sleeps at once, and
+        its sleep is the call's one schedule point.  After a large read
+        (bulk transfer) the cap is the writer's SPIN_SECONDS: there the peer
+        is busy producing, and on a loaded machine a long spin takes the
+        CPU it needs.
         """
         avg = self._read_wait_avg
         cap = MAX_READ_SPIN if self._last_read < BULK_READ else SPIN_SECONDS
         if avg > cap:
-            return MIN_READ_SPIN
+            return 0.0
         return max(MIN_READ_SPIN, min(cap, READ_SPIN_FACTOR * avg))
 
     def _note_read_wait(self, started: float) -> None:
@@ -212,17 +214,32 @@ class VchanStream(trio.abc.HalfCloseableStream):
         return await self._receive(lambda: ring.read_into(buf), 0)
 
     async def _receive(self, read: Callable[[], _R], eof: _R) -> _R:
-        """Run ``read`` until it returns something (a non-empty result) or EOF."""
+        """Run ``read`` until it returns something (a non-empty result) or EOF.
+
+        One schedule point per call, as trio's sockets do it: a cancel check
+        first; then, if data is already there, a shielded yield after taking
+        it (nothing taken can be lost to a cancel); if not, the wait is the
+        yield.  Yielding before the first look cost every wake-up one more
+        trip through the run loop: 3 scheduler passes per bus call under
+        load instead of 2, as over TCP.
+        """
         self._begin_receive()
         try:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            yielded = False
             while True:
                 self._check_open()
                 got = read()
                 if got:
                     self._last_read = got if isinstance(got, int) else len(got)
+                    if not yielded:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return got
-                if await self._wait_readable():
+                ended, waited = await self._wait_readable()
+                yielded = yielded or waited
+                if ended:
+                    if not yielded:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return eof
         finally:
             self._receiving = False
@@ -232,33 +249,42 @@ class VchanStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
 
-    async def _wait_readable(self) -> bool:
-        """Wait until the ring has data; True means end of stream instead.
+    async def _wait_readable(self) -> tuple[bool, bool]:
+        """Wait until the ring has data.
 
         Called with the ring found empty.
+
+        Returns:
+            ``(ended, yielded)``: end of stream instead of data, and whether
+            this wait went through the scheduler (a spin or a sleep).
         """
         ring = self._ring
         started = time.perf_counter()
+        yielded = False
         while True:
             if ring.peer_live() == 0:
                 # Clean EOF, but only after everything written before it:
                 # the live byte was read (acquire) after the ring was seen
                 # empty, so one more look sees data published before the close.
-                return ring.data_ready() == 0
+                return ring.data_ready() == 0, yielded
             if self._bell.peer_dead:
                 if ring.data_ready():
-                    return False
+                    return False, yielded
                 raise ConnectionLost("vchan peer process died without closing")
-            if await self._spin(self._readable_now, self._read_spin_budget()):
-                self._note_read_wait(started)
-                return False
+            budget = self._read_spin_budget()
+            if budget:
+                yielded = True  # spin yields before its first look
+                if await self._spin(self._readable_now, budget):
+                    self._note_read_wait(started)
+                    return False, True
             if ring.arm_read() or ring.peer_live() != 1:
-                return False
+                return False, yielded
             await self._sleep()
+            yielded = True
             self._check_open()
             if ring.data_ready():
                 self._note_read_wait(started)
-                return False
+                return False, True
 
     # -- sending -------------------------------------------------------------
 
