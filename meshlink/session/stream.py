@@ -464,8 +464,7 @@ class SessionStream(trio.abc.Stream):
         write = self._t_write
         t = self.transport
         assert write is not None and t is not None
-        acked = self._acked_out
-        received = self._acked_out = self._received
+        received = self._received
         record = HEADER.pack(DATA, len(data), received) + data
         try:
             n = write(record)
@@ -473,8 +472,8 @@ class SessionStream(trio.abc.Stream):
             n = 0
             self.transport_failed(t, exc)
         if not n:  # nothing left us: as if never called
-            self._acked_out = acked
             return 0
+        self._acked_out = received
         size = len(data)
         self._replay += data
         self._sent += size

@@ -79,8 +79,9 @@ MAX_READ_SPIN = 250e-6
 #: of closed-loop bus calls outlasted the spin, slept, and paid a wake-up (on
 #: these VMs 150-250 us, an idle vCPU must be woken): p99 was 4-5x p50.  Over
 #: 15 runs of 5,000 calls each (docs/performance.md), p99/p50 was 1.9-4.0x
-#: with 4 (5 runs above 3x, one of them 16.5x) and 1.9-3.4x with 8 (one above 3x).  The spin is
-#: still bounded by MAX_READ_SPIN and drops to MIN_READ_SPIN for slow peers.
+#: with 4 (5 runs above 3x, one of them 16.5x) and 1.9-3.4x with 8 (one above
+#: 3x).  The spin is still bounded by MAX_READ_SPIN, and there is none for a
+#: peer that is usually slower than that (see _read_spin_budget).
 READ_SPIN_FACTOR = 8
 #: Reads at least this large count as bulk traffic for the spin heuristic.
 BULK_READ = 16384
@@ -226,21 +227,18 @@ class VchanStream(trio.abc.HalfCloseableStream):
         self._begin_receive()
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            yielded = False
+            waited = False
             while True:
                 self._check_open()
                 got = read()
                 if got:
                     self._last_read = got if isinstance(got, int) else len(got)
-                    if not yielded:
+                    if not waited:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return got
-                ended, waited = await self._wait_readable()
-                yielded = yielded or waited
-                if ended:
-                    if not yielded:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
+                if await self._wait_readable():
                     return eof
+                waited = True
         finally:
             self._receiving = False
 
@@ -249,14 +247,12 @@ class VchanStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
 
-    async def _wait_readable(self) -> tuple[bool, bool]:
-        """Wait until the ring has data.
+    async def _wait_readable(self) -> bool:
+        """Wait until the ring has data; True means end of stream instead.
 
-        Called with the ring found empty.
-
-        Returns:
-            ``(ended, yielded)``: end of stream instead of data, and whether
-            this wait went through the scheduler (a spin or a sleep).
+        Called with the ring found empty.  It passes through the scheduler at
+        least once (a spin, a sleep, or a shielded yield when it finds the
+        answer at once): it is the schedule point of the receive that waits.
         """
         ring = self._ring
         started = time.perf_counter()
@@ -266,25 +262,31 @@ class VchanStream(trio.abc.HalfCloseableStream):
                 # Clean EOF, but only after everything written before it:
                 # the live byte was read (acquire) after the ring was seen
                 # empty, so one more look sees data published before the close.
-                return ring.data_ready() == 0, yielded
+                ended = ring.data_ready() == 0
+                break
             if self._bell.peer_dead:
                 if ring.data_ready():
-                    return False, yielded
+                    ended = False
+                    break
                 raise ConnectionLost("vchan peer process died without closing")
             budget = self._read_spin_budget()
             if budget:
                 yielded = True  # spin yields before its first look
                 if await self._spin(self._readable_now, budget):
                     self._note_read_wait(started)
-                    return False, True
+                    return False
             if ring.arm_read() or ring.peer_live() != 1:
-                return False, yielded
+                ended = False
+                break
             await self._sleep()
             yielded = True
             self._check_open()
             if ring.data_ready():
                 self._note_read_wait(started)
-                return False, True
+                return False
+        if not yielded:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return ended
 
     # -- sending -------------------------------------------------------------
 
