@@ -57,6 +57,20 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
         assert cmd in out
 
 
+def test_version_prints_without_loading_trio() -> None:
+    # A fresh interpreter: this one has trio loaded already.
+    code = ("import sys\n"
+            "from meshlink.cli import main\n"
+            "try:\n"
+            "    main(['--version'])\n"
+            "except SystemExit as exc:\n"
+            "    print('exit', exc.code, 'trio' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.splitlines()
+    assert out[0].startswith("meshlink ")
+    assert out[-1] == "exit 0 False"
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in ([], ["resolve"], ["frobnicate"]):
         with pytest.raises(SystemExit) as info:
