@@ -23,11 +23,13 @@ HELPERS = Path(__file__).parent / "helpers"
 
 #: Modules the blk ring and plain NBD never need: trio (the trio-free path
 #: serves them, see meshlink/disk/syncserve.py), zeroconf (with its asyncio
-#: and attrs users), the bus and its msgpack, the dialer, the NBD client.
+#: and attrs users), the bus and its msgpack, the dialer, the NBD client;
+#: and two stdlib modules that cost start-up 5-8 ms together (dataclasses with
+#: the inspect module it loads, json), which the serving path does not need.
 NOT_FOR_SERVING = ("trio", "zeroconf", "meshlink.bus", "msgpack", "meshlink.session",
                    "meshlink.transport.dial", "meshlink.transport.vchan",
                    "meshlink.disk.nbd.client", "resolver._resolver", "resolver.dnssrv",
-                   "cryptography")
+                   "cryptography", "dataclasses", "inspect", "json")
 
 
 def serve_cmd(*args: str) -> list[str]:

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..disk.backends import BACKEND_KINDS
 
 __all__ = ["DiskSpec", "check_unique", "parse_disk_spec"]
 
 
-@dataclass(frozen=True)
-class DiskSpec:
+class DiskSpec(NamedTuple):
     """One disk to serve: its name, backend kind and that backend's options."""
 
     name: str

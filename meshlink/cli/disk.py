@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -477,6 +476,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _print_info(info: dict[str, Any], as_json: bool) -> None:
     if as_json:
+        import json  # here: `disk serve` must not pay for it at start-up
+
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():

@@ -20,14 +20,12 @@ before its hello went out.
 from __future__ import annotations
 
 import array
-import json
 import os
 import select
 import socket
 import struct
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import AuthError, HandshakeError
 
@@ -61,8 +59,7 @@ MAX_DEPTH = 8
 MAX_PENDING = 64
 
 
-@dataclass(frozen=True)
-class PeerCredentials:
+class PeerCredentials(NamedTuple):
     """The peer process as the kernel reports it (``SO_PEERCRED``)."""
 
     pid: int
@@ -79,6 +76,11 @@ def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> PeerCreden
 
 def encode(msg: dict[str, object]) -> bytes:
     """One message, length prefix included."""
+    # json is imported per handshake, not with the module: `meshlink disk
+    # serve` loads this module before it is ready and sends nothing until a
+    # client connects (a once-only import is then a dictionary lookup).
+    import json
+
     body = json.dumps(msg, separators=(",", ":")).encode()
     return struct.pack(">I", len(body)) + body
 
@@ -111,6 +113,8 @@ def _decode(body: bytes, what: str) -> dict[str, object]:
     if _nesting(body) > MAX_DEPTH:
         raise HandshakeError(f"malformed {what} handshake message: nested deeper than "
                              f"{MAX_DEPTH} levels")
+    import json  # see encode()
+
     try:
         msg = json.loads(body)
     except (ValueError, RecursionError) as exc:

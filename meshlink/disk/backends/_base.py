@@ -53,9 +53,8 @@ backend's class or private fields.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-from typing import Protocol, TypeAlias, runtime_checkable
+from typing import NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 from ...errors import DiskError, LocalProtocolError
 
@@ -76,8 +75,7 @@ STATE_ZERO = 2
 Extent = tuple[int, int]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Capabilities:
+class Capabilities(NamedTuple):
     """What a backend can do; the front end advertises exactly this and nothing more.
 
     Attributes:

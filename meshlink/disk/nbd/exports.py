@@ -7,8 +7,8 @@ trio-free :mod:`meshlink.disk.syncserve`.  No trio, socket or clock imports.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from ..backends._base import Backend
 from . import wire as c
@@ -18,8 +18,7 @@ from .wire import transmission_flags
 __all__ = ["Export", "ExportTable"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Export:
+class Export(NamedTuple):
     """One export: a name bound to a backend.
 
     Attributes:
@@ -47,8 +46,7 @@ class Export:
                           max_block=c.MAX_REQUEST)
 
 
-@dataclasses.dataclass(frozen=True)
-class ExportTable:
+class ExportTable(NamedTuple):
     """What the option phase may ask about the exports: find one, list them.
 
     Attributes:

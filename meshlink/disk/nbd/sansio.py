@@ -28,7 +28,6 @@ Rules every machine keeps:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Final
 
 from ...errors import LocalProtocolError, RemoteProtocolError
@@ -143,10 +142,11 @@ class Outbox:
         return out
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class StartTLS:
     """Event: STARTTLS was acknowledged; send pending bytes, then run the TLS handshake.
 
     Either handshake machine returns it; the adapter then calls that
     machine's ``tls_established`` once the TLS handshake completed.
     """
+
+    __slots__ = ()

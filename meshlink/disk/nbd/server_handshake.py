@@ -20,19 +20,17 @@ Rules of this file (the shared ones are in ``sansio``):
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 from ...errors import LocalProtocolError, RemoteProtocolError
 from . import wire as c
 from .sansio import NEED_DATA, HardDisconnect, Inbox, NeedData, Outbox, RecvBuffer, StartTLS
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ExportInfo:
+class ExportInfo(NamedTuple):
     """What the handshake needs to know about one export (no backend here).
 
     Attributes:
@@ -53,13 +51,13 @@ class ExportInfo:
     max_block: int = c.MAX_REQUEST
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Aborted:
     """Event: the client sent NBD_OPT_ABORT (ACK queued); close after sending."""
 
+    __slots__ = ()
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class EnterTransmission:
+
+class EnterTransmission(NamedTuple):
     """Event: GO / EXPORT_NAME succeeded; switch to :class:`ServerTransmission`.
 
     Attributes:

@@ -25,8 +25,7 @@ so a stale view can at worst see newer bytes; it can never fault.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Final, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 from ...errors import LocalProtocolError
 from . import wire as c
@@ -34,7 +33,6 @@ from .sansio import NEED_DATA, HardDisconnect, Inbox, NeedData, RecvBuffer
 from .server_handshake import EnterTransmission
 
 
-@dataclasses.dataclass(slots=True)
 class Request:
     """A valid transmission request for the adapter to execute.
 
@@ -46,16 +44,23 @@ class Request:
         payload: WRITE data, a view valid until the next buffer call.
     """
 
-    type: int
-    flags: int
-    cookie: int
-    offset: int
-    length: int
-    payload: memoryview | None = None
+    __slots__ = ("type", "flags", "cookie", "offset", "length", "payload")
+
+    def __init__(self, type: int, flags: int, cookie: int, offset: int, length: int,
+                 payload: memoryview | None = None) -> None:
+        self.type = type
+        self.flags = flags
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return (f"Request(type={self.type}, flags={self.flags:#x}, cookie={self.cookie}, "
+                f"offset={self.offset}, length={self.length})")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class BadRequest:
+class BadRequest(NamedTuple):
     """A request that must be answered with an error (the adapter only replies).
 
     Attributes:
@@ -70,9 +75,10 @@ class BadRequest:
     message: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Disconnect:
     """Event: NBD_CMD_DISC; finish in-flight replies, then close."""
+
+    __slots__ = ()
 
 
 TransmissionEvent: TypeAlias = Request | BadRequest | Disconnect | NeedData
