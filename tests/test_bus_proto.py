@@ -34,7 +34,7 @@ from meshlink.bus.events import (
     Subscribed,
     Unsubscribe,
 )
-from meshlink.bus.proto import BusProtocol
+from meshlink.bus.proto import NOTIFY_PREFIXES, BusProtocol
 
 
 def hello(name: str = "x", version: int = PROTOCOL_VERSION, **kw: Any) -> Hello:
@@ -464,3 +464,21 @@ def test_fast_packers_match_send() -> None:
         a.pack_notify("m", (b"x" * 5000,))
     with pytest.raises(LocalProtocolError, match="must be a hello"):
         BusProtocol(hello()).pack_notify("m", ())
+
+
+def test_pack_notify_matches_send_for_any_method_and_keeps_few_prefixes() -> None:
+    # pack_notify joins a cached per-method prefix and the packed arguments.
+    a, _ = opened()
+    a2, _ = opened()
+    methods: list[Any] = ["m", "", "x" * 40, "\u00e9t\u00e9 \U0001f600", "y" * 300]
+    for method in methods * 2:  # the second round uses the cached prefixes
+        for args in [(), (1,), (None, [1, 2], {"k": b"v"}), (b"z" * 3000,)]:
+            assert a.pack_notify(method, args) == a2.send(Notify(method, list(args)))
+    # A failed pack leaves the next one whole.
+    with pytest.raises(LocalProtocolError, match="cannot pack"):
+        a.pack_notify("m", (1, object()))
+    assert a.pack_notify("m", (2,)) == a2.send(Notify("m", [2]))
+    # Invented names are served but not all kept.
+    for i in range(1000):
+        assert a.pack_notify(f"n{i}", ()) == a2.send(Notify(f"n{i}", []))
+    assert len(a._notify_prefixes) <= NOTIFY_PREFIXES
