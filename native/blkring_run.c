@@ -17,6 +17,11 @@
 
 #include "blkring.h"
 
+/* How often a loop that never sleeps looks at its stop and liveness fds:
+ * one poll() per millisecond costs nothing measurable and bounds how long a
+ * stop request waits. */
+#define STOP_CHECK_NS 1000000u
+
 static uint64_t mono_ns(void)
 {
     struct timespec ts;
@@ -39,6 +44,7 @@ int ml_blk_back_run(ml_blk_back *b, uint8_t *disk, int own_fd, int peer_fd, int 
     if (rc != ML_OK)
         return rc;
     uint64_t last = mono_ns();
+    uint64_t stop_check = last + STOP_CHECK_NS;
     while (!stopped(stop)) {
         int notify = 0;
         long n = ml_blk_back_serve_buffer(b, disk, &notify);
@@ -49,6 +55,23 @@ int ml_blk_back_run(ml_blk_back *b, uint8_t *disk, int own_fd, int peer_fd, int 
         if (notify && write(peer_fd, &one, sizeof one) < 0 && errno != EAGAIN)
             return ML_ESYS;
         uint64_t now = mono_ns();
+        if (now >= stop_check) {
+            /* A frontend that never lets the ring go idle never lets us
+             * reach the poll below, so look at stop_fd (and the frontend's
+             * hang-up) here too.  Without this a busy client held a stopping
+             * server for its whole join deadline. */
+            struct pollfd fds[2] = {{.fd = stop_fd, .events = POLLIN},
+                                    {.fd = live_fd, .events = POLLRDHUP}};
+            if (poll(fds, live_fd >= 0 ? 2 : 1, 0) > 0) {
+                if (fds[0].revents & POLLIN)
+                    break;
+                if (live_fd >= 0 && fds[1].revents & (POLLRDHUP | POLLHUP | POLLERR)) {
+                    errno = EPIPE;
+                    return ML_ESYS;
+                }
+            }
+            stop_check = now + STOP_CHECK_NS;
+        }
         if (n) {
             last = now;
             continue;

@@ -216,6 +216,52 @@ def test_fast_path_blk_drops_a_silent_client_and_serves_others_meanwhile(
     assert not HostStore(store).is_live(blk_entry_name("node"))  # withdrawn on stop
 
 
+def test_fast_path_blk_stop_does_not_wait_for_the_ring_to_idle(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C loop must see a stop while it is busy, not only when it is about
+    to sleep.  It used to look at the stop pipe only before sleeping, which a
+    client that never lets the ring idle for 50 us (the spin) postpones for
+    ever: ``stop()`` then waited out its whole join deadline (5 s).  Here the
+    spin is made longer than the test, which stands for such a client."""
+    import threading
+    import time
+
+    import trio
+
+    from meshlink.disk import syncserve
+    from meshlink.disk.backends import open_backend
+    from meshlink.disk.blk import back_conn, back_sync, open_blk
+    from meshlink.disk.syncserve import SyncServer
+
+    monkeypatch.setattr(back_conn, "SPIN_SECONDS", 60.0)
+    server = SyncServer()
+    disk = open_backend("memory", size=1 << 20)
+    back_sync.serve_blk_sync(server, "node", {"disk0": disk}, host_store=store)
+    runner = threading.Thread(target=server.run)
+    runner.start()
+    stop_took = None
+    try:
+        async def use_then_stop() -> float:
+            async with open_blk("node/disk0", host_store=store) as d:
+                await d.write(0, b"x" * 4096)  # the server's loop now spins
+                started = time.monotonic()
+                server.stop()
+                # run() returns once it has joined the connection threads.
+                await trio.to_thread.run_sync(runner.join, 30)
+                return time.monotonic() - started
+
+        stop_took = trio.run(use_then_stop)
+    finally:
+        if stop_took is None:
+            server.stop()
+        runner.join(timeout=30)
+        server.close()
+        disk.close()
+    assert not runner.is_alive()
+    # Well under the join deadline: the loop saw the stop within a millisecond.
+    assert stop_took < syncserve._JOIN_SECONDS / 2, stop_took
+
+
 def test_fast_path_turns_nagle_off_on_tcp_connections() -> None:
     """Small replies (16-byte write acknowledgements) must not wait behind Nagle's
     algorithm: TCP connections get TCP_NODELAY, as on the trio path."""
