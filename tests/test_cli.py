@@ -48,9 +48,10 @@ def server(store: Path) -> Iterator[str]:
         proc.stderr.close()
 
 
-def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("argv", [["--help"], ["--help", "--version"]])
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["--help"])
+        main(argv)
     assert info.value.code == 0
     out = capsys.readouterr().out
     for cmd in ("serve-echo", "resolve", "ls", "connect", "call", "disk"):
