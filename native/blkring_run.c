@@ -34,6 +34,42 @@ static int stopped(const int *stop)
     return __atomic_load_n(stop, __ATOMIC_ACQUIRE) != 0;
 }
 
+/* What look_at_fds found: go on serving, or stop (a readable stop_fd). */
+enum { FDS_GO_ON = 0, FDS_STOP = 1 };
+
+/*
+ * Poll the stop and liveness fds, and own_fd when it is >= 0 (poll ignores
+ * negative fds, so live_fd may be -1 too), for up to timeout_ms (-1: until
+ * one is ready).  Returns FDS_STOP, FDS_GO_ON (own_fd's signal consumed if
+ * it came), or ML_ESYS with errno EPIPE when the frontend hung up.
+ */
+static int look_at_fds(int own_fd, int stop_fd, int live_fd, int timeout_ms)
+{
+    /* POLLIN is not asked of the liveness socket: the frontend never
+     * writes to it after the handshake, and unread bytes there must not
+     * turn a sleep into a spin.  Its hang-up is reported anyway. */
+    struct pollfd fds[3] = {{.fd = own_fd, .events = POLLIN},
+                            {.fd = stop_fd, .events = POLLIN},
+                            {.fd = live_fd, .events = POLLRDHUP}};
+    if (poll(fds, 3, timeout_ms) < 0)
+        return errno == EINTR ? FDS_GO_ON : ML_ESYS;
+    /* A readable stop_fd stops the loop by itself: it may be shared by
+     * many loops (a server's stop pipe, never read here), whose flags
+     * nobody sets, so waiting for the flag would spin. */
+    if (fds[1].revents & POLLIN)
+        return FDS_STOP;
+    if (fds[2].revents & (POLLRDHUP | POLLHUP | POLLERR)) {
+        errno = EPIPE;
+        return ML_ESYS;
+    }
+    if (fds[0].revents & POLLIN) {
+        uint64_t count;
+        if (read(own_fd, &count, sizeof count) < 0 && errno != EAGAIN)
+            return ML_ESYS;
+    }
+    return FDS_GO_ON;
+}
+
 int ml_blk_back_run(ml_blk_back *b, uint8_t *disk, int own_fd, int peer_fd, int live_fd,
                     int stop_fd, const int *stop, uint64_t spin_ns)
 {
@@ -57,19 +93,12 @@ int ml_blk_back_run(ml_blk_back *b, uint8_t *disk, int own_fd, int peer_fd, int 
         uint64_t now = mono_ns();
         if (now >= stop_check) {
             /* A frontend that never lets the ring go idle never lets us
-             * reach the poll below, so look at stop_fd (and the frontend's
+             * reach the sleep below, so look at stop_fd (and the frontend's
              * hang-up) here too.  Without this a busy client held a stopping
              * server for its whole join deadline. */
-            struct pollfd fds[2] = {{.fd = stop_fd, .events = POLLIN},
-                                    {.fd = live_fd, .events = POLLRDHUP}};
-            if (poll(fds, live_fd >= 0 ? 2 : 1, 0) > 0) {
-                if (fds[0].revents & POLLIN)
-                    break;
-                if (live_fd >= 0 && fds[1].revents & (POLLRDHUP | POLLHUP | POLLERR)) {
-                    errno = EPIPE;
-                    return ML_ESYS;
-                }
-            }
+            rc = look_at_fds(-1, stop_fd, live_fd, 0);
+            if (rc != FDS_GO_ON)
+                return rc == FDS_STOP ? ML_OK : rc;
             stop_check = now + STOP_CHECK_NS;
         }
         if (n) {
@@ -83,32 +112,9 @@ int ml_blk_back_run(ml_blk_back *b, uint8_t *disk, int own_fd, int peer_fd, int 
             return pending;
         if (pending)
             continue;
-        /* POLLIN is not asked of the liveness socket: the frontend never
-         * writes to it after the handshake, and unread bytes there must not
-         * turn this sleep into a spin.  Its hang-up is reported anyway. */
-        struct pollfd fds[3] = {{.fd = own_fd, .events = POLLIN},
-                                {.fd = stop_fd, .events = POLLIN},
-                                {.fd = live_fd, .events = POLLRDHUP}};
-        int got = poll(fds, live_fd >= 0 ? 3 : 2, -1);
-        if (got < 0) {
-            if (errno == EINTR)
-                continue;
-            return ML_ESYS;
-        }
-        /* A readable stop_fd stops the loop by itself: it may be shared by
-         * many loops (a server's stop pipe, never read here), whose flags
-         * nobody sets, so waiting for the flag would spin. */
-        if (fds[1].revents & POLLIN)
-            break;
-        if (fds[2].revents & (POLLRDHUP | POLLHUP | POLLERR) && live_fd >= 0) {
-            errno = EPIPE;
-            return ML_ESYS;
-        }
-        if (fds[0].revents & POLLIN) {
-            uint64_t count;
-            if (read(own_fd, &count, sizeof count) < 0 && errno != EAGAIN)
-                return ML_ESYS;
-        }
+        rc = look_at_fds(own_fd, stop_fd, live_fd, -1);
+        if (rc != FDS_GO_ON)
+            return rc == FDS_STOP ? ML_OK : rc;
         last = mono_ns();
     }
     return ML_OK;
