@@ -24,6 +24,7 @@ from meshlink.bus import (
 from meshlink.bus.codec import PROTOCOL_VERSION
 from meshlink.bus.events import Hello
 from meshlink.bus.proto import BusProtocol
+from meshlink.bus.writer import SCHEDULE_EVERY
 
 from .helpers.bus_service import make_handlers
 
@@ -185,6 +186,34 @@ async def test_notify_runs_in_order(conn: Connection) -> None:
     for i in range(500):
         await conn.notify("note", i)
     assert await conn.call("notes", 500) == list(range(500))
+
+
+async def test_a_cancel_from_another_task_stops_a_notify_loop_at_its_next_yield(
+    conn: Connection,
+) -> None:
+    # notify checks for cancellation only when it yields (every SCHEDULE_EVERY
+    # calls, or when it waits); the task that cancels runs only then, so the
+    # loop must stop right there, and exactly what returned is delivered.
+    sent = 0
+    seen_at = -1
+
+    async def sender(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        nonlocal sent
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            for _ in range(20 * SCHEDULE_EVERY):  # bounded: a notify that never yields ends here
+                await conn.notify("note", sent)
+                sent += 1
+        assert scope.cancelled_caught, f"{sent} notifications, never cancelled"
+
+    async with trio.open_nursery() as nursery:
+        scope = await nursery.start(sender)
+        seen_at = sent
+        scope.cancel()
+    assert sent - seen_at <= SCHEDULE_EVERY
+    assert await conn.call("notes", sent) == list(range(sent))
+    await conn.notify("note", "end")
+    assert await conn.call("notes", 1) == ["end"]  # nothing after the cancel was queued
 
 
 # --- pub/sub ---------------------------------------------------------------------

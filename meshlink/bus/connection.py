@@ -87,8 +87,6 @@ logger = logging.getLogger("meshlink.bus")
 FEATURES: Final = ("rpc", "cancel", "notify", "pubsub", "stream", "heartbeat")
 _RECEIVE_SIZE: Final = 256 * 1024
 
-_checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
-
 #: The connection whose handler runs in the current context (set by the
 #: reader, the notify runner and, through them, every handler task).
 CURRENT: contextvars.ContextVar[Connection] = contextvars.ContextVar("meshlink_bus_connection")
@@ -622,9 +620,12 @@ class Connection:
             LocalProtocolError: an argument cannot be packed or is too large.
 
         Cancellation:
-            Safe: the notification is either queued whole or not at all.  This
-            is a cancel point on every call but, to batch small messages, a
-            schedule point only when it waits and once every 256 calls.
+            Safe: the notification is either queued whole or not at all.  A
+            checkpoint (cancel point and schedule point) when it waits and once
+            every 256 calls; in between it neither yields nor looks for
+            cancellation, so that a loop of small messages is batched and runs
+            at full rate.  A cancel by another task, which can only run while
+            this one yields, takes effect at the latest at that yield.
 
         Backpressure:
             Waits while the peer's notify window (bytes not yet run by its
@@ -638,7 +639,6 @@ class Connection:
             await trio.lowlevel.checkpoint()
         else:
             writer.ops = ops
-            await _checkpoint_if_cancelled()
         if self._error is not None:
             self._check_usable()
         data = self._pack_notify(method, args)
@@ -684,8 +684,8 @@ class Connection:
         Cancellation:
             Safe per subscription: if cancelled while waiting, the message went
             to the subscriptions before the one waited on and not to the rest.
-            Cancel point on every call; schedule point when waiting and once
-            every 256 calls.
+            A checkpoint when waiting and once every 256 calls, as
+            :meth:`notify`.
 
         Backpressure:
             For a ``"block"`` subscription, waits while the subscriber's window

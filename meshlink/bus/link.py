@@ -36,7 +36,7 @@ class Link:
             nothing once the connection has ended.
         send_flow: queue an application frame once its credit window (if any)
             and the outgoing buffer allow; False if the credit was closed.
-        schedule_point: a cancel point, and a schedule point now and then.
+        schedule_point: a checkpoint now and then (``Writer.schedule_point``).
     """
 
     __slots__ = (

@@ -82,8 +82,8 @@ class MessageStream(trio.abc.AsyncResource):
             LocalProtocolError: the message cannot be packed or is too large.
 
         Cancellation:
-            Safe: the message is queued whole or not at all.  Cancel point on
-            every call; schedule point when waiting and once every 256 calls.
+            Safe: the message is queued whole or not at all.  A checkpoint
+            when waiting and once every 256 calls, as ``Connection.notify``.
 
         Backpressure:
             Waits while the peer's window for this stream is full (it has not

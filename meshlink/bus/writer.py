@@ -296,12 +296,21 @@ class Writer:
                 self.wakeup.set()
 
     async def schedule_point(self) -> None:
-        """Cancel point on every call; schedule point every ``SCHEDULE_EVERY`` calls."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self.ops += 1
-        if self.ops >= SCHEDULE_EVERY:
+        """A checkpoint (cancel and schedule point) every ``SCHEDULE_EVERY`` calls.
+
+        Between those, nothing.  Another task that cancels this one runs only
+        while this one yields, so the cancel is seen at the next of these
+        checkpoints, at most ``SCHEDULE_EVERY`` calls later.  Looking for
+        cancellation on every call cost a quarter of a tight notify loop's
+        rate: an awaited ``checkpoint_if_cancelled`` is a coroutine call
+        (bench_bus one-way over vchan, 0.62x of pyzmq with it, 0.81x without).
+        """
+        ops = self.ops + 1
+        if ops >= SCHEDULE_EVERY:
             self.ops = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await trio.lowlevel.checkpoint()
+        else:
+            self.ops = ops
 
     async def send_flow(self, data: bytes, credit: CreditOut | None) -> bool:
         """Queue an application frame once the credit window and the buffer allow.
