@@ -291,6 +291,10 @@ class BusProtocol:
         pos = self._pos
         nframes = 0
         try:
+            if self._pending:
+                # What the first OutOfData below would do, without raising
+                # it: the unpacker holds no complete frame between calls.
+                self._feed_some()
             while True:
                 try:
                     frame = unpack()
@@ -331,14 +335,16 @@ class BusProtocol:
                 # The hot kinds, inline; each checks its arity and field types.
                 if type(frame) is list:
                     n = len(frame)
-                    kind = frame[0] if n else None
-                    if kind == 5 and n == 3:  # K_NOTIFY
-                        method = frame[1]
-                        args = frame[2]
-                        if type(method) is str and type(args) is list:
+                    if n == 3:
+                        # A notification, the one-way stream's frame: unpacked
+                        # at once, fewer steps than indexing (a reply is 3 too).
+                        kind, method, args = frame
+                        if kind == 5 and type(method) is str and type(args) is list:  # K_NOTIFY
                             batch_append((method, args, size))
                             total += size
                             continue
+                    else:
+                        kind = frame[0] if n else None
                     if batch:
                         on_notifications(batch, total)
                         batch = []
