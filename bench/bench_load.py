@@ -46,7 +46,7 @@ from ._peers import Child, child_argv
 PAYLOAD = b"c" * 64
 NAME = "bench-load"
 WARMUP_CALLS = 200
-KINDS = ("pyzmq", "vchan", "tcp")
+KINDS = ("pyzmq", "vchan", "tcp", "blocking")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -138,6 +138,26 @@ async def meshlink_client(kind: str, store: str, port: int, seconds: float,
         _report(calls, elapsed, cpu0, passes.count, server1 - server0)
 
 
+def blocking_client(store: str, seconds: float) -> None:
+    """``meshlink.connect_blocking`` with its defaults: no trio, a call is a function."""
+    from meshlink.blocking import connect_blocking
+
+    with connect_blocking(NAME, host_store=store) as conn:
+        if conn.transport != "vchan":
+            raise SystemExit(f"connected over {conn.transport}, not vchan")
+        for _ in range(WARMUP_CALLS):
+            conn.call("echo", PAYLOAD)
+        print("READY", flush=True)
+        _wait_go()
+        calls = 0
+        cpu0, t0 = _rusage_cpu(), time.perf_counter()
+        deadline = t0 + seconds
+        while time.perf_counter() < deadline:
+            conn.call("echo", PAYLOAD)
+            calls += 1
+        _report(calls, time.perf_counter() - t0, cpu0)
+
+
 def zmq_server(endpoint: str) -> None:
     import zmq
 
@@ -194,6 +214,8 @@ def _run_role(role: str, rest: Sequence[str]) -> None:
     elif role == "client":
         trio.run(meshlink_client, rest[0], rest[1], int(rest[2]), float(rest[3]),
                  rest[4] == "first")
+    elif role == "blocking-client":
+        blocking_client(rest[0], float(rest[1]))
     elif role == "zmq-server":
         zmq_server(rest[0])
     elif role == "zmq-client":
@@ -293,6 +315,9 @@ def measure(kind: str, clients: int, seconds: float, tmp: str) -> Figure:
     os.makedirs(store, 0o700, exist_ok=True)
     with start("server", store) as server:
         port = server.first_line.split()[1]
+        if kind == "blocking":
+            return load_window(server, lambda _: ["blocking-client", store, str(seconds)],
+                               clients, seconds)
         return load_window(server, lambda first: ["client", kind, store, port, str(seconds),
                                                   "first" if first else "other"],
                            clients, seconds)
@@ -344,7 +369,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="windows per figure, alternating (median kept)")
     ap.add_argument("--only", choices=KINDS, action="append",
-                    help="measure only this (repeatable; ratios need all three)")
+                    help="measure only this (repeatable; ratios need all four)")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
                     help="run the vchan load this long, sampling the server's RSS")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -371,11 +396,11 @@ def main() -> None:
     print(f"\n{'':28} {'calls/s':>10} {'server CPU/call':>20} {'clients CPU/call':>20}"
           f"  trio passes/call: server, client")
     for kind, label in (("pyzmq", "pyzmq ROUTER + REQ, ipc"), ("vchan", "meshlink vchan"),
-                        ("tcp", "meshlink TCP")):
+                        ("tcp", "meshlink TCP"), ("blocking", "meshlink vchan, blocking")):
         if kind not in figs:
             continue
         f = figs[kind]
-        passes = (f"  {f.server_passes:5.2f} {f.client_passes:5.2f}" if kind != "pyzmq"
+        passes = (f"  {f.server_passes:5.2f} {f.client_passes:5.2f}" if kind in ("vchan", "tcp")
                   else "")
         print(f"{label:28} {f.calls_s:10,.0f} {f.cpu('server'):>20} {f.cpu('clients'):>20}"
               f"{passes}")
@@ -388,6 +413,9 @@ def main() -> None:
           f"{vchan / peer:6.2f}x  >= 1.0x")
     print(f"{'vchan / meshlink TCP, calls/s':40} {tcp:10,.0f} {vchan:10,.0f} "
           f"{vchan / tcp:6.2f}x  > 1.0x")
+    blocking = figs["blocking"].calls_s
+    print(f"{'vchan, blocking client / pyzmq ipc':40} {peer:10,.0f} {blocking:10,.0f} "
+          f"{blocking / peer:6.2f}x  >= 1.0x")
     print_load_average("end")
 
 

@@ -3,12 +3,14 @@
 ``meshlink.serve(name, handlers)`` offers a service over vchan (shared memory,
 for co-located peers), TLS and TCP at once; ``async with
 meshlink.connect(name) as conn`` reaches it over the best channel the policy
-allows and gives a message-bus :class:`~meshlink.bus.Connection`.  The
-transports (:mod:`meshlink.transport.vchan`), the bus (:mod:`meshlink.bus`) and the disk
-service (:mod:`meshlink.disk`) are usable on their own.  Names are resolved
-by the :mod:`resolver` package (host store, rules, zeroconf), which meshlink
-builds on; every error a ``connect`` user may catch and every type it hands
-out is importable from here.  See README.md.
+allows and gives a message-bus :class:`~meshlink.bus.Connection`;
+``meshlink.connect_blocking(name)`` does the same for code without trio
+(:mod:`meshlink.blocking`).  The transports (:mod:`meshlink.transport.vchan`),
+the bus (:mod:`meshlink.bus`) and the disk service (:mod:`meshlink.disk`) are
+usable on their own.  Names are resolved by the :mod:`resolver` package (host
+store, rules, zeroconf), which meshlink builds on; every error a ``connect``
+user may catch and every type it hands out is importable from here.  See
+README.md.
 
 The names from :mod:`meshlink.service` (and with them the bus) are imported
 on first use, not by ``import meshlink``: code that needs only a transport or
@@ -40,6 +42,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .blocking import BlockingConnection, connect_blocking
     from .bus import BusConfig, Connection, Handlers, RemoteError
     from .client import MeshConnection, connect
     from .errors import ConnectionLost, RingCorruptError, SessionLost
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AddressInUse",
     "AuthError",
+    "BlockingConnection",
     "BusConfig",
     "Connection",
     "ConnectionLost",
@@ -75,12 +79,14 @@ __all__ = [
     "TLSConfig",
     "TransportError",
     "connect",
+    "connect_blocking",
     "serve",
 ]
 
 #: Names imported on first access (PEP 562), and the module each comes from.
 _LAZY = {"BusConfig": ".bus", "Connection": ".bus", "Handlers": ".bus", "RemoteError": ".bus",
          "MeshConnection": ".client", "Server": ".service", "connect": ".client",
+         "BlockingConnection": ".blocking", "connect_blocking": ".blocking",
          "SessionConfig": ".session",
          "serve": ".service", "TLSConfig": ".transport.tls",
          # subclasses of trio's errors: loading them imports trio (see errors.py)

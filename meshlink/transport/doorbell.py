@@ -26,6 +26,7 @@ instead; trio is imported only by the async calls.
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import socket
@@ -92,6 +93,12 @@ class Doorbell:
                 os.read(self.own_fd, 8)
             except BlockingIOError:
                 pass
+        self.look_for_death()
+
+    def look_for_death(self) -> bool:
+        """Look, without waiting, whether the liveness socket reports the peer
+        gone (EOF); sets and returns :attr:`peer_dead`.  Without a liveness
+        socket it only returns what is known."""
         if self._sock is not None and not self.peer_dead:
             try:
                 self.peer_dead = self._sock.recv(1, socket.MSG_PEEK) == b""
@@ -99,6 +106,7 @@ class Doorbell:
                 pass
             except OSError:
                 self.peer_dead = True
+        return self.peer_dead
 
     async def wait(self) -> None:
         """Sleep until the peer signals or dies (callers armed and re-checked first).
@@ -135,17 +143,22 @@ class Doorbell:
         if self.closed:
             raise trio.ClosedResourceError("closed while waiting for the peer")
 
-    def wait_blocking(self, stop_fd: int) -> bool:
+    def wait_blocking(self, stop_fd: int | None = None, timeout: float | None = None) -> bool:
         """:meth:`wait` for a thread of its own: block until the peer signals or
-        dies, or ``stop_fd`` turns readable.  One waiting thread per doorbell.
+        dies, ``stop_fd`` turns readable, or ``timeout`` seconds pass.  One
+        waiting thread per doorbell, and no async waiter meanwhile.
 
         Returns:
-            False when ``stop_fd`` woke it (nothing consumed), else True.
+            False when ``stop_fd`` or the timeout woke it (nothing consumed),
+            else True.
         """
         poller = select.poll()  # not select(): descriptors may be above FD_SETSIZE
         poller.register(self._epoll.fileno(), select.POLLIN)
-        poller.register(stop_fd, select.POLLIN)
-        if any(fd == stop_fd for fd, _ in poller.poll()):
+        if stop_fd is not None:
+            poller.register(stop_fd, select.POLLIN)
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        woken = poller.poll(ms)
+        if not woken or any(fd == stop_fd for fd, _ in woken):
             return False
         self._acknowledge()
         return True

@@ -407,6 +407,22 @@ class VchanStream(trio.abc.HalfCloseableStream):
             self._eof_sent = True
             self._ring.close()
 
+    def detach(self) -> tuple[VchanRing, Doorbell]:
+        """Hand the ring and the doorbell over to code that drives them without
+        trio (:mod:`meshlink.blocking`: copies in C, waits in
+        :meth:`Doorbell.wait_blocking`); this stream is closed, and the new
+        owner must ``close()`` the ring and the doorbell, then ``free()`` the ring.
+
+        Raises:
+            trio.BusyResourceError: a send or receive is in progress.
+            trio.ClosedResourceError: this stream was closed (or detached).
+        """
+        if self._sending or self._receiving:
+            raise trio.BusyResourceError("a send or receive is in progress on this stream")
+        self._check_open()
+        self._closed = True
+        return self._ring, self._bell
+
     async def aclose(self) -> None:
         """Close both directions and release the shared memory.
 

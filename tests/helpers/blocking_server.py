@@ -1,0 +1,105 @@
+"""The service that tests/test_blocking.py calls, as a process of its own.
+
+``STORE NAME [--heartbeat S] [--tls CERT CA [ALLOW_NAME]]``: ``meshlink.serve``
+on vchan (STORE), plain TCP and, with ``--tls``, TLS, all on 127.0.0.1;
+prints ``ready TLS_PORT TCP_PORT``.  With ``--heartbeat S`` it pings every S
+seconds and drops a connection silent for 3 S.  Each connection that ends
+with an error (a client that stopped answering, one that vanished) prints
+``lost N``, N counting them.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from typing import Any
+
+import trio
+
+import meshlink
+from meshlink.bus import BusConfig, Handlers, RemoteError, current_connection
+from meshlink.transport.tls import TLSConfig
+
+
+async def main(argv: list[str]) -> None:
+    store, name, *rest = argv
+    config = BusConfig()
+    tls = None
+    while rest:
+        flag = rest.pop(0)
+        if flag == "--heartbeat":
+            every = float(rest.pop(0))
+            config = BusConfig(heartbeat_interval=every, heartbeat_timeout=3 * every)
+        elif flag == "--tls":
+            cert, ca = rest.pop(0), rest.pop(0)
+            allow = frozenset([rest.pop(0)]) if rest and not rest[0].startswith("--") else None
+            tls = TLSConfig(cert, None, ca, allow)
+    notes: list[Any] = []
+    noted = trio.Event()
+    cancelled = trio.Event()
+    h = Handlers()
+
+    async def echo(value: Any) -> Any:
+        return value
+
+    def fail(message: str) -> None:
+        raise ValueError(message)
+
+    async def sleep(seconds: float) -> float:
+        try:
+            await trio.sleep(seconds)
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+        return seconds
+
+    async def was_cancelled() -> bool:
+        with trio.move_on_after(10):
+            await cancelled.wait()
+        return cancelled.is_set()
+
+    async def note(value: Any) -> None:
+        nonlocal noted
+        notes.append(value)
+        noted.set()
+        noted = trio.Event()
+
+    async def take_notes(count: int) -> list[Any]:
+        while len(notes) < count:
+            await noted.wait()
+        taken = notes[:count]
+        del notes[:count]
+        return taken
+
+    async def call_back() -> str:
+        # The bus is symmetric: ask the client to serve something.
+        try:
+            await current_connection().call("anything", 1)
+        except RemoteError as exc:
+            return exc.remote_type
+        return "answered"
+
+    async def notify_back(count: int) -> int:
+        conn = current_connection()
+        for i in range(count):
+            await conn.notify("anything", i)
+        return count
+
+    for fn in (echo, fail, sleep, was_cancelled, note, take_notes, call_back, notify_back):
+        h.add_method(fn.__name__, fn)
+    async with trio.open_nursery() as nursery:
+        srv = await nursery.start(partial(
+            meshlink.serve, name, h, host_store=store, bind="127.0.0.1", tls=tls,
+            allow_plaintext=True, config=config))
+        print(f"ready {srv.tls_port} {srv.tcp_port}", flush=True)
+        lost = 0
+        while True:
+            # Polling a counter the server keeps: there is no event for it.
+            await trio.sleep(0.01)
+            if srv.stats.failed != lost:
+                lost = srv.stats.failed
+                print(f"lost {lost}", flush=True)
+
+
+if __name__ == "__main__":
+    trio.run(main, sys.argv[1:])
