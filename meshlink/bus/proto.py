@@ -368,6 +368,8 @@ class BusProtocol:
                                 )
                             in_requests.add(rid)
                             sink.request(rid, method, args)
+                            if pos == self._fed and self._quiet():
+                                return False  # all consumed: no OutOfData round trip
                             continue
                     elif kind == K_REPLY and n == 3:
                         rid = frame[1]
@@ -379,6 +381,8 @@ class BusProtocol:
                                     f"answer to unknown request id {rid!r:.40}"
                                 ) from None
                             sink.reply(rid, frame[2])
+                            if pos == self._fed and self._quiet():
+                                return False  # all consumed: no OutOfData round trip
                             continue
                 if batch:
                     on_notifications(batch, total)
@@ -410,6 +414,14 @@ class BusProtocol:
         finally:
             self._pos = pos
             self.frames_in += nframes
+
+    def _quiet(self) -> bool:
+        """Whether :meth:`receive_frames` may return at once when the unpacker
+        has handed out every byte fed to it: nothing pending, no EOF to
+        report, no grown buffer to give back (the OutOfData path does those).
+        A request or reply is most often the last frame of its chunk, and
+        raising and catching OutOfData costs more than these checks."""
+        return not self._pending and not self._eof and not self._grown
 
     def _next_frame(self) -> Any:
         """The next complete msgpack object, NEED_DATA, or _EOF (clean end)."""

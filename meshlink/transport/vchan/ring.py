@@ -91,13 +91,18 @@ class VchanRing:
         """The memfd holding the pages (server end), else -1."""
         return int(lib.ml_local_memfd(self._v))
 
+    # The hot calls test the C result inline and call _check only for an
+    # error: a Python call less on every ring operation.
+
     def read_into(self, buf: bytearray | memoryview) -> int:
         """Copy up to ``len(buf)`` bytes out; 0 means the ring is empty."""
-        return _check(lib.ml_vchan_read(self._v, ffi.from_buffer(buf), len(buf)), "read")
+        rc: int = lib.ml_vchan_read(self._v, ffi.from_buffer(buf), len(buf))
+        return rc if rc >= 0 else _check(rc, "read")
 
     def write(self, data: Buffer) -> int:
         """Copy as much of ``data`` in as fits; 0 means the ring is full."""
-        return _check(lib.ml_vchan_write(self._v, ffi.from_buffer(data), len(data)), "write")
+        rc: int = lib.ml_vchan_write(self._v, ffi.from_buffer(data), len(data))
+        return rc if rc >= 0 else _check(rc, "write")
 
     def read_bytes(self, max_bytes: int) -> bytes:
         """Copy up to ``max_bytes`` contiguous readable bytes out as ``bytes``.
@@ -105,12 +110,16 @@ class VchanRing:
         One copy, no zero-filled buffer; returns ``b""`` if the ring is empty.
         A read that would cross the ring's end stops there (call again).
         """
-        avail = _check(lib.ml_vchan_peek(self._v, self._off), "peek")
-        if not avail:
+        avail: int = lib.ml_vchan_peek(self._v, self._off)
+        if avail <= 0:
+            if avail < 0:
+                _check(avail, "peek")  # raises
             return b""
         n = min(avail, max_bytes)
         data: bytes = ffi.buffer(self._base + self._off[0], n)[:]
-        _check(lib.ml_vchan_consume(self._v, n), "consume")
+        rc = lib.ml_vchan_consume(self._v, n)
+        if rc < 0:
+            _check(rc, "consume")
         return data
 
     def recv_into(self, buf: bytearray | memoryview) -> int:
@@ -122,22 +131,27 @@ class VchanRing:
         return _check(lib.ml_vchan_send(self._v, ffi.from_buffer(data), len(data)), "send")
 
     def data_ready(self) -> int:
-        return _check(lib.ml_vchan_data_ready(self._v), "data_ready")
+        rc: int = lib.ml_vchan_data_ready(self._v)
+        return rc if rc >= 0 else _check(rc, "data_ready")
 
     def buffer_space(self) -> int:
-        return _check(lib.ml_vchan_buffer_space(self._v), "buffer_space")
+        rc: int = lib.ml_vchan_buffer_space(self._v)
+        return rc if rc >= 0 else _check(rc, "buffer_space")
 
     def arm_read(self) -> int:
         """Ask to be signalled on the peer's next write; returns data_ready."""
-        return _check(lib.ml_vchan_arm_read(self._v), "arm_read")
+        rc: int = lib.ml_vchan_arm_read(self._v)
+        return rc if rc >= 0 else _check(rc, "arm_read")
 
     def arm_write(self) -> int:
         """Ask to be signalled when the peer consumes; returns buffer_space."""
-        return _check(lib.ml_vchan_arm_write(self._v), "arm_write")
+        rc: int = lib.ml_vchan_arm_write(self._v)
+        return rc if rc >= 0 else _check(rc, "arm_write")
 
     def peer_live(self) -> int:
         """The peer's live byte: 0 exited, 1 connected, 2 not yet connected."""
-        return _check(lib.ml_vchan_peer_live(self._v), "peer_live")
+        rc: int = lib.ml_vchan_peer_live(self._v)
+        return rc if rc >= 0 else _check(rc, "peer_live")
 
     def close(self) -> None:
         """Clear our live byte and signal the peer (our write side is done)."""
