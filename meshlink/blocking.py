@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import select
 import socket
 import ssl
@@ -64,6 +65,7 @@ from typing import Any, Final, Protocol
 
 from resolver import Endpoint, HostStore, InvalidName, Policy, Resolver
 
+from ._native import lib
 from .bus.codec import PROTOCOL_VERSION
 from .bus.config import BusConfig
 from .bus.errors import RemoteError
@@ -98,6 +100,8 @@ from .service import ATTEMPT_TIMEOUT, plaintext_allowed
 from .transport.doorbell import Doorbell
 from .transport.tls import TLSConfig, ssl_reason
 from .transport.vchan.ring import VchanRing
+
+ML_ETIMEDOUT: Final = lib.ML_ETIMEDOUT
 
 __all__ = ["BlockingConnection", "connect_blocking"]
 
@@ -155,10 +159,15 @@ class _VchanPipe:
     scheme = "vchan"
 
     def __init__(self, ring: VchanRing, bell: Doorbell) -> None:
+        from ._native import ffi
+
         self._ring = ring
         self._bell = bell
         self._wait_avg = _MIN_SPIN
         self._closed = False
+        self._ffi = ffi
+        self._size = ring.read_size
+        self._buf = ffi.new("char[]", self._size)  # what read_wait copies into
 
 
     def write(self, data: bytes, deadline: float | None, pump: Callable[[], None]) -> None:
@@ -203,25 +212,31 @@ class _VchanPipe:
         return None
 
     def read(self, deadline: float | None) -> bytes:
-        data = self.read_now()
-        if data is not None:
-            return data
         ring = self._ring
         started = time.perf_counter()
         avg = self._wait_avg
-        if avg <= _MAX_SPIN:
-            # Waking a sleeping process costs more than a short poll here.
-            end = started + max(_MIN_SPIN, min(_MAX_SPIN, _SPIN_FACTOR * avg))
-            while not ring.data_ready() and time.perf_counter() < end:
-                pass
+        # Waking a sleeping process costs more than a short poll here.
+        spin = 0.0 if avg > _MAX_SPIN else max(_MIN_SPIN, min(_MAX_SPIN, _SPIN_FACTOR * avg))
+        spin_ns = int(spin * 1e9)
+        data: bytes
         while True:
-            data = self.read_now()
-            if data is not None:
+            left = _remaining(deadline)
+            timeout_ms = -1 if left is None else math.ceil(left * 1000)
+            # The whole wait in C, without the GIL: spin, arm, poll, acknowledge.
+            n = ring.read_wait(self._buf, self._size, self._bell.wait_fd, self._bell.ack_fd,
+                               spin_ns, timeout_ms)
+            if n > 0:
+                data = self._ffi.buffer(self._buf, n)[:]
                 break
-            if ring.arm_read():
-                continue  # data came in while we armed
-            if not self._bell.wait_blocking(timeout=_remaining(deadline)):
+            if n == ML_ETIMEDOUT:
                 raise TimeoutError("timed out waiting for the vchan peer")
+            # Nothing to read but something to look at: its end, or its death.
+            self._bell.look_for_death()
+            data_now = self.read_now()
+            if data_now is not None:
+                data = data_now
+                break
+            spin_ns = 0
         # One long idle wait is forgotten within a few quick exchanges.
         sample = min(time.perf_counter() - started, 2 * _MAX_SPIN)
         self._wait_avg += (sample - avg) / 4

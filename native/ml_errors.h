@@ -24,7 +24,8 @@ enum ml_status {
     ML_ETOOBIG = -4,  /* packet larger than the ring */
     ML_ENOMEM = -5,
     ML_ESYS = -6,     /* a system call failed; errno is preserved */
-    ML_ECLOSED = -7   /* operation on a channel we closed ourselves */
+    ML_ECLOSED = -7,  /* operation on a channel we closed ourselves */
+    ML_ETIMEDOUT = -8 /* a wait with a timeout ran out */
 };
 
 /* cffi:end */

@@ -36,7 +36,9 @@ tar -C "$ROOT" \
     -cf - . | tar -C "$WORK" -xf -
 
 TESTS=(tests/native)
-for f in "$WORK"/tests/test_vchan*.py "$WORK"/tests/test_blk*.py "$WORK"/tests/test_ivshmem.py; do
+# test_blocking.py: the blocking client waits in C (native/vchan_wait.c).
+for f in "$WORK"/tests/test_vchan*.py "$WORK"/tests/test_blk*.py "$WORK"/tests/test_ivshmem.py \
+         "$WORK"/tests/test_blocking.py; do
     [ -e "$f" ] && TESTS+=("tests/${f##*/}")
 done
 # The trio-free server's blk tests drive the C ring loop in a thread of the

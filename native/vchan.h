@@ -105,6 +105,19 @@ int ml_vchan_peer_live(ml_vchan *v);
 int ml_vchan_close(ml_vchan *v);
 /* Signal the peer's event channel. */
 int ml_vchan_notify(ml_vchan *v);
+/*
+ * A reader's whole wait, for a thread that owns this end alone (the
+ * blocking client): copy up to n readable bytes into buf; if there are
+ * none, poll the ring for spin_ns, then arm, poll(2) on wait_fd (the
+ * doorbell's epoll set: our eventfd and the liveness socket) for at most
+ * timeout_ms (< 0: no limit), read ack_fd (our eventfd) to acknowledge,
+ * and look again.  Returns the bytes copied (> 0); 0 when there is nothing
+ * to read but something to look at (the peer's live byte is not 1, or a
+ * wake-up brought no data: the liveness socket, or a spurious signal);
+ * ML_ETIMEDOUT; or an error.
+ */
+long ml_vchan_read_wait(ml_vchan *v, void *buf, size_t n, int wait_fd, int ack_fd,
+                        long spin_ns, int timeout_ms);
 /* Unmap everything and release provider resources; v may be half-built. */
 void ml_vchan_free(ml_vchan *v);
 

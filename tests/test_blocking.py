@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,6 +137,27 @@ def test_a_server_that_died_fails_the_call_in_flight_and_is_found_again(store: P
         assert conn.call("echo", 4) == 4  # the restarted server, by name
         assert conn.transport == "vchan"
     finally:
+        conn.close()
+        srv.kill()
+
+
+def test_a_server_killed_during_a_call_fails_that_call(store: Path) -> None:
+    srv = Server(store)
+    conn = connect_blocking(NAME, host_store=store)
+
+    def kill_once_it_sleeps() -> None:
+        srv.expect("sleeping")
+        os.kill(srv.peer.proc.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_it_sleeps)
+    killer.start()
+    try:
+        # The caller sleeps in C (poll on the doorbell); the liveness socket
+        # wakes it, and the call fails instead of waiting for the heartbeat.
+        with pytest.raises(ConnectionLost):
+            conn.call("sleep", 60)
+    finally:
+        killer.join()
         conn.close()
         srv.kill()
 

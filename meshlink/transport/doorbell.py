@@ -75,6 +75,18 @@ class Doorbell:
         self._lot: trio.lowlevel.ParkingLot | None = None  # made by the first async wait
         self.closed = False
 
+    @property
+    def wait_fd(self) -> int:
+        """The fd that turns readable when the peer signals or dies (for a
+        thread that waits in C, as :meth:`wait_blocking` does in Python)."""
+        return self._epoll.fileno()
+
+    @property
+    def ack_fd(self) -> int:
+        """The eventfd to read to acknowledge a signal, or -1 when the
+        provider acknowledges another way (``on_event``)."""
+        return self.own_fd if self._on_event is None else -1
+
     def also_wake_on(self, fd: int) -> None:
         """Wake :meth:`wait` when ``fd`` is readable too (a provider's own
         death detector, such as a XenStore watch); ``on_event`` must consume

@@ -5,7 +5,8 @@ on vchan (STORE), plain TCP and, with ``--tls``, TLS, all on 127.0.0.1;
 prints ``ready TLS_PORT TCP_PORT``.  With ``--heartbeat S`` it pings every S
 seconds and drops a connection silent for 3 S.  Each connection that ends
 with an error (a client that stopped answering, one that vanished) prints
-``lost N``, N counting them.
+``lost N``, N counting them; the ``sleep`` handler prints ``sleeping`` as it
+starts.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ async def main(argv: list[str]) -> None:
         raise ValueError(message)
 
     async def sleep(seconds: float) -> float:
+        print("sleeping", flush=True)
         try:
             await trio.sleep(seconds)
         except trio.Cancelled:

@@ -122,6 +122,26 @@ class VchanRing:
             _check(rc, "consume")
         return data
 
+    def read_wait(self, buf: Any, n: int, wait_fd: int, ack_fd: int, spin_ns: int,
+                  timeout_ms: int) -> int:
+        """A reader's whole wait, in C (``ml_vchan_read_wait``): for a thread
+        that owns this end alone.
+
+        Args:
+            buf: a cffi buffer of at least ``n`` bytes.
+            wait_fd: the doorbell's fd to poll; ``ack_fd``: the eventfd it
+                reads to acknowledge a signal.
+            spin_ns: how long to poll the ring before sleeping.
+            timeout_ms: how long to sleep at most (< 0: no limit).
+
+        Returns:
+            The bytes copied into ``buf`` (> 0); 0 when there is nothing to
+            read but something to look at (the peer's live byte, its
+            liveness socket); ``lib.ML_ETIMEDOUT``.
+        """
+        rc: int = lib.ml_vchan_read_wait(self._v, buf, n, wait_fd, ack_fd, spin_ns, timeout_ms)
+        return rc if rc >= 0 or rc == lib.ML_ETIMEDOUT else _check(rc, "read_wait")
+
     def recv_into(self, buf: bytearray | memoryview) -> int:
         """Packet mode: fill all of ``buf`` or nothing (returns 0)."""
         return _check(lib.ml_vchan_recv(self._v, ffi.from_buffer(buf), len(buf)), "recv")
