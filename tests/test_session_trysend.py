@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from meshlink.session.stream import SessionConfig, SessionStream
 from meshlink.session.wire import HEADER_SIZE
@@ -200,3 +201,25 @@ async def test_close_finishes_a_started_record_before_end() -> None:
         with trio.fail_after(10):
             assert await b.receive_some() == b""  # END arrived: a clean end
         nursery.cancel_scope.cancel()
+
+
+async def test_a_client_without_sessions_is_answered_without_waiting() -> None:
+    # The server reads a bare-bus client's first byte to tell it from a
+    # session greeting, and wraps its transport to give that byte back.  The
+    # wrapper must keep the transport's non-waiting write: the bus answers
+    # through it with no schedule point (without it, every reply to such a
+    # client took an awaited send_all).
+    from meshlink.session import PrefixedStream
+    from meshlink.transport.nowait import nowait_sender
+
+    a, b = socket.socketpair()
+    async with trio.SocketStream(trio.socket.from_stdlib_socket(a)) as ours, \
+            trio.SocketStream(trio.socket.from_stdlib_socket(b)) as theirs:
+        wrapped = PrefixedStream(b"\x82", ours)
+        write = nowait_sender(wrapped)
+        assert write is not None
+        assert write(b"reply") == 5
+        assert await theirs.receive_some() == b"reply"
+        assert await wrapped.receive_some() == b"\x82"  # the byte read ahead comes back
+    memory, _ = trio.testing.memory_stream_pair()
+    assert nowait_sender(PrefixedStream(b"", memory)) is None  # none to keep

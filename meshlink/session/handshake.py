@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..errors import HandshakeError, RemoteProtocolError
+from ..transport.nowait import NowaitSender, nowait_sender
 from .stream import SessionConfig, SessionStream
 from .wire import (
     GREETING_SIZE,
@@ -92,9 +93,18 @@ class PrefixedStream(trio.abc.Stream):
     tell them apart.
     """
 
+    #: The wrapped stream's non-waiting write, when it has one (set per
+    #: instance, so that :func:`~meshlink.transport.nowait.nowait_sender`
+    #: finds it only then).  Without it every reply of the bus to a client
+    #: without sessions took an awaited send_all, with its schedule point.
+    try_send: NowaitSender
+
     def __init__(self, first: bytes, stream: trio.abc.Stream) -> None:
         self._first = first
         self.stream = stream
+        nowait = nowait_sender(stream)
+        if nowait is not None:
+            self.try_send = nowait
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """The bytes read ahead first, then the stream's."""
