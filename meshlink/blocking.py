@@ -708,8 +708,18 @@ def connect_blocking(
             lists each attempt and why).
         AuthError: an attempt was refused for credentials; no weaker
             transport is tried after it.
-        LocalProtocolError: a bad name or pin.
+        LocalProtocolError: a bad name or pin, or a call from inside a trio
+            run (which it would block: use :func:`meshlink.connect` there).
     """
+    import trio
+
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        pass  # not inside trio: as it should be
+    else:
+        raise LocalProtocolError("connect_blocking would block the trio run it is called "
+                                 "from: use meshlink.connect there")
     if tls is None:
         tls = TLSConfig.from_env()
     cfg = config or BusConfig()
@@ -721,8 +731,6 @@ def connect_blocking(
     store = resolver.store
 
     def open_one() -> tuple[_Pipe, BusProtocol]:
-        import trio
-
         with resolver_errors():
             try:
                 choices = trio.run(resolver.resolve, name, policy)

@@ -112,9 +112,9 @@ int ml_vchan_notify(ml_vchan *v);
  * doorbell's epoll set: our eventfd and the liveness socket) for at most
  * timeout_ms (< 0: no limit), read ack_fd (our eventfd) to acknowledge,
  * and look again.  Returns the bytes copied (> 0); 0 when there is nothing
- * to read but something to look at (the peer's live byte is not 1, or a
- * wake-up brought no data: the liveness socket, or a spurious signal);
- * ML_ETIMEDOUT; or an error.
+ * to read but something to look at (the peer's live byte is not 1, a
+ * wake-up that brought no data: the liveness socket or a spurious signal,
+ * or a signal handler to run: EINTR); ML_ETIMEDOUT; or an error.
  */
 long ml_vchan_read_wait(ml_vchan *v, void *buf, size_t n, int wait_fd, int ack_fd,
                         long spin_ns, int timeout_ms);

@@ -62,11 +62,10 @@ long ml_vchan_read_wait(ml_vchan *v, void *buf, size_t n, int wait_fd, int ack_f
             int wait_ms = deadline == INT64_MAX || left_ms > 1000000000 ? -1 : (int)left_ms;
             struct pollfd p = {.fd = wait_fd, .events = POLLIN};
             int rc = poll(&p, 1, wait_ms);
-            if (rc < 0) {
-                if (errno == EINTR)
-                    continue;
-                return ML_ESYS;
-            }
+            if (rc < 0)
+                /* A signal: back to Python, which runs its handler (Ctrl-C
+                 * must end a blocked call) and calls again if it returns. */
+                return errno == EINTR ? 0 : ML_ESYS;
             if (rc == 0)
                 return ML_ETIMEDOUT;
             uint64_t count;

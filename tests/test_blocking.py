@@ -225,3 +225,40 @@ def test_a_server_certificate_from_another_ca_is_refused(store: Path, certs: Cer
                              tls=meshlink.TLSConfig(certs.client, None, certs.rogue_ca))
     finally:
         srv.kill()
+
+
+async def test_refused_inside_trio(store: Path) -> None:
+    with pytest.raises(meshlink.LocalProtocolError, match="meshlink.connect"):
+        connect_blocking(NAME, host_store=store)
+
+
+def test_a_signal_ends_a_call_that_waits(store: Path) -> None:
+    # The caller sleeps in C (poll); a signal must reach its Python handler at
+    # once, as Ctrl-C must, not when the reply comes.  No heartbeat here: a
+    # ping would wake the caller anyway.
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    srv = Server(store, "--heartbeat", "1000")
+    old = signal.signal(signal.SIGUSR1, handler)
+    conn = connect_blocking(NAME, host_store=store)
+    main = threading.get_ident()
+
+    def signal_once_it_sleeps() -> None:
+        srv.expect("sleeping")
+        signal.pthread_kill(main, signal.SIGUSR1)  # the thread that sleeps in C
+
+    sender = threading.Thread(target=signal_once_it_sleeps)
+    sender.start()
+    try:
+        with pytest.raises(Interrupted):
+            conn.call("sleep", 10)  # under our heartbeat timeout (15 s), which would wake it
+        assert conn.call("sleeps_finished") == 0  # it did not wait for the reply
+    finally:
+        sender.join()
+        signal.signal(signal.SIGUSR1, old)
+        conn.close()
+        srv.kill()

@@ -46,14 +46,21 @@ async def main(argv: list[str]) -> None:
     def fail(message: str) -> None:
         raise ValueError(message)
 
+    slept = 0
+
     async def sleep(seconds: float) -> float:
+        nonlocal slept
         print("sleeping", flush=True)
         try:
             await trio.sleep(seconds)
         except trio.Cancelled:
             cancelled.set()
             raise
+        slept += 1
         return seconds
+
+    def sleeps_finished() -> int:
+        return slept
 
     async def was_cancelled() -> bool:
         with trio.move_on_after(10):
@@ -87,7 +94,8 @@ async def main(argv: list[str]) -> None:
             await conn.notify("anything", i)
         return count
 
-    for fn in (echo, fail, sleep, was_cancelled, note, take_notes, call_back, notify_back):
+    for fn in (echo, fail, sleep, sleeps_finished, was_cancelled, note, take_notes, call_back,
+               notify_back):
         h.add_method(fn.__name__, fn)
     async with trio.open_nursery() as nursery:
         srv = await nursery.start(partial(
