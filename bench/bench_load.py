@@ -8,10 +8,13 @@ loop (one call outstanding per client) for ``--seconds``; in one run:
     default ``BusConfig``, heartbeats), against a private host store;
   * meshlink over TCP (loopback), the same server (plain TCP allowed, the
     only setting that differs from the defaults) and ``pin=tcp://...``;
+  * meshlink over vchan with ``meshlink.connect_blocking(name)`` clients (no
+    trio in the clients; the same server);
   * the peer: a pyzmq ROUTER server, echoing, with REQ clients over ipc.
 
 It prints the aggregate calls/s of each, the ratios against the goals (vchan
->= 1.0x pyzmq; vchan ahead of TCP), the load average at start and end, and
+>= 1.0x pyzmq with either client; vchan ahead of TCP), the load average at
+start and end, and
 the CPU time per call of the server and of the clients (their resource usage
 over the measured window: ``/proc`` for the server, ``getrusage`` in each
 client), so that spinning shows as CPU spent per call.
