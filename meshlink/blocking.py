@@ -455,6 +455,8 @@ class BlockingConnection:
                 for ``heartbeat_timeout``.
             LocalProtocolError: an argument cannot be packed, or the request
                 is larger than the server accepts.
+            RemoteProtocolError: the server broke the bus protocol (the
+                connection is dropped; the next call opens a new one).
             ResolveError, AuthError: a new connection was needed, and it
                 could not be made.
             trio.ClosedResourceError: this connection was closed.
@@ -492,6 +494,7 @@ class BlockingConnection:
             ConnectionLost: the connection failed (the notification may or
                 may not have arrived).
             LocalProtocolError: an argument cannot be packed or is too large.
+            RemoteProtocolError: the server broke the bus protocol.
             ResolveError, AuthError: a new connection was needed and could
                 not be made.
             trio.ClosedResourceError: this connection was closed.
