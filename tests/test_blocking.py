@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +263,47 @@ def test_a_signal_ends_a_call_that_waits(store: Path) -> None:
         signal.signal(signal.SIGUSR1, old)
         conn.close()
         srv.kill()
+
+
+def test_a_server_that_breaks_the_protocol_is_dropped(store: Path) -> None:
+    # A hand-made TCP server: a proper hello, then bytes that are no frame.
+    from meshlink.bus.codec import PROTOCOL_VERSION
+    from meshlink.bus.events import NEED_DATA, Close, Hello, Request
+    from meshlink.bus.proto import BusProtocol
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(2):
+            sock, _ = listener.accept()
+            with sock:
+                proto = BusProtocol(Hello(PROTOCOL_VERSION, ["rpc"], "liar", 8, 65536, 65536,
+                                          1 << 20))
+                sock.sendall(proto.send(proto.our_hello))
+                while True:  # until its request (or its goodbye) is in
+                    data = sock.recv(65536)
+                    proto.receive_data(data)
+                    events = []
+                    while (ev := proto.next_event()) is not NEED_DATA:
+                        events.append(type(ev))
+                    if not data or Request in events or Close in events:
+                        break
+                if Request in events:
+                    sock.sendall(b"\xc1\xc1\xc1\xc1")  # 0xc1: never valid msgpack
+                    sock.recv(1)  # until the client hangs up
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        conn = connect_blocking(NAME, host_store=store, allow_plaintext=True,
+                                pin=f"tcp://127.0.0.1:{port}")
+        conn.close()  # the first connection: hello only
+        conn = connect_blocking(NAME, host_store=store, allow_plaintext=True,
+                                pin=f"tcp://127.0.0.1:{port}")
+        with pytest.raises(meshlink.RemoteProtocolError):
+            conn.call("echo", 1)
+        conn.close()
+    finally:
+        t.join()
+        listener.close()
