@@ -537,7 +537,7 @@ class BlockingConnection:
             # Part of a frame may be out: the stream is no longer in step.
             self._peer_gone = True
             raise
-        except ConnectionLost:
+        except (ConnectionLost, RemoteProtocolError):  # RingCorruptError is one
             self._peer_gone = True
             raise
         except OSError as exc:
@@ -555,7 +555,7 @@ class BlockingConnection:
             self._peer_gone = True
             raise ConnectionLost(f"no data from {self.name!r} for "
                                  f"{self._cfg.heartbeat_timeout} s (heartbeat)") from None
-        except ConnectionLost:
+        except (ConnectionLost, RemoteProtocolError):  # RingCorruptError is one
             self._peer_gone = True
             raise
         except OSError as exc:
@@ -569,6 +569,9 @@ class BlockingConnection:
         while pipe is not None and not self._peer_gone:
             try:
                 data = pipe.read_now()
+            except (ConnectionLost, RemoteProtocolError):
+                self._peer_gone = True
+                raise
             except OSError as exc:
                 self._peer_gone = True
                 raise ConnectionLost(f"connection to {self.name!r} failed: {exc}") from exc

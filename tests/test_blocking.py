@@ -307,3 +307,15 @@ def test_a_server_that_breaks_the_protocol_is_dropped(store: Path) -> None:
     finally:
         t.join()
         listener.close()
+
+
+def test_a_server_that_corrupts_the_ring_is_dropped(store: Path, server: Server) -> None:
+    conn = connect_blocking(NAME, host_store=store)
+    try:
+        with pytest.raises(meshlink.RemoteProtocolError, match="corrupt"):
+            conn.call("corrupt_my_ring")
+        # That connection is never read again: the next call opens another.
+        assert conn.call("echo", 5) == 5
+        assert conn.reconnects == 1, conn.reconnects
+    finally:
+        conn.close()

@@ -11,6 +11,8 @@ starts.
 
 from __future__ import annotations
 
+import mmap
+import struct
 import sys
 from functools import partial
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import trio
 
 import meshlink
+from meshlink._native import lib
 from meshlink.bus import BusConfig, Handlers, RemoteError, current_connection
 from meshlink.transport.tls import TLSConfig
 
@@ -94,8 +97,23 @@ async def main(argv: list[str]) -> None:
             await conn.notify("anything", i)
         return count
 
+    def corrupt_my_ring() -> str:
+        # A hostile server: push right.prod (docs/vchan.md section 1: offset
+        # 12, the index of the ring the client reads) far past right.cons, as
+        # if it had written ten rings' worth, and signal.  The reader of that
+        # ring must refuse it.  (Test-only reach into the connection: the
+        # bus hides its transport, as it should.)
+        stream = current_connection()._stream
+        vchan = getattr(stream, "stream", stream)  # a client without sessions: PrefixedStream
+        ring = vchan._ring
+        with mmap.mmap(ring.memfd, 4096) as page:
+            cons = struct.unpack_from("<I", page, 8)[0]
+            struct.pack_into("<I", page, 12, (cons + 10 * ring.read_size) & 0xFFFFFFFF)
+        lib.ml_vchan_notify(ring._v)
+        return "corrupted"
+
     for fn in (echo, fail, sleep, sleeps_finished, was_cancelled, note, take_notes, call_back,
-               notify_back):
+               notify_back, corrupt_my_ring):
         h.add_method(fn.__name__, fn)
     async with trio.open_nursery() as nursery:
         srv = await nursery.start(partial(
