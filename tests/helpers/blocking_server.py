@@ -97,23 +97,32 @@ async def main(argv: list[str]) -> None:
             await conn.notify("anything", i)
         return count
 
-    def corrupt_my_ring() -> str:
+    heal = trio.Event()
+
+    async def corrupt_my_ring() -> None:
         # A hostile server: push right.prod (docs/vchan.md section 1: offset
         # 12, the index of the ring the client reads) far past right.cons, as
         # if it had written ten rings' worth, and signal.  The reader of that
-        # ring must refuse it.  (Test-only reach into the connection: the
-        # bus hides its transport, as it should.)
+        # ring must refuse it.  Once told to (heal_rings), put the true index
+        # back, as the next write would: a client that went on reading this
+        # ring would then find nothing wrong.  (Test-only reach into the
+        # connection: the bus hides its transport, as it should.)
         stream = current_connection()._stream
         vchan = getattr(stream, "stream", stream)  # a client without sessions: PrefixedStream
         ring = vchan._ring
         with mmap.mmap(ring.memfd, 4096) as page:
-            cons = struct.unpack_from("<I", page, 8)[0]
+            cons, prod = struct.unpack_from("<II", page, 8)
             struct.pack_into("<I", page, 12, (cons + 10 * ring.read_size) & 0xFFFFFFFF)
-        lib.ml_vchan_notify(ring._v)
-        return "corrupted"
+            lib.ml_vchan_notify(ring._v)
+            await heal.wait()
+            struct.pack_into("<I", page, 12, prod)
+        await trio.sleep_forever()
+
+    def heal_rings() -> None:
+        heal.set()
 
     for fn in (echo, fail, sleep, sleeps_finished, was_cancelled, note, take_notes, call_back,
-               notify_back, corrupt_my_ring):
+               notify_back, corrupt_my_ring, heal_rings):
         h.add_method(fn.__name__, fn)
     async with trio.open_nursery() as nursery:
         srv = await nursery.start(partial(
