@@ -52,7 +52,6 @@ One thread at a time: a connection is not locked.  Give each thread its own.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import select
@@ -65,8 +64,7 @@ from typing import Any, Final, Protocol
 
 from resolver import Endpoint, HostStore, InvalidName, Policy, Resolver
 
-from ._native import lib
-from .bus.codec import PROTOCOL_VERSION
+from ._native import ffi, lib
 from .bus.config import BusConfig
 from .bus.errors import RemoteError
 from .bus.events import (
@@ -76,6 +74,7 @@ from .bus.events import (
     Close,
     ConnectionClosed,
     Credit,
+    Error,
     Event,
     Hello,
     Ping,
@@ -93,13 +92,14 @@ from .errors import (
     LocalProtocolError,
     MeshlinkError,
     RemoteProtocolError,
-    ResolveError,
     resolver_errors,
 )
 from .service import ATTEMPT_TIMEOUT, plaintext_allowed
+from .transport.dial import ATTEMPT_ERRORS, Attempts, dial_vchan, note_fingerprint
 from .transport.doorbell import Doorbell
 from .transport.tls import TLSConfig, ssl_reason
 from .transport.vchan.ring import VchanRing
+from .transport.vchan.stream import MAX_READ_SPIN, MIN_READ_SPIN, READ_SPIN_FACTOR, SPIN_SECONDS
 
 ML_ETIMEDOUT: Final = lib.ML_ETIMEDOUT
 
@@ -111,14 +111,13 @@ logger = logging.getLogger("meshlink.connect")
 FEATURES: Final = ("rpc", "cancel", "notify", "heartbeat")
 #: Bytes asked of a socket per read.
 _READ_SIZE: Final = 256 * 1024
-#: The reader's spin before it sleeps: as VchanStream's (see its
-#: _read_spin_budget): a multiple of the recent waits, within these bounds,
-#: and none at all when the peer usually takes longer than the cap.
-_SPIN_FACTOR: Final = 8
-_MIN_SPIN: Final = 5e-6
-_MAX_SPIN: Final = 250e-6
-#: A writer waiting for ring space polls this long before it sleeps.
-_WRITE_SPIN: Final = 50e-6
+#: The reader spins as VchanStream's does (see its _read_spin_budget): a
+#: multiple of its recent waits, within bounds, and not at all when the peer
+#: usually takes longer than the cap; a writer waiting for room, SPIN_SECONDS.
+_SPIN_FACTOR: Final = READ_SPIN_FACTOR
+_MIN_SPIN: Final = MIN_READ_SPIN
+_MAX_SPIN: Final = MAX_READ_SPIN
+_WRITE_SPIN: Final = SPIN_SECONDS
 
 
 def _nothing() -> None:
@@ -159,16 +158,12 @@ class _VchanPipe:
     scheme = "vchan"
 
     def __init__(self, ring: VchanRing, bell: Doorbell) -> None:
-        from ._native import ffi
-
         self._ring = ring
         self._bell = bell
         self._wait_avg = _MIN_SPIN
         self._closed = False
-        self._ffi = ffi
         self._size = ring.read_size
         self._buf = ffi.new("char[]", self._size)  # what read_wait copies into
-
 
     def write(self, data: bytes, deadline: float | None, pump: Callable[[], None]) -> None:
         ring = self._ring
@@ -226,7 +221,7 @@ class _VchanPipe:
             n = ring.read_wait(self._buf, self._size, self._bell.wait_fd, self._bell.ack_fd,
                                spin_ns, timeout_ms)
             if n > 0:
-                data = self._ffi.buffer(self._buf, n)[:]
+                data = ffi.buffer(self._buf, n)[:]
                 break
             if n == ML_ETIMEDOUT:
                 raise TimeoutError("timed out waiting for the vchan peer")
@@ -291,8 +286,6 @@ def _dial_vchan(ep: Endpoint, store: HostStore, timeout: float) -> _Pipe:
                                  "(the blocking client drives host store rings only)")
     import trio
 
-    from .transport.dial import dial_vchan
-
     async def dial() -> tuple[VchanRing, Doorbell]:
         with trio.fail_after(timeout):
             stream = await dial_vchan(ep, store)
@@ -317,21 +310,17 @@ def _dial_socket(ep: Endpoint, tls: TLSConfig | None, name: str, timeout: float)
             raise AuthError(f"server certificate refused: {ssl_reason(exc)}") from exc
         except ssl.SSLError as exc:
             raise AuthError(f"TLS handshake refused: {ssl_reason(exc)}") from exc
-        if ep.fingerprint:
-            der = wrapped.getpeercert(binary_form=True)
-            seen = hashlib.sha256(der).hexdigest() if der else ""
-            if seen != ep.fingerprint:
-                logger.warning("%s: server certificate fingerprint %s differs from the "
-                               "advertised %s (the CA vouches for it; advertisement may be "
-                               "stale)", name, seen[:16], ep.fingerprint[:16])
+        note_fingerprint(ep, name, wrapped.getpeercert(binary_form=True))
         return _SocketPipe(wrapped, "tls")
     except BaseException:
         sock.close()
         raise
 
 
-#: What a failed attempt may raise; the next endpoint is tried (AuthError ends it).
-_ATTEMPT_ERRORS = (MeshlinkError, OSError, ValueError)
+#: What a failed transport raises as itself (RingCorruptError is a
+#: RemoteProtocolError); other OS errors become ConnectionLost.  TimeoutError
+#: is one too: a write cut short by it leaves the stream out of step.
+_BROKEN = (TimeoutError, ConnectionLost, RemoteProtocolError)
 
 
 class BlockingConnection:
@@ -395,7 +384,7 @@ class BlockingConnection:
             try:
                 self._pipe.check()  # a server that crashed since the last call
                 self._pump_now()  # a close frame or an EOF waiting for us, pings
-            except (ConnectionLost, RemoteProtocolError, TimeoutError):
+            except _BROKEN:
                 self._peer_gone = True  # nothing of a call was sent: connect again
         if self._pipe is None or self._peer_gone:
             had = self._pipe is not None
@@ -420,7 +409,7 @@ class BlockingConnection:
             try:
                 pipe.write(proto.send(Close()), time.monotonic() + self._cfg.close_timeout,
                            _nothing)
-            except (TimeoutError, ConnectionLost):
+            except (OSError, MeshlinkError):
                 pass  # deliberate: best effort; the transport's end tells the server too
         self._drop()
 
@@ -517,8 +506,8 @@ class BlockingConnection:
         try:
             self._write(pipe, proto.send(Cancel(call_id)),
                         time.monotonic() + self._cfg.close_timeout)
-        except (TimeoutError, ConnectionLost):
-            pass  # _write marked the connection gone
+        except (OSError, MeshlinkError):
+            pass  # _write marked the connection gone: the timeout is what the caller hears
 
     # --- the wire ----------------------------------------------------------------------
 
@@ -533,16 +522,17 @@ class BlockingConnection:
             self._pong_queued = False
         try:
             pipe.write(data, deadline, self._pump_now if pump else _nothing)
-        except TimeoutError:
-            # Part of a frame may be out: the stream is no longer in step.
-            self._peer_gone = True
-            raise
-        except (ConnectionLost, RemoteProtocolError):  # RingCorruptError is one
+        except _BROKEN:
+            # After a timeout part of a frame may be out: out of step, too.
             self._peer_gone = True
             raise
         except OSError as exc:
-            self._peer_gone = True
-            raise ConnectionLost(f"connection to {self.name!r} failed: {exc}") from exc
+            raise self._lost(exc) from exc
+
+    def _lost(self, exc: OSError) -> ConnectionLost:
+        """The error for a transport that failed; the next call opens another."""
+        self._peer_gone = True
+        return ConnectionLost(f"connection to {self.name!r} failed: {exc}")
 
     def _pump(self, pipe: _Pipe, deadline: float | None) -> None:
         """Wait for bytes (until ``deadline``, or the heartbeat timeout) and act on them."""
@@ -555,12 +545,11 @@ class BlockingConnection:
             self._peer_gone = True
             raise ConnectionLost(f"no data from {self.name!r} for "
                                  f"{self._cfg.heartbeat_timeout} s (heartbeat)") from None
-        except (ConnectionLost, RemoteProtocolError):  # RingCorruptError is one
+        except _BROKEN:
             self._peer_gone = True
             raise
         except OSError as exc:
-            self._peer_gone = True
-            raise ConnectionLost(f"connection to {self.name!r} failed: {exc}") from exc
+            raise self._lost(exc) from exc
         self._feed(pipe, data)
 
     def _pump_now(self) -> None:
@@ -569,12 +558,11 @@ class BlockingConnection:
         while pipe is not None and not self._peer_gone:
             try:
                 data = pipe.read_now()
-            except (ConnectionLost, RemoteProtocolError):
+            except _BROKEN:
                 self._peer_gone = True
                 raise
             except OSError as exc:
-                self._peer_gone = True
-                raise ConnectionLost(f"connection to {self.name!r} failed: {exc}") from exc
+                raise self._lost(exc) from exc
             if data is None:
                 return
             self._feed(pipe, data)
@@ -605,8 +593,6 @@ class BlockingConnection:
             self._outcome = (False, RemoteError(type, message))
 
     def request(self, id: int, method: str, args: list[Any]) -> None:
-        from .bus.events import Error
-
         assert self._proto is not None
         self._out += self._proto.send(Error(id, "MethodNotFound",
                                             f"the blocking client serves no {method!r}"))
@@ -656,11 +642,7 @@ class _ClosedBeforeHello(HandshakeError):
 
 def _handshake(pipe: _Pipe, cfg: BusConfig, client_name: str, deadline: float) -> BusProtocol:
     """Exchange hellos; returns the core with the server's hello in."""
-    proto = BusProtocol(
-        Hello(version=PROTOCOL_VERSION, features=list(FEATURES), name=client_name,
-              max_concurrency=cfg.max_concurrency, notify_window=cfg.notify_window,
-              stream_window=cfg.stream_window, max_frame_size=cfg.max_frame_size),
-        max_container_len=cfg.max_container_len, ext_types=cfg.ext_types)
+    proto = BusProtocol.from_config(cfg, client_name, FEATURES)
     pipe.write(proto.send(proto.our_hello), deadline, _nothing)
     while True:
         ev = proto.next_event()
@@ -744,8 +726,7 @@ def connect_blocking(
                 raise
             except ValueError as exc:
                 raise LocalProtocolError(f"bad pin: {exc}") from exc
-        failures: list[str] = []
-        last: BaseException | None = None
+        attempts = Attempts(name, f"could not connect to {name!r}", logger)
         for choice in choices:
             ep = choice.endpoint
             try:
@@ -765,22 +746,12 @@ def connect_blocking(
                         raise AuthError("TLS server refused our certificate (or its name "
                                         f"is not in the server's allow list): {exc}") from exc
                     raise
-            except (*_ATTEMPT_ERRORS, trio.TooSlowError) as exc:
-                err: BaseException = exc
-                last = err
-                failures.append(f"{ep.url}: {err}")
-                if isinstance(err, AuthError):
-                    logger.warning("%s: %s refused (%s); not trying other endpoints",
-                                   name, ep.url, err)
-                    raise AuthError(f"could not connect to {name!r}: "
-                                    f"{'; '.join(failures)}") from err
-                logger.warning("%s: %s failed (%s); falling back to the next endpoint",
-                               name, ep.url, err)
+            except ATTEMPT_ERRORS as exc:
+                attempts.failed(ep.url, exc)
                 continue
             logger.info("%s: connected over %s to %s (%s), blocking", name, ep.scheme,
                         ep.url, choice.reason)
             return pipe, proto
-        summary = "; ".join(failures) or "no usable endpoint"
-        raise ResolveError(f"could not connect to {name!r}: {summary}") from last
+        attempts.all_failed()
 
     return BlockingConnection(name, open_one, cfg)

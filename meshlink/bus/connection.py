@@ -53,7 +53,6 @@ from ..errors import (
     RemoteProtocolError,
     SessionLost,
 )
-from .codec import PROTOCOL_VERSION
 from .config import BusConfig
 from .dispatch import Dispatcher
 from .errors import PeerClosedError
@@ -114,19 +113,7 @@ class Connection:
         self._stream = stream
         self._handlers = handlers or Handlers()
         self.name = name
-        self._proto = BusProtocol(
-            Hello(
-                version=PROTOCOL_VERSION,
-                features=list(FEATURES),
-                name=name,
-                max_concurrency=cfg.max_concurrency,
-                notify_window=cfg.notify_window,
-                stream_window=cfg.stream_window,
-                max_frame_size=cfg.max_frame_size,
-            ),
-            max_container_len=cfg.max_container_len,
-            ext_types=cfg.ext_types,
-        )
+        self._proto = BusProtocol.from_config(cfg, name, FEATURES)
         self._pack_notify = self._proto.pack_notify
         self._writer = Writer(stream, cfg.send_buffer_size, self._check_usable, self._fail)
         #: Queue a control frame, skipping the buffer limit.

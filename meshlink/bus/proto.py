@@ -54,12 +54,14 @@ from .codec import (
     K_REQUEST,
     K_STREAM_DATA,
     MAX_ID,
+    PROTOCOL_VERSION,
     ExtCodec,
     decode_hello,
     make_packer,
     make_unpacker,
     malformed,
 )
+from .config import BusConfig
 from .errors import PeerClosedError, VersionMismatch
 from .events import (
     NEED_DATA,
@@ -147,6 +149,24 @@ class BusProtocol:
     :meth:`send` takes an event, and the ``pack_*`` methods take the fields of
     the hot kinds directly.  Both ways enforce the same rules.
     """
+
+    @classmethod
+    def from_config(cls, config: BusConfig, name: str, features: Sequence[str]) -> BusProtocol:
+        """A core whose hello announces ``config``'s limits, our ``name`` and
+        ``features``, and which enforces ``config``'s limits on input."""
+        return cls(
+            Hello(
+                version=PROTOCOL_VERSION,
+                features=list(features),
+                name=name,
+                max_concurrency=config.max_concurrency,
+                notify_window=config.notify_window,
+                stream_window=config.stream_window,
+                max_frame_size=config.max_frame_size,
+            ),
+            max_container_len=config.max_container_len,
+            ext_types=config.ext_types,
+        )
 
     def __init__(
         self,

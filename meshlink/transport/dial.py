@@ -34,7 +34,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import trio
 
@@ -46,7 +46,8 @@ from .vchan import VchanStream, connect_vchan
 from .vchan.ivshmem import connect_ivshmem, local_region
 from .vchan.xen import connect_xen_vchan
 
-__all__ = ["ATTEMPT_ERRORS", "dial", "dial_tcp", "dial_tls", "dial_vchan", "open_first"]
+__all__ = ["ATTEMPT_ERRORS", "Attempts", "dial", "dial_tcp", "dial_tls", "dial_vchan",
+           "note_fingerprint", "open_first"]
 
 logger = logging.getLogger("meshlink.connect")
 
@@ -123,14 +124,23 @@ async def dial_tls(ep: Endpoint, tls: TLSConfig | None,
         await tcp.aclose()
         raise LocalProtocolError("TLS endpoint but no CA configured (tls= or MESHLINK_TLS_CA)")
     stream = await tls_client_stream(tcp, tls.client_context(), server_hostname)
-    if ep.fingerprint:
-        der = stream.getpeercert(binary_form=True)
-        seen = hashlib.sha256(der).hexdigest() if der else ""
-        if seen != ep.fingerprint:
-            logger.warning("%s: server certificate fingerprint %s differs from the advertised "
-                           "%s (the CA vouches for it; advertisement may be stale)",
-                           server_hostname, seen[:16], ep.fingerprint[:16])
+    note_fingerprint(ep, server_hostname, stream.getpeercert(binary_form=True))
     return stream
+
+
+def note_fingerprint(ep: Endpoint, server_hostname: str, der: bytes | None) -> None:
+    """Warn when the server's certificate (DER) is not the one ``ep`` advertised.
+
+    Only a warning: the CA vouches for the certificate, and the advertisement
+    may be stale (a server renewed its certificate since it published).
+    """
+    if not ep.fingerprint:
+        return
+    seen = hashlib.sha256(der).hexdigest() if der else ""
+    if seen != ep.fingerprint:
+        logger.warning("%s: server certificate fingerprint %s differs from the advertised "
+                       "%s (the CA vouches for it; advertisement may be stale)",
+                       server_hostname, seen[:16], ep.fingerprint[:16])
 
 
 async def dial(ep: Endpoint, *, host_store: HostStore, tls: TLSConfig | None,
@@ -182,25 +192,55 @@ async def open_first(
     Cancellation:
         Safe at any point: a half-open attempt is closed by its ``open_one``.
     """
-    failures: list[str] = []
-    last: BaseException | None = None
+    attempts = Attempts(subject, failure, log)
     async with AsyncExitStack() as stack:
         for choice in choices:
             ep = choice.endpoint
             try:
                 opened = await stack.enter_async_context(open_one(ep))
             except ATTEMPT_ERRORS as exc:
-                err = blame(ep, exc)
-                last = err
-                failures.append(f"{describe(ep)}: {err}")
-                if isinstance(err, AuthError):
-                    log.warning("%s: %s refused (%s); not trying other endpoints",
-                                subject, describe(ep), err)
-                    raise AuthError(f"{failure}: {'; '.join(failures)}") from err
-                log.warning("%s: %s failed (%s); falling back to the next endpoint",
-                            subject, describe(ep), err)
+                attempts.failed(describe(ep), blame(ep, exc))
                 continue
             yield opened, choice
             return
-    summary = "; ".join(failures) or "no usable endpoint"
-    raise ResolveError(f"{failure}: {summary}") from last
+    attempts.all_failed()
+
+
+class Attempts:
+    """What a try-in-order loop does with its failures (:func:`open_first`,
+    and the blocking client's loop): one warning per failed endpoint, a stop
+    at the first refusal of credentials (never a downgrade after "not you"),
+    and an error that lists every attempt when none worked.
+
+    Args:
+        subject: what is being opened, first in each log line.
+        failure: the start of the error message.
+        log: where the warnings go.
+    """
+
+    def __init__(self, subject: str, failure: str, log: logging.Logger) -> None:
+        self._subject = subject
+        self._failure = failure
+        self._log = log
+        self._failures: list[str] = []
+        self._last: BaseException | None = None
+
+    def failed(self, where: str, err: BaseException) -> None:
+        """Count a failed attempt at ``where``; go on with the next endpoint.
+
+        Raises:
+            AuthError: ``err`` is one: no later endpoint may be tried.
+        """
+        self._last = err
+        self._failures.append(f"{where}: {err}")
+        if isinstance(err, AuthError):
+            self._log.warning("%s: %s refused (%s); not trying other endpoints",
+                              self._subject, where, err)
+            raise AuthError(f"{self._failure}: {'; '.join(self._failures)}") from err
+        self._log.warning("%s: %s failed (%s); falling back to the next endpoint",
+                          self._subject, where, err)
+
+    def all_failed(self) -> NoReturn:
+        """Raises the ResolveError that lists every attempt and why it failed."""
+        summary = "; ".join(self._failures) or "no usable endpoint"
+        raise ResolveError(f"{self._failure}: {summary}") from self._last

@@ -409,7 +409,7 @@ class VchanStream(trio.abc.HalfCloseableStream):
 
     def detach(self) -> tuple[VchanRing, Doorbell]:
         """Hand the ring and the doorbell over to code that drives them without
-        trio (:mod:`meshlink.blocking`: copies in C, waits in
+        trio (:mod:`meshlink.blocking`: it waits in C, or in
         :meth:`Doorbell.wait_blocking`); this stream is closed, and the new
         owner must ``close()`` the ring and the doorbell, then ``free()`` the ring.
 
