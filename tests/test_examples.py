@@ -114,6 +114,9 @@ def test_cluster_demo_runs() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "[vchan] 'hello from dom0' -> 'HELLO FROM DOM0'" in out.stdout
     assert "[tls] 'hello from dom0' -> 'HELLO FROM DOM0'" in out.stdout
+    blocking = out.stdout.split("co-located client without trio (--blocking):\n", 1)
+    assert len(blocking) == 2, out.stdout
+    assert blocking[1].startswith("[vchan] 'hello from dom0' -> 'HELLO FROM DOM0'")
     assert "demo: OK" in out.stdout
 
 

@@ -3,11 +3,12 @@
 Makes a throwaway CA and certificates (with ``trustme``, installed by the
 README's ``.[test,bench]``), starts the echo server as its own process with
 ``meshlink.serve`` in a private host store (vchan + mutual TLS; no plain TCP), then runs
-two client processes that connect *by name*:
+three client processes that connect *by name*:
 
 * a co-located client: the resolver finds the name in the host store with our
   host id, the vchan handshake proves co-location, so it talks over vchan;
-* a client told to forbid vchan and require TLS: it uses mutual TLS.
+* a client told to forbid vchan and require TLS: it uses mutual TLS;
+* a co-located client without trio (``meshlink.connect_blocking``): vchan.
 
 Each prints the transport it used.  The server is stopped with SIGTERM (which
 withdraws it).  Exit status 0 means every reply was correct.
@@ -73,7 +74,10 @@ def main() -> int:
             ok1, out1 = run_client(store, client_env)
             print("client forced through TLS (--no-vchan --require-tls):", flush=True)
             ok2, out2 = run_client(store, client_env, "--no-vchan", "--require-tls")
-            ok = ok1 and ok2 and out1.startswith("[vchan]") and out2.startswith("[tls]")
+            print("co-located client without trio (--blocking):", flush=True)
+            ok3, out3 = run_client(store, client_env, "--blocking")
+            ok = (ok1 and ok2 and ok3 and out1.startswith("[vchan]")
+                  and out2.startswith("[tls]") and out3.startswith("[vchan]"))
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=20)
