@@ -118,6 +118,10 @@ _SPIN_FACTOR: Final = READ_SPIN_FACTOR
 _MIN_SPIN: Final = MIN_READ_SPIN
 _MAX_SPIN: Final = MAX_READ_SPIN
 _WRITE_SPIN: Final = SPIN_SECONDS
+#: A wait in C returns to Python at least this often (ms).  A signal that
+#: arrives while it spins, or between arming and poll(2), does not interrupt
+#: the poll; Python runs its handler (Ctrl-C) only once the call returns.
+_SLICE_MS: Final = 100
 
 
 def _nothing() -> None:
@@ -216,7 +220,7 @@ class _VchanPipe:
         data: bytes
         while True:
             left = _remaining(deadline)
-            timeout_ms = -1 if left is None else math.ceil(left * 1000)
+            timeout_ms = _SLICE_MS if left is None else min(_SLICE_MS, math.ceil(left * 1000))
             # The whole wait in C, without the GIL: spin, arm, poll, acknowledge.
             n = ring.read_wait(self._buf, self._size, self._bell.wait_fd, self._bell.ack_fd,
                                spin_ns, timeout_ms)
@@ -224,7 +228,10 @@ class _VchanPipe:
                 data = ffi.buffer(self._buf, n)[:]
                 break
             if n == ML_ETIMEDOUT:
-                raise TimeoutError("timed out waiting for the vchan peer")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("timed out waiting for the vchan peer")
+                spin_ns = 0
+                continue  # a slice ended: Python runs any signal handler that is due
             # Nothing to read but something to look at: its end, or its death.
             self._bell.look_for_death()
             data_now = self.read_now()
