@@ -19,9 +19,10 @@ Before sleeping it usually pays to poll for a few tens of microseconds:
 waking a sleeping process costs more than that.  :func:`spin` polls
 cooperatively, yielding to trio on every turn, so other tasks keep running.
 
-A thread that owns a doorbell alone (the trio-free disk server,
-:mod:`meshlink.disk.syncserve`) waits with :meth:`Doorbell.wait_blocking`
-instead; trio is imported only by the async calls.
+A thread that owns a doorbell alone (the blocking client,
+:mod:`meshlink.blocking`) waits with :meth:`Doorbell.wait_blocking`, or in C
+on :attr:`Doorbell.wait_fd`, instead; trio is imported only by the async
+calls.
 """
 
 from __future__ import annotations
@@ -160,22 +161,18 @@ class Doorbell:
         if self.closed:
             raise trio.ClosedResourceError("closed while waiting for the peer")
 
-    def wait_blocking(self, stop_fd: int | None = None, timeout: float | None = None) -> bool:
+    def wait_blocking(self, timeout: float | None = None) -> bool:
         """:meth:`wait` for a thread of its own: block until the peer signals or
-        dies, ``stop_fd`` turns readable, or ``timeout`` seconds pass.  One
-        waiting thread per doorbell, and no async waiter meanwhile.
+        dies, or ``timeout`` seconds pass.  One waiting thread per doorbell,
+        and no async waiter meanwhile.
 
         Returns:
-            False when ``stop_fd`` or the timeout woke it (nothing consumed),
-            else True.
+            False when the timeout ended it (nothing consumed), else True.
         """
         poller = select.poll()  # not select(): descriptors may be above FD_SETSIZE
         poller.register(self._epoll.fileno(), select.POLLIN)
-        if stop_fd is not None:
-            poller.register(stop_fd, select.POLLIN)
         ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
-        woken = poller.poll(ms)
-        if not woken or any(fd == stop_fd for fd, _ in woken):
+        if not poller.poll(ms):
             return False
         self._acknowledge()
         return True
