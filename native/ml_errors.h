@@ -25,7 +25,8 @@ enum ml_status {
     ML_ENOMEM = -5,
     ML_ESYS = -6,     /* a system call failed; errno is preserved */
     ML_ECLOSED = -7,  /* operation on a channel we closed ourselves */
-    ML_ETIMEDOUT = -8 /* a wait with a timeout ran out */
+    ML_ETIMEDOUT = -8, /* a wait with a timeout ran out */
+    ML_ENOROOM = -9    /* no room for the whole message: nothing was written */
 };
 
 /* cffi:end */

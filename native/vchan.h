@@ -118,6 +118,20 @@ int ml_vchan_notify(ml_vchan *v);
  */
 long ml_vchan_read_wait(ml_vchan *v, void *buf, size_t n, int wait_fd, int ack_fd,
                         long spin_ns, int timeout_ms);
+/*
+ * Whether a blocking client's connection is idle, so that a call may go
+ * out at once: nothing to read, the peer's live byte 1, and live_fd (its
+ * liveness socket, or -1) not at EOF.  Returns 1 or 0, or an error (a
+ * corrupted ring).
+ */
+int ml_vchan_idle(ml_vchan *v, int live_fd);
+/*
+ * A blocking client's call in one step: write the whole of req (or, if it
+ * does not fit now, nothing: ML_ENOROOM), then ml_vchan_read_wait() for the
+ * reply, with the same arguments and results.
+ */
+long ml_vchan_write_wait(ml_vchan *v, const void *req, size_t req_len, void *buf, size_t n,
+                         int wait_fd, int ack_fd, long spin_ns, int timeout_ms);
 /* Unmap everything and release provider resources; v may be half-built. */
 void ml_vchan_free(ml_vchan *v);
 

@@ -7,10 +7,14 @@
  * per call, which under load (17 processes on 2 cores, cold caches) cost
  * more than the C.  Here it is one call, and the GIL is not held (cffi
  * releases it around the call), so the spin does not stop other threads.
+ * A call's write goes in the same C call (ml_vchan_write_wait), and the
+ * look before it (ml_vchan_idle) is one call too: the client's Python per
+ * call then is packing the request and decoding the reply.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <stdint.h>
 #include <time.h>
 #include <unistd.h>
@@ -80,4 +84,43 @@ long ml_vchan_read_wait(ml_vchan *v, void *buf, size_t n, int wait_fd, int ack_f
         if (avail == 0)
             return 0; /* woken without data: the caller looks at the liveness socket */
     }
+}
+
+int ml_vchan_idle(ml_vchan *v, int live_fd)
+{
+    long ready = ml_vchan_data_ready(v);
+    if (ready != 0)
+        return ready < 0 ? (int)ready : 0; /* bytes in: a ping, a close, a late reply */
+    int live = ml_vchan_peer_live(v);
+    if (live != 1)
+        return live < 0 ? live : 0;
+    if (live_fd >= 0) {
+        /* The liveness socket carries no data: EOF (0) is the peer's death,
+         * EAGAIN is a live peer; anything else the caller looks at. */
+        char c;
+        ssize_t r = recv(live_fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (!(r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)))
+            return 0;
+    }
+    return 1;
+}
+
+long ml_vchan_write_wait(ml_vchan *v, const void *req, size_t req_len, void *buf, size_t n,
+                         int wait_fd, int ack_fd, long spin_ns, int timeout_ms)
+{
+    if (req_len == 0)
+        return ML_EINVAL;
+    long space = ml_vchan_buffer_space(v);
+    if (space < 0)
+        return space;
+    if ((size_t)space < req_len)
+        return ML_ENOROOM;
+    long w = ml_vchan_write(v, req, req_len);
+    if (w < 0)
+        return w;
+    /* We are the ring's only writer: its free space can only have grown
+     * since we looked.  Less means the peer moved the consumer index back. */
+    if ((size_t)w != req_len)
+        return ML_ECORRUPT;
+    return ml_vchan_read_wait(v, buf, n, wait_fd, ack_fd, spin_ns, timeout_ms);
 }

@@ -482,3 +482,70 @@ def test_pack_notify_matches_send_for_any_method_and_keeps_few_prefixes() -> Non
     for i in range(1000):
         assert a.pack_notify(f"n{i}", ()) == a2.send(Notify(f"n{i}", []))
     assert len(a._notify_prefixes) <= NOTIFY_PREFIXES
+
+
+def test_take_reply_takes_exactly_the_awaited_reply() -> None:
+    """The blocking client's one-frame path: the reply to the awaited request,
+    alone and whole, is taken with the same accounting as receive_frames; a
+    second reply to that id is then an unknown request's."""
+    a, b = opened()
+    b.receive_data(a.pack_request(7, "f", [1]))
+    assert b.next_event() == Request(7, "f", [1])
+    reply = b.pack_reply(7, {"ok": [1, 2]})
+    assert a.take_reply(reply, 7) == ({"ok": [1, 2]},)
+    assert a.frames_in >= 1
+    assert a.take_reply(reply, 7) is None  # no longer in flight
+    a.receive_data(reply)
+    with pytest.raises(RemoteProtocolError, match="unknown request"):
+        a.receive_frames(RecordingSink())
+
+
+def _answer(a: BusProtocol, b: BusProtocol, rid: int, **error: str) -> bytes:
+    """``b``'s answer to ``a``'s request ``rid``: a reply, or an error frame."""
+    b.receive_data(a.pack_request(rid, "f", []))
+    assert isinstance(b.next_event(), Request)
+    if error:
+        return b.send(Error(rid, error["type"], "m"))
+    return b.pack_reply(rid, "r")
+
+
+@pytest.mark.parametrize("case", ["ping first", "ping after", "partial", "other id",
+                                  "error reply", "malformed", "buffered", "too big"])
+def test_take_reply_leaves_everything_else_to_receive_frames(case: str) -> None:
+    """Whatever is not exactly the awaited reply is not taken, and the usual
+    path then sees every frame (or the same protocol error) as without it."""
+    a, b = opened()
+    ping = b.send(Ping(5))
+    if case == "ping first":
+        data = ping + _answer(a, b, 1)
+    elif case == "ping after":
+        data = _answer(a, b, 1) + ping
+    elif case == "partial":
+        data = _answer(a, b, 1)[:-1]
+    elif case == "other id":
+        _answer(a, b, 1)
+        data = _answer(a, b, 2)
+    elif case == "error reply":
+        data = _answer(a, b, 1, type="E")
+    elif case == "malformed":
+        a.pack_request(1, "f", [])
+        data = b"\xc1"
+    elif case == "buffered":
+        a.receive_data(ping[:1])  # half a frame already in: order must be kept
+        data = ping[1:] + _answer(a, b, 1)
+    else:  # "too big": larger than our max_frame_size (4096)
+        a.pack_request(1, "f", [])
+        data = msgpack.packb([2, 1, b"x" * 5000])
+    assert a.take_reply(data, 1) is None
+    sink = RecordingSink()
+    a.receive_data(data)
+    if case in ("malformed", "too big"):
+        with pytest.raises(RemoteProtocolError):
+            a.receive_frames(sink)
+        return
+    a.receive_frames(sink)
+    kinds = [type(e).__name__ for e in sink.events]
+    expected = {"ping first": ["Ping", "Reply"], "ping after": ["Reply", "Ping"],
+                "partial": [], "other id": ["Reply"], "error reply": ["Error"],
+                "buffered": ["Ping", "Reply"]}[case]
+    assert kinds == expected

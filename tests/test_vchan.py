@@ -204,3 +204,42 @@ async def test_a_parked_waiter_leaves_a_later_signal_for_the_next_sleep() -> Non
         assert select.select([own], [], [], 0)[0] == [own]  # still there for the next sleep
     finally:
         bell.close()
+
+
+async def test_a_blocking_end_writes_and_waits_in_one_call(store: Path) -> None:
+    """ml_vchan_idle and ml_vchan_write_wait, the blocking client's call: idle
+    only with nothing to read and a live peer; a request that does not fit is
+    not written at all; one that fits is, and the reply is read in the same call."""
+    from meshlink._native import ffi, lib
+
+    client, server = await vchan_pair(store)
+    ring, bell = client.detach()
+    buf = ffi.new("char[]", 64)
+    try:
+        assert ring.idle(bell.live_fd)
+        await server.send_all(b"ping")
+        assert not ring.idle(bell.live_fd)  # something came in: look first
+        assert ring.read_bytes(64) == b"ping"
+        assert ring.idle(bell.live_fd)
+
+        too_big = b"r" * (ring.write_size + 1)
+        rc = ring.write_wait(too_big, buf, 64, bell.wait_fd, bell.ack_fd, 0, 0)
+        assert rc == lib.ML_ENOROOM
+        with trio.move_on_after(0.05):
+            await server.receive_some()
+            pytest.fail("part of a request that did not fit was written")
+
+        rc = ring.write_wait(b"request", buf, 64, bell.wait_fd, bell.ack_fd, 0, 0)
+        assert rc == lib.ML_ETIMEDOUT  # written; no reply within 0 ms
+        assert await server.receive_some() == b"request"
+        await server.send_all(b"reply")  # there before the next call: read at once
+        rc = ring.write_wait(b"again", buf, 64, bell.wait_fd, bell.ack_fd, 0, 1000)
+        assert ffi.buffer(buf, rc)[:] == b"reply"
+        assert await server.receive_some() == b"again"
+
+        await server.aclose()  # the peer's live byte goes to 0
+        assert not ring.idle(bell.live_fd)
+    finally:
+        ring.close()
+        bell.close()
+        ring.free()

@@ -23,6 +23,7 @@ and, on its hot paths, inlines their rules for the frequent kinds.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -332,15 +333,12 @@ ENCODERS: Final[dict[type, Callable[[Any], Any]]] = {
 }
 
 
-def make_unpacker(
+def _unpack_options(
     max_frame_size: int, max_container_len: int, ext_types: Sequence[ExtCodec]
-) -> msgpack.Unpacker:
-    """The streaming unpacker of one connection, bounded for hostile input.
-
-    Its buffer holds at most a partial frame plus one fed chunk; strings,
-    binaries and ext payloads are bounded by the frame size, arrays and maps by
-    ``max_container_len``; an ext type is accepted only if registered.
-    """
+) -> dict[str, Any]:
+    """The msgpack limits for hostile input: strings, binaries and ext payloads
+    bounded by the frame size, arrays and maps by ``max_container_len``, an
+    ext type accepted only if registered."""
     by_code = {c.code: c for c in ext_types}
 
     def ext_hook(code: int, data: bytes) -> Any:
@@ -352,17 +350,40 @@ def make_unpacker(
         except Exception as exc:
             raise RemoteProtocolError(f"ext type {code} failed to decode: {exc!r:.200}") from exc
 
+    return {
+        "raw": False,
+        "strict_map_key": True,
+        "use_list": True,
+        "max_str_len": max_frame_size,
+        "max_bin_len": max_frame_size,
+        "max_array_len": max_container_len,
+        "max_map_len": max_container_len,
+        "max_ext_len": max_frame_size if ext_types else 0,
+        "ext_hook": ext_hook,
+    }
+
+
+def make_unpacker(
+    max_frame_size: int, max_container_len: int, ext_types: Sequence[ExtCodec]
+) -> msgpack.Unpacker:
+    """The streaming unpacker of one connection, bounded for hostile input.
+
+    Its buffer holds at most a partial frame plus one fed chunk; the other
+    limits are :func:`_unpack_options`'.
+    """
     return msgpack.Unpacker(
-        raw=False,
-        strict_map_key=True,
-        use_list=True,
         max_buffer_size=max_frame_size + FEED_CHUNK,
-        max_str_len=max_frame_size,
-        max_bin_len=max_frame_size,
-        max_array_len=max_container_len,
-        max_map_len=max_container_len,
-        max_ext_len=max_frame_size if ext_types else 0,
-        ext_hook=ext_hook,
+        **_unpack_options(max_frame_size, max_container_len, ext_types),
+    )
+
+
+def make_unpackb(
+    max_frame_size: int, max_container_len: int, ext_types: Sequence[ExtCodec]
+) -> Callable[[bytes], Any]:
+    """``msgpack.unpackb`` with the limits of :func:`make_unpacker`: decodes
+    exactly one whole object (anything after it raises ``ExtraData``)."""
+    return functools.partial(
+        msgpack.unpackb, **_unpack_options(max_frame_size, max_container_len, ext_types)
     )
 
 

@@ -58,6 +58,7 @@ from .codec import (
     ExtCodec,
     decode_hello,
     make_packer,
+    make_unpackb,
     make_unpacker,
     malformed,
 )
@@ -185,6 +186,7 @@ class BusProtocol:
         self._max_frame = limit
         self._unpacker = make_unpacker(limit, max_container_len, ext_types)
         self._unpacker_args = (limit, max_container_len, ext_types)
+        self._unpackb = make_unpackb(limit, max_container_len, ext_types)
         #: A frame above SHRINK_ABOVE passed: the unpacker's buffer grew to fit
         #: it and never shrinks, so it is replaced once empty (see receive_frames).
         self._grown = False
@@ -434,6 +436,31 @@ class BusProtocol:
         finally:
             self._pos = pos
             self.frames_in += nframes
+
+    def take_reply(self, data: bytes, id: int) -> tuple[Any] | None:
+        """``(result,)`` if ``data`` is exactly one frame, the reply to our
+        request ``id``, and nothing else is buffered; else None, and nothing
+        was taken: hand ``data`` to :meth:`receive_data` as usual.
+
+        For a caller that waits for one reply and reads it in one piece (the
+        blocking client): the checks and accounting of :meth:`receive_frames`
+        for that one frame, without its loop.  Anything else (another
+        frame, an error reply, a partial or malformed frame) goes the usual
+        way, which also reports what was wrong with it.
+        """
+        if (self._pending or self._fed != self._pos or self._state is not _State.OPEN
+                or self._eof or len(data) > self._max_frame or id not in self._out_requests):
+            return None
+        try:
+            frame = self._unpackb(data)
+        except Exception:  # deliberate: receive_frames decodes it again and says why
+            return None
+        if (type(frame) is not list or len(frame) != 3 or frame[0] != K_REPLY
+                or type(frame[1]) is not int or frame[1] != id):
+            return None
+        self._out_requests.remove(id)
+        self.frames_in += 1
+        return (frame[2],)
 
     def _quiet(self) -> bool:
         """Whether :meth:`receive_frames` may return at once when the unpacker

@@ -83,6 +83,11 @@ class Doorbell:
         return self._epoll.fileno()
 
     @property
+    def live_fd(self) -> int:
+        """The liveness socket's fd (EOF: the peer died), or -1 when there is none."""
+        return -1 if self._sock is None else self._sock.fileno()
+
+    @property
     def ack_fd(self) -> int:
         """The eventfd to read to acknowledge a signal, or -1 when the
         provider acknowledges another way (``on_event``)."""

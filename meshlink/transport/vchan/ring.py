@@ -142,6 +142,27 @@ class VchanRing:
         rc: int = lib.ml_vchan_read_wait(self._v, buf, n, wait_fd, ack_fd, spin_ns, timeout_ms)
         return rc if rc >= 0 or rc == lib.ML_ETIMEDOUT else _check(rc, "read_wait")
 
+    def write_wait(self, data: bytes, buf: Any, n: int, wait_fd: int, ack_fd: int,
+                   spin_ns: int, timeout_ms: int) -> int:
+        """Write all of ``data`` (a whole message), then :meth:`read_wait`, in
+        one C call (``ml_vchan_write_wait``).
+
+        Returns:
+            As :meth:`read_wait`, or ``lib.ML_ENOROOM`` when ``data`` did not
+            fit in the ring: nothing was written.
+        """
+        rc: int = lib.ml_vchan_write_wait(self._v, data, len(data), buf, n, wait_fd, ack_fd,
+                                          spin_ns, timeout_ms)
+        if rc >= 0 or rc == lib.ML_ETIMEDOUT or rc == lib.ML_ENOROOM:
+            return rc
+        return _check(rc, "write_wait")
+
+    def idle(self, live_fd: int) -> bool:
+        """Nothing to read, the peer's live byte 1, and ``live_fd`` (its
+        liveness socket, or -1) not at end of stream (``ml_vchan_idle``)."""
+        rc: int = lib.ml_vchan_idle(self._v, live_fd)
+        return rc == 1 if rc >= 0 else bool(_check(rc, "idle"))
+
     def recv_into(self, buf: bytearray | memoryview) -> int:
         """Packet mode: fill all of ``buf`` or nothing (returns 0)."""
         return _check(lib.ml_vchan_recv(self._v, ffi.from_buffer(buf), len(buf)), "recv")
