@@ -280,7 +280,12 @@ async def test_replies_many_at_once_and_close_with_a_reply_stuck() -> None:
     async def big(n: int) -> bytes:
         return b"x" * n
 
+    async def big_later(n: int) -> bytes:
+        await trio.lowlevel.checkpoint()  # suspends: answered from a worker
+        return b"x" * n
+
     handlers.add_method("big", big)
+    handlers.add_method("big_later", big_later)
     config = BusConfig(heartbeat_interval=None, close_timeout=0.5)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(partial(serve_bus, b, handlers, config=config))
@@ -290,10 +295,14 @@ async def test_replies_many_at_once_and_close_with_a_reply_stuck() -> None:
             async def one(n: int) -> None:
                 results.append(len(await client.call("big", n)))
 
+            async def one_later(n: int) -> None:
+                results.append(len(await client.call("big_later", n)))
+
             async with trio.open_nursery() as calls:
                 for i in range(20):
                     calls.start_soon(one, 1000 * i)
-            assert sorted(results) == [1000 * i for i in range(20)]
+                    calls.start_soon(one_later, 1000 * i)
+            assert sorted(results) == sorted(2 * [1000 * i for i in range(20)])
 
     # A raw peer that sends a request and never reads the (large) reply.
     a, b = trio.testing.lockstep_stream_pair()
@@ -313,11 +322,15 @@ async def test_replies_many_at_once_and_close_with_a_reply_stuck() -> None:
             while not isinstance(core.next_event(), Hello):
                 core.receive_data(await a.receive_some(1))
             await trio.testing.wait_all_tasks_blocked()
-            # The line is idle now: the reply goes straight from the handler's
-            # task, and we never read it.
-            await a.send_all(core.send(Request(0, "big", [1 << 20])))
+            # The line is idle now: the reply of a handler that suspended goes
+            # straight from its task, and one that did not is queued for the
+            # writer (it ran in the reader); we never read either.
+            await a.send_all(core.send(Request(0, "big_later", [1 << 20])))
             await trio.testing.wait_all_tasks_blocked()
             assert conn_box[0]._replying  # the reply is being sent directly
+            await a.send_all(core.send(Request(1, "big", [1 << 20])))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(conn_box[0]._writer.outbuf) >= 1 << 20  # queued, bounded by one reply
             await conn_box[0].aclose()  # returns (fail_after guards against a hang)
             nursery.cancel_scope.cancel()
 

@@ -179,8 +179,9 @@ async def test_a_plain_notification_handler_that_returns_an_awaitable(
 async def test_a_call_to_a_plain_function_skips_every_hop() -> None:
     """Over a socketpair: the peer's reader answers, our reader wakes the
     caller: 3 task steps in 3 scheduler passes (6 and 4 before inline
-    handlers and writes that do not wait; an async handler still takes 4
-    and 4, its worker being the fourth)."""
+    handlers and writes that do not wait).  An async handler that does not
+    suspend, run by the reader too, now takes the same
+    (tests/test_bus_steps.py)."""
 
     def plain() -> Handlers:
         h = Handlers()

@@ -41,6 +41,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import Any, Final, Literal
 
 import trio
@@ -74,7 +75,7 @@ from .limits import FrameWatch, ServerLimits
 from .link import Link
 from .proto import BusProtocol
 from .pubsub import PubSub, Subscription
-from .rpc import Rpc
+from .rpc import Reading, Rpc
 from .streams import MessageStream, StreamTable
 from .writer import SCHEDULE_EVERY, Writer
 
@@ -136,6 +137,7 @@ class Connection:
             check_usable=self._check_usable,
             send_control=self._send_control,
             spawn=self._spawn,
+            read=self._read,
         )
         self._notify_out = CreditOut(1)  # the peer's notify window, once its hello is in
         # what subscriptions and streams may ask of us
@@ -242,7 +244,7 @@ class Connection:
                     task_status.started()
                     async with trio.open_nursery() as work:
                         self._work = work
-                        work.start_soon(self._guard, self._reader)
+                        work.start_soon(self._guard, partial(self._rpc.serve, None))
                         work.start_soon(self._guard, self._notify_runner)
                         if self._cfg.heartbeat_interval or self._cfg.frame_timeout:
                             work.start_soon(self._guard, self._timers)
@@ -470,24 +472,38 @@ class Connection:
 
     # --- reading -----------------------------------------------------------------
 
-    async def _reader(self) -> None:
+    async def _read(self, reading: Reading) -> bool:
+        """The reader: read frames and hand them on (run by one task at a
+        time, see :meth:`Rpc.serve`).
+
+        After each chunk it runs the async handler of one request itself
+        (:meth:`Rpc.run_lead`, under ``reading.scope``): most finish without
+        suspending, and then cost no task switch.
+
+        Returns:
+            True once the peer's stream ended or failed; False when a lead
+            handler suspended, so that another task reads now.
+        """
         CURRENT.set(self)
         proto = self._proto
         stream = self._stream
         sink = self._sink
-        queue = self._rpc.notify_queue
-        notify_wakeup = self._rpc.notify_wakeup
+        rpc = self._rpc
+        queue = rpc.notify_queue
+        notify_wakeup = rpc.notify_wakeup
         watch = self._watch
         try:
             while True:
                 ended = proto.receive_frames(sink)
                 if queue:
                     notify_wakeup.set()  # once per chunk, not per frame
+                if rpc.lead is not None and not await rpc.run_lead(reading):
+                    return False
                 if ended:
-                    return
-                start, partial = proto.incomplete()
-                if partial or watch.start >= 0:  # once per chunk; raises over budget
-                    watch.update(start, partial, self._last_rx)
+                    return True
+                start, partial_len = proto.incomplete()
+                if partial_len or watch.start >= 0:  # once per chunk; raises over budget
+                    watch.update(start, partial_len, self._last_rx)
                 data = await stream.receive_some(_RECEIVE_SIZE)
                 self._last_rx = trio.current_time()
                 self.bytes_in += len(data)
@@ -502,6 +518,7 @@ class Connection:
             lost = ConnectionLost(f"receiving from the peer failed: {exc!r}")
             lost.__cause__ = exc
             self._fail(lost)
+        return True
 
     # --- heartbeats and the frame timeout -------------------------------------------
 

@@ -67,7 +67,7 @@ from .handlers import Handlers
 from .proto import BusProtocol
 from .writer import Writer
 
-__all__ = ["InContext", "Rpc"]
+__all__ = ["InContext", "Reading", "Rpc"]
 
 logger = logging.getLogger("meshlink.bus")
 
@@ -75,6 +75,11 @@ logger = logging.getLogger("meshlink.bus")
 #: its handler (a request cancelled while it waited in the notify queue);
 #: compared by identity, never filled.
 _NOT_STARTED: Final[list[Any]] = []
+
+#: Jobs that are orders to a worker, compared by identity: wait idle for a
+#: request (_PARK), or become the reader (_READ).
+_PARK: Final[tuple[int, str, list[Any]]] = (-1, "", [])
+_READ: Final[tuple[int, str, list[Any]]] = (-1, "", [])
 
 #: Dead entries (queued requests since cancelled) the notify queue may hold
 #: before a compaction, and at least half of it must be dead.
@@ -99,11 +104,16 @@ class InContext:
     a handler sets from leaking into the next handler that worker runs.
     """
 
-    __slots__ = ("_context", "_coro")
+    __slots__ = ("_context", "_coro", "_on_suspend", "suspended")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context,
+                 on_suspend: Callable[[], None] | None = None) -> None:
         self._coro = coro
         self._context = context
+        #: Called once, when the coroutine first suspends, before trio sees it.
+        self._on_suspend = on_suspend
+        #: Whether the coroutine suspended (passed something to trio) at all.
+        self.suspended = False
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro = self._coro
@@ -118,6 +128,10 @@ class InContext:
                     yielded = run(coro.throw, error)
             except StopIteration as stop:
                 return stop.value
+            if not self.suspended:
+                self.suspended = True
+                if self._on_suspend is not None:
+                    self._on_suspend()
             try:
                 value = yield yielded
                 error = None
@@ -155,7 +169,20 @@ class _Worker:
 
     def __init__(self, task: trio.lowlevel.Task, job: tuple[int, str, list[Any]]) -> None:
         self.task = task
-        self.job = job
+        self.job = job  # the request it runs (or ran last)
+
+
+class Reading:
+    """One task's turn as the reader (see :meth:`Rpc.serve`): its cancel
+    scope, and the lead request it kept when that request's handler suspended."""
+
+    __slots__ = ("answer", "id", "scope")
+
+    def __init__(self) -> None:
+        #: Cancelled by the lead handler's cancel frame (see Rpc.run_lead).
+        self.scope = trio.CancelScope()
+        self.id = -1
+        self.answer: tuple[Any, tuple[str, str] | None] | None = None
 
 
 class Rpc:
@@ -169,6 +196,9 @@ class Rpc:
         check_usable: raises once the connection has ended.
         send_control: queue a control frame unless the connection has ended.
         spawn: start a background task of the connection (a new worker).
+        read: the reader's loop, run by whichever task is the reader (see
+            :meth:`serve`): True once the stream ended, False once a lead
+            handler suspended and another task reads.
 
     Attributes:
         call_slots: our calls the peer will still accept (its
@@ -188,6 +218,7 @@ class Rpc:
         "_ended",
         "_handler_scopes",
         "_idle_workers",
+        "_read",
         "_handlers",
         "_inline_context",
         "_next_call_id",
@@ -198,6 +229,7 @@ class Rpc:
         "_spawn",
         "_writer",
         "call_slots",
+        "lead",
         "notify_queue",
         "notify_wakeup",
         "served",
@@ -214,6 +246,7 @@ class Rpc:
         check_usable: Callable[[], None],
         send_control: Callable[[Cancel | Credit | StreamEnd | StreamReset | Unsubscribe], None],
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
+        read: Callable[[Reading], Awaitable[bool]],
     ) -> None:
         self._proto = proto
         self._writer = writer
@@ -229,6 +262,10 @@ class Rpc:
         # the peer's requests
         self._handler_scopes: dict[int, trio.CancelScope] = {}
         self._idle_workers: list[_Worker] = []
+        #: A request whose async handler the reader runs itself, once the
+        #: frames at hand are handled (see run_lead).
+        self.lead: tuple[int, str, list[Any]] | None = None
+        self._read = read
         # the peer's notifications
         self._notify_in = CreditIn(notify_window)
         self.notify_queue: deque[tuple[str, list[Any], int]] = deque()
@@ -345,6 +382,11 @@ class Rpc:
             queue.append(entry)
             self._queued[id] = entry
             return
+        if (self.lead is None and method not in self._handlers.inline
+                and method in self._handlers.methods and not self._ended
+                and len(self._writer.outbuf) < self._writer.buffer_size):
+            self.lead = (id, method, args)  # the reader runs it: see run_lead
+            return
         self._start(id, method, args)
 
     def _start(self, id: int, method: str, args: list[Any]) -> None:
@@ -363,7 +405,7 @@ class Rpc:
             worker.job = (id, method, args)
             trio.lowlevel.reschedule(worker.task)
         else:
-            self._spawn(partial(self._worker, id, method, args))
+            self._spawn(partial(self.serve, (id, method, args)))
 
     def _run_inline(self, id: int, fn: Callable[..., Any], args: list[Any]) -> None:
         """Run a plain-function handler here (in the reader, or the notify
@@ -433,8 +475,95 @@ class Rpc:
         queue.extend(live)
         self._dead = 0
 
-    async def _worker(self, id: int, method: str, args: list[Any]) -> None:
-        """Run request handlers: this one, then whatever the reader hands over.
+    async def serve(self, job: tuple[int, str, list[Any]] | None) -> None:
+        """The loop of every reader and worker task of this connection.
+
+        A task starts as the reader (``job`` None) or as a worker with its
+        first request.  The roles swap when the reader runs a request's
+        async handler itself (:meth:`run_lead`) and the handler suspends:
+        that task answers and becomes a worker, and an idle worker (or a new
+        task) becomes the reader.  One task reads at a time, and every task
+        is reused, so there are never more than the requests in flight plus
+        one.
+        """
+        while True:
+            if job is None:
+                reading = Reading()
+                with reading.scope:
+                    if await self._read(reading):
+                        return  # the stream ended or failed: the connection ends
+                # The lead handler suspended, so another task reads now.  Its
+                # answer goes out here, outside the scope its cancel used.
+                answer = reading.answer
+                if answer is None or reading.scope.cancelled_caught:
+                    answer = (None, ("Cancelled", "the handler was cancelled"))
+                await self._answer(reading.id, *answer)
+                job = _PARK
+            await self._work(job)
+            job = None  # promoted: read
+
+    async def run_lead(self, reading: Reading) -> bool:
+        """Run the handler of :attr:`lead` in this task, the reader's.
+
+        Most async handlers finish without ever suspending (nothing they
+        await has to wait): then the reader answers and reads on, and the
+        request cost no task switch, as a plain-def handler run inline.  At
+        a handler's first suspension, before trio sees it, an idle worker
+        (or a new task) is made the reader, and this task keeps the handler.
+
+        ``reading.scope`` is the reader's cancel scope, which this handler's cancel
+        frame cancels while, and only while, it runs (as a worker's scope).
+        No cancel frame can be read before the handler suspends: this task
+        is the one that reads.
+
+        Returns:
+            True when the handler finished without suspending (answered:
+            read on); False when it suspended and finished: this task is no
+            longer the reader (:meth:`serve` sends the answer).  A cancel
+            raises ``trio.Cancelled`` out to :meth:`serve`'s scope.
+        """
+        lead = self.lead
+        assert lead is not None
+        self.lead = None
+        id, method, args = lead
+        reading.id = id
+        scopes = self._handler_scopes
+        scopes[id] = reading.scope
+        step = InContext(self._handlers.methods[method](*args), contextvars.copy_context(),
+                         self._promote)
+        answer: tuple[Any, tuple[str, str] | None]
+        try:
+            answer = (await step, None)
+        except Exception as exc:
+            answer = (None, (type(exc).__name__, str(exc)))
+        finally:
+            del scopes[id]
+        if step.suspended:
+            reading.answer = answer
+            return False
+        if not self._ended:
+            data = self._pack_answer(id, *answer)
+            writer = self._writer
+            if not writer.send_now(data):
+                writer.outbuf += data  # bounded: on_request checked for room
+                writer.frames += 1
+                writer.wakeup.set()
+        return True
+
+    def _promote(self) -> None:
+        """Make another task the reader: an idle worker, or a new task."""
+        idle = self._idle_workers
+        if idle:
+            worker = idle.pop()
+            worker.job = _READ
+            trio.lowlevel.reschedule(worker.task)
+        else:
+            self._spawn(partial(self.serve, None))
+
+    async def _work(self, job: tuple[int, str, list[Any]]) -> None:
+        """Run request handlers: ``job``, then whatever the reader hands over,
+        until this task is made the reader (returns then).  ``job`` may be
+        :data:`_PARK`: wait idle for the first one.
 
         The handlers run under one cancel scope per worker, not one per
         request (a cancel scope costs as much as two task steps): a cancel
@@ -443,7 +572,7 @@ class Rpc:
         cancelled scope cannot be used again, so the worker then leaves it,
         answers that request outside it and opens a new one for the next.
         """
-        me = _Worker(trio.lowlevel.current_task(), (id, method, args))
+        me = _Worker(trio.lowlevel.current_task(), job)
         idle = self._idle_workers
         base = contextvars.copy_context()
         wait = trio.lowlevel.wait_task_rescheduled
@@ -452,7 +581,10 @@ class Rpc:
             idle.remove(me)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        while True:
+        if job is _PARK:
+            idle.append(me)
+            await wait(abort)
+        while me.job is not _READ:
             scope = trio.CancelScope()
             answer: tuple[Any, tuple[str, str] | None] | None = None
             with scope:
@@ -464,6 +596,8 @@ class Rpc:
                     await self._answer(me.job[0], *answer)
                     idle.append(me)
                     await wait(abort)
+                    if me.job is _READ:
+                        return
             # The handler of me.job was cancelled by its caller.  It may still
             # have returned (a cancel only lands at a checkpoint), then its
             # answer stands, as it would under a scope of its own.
