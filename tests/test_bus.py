@@ -135,6 +135,16 @@ async def test_unknown_method(conn: Connection) -> None:
     assert info.value.remote_type == "MethodNotFound"
 
 
+async def test_wrong_number_of_arguments_is_a_remote_error(conn: Connection) -> None:
+    """Calling the handler fails before it runs (TypeError): an error reply,
+    and the connection goes on (the reader makes that call itself)."""
+    for args in ((), (1, 2, 3)):
+        with pytest.raises(RemoteError) as info:
+            await conn.call("add", *args)
+        assert info.value.remote_type == "TypeError"
+    assert await conn.call("add", 1, 1) == 2
+
+
 async def test_unpackable_argument_and_result(conn: Connection) -> None:
     with pytest.raises(LocalProtocolError):
         await conn.call("echo", object())

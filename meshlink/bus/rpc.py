@@ -527,20 +527,32 @@ class Rpc:
         self.lead = None
         id, method, args = lead
         reading.id = id
-        scopes = self._handler_scopes
-        scopes[id] = reading.scope
-        step = InContext(self._handlers.methods[method](*args), contextvars.copy_context(),
-                         self._promote)
-        answer: tuple[Any, tuple[str, str] | None]
+        answer: tuple[Any, tuple[str, str] | None] | None = None
+        coro: Any = None
         try:
-            answer = (await step, None)
-        except Exception as exc:
+            coro = self._handlers.methods[method](*args)  # runs no handler code yet
+        except Exception as exc:  # the wrong number of arguments, say
             answer = (None, (type(exc).__name__, str(exc)))
-        finally:
-            del scopes[id]
-        if step.suspended:
-            reading.answer = answer
-            return False
+        if answer is not None:
+            pass
+        elif type(coro) is CoroutineType:
+            scopes = self._handler_scopes
+            scopes[id] = reading.scope
+            step = InContext(coro, contextvars.copy_context(), self._promote)
+            try:
+                answer = (await step, None)
+            except Exception as exc:
+                answer = (None, (type(exc).__name__, str(exc)))
+            finally:
+                del scopes[id]
+            if step.suspended:
+                reading.answer = answer
+                return False
+        elif _awaitable(coro):  # some other awaitable: a task of its own awaits it
+            self._spawn(partial(self._await_answer, id, coro))
+            return True
+        else:
+            answer = (coro, None)
         if not self._ended:
             data = self._pack_answer(id, *answer)
             writer = self._writer
