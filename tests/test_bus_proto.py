@@ -549,3 +549,45 @@ def test_take_reply_leaves_everything_else_to_receive_frames(case: str) -> None:
                 "partial": [], "other id": ["Reply"], "error reply": ["Error"],
                 "buffered": ["Ping", "Reply"]}[case]
     assert kinds == expected
+
+
+def test_take_request_takes_one_whole_request_and_counts_it() -> None:
+    """A server's one-frame path: the request is counted in flight as by
+    receive_frames (its id again, or one past max_concurrency, is then left
+    to the usual path, which refuses it); anything but exactly one request
+    is not taken, and the usual path sees every frame."""
+    a, b = opened()
+    data = b.pack_request(3, "f", [1, "x"])
+    assert a.take_request(data) == (3, "f", [1, "x"])
+    assert a.requests_in_flight == 1
+    assert a.take_request(data) is None  # id 3 is in flight
+    a.receive_data(data)
+    with pytest.raises(RemoteProtocolError, match="already in flight"):
+        a.receive_frames(RecordingSink())
+
+    a, b = opened()  # max_concurrency is 4
+    for i in range(4):
+        assert a.take_request(b.pack_request(i, "f", [])) is not None
+    fifth = b.pack_request(4, "f", [])
+    assert a.take_request(fifth) is None
+    a.receive_data(fifth)
+    with pytest.raises(RemoteProtocolError, match="concurrency"):
+        a.receive_frames(RecordingSink())
+
+    request = msgpack.packb([1, 0, "f", []])
+    for data, kinds in [
+        (request + b.send(Ping(1)), ["Request", "Ping"]),
+        (b.send(Ping(1)), ["Ping"]),
+        (request[:-1], []),
+        (msgpack.packb([1, -1, "f", []]), None),  # an id out of range
+    ]:
+        a, _ = opened()
+        assert a.take_request(data) is None
+        sink = RecordingSink()
+        a.receive_data(data)
+        if kinds is None:
+            with pytest.raises(RemoteProtocolError):
+                a.receive_frames(sink)
+        else:
+            a.receive_frames(sink)
+            assert [type(e).__name__ for e in sink.events] == kinds

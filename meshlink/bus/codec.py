@@ -379,7 +379,7 @@ def make_unpacker(
 
 def make_unpackb(
     max_frame_size: int, max_container_len: int, ext_types: Sequence[ExtCodec]
-) -> Callable[[bytes], Any]:
+) -> Callable[[bytes | bytearray], Any]:
     """``msgpack.unpackb`` with the limits of :func:`make_unpacker`: decodes
     exactly one whole object (anything after it raises ``ExtraData``)."""
     return functools.partial(

@@ -492,11 +492,16 @@ class Connection:
         queue = rpc.notify_queue
         notify_wakeup = rpc.notify_wakeup
         watch = self._watch
+        take_request = proto.take_request
+        on_request = rpc.on_request
+        fed = True  # bytes went to the core: receive_frames has work
+        ended = False
         try:
             while True:
-                ended = proto.receive_frames(sink)
-                if queue:
-                    notify_wakeup.set()  # once per chunk, not per frame
+                if fed:
+                    ended = proto.receive_frames(sink)
+                    if queue:
+                        notify_wakeup.set()  # once per chunk, not per frame
                 if rpc.lead is not None and not await rpc.run_lead(reading):
                     return False
                 if ended:
@@ -507,7 +512,15 @@ class Connection:
                 data = await stream.receive_some(_RECEIVE_SIZE)
                 self._last_rx = trio.current_time()
                 self.bytes_in += len(data)
-                proto.receive_data(data)
+                # A chunk that is one whole request (a server's usual chunk)
+                # skips the frame loop.
+                request = take_request(data)
+                if request is None:
+                    proto.receive_data(data)
+                    fed = True
+                else:
+                    on_request(*request)
+                    fed = False
         except PeerClosedError as exc:
             self._fail(exc)
         except RemoteProtocolError as exc:

@@ -437,6 +437,18 @@ class BusProtocol:
             self._pos = pos
             self.frames_in += nframes
 
+    def _one_frame(self, data: bytes | bytearray) -> Any:
+        """The frame ``data`` holds if it is exactly one whole frame and
+        nothing is buffered, else None (nothing taken; decoding errors
+        included, which the usual path reports)."""
+        if (self._pending or self._fed != self._pos or self._state is not _State.OPEN
+                or self._eof or len(data) > self._max_frame):
+            return None
+        try:
+            return self._unpackb(data)
+        except Exception:  # deliberate: receive_frames decodes it again and says why
+            return None
+
     def take_reply(self, data: bytes, id: int) -> tuple[Any] | None:
         """``(result,)`` if ``data`` is exactly one frame, the reply to our
         request ``id``, and nothing else is buffered; else None, and nothing
@@ -448,19 +460,38 @@ class BusProtocol:
         frame, an error reply, a partial or malformed frame) goes the usual
         way, which also reports what was wrong with it.
         """
-        if (self._pending or self._fed != self._pos or self._state is not _State.OPEN
-                or self._eof or len(data) > self._max_frame or id not in self._out_requests):
+        if id not in self._out_requests:
             return None
-        try:
-            frame = self._unpackb(data)
-        except Exception:  # deliberate: receive_frames decodes it again and says why
-            return None
+        frame = self._one_frame(data)
         if (type(frame) is not list or len(frame) != 3 or frame[0] != K_REPLY
                 or type(frame[1]) is not int or frame[1] != id):
             return None
         self._out_requests.remove(id)
         self.frames_in += 1
         return (frame[2],)
+
+    def take_request(self, data: bytes | bytearray) -> tuple[int, str, list[Any]] | None:
+        """``(id, method, args)`` if ``data`` is exactly one frame, a request,
+        and nothing else is buffered; else None, and nothing was taken (as
+        :meth:`take_reply`).  A request the usual path would refuse (an id
+        in flight, over our ``max_concurrency``) is not taken either.
+
+        For a reader whose chunks are most often one request each (a
+        server's): the request is then counted in flight, as by
+        :meth:`receive_frames`, and goes to the sink's ``request``.
+        """
+        frame = self._one_frame(data)
+        if type(frame) is not list or len(frame) != 4 or frame[0] != K_REQUEST:
+            return None
+        _, rid, method, args = frame
+        in_requests = self._in_requests
+        if (type(rid) is not int or not 0 <= rid <= MAX_ID or type(method) is not str
+                or type(args) is not list or rid in in_requests
+                or len(in_requests) >= self.our_hello.max_concurrency):
+            return None
+        in_requests.add(rid)
+        self.frames_in += 1
+        return rid, method, args
 
     def _quiet(self) -> bool:
         """Whether :meth:`receive_frames` may return at once when the unpacker

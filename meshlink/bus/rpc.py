@@ -14,14 +14,21 @@ peer's ``max_concurrency`` bounds our calls in flight (a semaphore); a
 cancelled call sends a cancel frame and keeps its slot until the peer answers,
 because the peer still counts the handler until then.
 
-The peer's requests run on long-lived *workers*, one handler at a time each:
-a request costs a reschedule of an idle worker rather than a new task (about
-6 us here).  The core caps requests in flight at our ``max_concurrency``,
-which caps the workers too.  Each handler runs in a fresh copy of the
+The reader runs the handler of one of the peer's requests per chunk itself
+(the *lead*, :meth:`Rpc.run_lead`): most async handlers finish without
+suspending, and then the request costs no task switch.  One that suspends
+keeps the reader's task, and at that first suspension an idle worker (or a
+new task) becomes the reader; every reader and worker task runs
+:meth:`Rpc.serve`, so the roles swap and the tasks are reused.  The other
+requests run on long-lived *workers*, one handler at a time each: a request
+costs a reschedule of an idle worker rather than a new task (about 6 us
+here).  The core caps requests in flight at our ``max_concurrency``, which
+caps the workers too.  Each handler runs in a fresh copy of the
 connection's context (:class:`InContext`), as it would in a task of its own.
 A worker's handlers share one cancel scope (a scope per request would cost
 about two task steps), renewed after a cancel frame used it (see
-:meth:`Rpc._worker`); a worker's reply goes out without a scope of its own
+:meth:`Rpc._work`); the reader's scope serves its lead handlers the same
+way.  A worker's reply goes out without a scope of its own
 (:meth:`~.writer.Writer.send_reply`).
 
 The peer's notifications run one at a time, in order, in one task (the
@@ -42,7 +49,8 @@ connection has ended the runner starts no queued request: like the ones
 running, they get no reply.
 
 Nothing here waits in the reader: the ``on_*`` methods only queue, reschedule
-or raise :class:`~meshlink.RemoteProtocolError`.
+or raise :class:`~meshlink.RemoteProtocolError`, and a lead handler that
+would wait hands the reading to another task first.
 """
 
 from __future__ import annotations
