@@ -436,14 +436,16 @@ class BlockingConnection:
             raise trio.ClosedResourceError("this connection was closed")
         pipe = self._pipe
         if pipe is not None and not self._peer_gone:
-            if pipe.idle():
-                assert self._proto is not None
-                return pipe, self._proto
             try:
+                if pipe.idle():
+                    assert self._proto is not None
+                    return pipe, self._proto
                 pipe.check()  # a server that crashed since the last call
                 self._pump_now()  # a close frame or an EOF waiting for us, pings
             except _BROKEN:
-                self._peer_gone = True  # nothing of a call was sent: connect again
+                # The server died, left, or corrupted the ring since the last
+                # call; nothing of this call was sent: connect again.
+                self._peer_gone = True
         if self._pipe is None or self._peer_gone:
             had = self._pipe is not None
             self._drop()

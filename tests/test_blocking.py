@@ -309,7 +309,11 @@ def test_a_server_that_breaks_the_protocol_is_dropped(store: Path) -> None:
         listener.close()
 
 
-def test_a_server_that_corrupts_the_ring_is_dropped(store: Path, server: Server) -> None:
+def test_a_server_that_corrupts_the_ring_is_dropped(store: Path) -> None:
+    # No pings: the server's next write (its first ping can come late on a
+    # loaded machine) would publish its true index over the corrupted one
+    # (its writer keeps its own copy), undoing it.
+    server = Server(store, "--heartbeat", "0")
     conn = connect_blocking(NAME, host_store=store)
     try:
         with pytest.raises(meshlink.RemoteProtocolError, match="corrupt"):
@@ -321,3 +325,20 @@ def test_a_server_that_corrupts_the_ring_is_dropped(store: Path, server: Server)
         assert conn.reconnects == 1, conn.reconnects
     finally:
         conn.close()
+        server.kill()
+
+
+def test_a_ring_corrupted_between_calls_is_dropped_before_the_next(store: Path) -> None:
+    """The look before a call (ml_vchan_idle) finds the ring corrupted: the
+    connection is dropped and the call goes out on a new one."""
+    server = Server(store, "--heartbeat", "0")  # no ping to undo it (see above)
+    try:
+        with connect_blocking(NAME, host_store=store) as conn:
+            assert conn.call("echo", 1) == 1
+            conn.notify("corrupt_my_ring")  # runs on the server while we make no call
+            with connect_blocking(NAME, host_store=store) as other:
+                other.call("ring_corrupted")  # returns once it is done
+            assert conn.call("echo", 2) == 2
+            assert conn.reconnects == 1, conn.reconnects
+    finally:
+        server.kill()

@@ -3,7 +3,7 @@
 ``STORE NAME [--heartbeat S] [--tls CERT CA [ALLOW_NAME]]``: ``meshlink.serve``
 on vchan (STORE), plain TCP and, with ``--tls``, TLS, all on 127.0.0.1;
 prints ``ready TLS_PORT TCP_PORT``.  With ``--heartbeat S`` it pings every S
-seconds and drops a connection silent for 3 S.  Each connection that ends
+seconds and drops a connection silent for 3 S (0: neither).  Each connection that ends
 with an error (a client that stopped answering, one that vanished) prints
 ``lost N``, N counting them; the ``sleep`` handler prints ``sleeping`` as it
 starts.
@@ -33,7 +33,10 @@ async def main(argv: list[str]) -> None:
         flag = rest.pop(0)
         if flag == "--heartbeat":
             every = float(rest.pop(0))
-            config = BusConfig(heartbeat_interval=every, heartbeat_timeout=3 * every)
+            if every == 0:  # no pings at all
+                config = BusConfig(heartbeat_interval=None)
+            else:
+                config = BusConfig(heartbeat_interval=every, heartbeat_timeout=3 * every)
         elif flag == "--tls":
             cert, ca = rest.pop(0), rest.pop(0)
             allow = frozenset([rest.pop(0)]) if rest and not rest[0].startswith("--") else None
@@ -98,6 +101,7 @@ async def main(argv: list[str]) -> None:
         return count
 
     heal = trio.Event()
+    corrupted = trio.Event()
 
     async def corrupt_my_ring() -> None:
         # A hostile server: push right.prod (docs/vchan.md section 1: offset
@@ -114,6 +118,7 @@ async def main(argv: list[str]) -> None:
             cons, prod = struct.unpack_from("<II", page, 8)
             struct.pack_into("<I", page, 12, (cons + 10 * ring.read_size) & 0xFFFFFFFF)
             lib.ml_vchan_notify(ring._v)
+            corrupted.set()
             await heal.wait()
             struct.pack_into("<I", page, 12, prod)
         await trio.sleep_forever()
@@ -121,8 +126,11 @@ async def main(argv: list[str]) -> None:
     def heal_rings() -> None:
         heal.set()
 
+    async def ring_corrupted() -> None:
+        await corrupted.wait()
+
     for fn in (echo, fail, sleep, sleeps_finished, was_cancelled, note, take_notes, call_back,
-               notify_back, corrupt_my_ring, heal_rings):
+               notify_back, corrupt_my_ring, heal_rings, ring_corrupted):
         h.add_method(fn.__name__, fn)
     async with trio.open_nursery() as nursery:
         srv = await nursery.start(partial(
