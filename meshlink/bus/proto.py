@@ -87,6 +87,11 @@ __all__ = ["SHRINK_ABOVE", "BusProtocol", "FrameSink"]
 #: for the life of the connection (a peer could pin 16 MiB per connection with
 #: one big frame each).
 SHRINK_ABOVE: Final = 1 << 20
+#: The first two bytes of a request and of a reply as msgpack packs them
+#: (a fixarray of 4 or 3, then the kind): take_request and take_reply decode
+#: only chunks that start so.
+_REQUEST_START: Final = bytes((0x94, K_REQUEST))
+_REPLY_START: Final = bytes((0x93, K_REPLY))
 #: Notify frame prefixes cached per connection (see BusProtocol.pack_notify):
 #: bounds what a caller that invents method names makes us keep.
 NOTIFY_PREFIXES: Final = 64
@@ -460,7 +465,9 @@ class BusProtocol:
         frame, an error reply, a partial or malformed frame) goes the usual
         way, which also reports what was wrong with it.
         """
-        if id not in self._out_requests:
+        # A reply as our packer (and most) writes it starts with these two
+        # bytes: anything else is left to the usual path without decoding it.
+        if data[:2] != _REPLY_START or id not in self._out_requests:
             return None
         frame = self._one_frame(data)
         if (type(frame) is not list or len(frame) != 3 or frame[0] != K_REPLY
@@ -480,6 +487,10 @@ class BusProtocol:
         server's): the request is then counted in flight, as by
         :meth:`receive_frames`, and goes to the sink's ``request``.
         """
+        # Decoded only if it starts as our packer (and most) writes a request
+        # (a 4-array, kind 1): a client's chunks, replies, are not decoded twice.
+        if data[:2] != _REQUEST_START:
+            return None
         frame = self._one_frame(data)
         if type(frame) is not list or len(frame) != 4 or frame[0] != K_REQUEST:
             return None
