@@ -406,3 +406,38 @@ async def test_handlers_that_suspend_reuse_the_readers_and_workers() -> None:
         assert trio.lowlevel.current_statistics().tasks_living == after_burst
         assert after_burst <= living + 20 + 1, (living, after_burst)
         assert len(server._rpc._idle_workers) <= 20
+
+
+async def test_a_method_that_suspends_goes_to_workers_until_it_stops_suspending() -> None:
+    """A handler that suspended made the reader hand over its reading; its
+    method then runs on workers (one hop, no role swap per call), until a
+    run without suspending brings it back to the reader: 3 steps again."""
+    handlers = _echo_handlers()
+    wait = True
+
+    @handlers.method
+    async def maybe(x: int) -> int:
+        if wait:
+            await trio.lowlevel.checkpoint()
+        return x
+
+    a, b = _pair("socket")
+    async with _connected(a, b, handlers) as (client, server):
+        assert await client.call("maybe", 1) == 1  # run by the reader: it suspended
+        assert "maybe" in server._rpc._suspends
+        for i in range(20):  # on workers now
+            assert await client.call("maybe", i) == i
+        assert "maybe" in server._rpc._suspends
+        wait = False
+        assert await client.call("maybe", 2) == 2  # on a worker, without suspending
+        assert "maybe" not in server._rpc._suspends
+        await trio.testing.wait_all_tasks_blocked()
+        counter = StepCounter()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            counter.on = True
+            assert await client.call("maybe", 3) == 3
+            counter.on = False
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert sum(counter.steps.values()) <= 3, dict(counter.steps)

@@ -235,6 +235,7 @@ class Rpc:
         "_queued",
         "_send_control",
         "_spawn",
+        "_suspends",
         "_writer",
         "call_slots",
         "lead",
@@ -273,6 +274,10 @@ class Rpc:
         #: A request whose async handler the reader runs itself, once the
         #: frames at hand are handled (see run_lead).
         self.lead: tuple[int, str, list[Any]] | None = None
+        #: Methods whose handler suspended when it last ran: they go to a
+        #: worker, not the reader (a role swap per call costs more than the
+        #: worker's hop); one that then runs without suspending leaves it.
+        self._suspends: set[str] = set()
         self._read = read
         # the peer's notifications
         self._notify_in = CreditIn(notify_window)
@@ -390,7 +395,8 @@ class Rpc:
             queue.append(entry)
             self._queued[id] = entry
             return
-        if (self.lead is None and method not in self._handlers.inline
+        if (self.lead is None and method not in self._suspends
+                and method not in self._handlers.inline
                 and method in self._handlers.methods and not self._ended
                 and len(self._writer.outbuf) < self._writer.buffer_size):
             self.lead = (id, method, args)  # the reader runs it: see run_lead
@@ -515,7 +521,9 @@ class Rpc:
 
         Most async handlers finish without ever suspending (nothing they
         await has to wait): then the reader answers and reads on, and the
-        request cost no task switch, as a plain-def handler run inline.  At
+        request cost no task switch, as a plain-def handler run inline.  A
+        method whose handler suspended goes to workers from then on, until
+        it runs once without suspending (``_suspends``).  At
         a handler's first suspension, before trio sees it, an idle worker
         (or a new task) is made the reader, and this task keeps the handler.
 
@@ -554,6 +562,7 @@ class Rpc:
             finally:
                 del scopes[id]
             if step.suspended:
+                self._suspends.add(method)
                 reading.answer = answer
                 return False
         elif _awaitable(coro):  # some other awaitable: a task of its own awaits it
@@ -657,7 +666,11 @@ class Rpc:
             else:
                 coro = fn(*args)
             if type(coro) is CoroutineType:
-                return await InContext(coro, context), None
+                step = InContext(coro, context)
+                result = await step
+                if not step.suspended:
+                    self._suspends.discard(method)  # the reader may run it again
+                return result, None
             return await coro, None  # some other awaitable: no context of its own
         except Exception as exc:
             return None, (type(exc).__name__, str(exc))
