@@ -28,9 +28,10 @@ alone and whole is decoded by :meth:`BusProtocol.take_reply
 <meshlink.bus.proto.BusProtocol.take_reply>`; anything else (a ping, a
 request larger than the free ring, a slow reply) goes the general way.
 Under load that common case is most of the client's CPU: it went from
-about 830 to 350 bytecodes per call (``docs/performance.md``, section 4).  TLS and TCP
-are standard library sockets, verified as :func:`meshlink.connect` verifies
-them (the server's certificate must name the service).
+about 830 to 350 bytecodes per call (``docs/performance.md``, section 4).
+TLS and TCP are standard library sockets, verified as
+:func:`meshlink.connect` verifies them (the server's certificate must name
+the service).
 
 *The bus.*  Over the transport runs the bus's sans-io core
 (:class:`~meshlink.bus.proto.BusProtocol`), with no task of its own: a call

@@ -438,6 +438,12 @@ class Rpc:
             if result is not None and _awaitable(result):
                 self._spawn(partial(self._await_answer, id, result))
                 return
+        self._answer_now(id, result, failure)
+
+    def _answer_now(self, id: int, result: Any, failure: tuple[str, str] | None) -> None:
+        """Write the reply to request ``id`` from this task, or queue it for the
+        writer, without waiting: for a handler run by the reader (or the
+        notify runner), which checked beforehand that the buffer has room."""
         if self._ended:
             return
         data = self._pack_answer(id, result, failure)
@@ -523,12 +529,12 @@ class Rpc:
         await has to wait): then the reader answers and reads on, and the
         request cost no task switch, as a plain-def handler run inline.  A
         method whose handler suspended goes to workers from then on, until
-        it runs once without suspending (``_suspends``).  At
-        a handler's first suspension, before trio sees it, an idle worker
-        (or a new task) is made the reader, and this task keeps the handler.
+        it runs once without suspending (``_suspends``).  At a handler's
+        first suspension, before trio sees it, an idle worker (or a new
+        task) is made the reader, and this task keeps the handler.
 
-        ``reading.scope`` is the reader's cancel scope, which this handler's cancel
-        frame cancels while, and only while, it runs (as a worker's scope).
+        ``reading.scope`` is the reader's cancel scope, which this handler's
+        cancel frame cancels while, and only while, it runs (as a worker's).
         No cancel frame can be read before the handler suspends: this task
         is the one that reads.
 
@@ -543,40 +549,32 @@ class Rpc:
         self.lead = None
         id, method, args = lead
         reading.id = id
-        answer: tuple[Any, tuple[str, str] | None] | None = None
-        coro: Any = None
         try:
             coro = self._handlers.methods[method](*args)  # runs no handler code yet
         except Exception as exc:  # the wrong number of arguments, say
-            answer = (None, (type(exc).__name__, str(exc)))
-        if answer is not None:
-            pass
-        elif type(coro) is CoroutineType:
-            scopes = self._handler_scopes
-            scopes[id] = reading.scope
-            step = InContext(coro, contextvars.copy_context(), self._promote)
-            try:
-                answer = (await step, None)
-            except Exception as exc:
-                answer = (None, (type(exc).__name__, str(exc)))
-            finally:
-                del scopes[id]
-            if step.suspended:
-                self._suspends.add(method)
-                reading.answer = answer
-                return False
-        elif _awaitable(coro):  # some other awaitable: a task of its own awaits it
-            self._spawn(partial(self._await_answer, id, coro))
+            self._answer_now(id, None, (type(exc).__name__, str(exc)))
             return True
-        else:
-            answer = (coro, None)
-        if not self._ended:
-            data = self._pack_answer(id, *answer)
-            writer = self._writer
-            if not writer.send_now(data):
-                writer.outbuf += data  # bounded: on_request checked for room
-                writer.frames += 1
-                writer.wakeup.set()
+        if type(coro) is not CoroutineType:
+            if _awaitable(coro):  # some other awaitable: a task of its own awaits it
+                self._spawn(partial(self._await_answer, id, coro))
+            else:
+                self._answer_now(id, coro, None)
+            return True
+        scopes = self._handler_scopes
+        scopes[id] = reading.scope
+        step = InContext(coro, contextvars.copy_context(), self._promote)
+        answer: tuple[Any, tuple[str, str] | None]
+        try:
+            answer = (await step, None)
+        except Exception as exc:
+            answer = (None, (type(exc).__name__, str(exc)))
+        finally:
+            del scopes[id]
+        if step.suspended:
+            self._suspends.add(method)
+            reading.answer = answer
+            return False
+        self._answer_now(id, *answer)  # on_request checked the buffer has room
         return True
 
     def _promote(self) -> None:
