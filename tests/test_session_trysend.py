@@ -97,6 +97,22 @@ async def test_records_are_whole_or_not_written(store: Path) -> None:
         assert await _read(b, len(taken)) == bytes(taken)
 
 
+async def test_a_record_larger_than_the_ring_is_left_to_send_all(store: Path) -> None:
+    """All or nothing, even when "all" can never fit: nothing is written or
+    kept, and send_all then carries it in parts."""
+    async with _vchan_pairs() as pairs:
+        a, b = await _sessions(store, pairs)
+        va = a.transport
+        assert isinstance(va, VchanStream)
+        big = bytes(range(256)) * (va.write_size // 256)  # + its header: too big
+        assert a.try_send(big) == 0
+        assert a.unacknowledged == 0
+        assert va.send_space() == va.write_size  # nothing went into the ring
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.send_all, big)
+            assert await _read(b, len(big)) == big
+
+
 async def test_no_send_without_a_transport_that_says_how_much_fits(store: Path) -> None:
     async with _vchan_pairs() as pairs:
         va, _ = await _new_pair(store, pairs)

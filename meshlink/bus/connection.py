@@ -85,7 +85,6 @@ logger = logging.getLogger("meshlink.bus")
 
 #: Features this implementation speaks; the connection uses the intersection.
 FEATURES: Final = ("rpc", "cancel", "notify", "pubsub", "stream", "heartbeat")
-_RECEIVE_SIZE: Final = 256 * 1024
 
 #: The connection whose handler runs in the current context (set by the
 #: reader, the notify runner and, through them, every handler task).
@@ -322,7 +321,7 @@ class Connection:
             if isinstance(event, ConnectionClosed):
                 raise HandshakeError("the peer closed the transport during the handshake")
             assert event is NEED_DATA
-            data = await self._stream.receive_some(_RECEIVE_SIZE)
+            data = await self._stream.receive_some()
             self._last_rx = trio.current_time()
             proto.receive_data(data)
             event = proto.next_event()
@@ -509,7 +508,7 @@ class Connection:
                 start, partial_len = proto.incomplete()
                 if partial_len or watch.start >= 0:  # once per chunk; raises over budget
                     watch.update(start, partial_len, self._last_rx)
-                data = await stream.receive_some(_RECEIVE_SIZE)
+                data = await stream.receive_some()
                 self._last_rx = trio.current_time()
                 self.bytes_in += len(data)
                 # A chunk that is one whole request (a server's usual chunk)

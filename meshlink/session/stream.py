@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -59,7 +59,6 @@ __all__ = ["SessionConfig", "SessionStream"]
 logger = logging.getLogger("meshlink.session")
 
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-_RECEIVE_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +151,14 @@ class SessionStream(trio.abc.Stream):
         self._ack_every = config.replay_limit // 4
         self._header = bytearray()
         self._remaining = 0
+        self._partial = False  # a record is cut across chunks (_header or _remaining)
         self._peer_ended = False
-        # Activity counters (chunks read, records written): the keeper notices
-        # silence by their not moving, so the hot path reads no clock.
+        self._rx_halt = False  # peer ended or _over: one flag for the receive path
+        # Activity: the keeper notices silence by these not moving, so the hot
+        # path reads no clock.  The payload counts (_received, _sent) move with
+        # every DATA record; these count the rest: chunks the slow receive
+        # path read (ACK records among them) and records that did not add to
+        # _sent (ACKs, resends).
         self._rx_chunks = 0
         self._tx_records = 0
         # lifecycle
@@ -168,9 +172,12 @@ class SessionStream(trio.abc.Stream):
         self._closed = False
         self._over = False  # lost or closed: one flag for the hot paths
         self._limit = config.replay_limit
-        # The attached transport's send_space (how much it takes without
-        # waiting), if it has one: try_send then writes whole records or nothing.
-        self._t_space: Callable[[], int] | None = None
+        # The attached transport's all-or-nothing write, if it has one
+        # (vchan's try_send_whole): try_send then writes whole records or nothing.
+        self._t_whole: Callable[[bytes], int] | None = None
+        # Its receive_some() with the default size bound, if it has one
+        # (vchan's bind_receive): a frame less on every resumption of a wait.
+        self._t_recv: Callable[[], Awaitable[bytes | bytearray]] | None = None
         # Otherwise its non-waiting write, if it has one (a socket): try_send
         # writes what the socket takes, and the rest of a record that did not
         # fit whole is the tail, finished by the keeper (see try_send).
@@ -212,7 +219,7 @@ class SessionStream(trio.abc.Stream):
         if self._lost is not None or self._closed:
             return
         self._lost = exc
-        self._over = True
+        self._over = self._rx_halt = True
         logger.info("session %s lost: %s", self.session_id.hex()[:8], exc)
         self._drop_transport()
         self._wake()
@@ -227,7 +234,8 @@ class SessionStream(trio.abc.Stream):
         t = self.transport
         if t is not None:
             self.transport = None
-            self._t_space = None
+            self._t_whole = None
+            self._t_recv = None
             self._t_write = None
             self._dead.append(t)
             self._detached_at = trio.current_time()
@@ -289,10 +297,12 @@ class SessionStream(trio.abc.Stream):
             self._ack_in(peer_received)
             self._header.clear()
             self._remaining = 0
+            self._partial = False
             self.transport = transport
-            space = getattr(transport, "send_space", None)
-            self._t_space = space if hasattr(transport, "try_send") else None
-            self._t_write = None if self._t_space is not None else nowait_sender(transport)
+            self._t_whole = getattr(transport, "try_send_whole", None)
+            bind = getattr(transport, "bind_receive", None)
+            self._t_recv = None if bind is None else bind()
+            self._t_write = None if self._t_whole is not None else nowait_sender(transport)
             self._tail = None
             self._written = peer_received
             if self._attached_once:
@@ -390,7 +400,6 @@ class SessionStream(trio.abc.Stream):
                 except _TRANSPORT_ERRORS as exc:
                     self.transport_failed(t, exc)
                     return
-                self._tx_records += 1
                 if self._written != self._sent and t is self.transport:
                     await self._flush(t, None)  # appended while we wrote
             else:
@@ -409,8 +418,8 @@ class SessionStream(trio.abc.Stream):
         write without waiting; they are then kept for replay as with
         :meth:`send_all`:
 
-        * a transport that says how much it takes (vchan's ``send_space``):
-          the whole record is written, or nothing is;
+        * a transport with an all-or-nothing write (vchan's
+          ``try_send_whole``): the whole record is written, or nothing is;
         * a socket: its non-blocking write takes the record, or part of it.
           The rest (the *tail*) must go out before any other byte, so the
           send flag stays taken and :meth:`keep` writes the tail, and then
@@ -433,30 +442,18 @@ class SessionStream(trio.abc.Stream):
         if (self._sending or self._written != self._sent or not size
                 or size > MAX_RECORD or len(self._replay) + size > self._limit):
             return 0
-        space = self._t_space
-        if space is None:
+        whole = self._t_whole
+        if whole is None:
             return self._try_write(data) if self._t_write is not None else 0
-        t = self.transport
-        assert t is not None
+        received = self._received
         try:
-            if space() < HEADER_SIZE + size:
+            if not whole(HEADER.pack(DATA, size, received) + data):
                 return 0
         except _TRANSPORT_ERRORS:
-            return 0  # send_all meets the same error and handles it
-        received = self._acked_out = self._received
-        record = HEADER.pack(DATA, size, received) + data
+            return 0  # nothing was written; send_all meets the error and handles it
+        self._acked_out = received
         self._replay += data
-        self._sent += size
-        try:
-            n = t.try_send(record)  # type: ignore[attr-defined]
-        except _TRANSPORT_ERRORS as exc:
-            self.transport_failed(t, exc)  # replayed after the resume
-            return size
-        if n != len(record):  # cannot happen: the space was there, and we are its one writer
-            self.transport_failed(t, f"short write of a record ({n} of {len(record)} bytes)")
-            return size
-        self._written = self._sent
-        self._tx_records += 1
+        self._sent = self._written = self._sent + size
         return size
 
     def _try_write(self, data: bytes | bytearray | memoryview) -> int:
@@ -560,39 +557,46 @@ class SessionStream(trio.abc.Stream):
         Waits across transport changes: a failing transport is not an error
         here, only the end of the session is.
 
+        Args:
+            max_bytes: at most this many bytes; by default, what the attached
+                transport reads by default (a vchan: up to its ring; a socket:
+                64 KiB, which costs less than a larger read, see
+                docs/performance.md).
+
         Raises:
             SessionLost: the session ended for good (a ``BrokenResourceError``).
             trio.ClosedResourceError: this end closed the session.
             RemoteProtocolError: the peer sent a malformed record (the session
                 is lost).
         """
-        size = max_bytes or _RECEIVE_SIZE
         while True:
-            if self._peer_ended:
-                await trio.lowlevel.checkpoint()
-                return b""
-            if self._over:
-                self._check()
             t = self.transport
-            if t is None:
-                await self._attached_lot.park()
-                continue
+            if t is None or self._rx_halt:
+                if self._peer_ended:
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                if self._over:
+                    self._check()
+                if t is None:
+                    await self._attached_lot.park()
+                    continue
+            recv = self._t_recv
             try:
-                chunk = await t.receive_some(size)
+                if recv is not None and max_bytes is None:
+                    chunk = await recv()
+                else:
+                    chunk = await t.receive_some(max_bytes)
             except _TRANSPORT_ERRORS as exc:
                 self.transport_failed(t, exc)
                 continue
             if t is not self.transport:
                 continue  # read from a transport we left: the peer resends it
-            if not chunk:
-                self.transport_failed(t, "end of stream without an END record")
-                continue
-            self._rx_chunks += 1
-            if not self._remaining and not self._header and len(chunk) > HEADER_SIZE:
+            if len(chunk) > HEADER_SIZE and not self._partial:
                 # The common case: the chunk is exactly one whole DATA record.
+                # _ack_in and _count_in, inline (hot path); the keeper sees
+                # the activity in _received.
                 kind, length, ack = HEADER.unpack_from(chunk)
                 if kind == DATA and length == len(chunk) - HEADER_SIZE:
-                    # _ack_in and _count_in, inline (hot path).
                     if ack > self._base:
                         if ack > self._sent:
                             bad = RemoteProtocolError(
@@ -607,6 +611,10 @@ class SessionStream(trio.abc.Stream):
                     if received - self._acked_out >= self._ack_every:
                         self._kick.set()
                     return chunk[HEADER_SIZE:]
+            if not chunk:
+                self.transport_failed(t, "end of stream without an END record")
+                continue
+            self._rx_chunks += 1
             try:
                 data = self._parse(chunk)
             except RemoteProtocolError as exc:
@@ -621,6 +629,7 @@ class SessionStream(trio.abc.Stream):
         rem = self._remaining
         if rem >= n and not self._header:  # all payload (bulk)
             self._remaining = rem - n
+            self._partial = rem > n
             self._count_in(n)
             return chunk
         pieces: list[bytes | bytearray] = []
@@ -653,11 +662,12 @@ class SessionStream(trio.abc.Stream):
                 if length:
                     raise RemoteProtocolError(f"session record kind {kind} with a payload")
                 if kind == END:
-                    self._peer_ended = True
+                    self._peer_ended = self._rx_halt = True
                     break
             else:
                 raise RemoteProtocolError(f"unknown session record kind {kind}")
         self._remaining = rem
+        self._partial = bool(rem or header)
         data: bytes | bytearray = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         self._count_in(len(data))
         return data
@@ -696,10 +706,12 @@ class SessionStream(trio.abc.Stream):
             if self._tail is not None:
                 await self._finish_tail()
             now = trio.current_time()
-            if self._rx_chunks != seen_rx:
-                seen_rx, rx_since = self._rx_chunks, now
-            if self._tx_records != seen_tx:
-                seen_tx, tx_since = self._tx_records, now
+            rx = self._rx_chunks + self._received
+            if rx != seen_rx:
+                seen_rx, rx_since = rx, now
+            tx = self._tx_records + self._sent
+            if tx != seen_tx:
+                seen_tx, tx_since = tx, now
             t = self.transport
             if t is None:
                 if (self._server and self._detached_at is not None
@@ -732,7 +744,7 @@ class SessionStream(trio.abc.Stream):
                 await self._finish_tail()
                 await self._send_record(END)
         self._closed = True
-        self._over = True
+        self._over = self._rx_halt = True
         self._drop_transport()
         self._wake()
         with trio.CancelScope(shield=True):

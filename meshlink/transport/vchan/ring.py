@@ -163,6 +163,15 @@ class VchanRing:
         rc: int = lib.ml_vchan_idle(self._v, live_fd)
         return rc == 1 if rc >= 0 else bool(_check(rc, "idle"))
 
+    def send_whole(self, data: bytes) -> int:
+        """Write all of ``data`` or nothing: ``len(data)``, or 0 when it does
+        not fit now (or ever: more than the ring holds).  ``bytes`` only, so
+        that cffi passes it without a buffer object."""
+        rc: int = lib.ml_vchan_send(self._v, data, len(data))
+        if rc >= 0:
+            return rc
+        return 0 if rc == lib.ML_ETOOBIG else _check(rc, "send")
+
     def recv_into(self, buf: bytearray | memoryview) -> int:
         """Packet mode: fill all of ``buf`` or nothing (returns 0)."""
         return _check(lib.ml_vchan_recv(self._v, ffi.from_buffer(buf), len(buf)), "recv")

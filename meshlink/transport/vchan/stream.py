@@ -43,7 +43,8 @@ from __future__ import annotations
 import operator
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 import trio
@@ -203,6 +204,19 @@ class VchanStream(trio.abc.HalfCloseableStream):
         ring = self._ring
         return await self._receive(lambda: ring.read_bytes(max_bytes), b"")
 
+    def bind_receive(self, max_bytes: int | None = None) -> Callable[[], Awaitable[bytes]]:
+        """:meth:`receive_some` with ``max_bytes`` bound: the same call, minus
+        its argument checks and one Python frame on every resumption, for a
+        caller that always reads with one size (the session layer).
+
+        Raises:
+            ValueError: ``max_bytes`` is less than 1.
+        """
+        max_bytes = self.read_size if max_bytes is None else operator.index(max_bytes)
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        return partial(self._receive, partial(self._ring.read_bytes, max_bytes), b"")
+
     async def receive_into(self, buf: bytearray | memoryview) -> int:
         """Receive into ``buf``; returns the byte count, 0 at end of stream.
 
@@ -359,6 +373,24 @@ class VchanStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._check_can_send()
         return self._ring.write(data)
+
+    def try_send_whole(self, data: bytes) -> int:
+        """Write all of ``data`` into the ring now, or nothing.
+
+        For a caller whose unit must not be cut (a session record): one C
+        call instead of :meth:`send_space` then :meth:`try_send`.
+
+        Returns:
+            ``len(data)``, or 0 when it does not fit now.
+
+        Raises:
+            As :meth:`try_send`.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if self._closed or self._eof_sent or self._bell.peer_dead:
+            self._check_can_send()
+        return self._ring.send_whole(data)
 
     def send_space(self) -> int:
         """Bytes :meth:`try_send` would take now (the free space of our ring)."""
