@@ -239,3 +239,33 @@ async def test_a_client_without_sessions_is_answered_without_waiting() -> None:
         assert await wrapped.receive_some() == b"\x82"  # the byte read ahead comes back
     memory, _ = trio.testing.memory_stream_pair()
     assert nowait_sender(PrefixedStream(b"", memory)) is None  # none to keep
+
+
+async def test_the_bus_takes_the_bytes_read_ahead_then_reads_the_transport() -> None:
+    # The server read the first bytes of a bare-bus client's hello; the bus
+    # over the PrefixedStream feeds them to its core and reads the transport
+    # itself from then on (split_read_ahead).  The hello arrives split in
+    # two, and calls go both ways after it.
+    from meshlink.bus import Connection, Handlers
+    from meshlink.session import PrefixedStream
+
+    client_end, server_end = trio.testing.memory_stream_pair()
+    h = Handlers()
+    h.add_method("echo", lambda x: x)
+
+    async def read_ahead_then_serve() -> None:
+        first = await server_end.receive_some(5)  # part of the client's hello
+        wrapped = PrefixedStream(bytes(first), server_end)
+        async with Connection.open(wrapped, h, name="server") as conn:
+            assert await conn.call("echo", "from the server") == "from the server"
+            await conn.wait_closed()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_ahead_then_serve)
+            async with Connection.open(client_end, h, name="client") as conn:
+                for i in range(3):
+                    assert await conn.call("echo", i) == i
+    wrapped = PrefixedStream(b"ab", client_end)
+    assert wrapped.split_read_ahead() == (b"ab", client_end)
+    assert wrapped.split_read_ahead() == (b"", client_end)  # handed over once

@@ -111,6 +111,14 @@ class Connection:
         cfg = config or BusConfig()
         self._cfg = cfg
         self._stream = stream
+        # What the reader reads from: the stream, or the stream inside it when
+        # it wraps bytes read ahead (the server's PrefixedStream), which are
+        # then fed to the core first.  A Python frame less on every receive.
+        self._rx_stream: trio.abc.ReceiveStream = stream
+        self._read_ahead = b""
+        split = getattr(stream, "split_read_ahead", None)
+        if split is not None:
+            self._read_ahead, self._rx_stream = split()
         self._handlers = handlers or Handlers()
         self.name = name
         self._proto = BusProtocol.from_config(cfg, name, FEATURES)
@@ -316,12 +324,15 @@ class Connection:
 
     async def _handshake(self) -> None:
         proto = self._proto
+        if self._read_ahead:
+            proto.receive_data(self._read_ahead)
+            self._read_ahead = b""
         event = proto.next_event()
         while not isinstance(event, Hello):
             if isinstance(event, ConnectionClosed):
                 raise HandshakeError("the peer closed the transport during the handshake")
             assert event is NEED_DATA
-            data = await self._stream.receive_some()
+            data = await self._rx_stream.receive_some()
             self._last_rx = trio.current_time()
             proto.receive_data(data)
             event = proto.next_event()
@@ -485,7 +496,7 @@ class Connection:
         """
         CURRENT.set(self)
         proto = self._proto
-        stream = self._stream
+        stream = self._rx_stream
         sink = self._sink
         rpc = self._rpc
         queue = rpc.notify_queue

@@ -116,6 +116,14 @@ class PrefixedStream(trio.abc.Stream):
             return first
         return await self.stream.receive_some(max_bytes)
 
+    def split_read_ahead(self) -> tuple[bytes, trio.abc.Stream]:
+        """Hand over the bytes read ahead and the wrapped stream, for a reader
+        that takes those bytes first and then reads the stream itself (the
+        bus does: a Python frame less on every receive).  This wrapper's own
+        :meth:`receive_some` then reads the stream directly."""
+        first, self._first = self._first, b""
+        return first, self.stream
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """The wrapped stream's ``send_all``."""
         await self.stream.send_all(data)

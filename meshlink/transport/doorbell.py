@@ -32,7 +32,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -68,12 +68,15 @@ class Doorbell:
         self._on_event = on_event
         self._owns_fds = owns_fds
         self._epoll = select.epoll()
+        self._epoll_fd = self._epoll.fileno()
         self._epoll.register(own_fd, select.EPOLLIN)
         if liveness is not None:
             liveness.setblocking(False)
             self._epoll.register(liveness.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         self._polling = False
         self._lot: trio.lowlevel.ParkingLot | None = None  # made by the first async wait
+        self._parked = 0  # tasks parked in _lot (a count: unpark_all costs a Python call)
+        self._wait_readable: Callable[[int], Awaitable[None]] | None = None  # likewise
         self.closed = False
 
     @property
@@ -148,22 +151,31 @@ class Doorbell:
         that leaves the fd readable for the next sleep, and every woken
         waiter re-checks the ring.
         """
-        import trio  # here: wait_blocking's users never load it
+        wait_readable = self._wait_readable
+        if wait_readable is None or self._lot is None:
+            import trio  # here: wait_blocking's users never load it
 
-        if self._lot is None:
             self._lot = trio.lowlevel.ParkingLot()
+            wait_readable = self._wait_readable = trio.lowlevel.wait_readable
         if self._polling:
-            await self._lot.park()
+            self._parked += 1
+            try:
+                await self._lot.park()
+            finally:
+                self._parked -= 1
         else:
             self._polling = True
             try:
-                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                await wait_readable(self._epoll_fd)
                 if not self.closed:
                     self._acknowledge()
             finally:
                 self._polling = False
-                self._lot.unpark_all()
+                if self._parked:
+                    self._lot.unpark_all()
         if self.closed:
+            import trio
+
             raise trio.ClosedResourceError("closed while waiting for the peer")
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
