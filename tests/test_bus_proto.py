@@ -464,6 +464,13 @@ def test_fast_packers_match_send() -> None:
         a.pack_notify("m", (b"x" * 5000,))
     with pytest.raises(LocalProtocolError, match="must be a hello"):
         BusProtocol(hello()).pack_notify("m", ())
+    # A protocol error from the peer stops every send but a close, for a
+    # method whose frame start pack_notify has cached as well.
+    a.receive_data(b"\xc1")  # never valid msgpack
+    with pytest.raises(RemoteProtocolError):
+        drain(a)
+    with pytest.raises(LocalProtocolError, match="failed"):
+        a.pack_notify("m", (1, b"x"))
 
 
 def test_pack_notify_matches_send_for_any_method_and_keeps_few_prefixes() -> None:

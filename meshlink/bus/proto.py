@@ -237,6 +237,7 @@ class BusProtocol:
     def _set_error(self) -> None:
         self._state = _State.ERROR
         self._send_broken = True
+        self._notify_prefixes.clear()  # pack_notify's fast path is for a usable sender
 
     # --- incoming --------------------------------------------------------------
 
@@ -677,18 +678,23 @@ class BusProtocol:
 
     def pack_notify(self, method: str, args: tuple[Any, ...] | list[Any]) -> bytes:
         """``send(Notify(method, args))`` without the event object."""
-        if self._send_broken or not self._hello_sent:
-            self._check_send_open()
         # A msgpack array is its header and then its items, so the frame is
         # the method's cached prefix followed by the packed arguments: packing
         # the 3-item frame whole took about twice as long for a 64-byte
-        # argument (the method name is encoded on every call).
-        try:
-            prefix = self._notify_prefixes.get(method)
-            if prefix is None:
+        # argument (the method name is encoded on every call).  A prefix is
+        # cached only once the hello went out, and the cache is emptied when
+        # sending breaks, so finding one stands for both checks.
+        prefix = self._notify_prefixes.get(method)
+        if prefix is None:
+            self._check_send_open()
+            try:
                 prefix = b"\x93" + self._pack_raw(K_NOTIFY) + self._pack_raw(method)
-                if type(method) is str and len(self._notify_prefixes) < NOTIFY_PREFIXES:
-                    self._notify_prefixes[method] = prefix
+            except Exception:
+                self._packer.reset()
+                return self._pack((K_NOTIFY, method, args), "Notify")  # raises, worded
+            if type(method) is str and len(self._notify_prefixes) < NOTIFY_PREFIXES:
+                self._notify_prefixes[method] = prefix
+        try:
             data: bytes = prefix + self._pack_raw(args)
         except Exception:
             self._packer.reset()
