@@ -66,6 +66,40 @@ async def test_sizes_negotiated(store: Path) -> None:
     await server.aclose()
 
 
+async def test_whole_writes_and_a_bound_receive(store: Path) -> None:
+    """try_send_whole writes all or nothing; bind_receive is receive_some
+    with its size bound, to the end of the stream and past a close."""
+    client, server = await vchan_pair(store, write_min=4096)
+    try:
+        assert client.try_send_whole(b"a" * 100) == 100
+        space = client.send_space()
+        assert client.try_send_whole(b"x" * (space + 1)) == 0  # does not fit now
+        assert client.try_send_whole(b"y" * (client.write_size + 1)) == 0  # nor ever
+        assert client.send_space() == space  # nothing of either was written
+        with pytest.raises(ValueError):
+            server.bind_receive(0)
+        small = server.bind_receive(16)
+        got = [await small() for _ in range(7)]
+        assert got == [b"a" * 16] * 6 + [b"a" * 4]
+        space = client.send_space()  # the whole ring again
+        assert client.try_send_whole(b"b" * space) == space  # exactly what fits
+        assert client.send_space() == 0
+        whole = server.bind_receive()
+        got_b = b""
+        while len(got_b) < space:  # a read stops at the ring's end: two, here
+            got_b += await whole()
+        assert got_b == b"b" * space
+        await client.send_eof()
+        assert await whole() == b""
+    finally:
+        await client.aclose()
+        await server.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await whole()
+    with pytest.raises(trio.ClosedResourceError):
+        client.try_send_whole(b"z")
+
+
 async def test_read_spin_follows_recent_waits(store: Path) -> None:
     """A reader spins a few times its recent average wait (a wake-up costs more than
     a short spin), not at all for a slow peer, briefly after bulk reads."""
