@@ -507,6 +507,26 @@ def test_take_reply_takes_exactly_the_awaited_reply() -> None:
         a.receive_frames(RecordingSink())
 
 
+def test_take_any_reply_takes_the_reply_to_any_request_in_flight() -> None:
+    """A client reader's one-frame path: the reply to whichever request it
+    answers, counted as by receive_frames; one to a request not in flight is
+    left to the usual path, which refuses it."""
+    a, b = opened()
+    replies = {}
+    for rid in (3, 4):
+        b.receive_data(a.pack_request(rid, "f", [rid]))
+        assert b.next_event() == Request(rid, "f", [rid])
+        replies[rid] = b.pack_reply(rid, rid * 10)
+    assert a.take_any_reply(replies[4]) == (4, 40)
+    assert a.take_any_reply(replies[4]) is None  # no longer in flight
+    assert a.take_any_reply(b.send(Ping(1))) is None
+    assert a.take_any_reply(replies[3] + replies[3][:1]) is None  # more than one frame
+    assert a.take_any_reply(replies[3]) == (3, 30)
+    a.receive_data(replies[3])
+    with pytest.raises(RemoteProtocolError, match="unknown request"):
+        a.receive_frames(RecordingSink())
+
+
 def _answer(a: BusProtocol, b: BusProtocol, rid: int, **error: str) -> bytes:
     """``b``'s answer to ``a``'s request ``rid``: a reply, or an error frame."""
     b.receive_data(a.pack_request(rid, "f", []))
@@ -544,6 +564,8 @@ def test_take_reply_leaves_everything_else_to_receive_frames(case: str) -> None:
         a.pack_request(1, "f", [])
         data = msgpack.packb([2, 1, b"x" * 5000])
     assert a.take_reply(data, 1) is None
+    if case != "other id":  # the reply to request 2, in flight: any reply takes it
+        assert a.take_any_reply(data) is None
     sink = RecordingSink()
     a.receive_data(data)
     if case in ("malformed", "too big"):

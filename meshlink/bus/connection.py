@@ -503,7 +503,9 @@ class Connection:
         notify_wakeup = rpc.notify_wakeup
         watch = self._watch
         take_request = proto.take_request
+        take_any_reply = proto.take_any_reply
         on_request = rpc.on_request
+        on_reply = rpc.on_reply
         fed = True  # bytes went to the core: receive_frames has work
         ended = False
         try:
@@ -523,14 +525,19 @@ class Connection:
                 self._last_rx = trio.current_time()
                 self.bytes_in += len(data)
                 # A chunk that is one whole request (a server's usual chunk)
-                # skips the frame loop.
+                # or one whole reply (a client's) skips the frame loop.
                 request = take_request(data)
-                if request is None:
-                    proto.receive_data(data)
-                    fed = True
-                else:
+                if request is not None:
                     on_request(*request)
                     fed = False
+                else:
+                    reply = take_any_reply(data)
+                    if reply is None:
+                        proto.receive_data(data)
+                        fed = True
+                    else:
+                        on_reply(*reply)
+                        fed = False
         except PeerClosedError as exc:
             self._fail(exc)
         except RemoteProtocolError as exc:

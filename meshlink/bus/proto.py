@@ -478,6 +478,28 @@ class BusProtocol:
         self.frames_in += 1
         return (frame[2],)
 
+    def take_any_reply(self, data: bytes | bytearray) -> tuple[int, Any] | None:
+        """``(id, result)`` if ``data`` is exactly one frame, the reply to one
+        of our requests in flight, and nothing else is buffered; else None,
+        and nothing was taken (as :meth:`take_reply`).
+
+        For a reader whose chunks are most often one reply each (a client's):
+        the request is then no longer in flight, as after
+        :meth:`receive_frames`, and the reply goes to the sink's ``reply``.
+        """
+        if data[:2] != _REPLY_START:
+            return None
+        frame = self._one_frame(data)
+        if type(frame) is not list or len(frame) != 3 or frame[0] != K_REPLY:
+            return None
+        rid = frame[1]
+        out_requests = self._out_requests
+        if type(rid) is not int or rid not in out_requests:
+            return None  # the usual path says what is wrong with it
+        out_requests.remove(rid)
+        self.frames_in += 1
+        return rid, frame[2]
+
     def take_request(self, data: bytes | bytearray) -> tuple[int, str, list[Any]] | None:
         """``(id, method, args)`` if ``data`` is exactly one frame, a request,
         and nothing else is buffered; else None, and nothing was taken (as
