@@ -466,35 +466,33 @@ class BusProtocol:
         frame, an error reply, a partial or malformed frame) goes the usual
         way, which also reports what was wrong with it.
         """
-        # A reply as our packer (and most) writes it starts with these two
-        # bytes: anything else is left to the usual path without decoding it.
-        if data[:2] != _REPLY_START or id not in self._out_requests:
-            return None
-        frame = self._one_frame(data)
-        if (type(frame) is not list or len(frame) != 3 or frame[0] != K_REPLY
-                or type(frame[1]) is not int or frame[1] != id):
-            return None
-        self._out_requests.remove(id)
-        self.frames_in += 1
-        return (frame[2],)
+        got = self.take_any_reply(data, id)
+        return None if got is None else (got[1],)
 
-    def take_any_reply(self, data: bytes | bytearray) -> tuple[int, Any] | None:
+    def take_any_reply(self, data: bytes | bytearray, only: int | None = None
+                       ) -> tuple[int, Any] | None:
         """``(id, result)`` if ``data`` is exactly one frame, the reply to one
-        of our requests in flight, and nothing else is buffered; else None,
-        and nothing was taken (as :meth:`take_reply`).
+        of our requests in flight (to request ``only``, when given), and
+        nothing else is buffered; else None, and nothing was taken (as
+        :meth:`take_reply`).
 
         For a reader whose chunks are most often one reply each (a client's):
         the request is then no longer in flight, as after
         :meth:`receive_frames`, and the reply goes to the sink's ``reply``.
         """
+        # A reply as our packer (and most) writes it starts with these two
+        # bytes: anything else is left to the usual path without decoding it.
         if data[:2] != _REPLY_START:
+            return None
+        out_requests = self._out_requests
+        if only is not None and only not in out_requests:
             return None
         frame = self._one_frame(data)
         if type(frame) is not list or len(frame) != 3 or frame[0] != K_REPLY:
             return None
         rid = frame[1]
-        out_requests = self._out_requests
-        if type(rid) is not int or rid not in out_requests:
+        if type(rid) is not int or rid not in out_requests or (only is not None
+                                                                and rid != only):
             return None  # the usual path says what is wrong with it
         out_requests.remove(rid)
         self.frames_in += 1
