@@ -76,7 +76,9 @@ class Doorbell:
         self._polling = False
         self._lot: trio.lowlevel.ParkingLot | None = None  # made by the first async wait
         self._parked = 0  # tasks parked in _lot (a count: unpark_all costs a Python call)
-        self._wait_readable: Callable[[int], Awaitable[None]] | None = None  # likewise
+        # trio's wait_readable, kept by the first async wait: no import and no
+        # attribute lookups on the later ones.
+        self._wait_readable: Callable[[int], Awaitable[None]] | None = None
         self.closed = False
 
     @property
