@@ -4,6 +4,9 @@ Prints, for 64-byte messages:
   * one-way rate: meshlink notify over vchan, Unix socket and TCP, against
     pyzmq PUSH/PULL over ipc and tcp (rate measured at the receiver, first to
     last message);
+  * two one-way floors over vchan: the bus's notify frame packed and decoded
+    per message by msgpack on a raw vchan stream, with no bus (see
+    ``floor_pull``): what any Python bus of this API shape costs at least;
   * RPC round trip p50/p99: meshlink call over vchan and TCP, closed-loop (one
     call at a time) and open-loop (calls started at a fixed rate, latency
     counted from the scheduled start so queueing is not hidden), against pyzmq
@@ -144,6 +147,92 @@ def zmq_rep(endpoint: str) -> None:
     print(f"READY {endpoint}", flush=True)
     while True:
         s.send(s.recv())
+
+
+# --- the floors: msgpack over a raw vchan stream, no bus (child and driver) ----------
+#
+# What any Python bus with this API costs at least, measured beside the peer:
+# the bus's own notify frame ([5, method, [payload]]), packed per message and
+# written in 32 KiB pieces, decoded per frame by msgpack's streaming unpacker.
+# No flow control, no validation, no method lookup, no error isolation: none
+# of what the bus must do.  Shape "plain" calls a function per message at each
+# end; shape "await" awaits one, as `await conn.notify(...)` and an async
+# handler do.
+
+
+async def floor_pull(where: str, count: int, shape: str) -> None:
+    import msgpack
+
+    listener = await open_vchan_listener("bench-floor", host_store=where)
+    print(f"READY {where}", flush=True)
+    stream = await listener.accept()
+    unpacker = msgpack.Unpacker()
+    seen = [0]
+    first = [0.0]
+
+    def handler(payload: bytes) -> None:
+        seen[0] += 1
+        if seen[0] == 1:
+            first[0] = time.perf_counter()
+
+    async def ahandler(payload: bytes) -> None:
+        handler(payload)
+
+    while seen[0] < count:
+        data = await stream.receive_some()
+        if not data:
+            raise SystemExit("floor: the sender closed early")
+        unpacker.feed(data)
+        if shape == "plain":
+            for frame in unpacker:
+                handler(*frame[2])
+        else:
+            for frame in unpacker:
+                await ahandler(*frame[2])
+    print(f"RATE {(count - 1) / (time.perf_counter() - first[0])}", flush=True)
+
+
+def floor_oneway(shape: str, count: int) -> float:
+    import msgpack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        where = os.path.join(tmp, "store")
+        os.mkdir(where, 0o700)
+        child, _ = start_child("floor-pull", where, str(count), shape)
+        try:
+
+            async def main() -> float:
+                stream = await connect_vchan("bench-floor", host_store=where)
+                pack = msgpack.Packer().pack
+                out = bytearray()
+
+                def notify(method: str, *args: Any) -> None:
+                    out.extend(pack((5, method, args)))
+
+                async def anotify(method: str, *args: Any) -> None:
+                    out.extend(pack((5, method, args)))
+                    if len(out) >= 32768:
+                        await stream.send_all(out)
+                        out.clear()
+
+                for _ in range(count):
+                    if shape == "plain":
+                        notify("m", PAYLOAD)
+                        if len(out) >= 32768:
+                            await stream.send_all(out)
+                            out.clear()
+                    else:
+                        await anotify("m", PAYLOAD)
+                await stream.send_all(out)
+                line = (await trio.to_thread.run_sync(child.readline)).split()
+                await stream.aclose()
+                if len(line) != 2 or line[0] != "RATE":
+                    raise RuntimeError(f"floor receiver failed: {line}")
+                return float(line[1])
+
+            return trio.run(main)
+        finally:
+            child.stop()
 
 
 # --- driver ------------------------------------------------------------------------
@@ -299,6 +388,8 @@ def main() -> None:
             zmq_pull(rest[0], int(rest[1]))
         elif role == "zmq-rep":
             zmq_rep(rest[0])
+        elif role == "floor-pull":
+            trio.run(floor_pull, rest[0], int(rest[1]), rest[2])
         return
 
     # Other jobs on a shared machine move every figure: say how loaded it was.
@@ -327,9 +418,16 @@ def main() -> None:
             rates[f"pyzmq PUSH/PULL {transport}"] = statistics.median(
                 zmq_oneway(transport, args.messages) for _ in range(args.repeat)
             )
+        if HAVE_VCHAN:
+            for shape in ("plain", "await"):
+                rates[f"floor vchan, {shape}"] = statistics.median(
+                    floor_oneway(shape, args.messages) for _ in range(args.repeat)
+                )
         for name in ["meshlink vchan", "meshlink unix", "meshlink tcp"] + [
             "pyzmq PUSH/PULL ipc",
             "pyzmq PUSH/PULL tcp",
+            "floor vchan, plain",
+            "floor vchan, await",
         ]:
             value = f"{rates[name] / 1e6:8.3f} M msg/s" if name in rates else na
             print(f"  {name:24s} {value}")
@@ -385,6 +483,10 @@ def main() -> None:
     ratio(
         "one-way: meshlink unix / pyzmq ipc", "meshlink unix", "pyzmq PUSH/PULL ipc", rates, "info"
     )
+    ratio("one-way floor, plain: no bus / pyzmq ipc", "floor vchan, plain",
+          "pyzmq PUSH/PULL ipc", rates, "floor")
+    ratio("one-way floor, await: no bus / pyzmq ipc", "floor vchan, await",
+          "pyzmq PUSH/PULL ipc", rates, "floor")
     ratio(
         "one-way: meshlink tcp / pyzmq tcp", "meshlink tcp", "pyzmq PUSH/PULL tcp", rates, ">= 1.0x"
     )

@@ -10,7 +10,11 @@ loop (one call outstanding per client) for ``--seconds``; in one run:
     only setting that differs from the defaults) and ``pin=tcp://...``;
   * meshlink over vchan with ``meshlink.connect_blocking(name)`` clients (no
     trio in the clients; the same server);
-  * the peer: a pyzmq ROUTER server, echoing, with REQ clients over ipc.
+  * the peer: a pyzmq ROUTER server, echoing, with REQ clients over ipc;
+  * the floor of trio clients: a trio echo server and trio clients on raw
+    vchan streams, with no bus, no session and no framing, one trio pass per
+    call.  Not a competitor: it says what any trio client could reach on this
+    machine in the same run, and how much of that the bus and session keep.
 
 It prints the aggregate calls/s of each, the ratios against the goals (vchan
 >= 1.0x pyzmq with either client; vchan ahead of TCP), the load average at
@@ -49,7 +53,7 @@ from ._peers import Child, child_argv
 PAYLOAD = b"c" * 64
 NAME = "bench-load"
 WARMUP_CALLS = 200
-KINDS = ("pyzmq", "vchan", "tcp", "blocking")
+KINDS = ("pyzmq", "vchan", "tcp", "blocking", "floor")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -161,6 +165,64 @@ def blocking_client(store: str, seconds: float) -> None:
         _report(calls, time.perf_counter() - t0, cpu0)
 
 
+async def floor_server(store: str) -> None:
+    """The floor: a trio echo of 64-byte messages over raw vchan streams, no bus,
+    no session, no framing: what trio clients and the ring alone cost per call,
+    so that the trio clients' figure can be read against what any trio client
+    could reach here."""
+    from meshlink.transport.vchan import open_vchan_listener
+
+    listener = await open_vchan_listener(NAME, host_store=store)
+    print("READY 0", flush=True)
+
+    async def echo(stream: trio.abc.Stream) -> None:
+        try:
+            while data := await stream.receive_some():
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # deliberate: the bench ends clients abruptly
+        except Exception as exc:  # ConnectionLost: a client exited
+            if type(exc).__name__ != "ConnectionLost":
+                raise
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            nursery.start_soon(echo, await listener.accept())
+
+
+async def floor_client(store: str, seconds: float) -> None:
+    """A trio client of :func:`floor_server`: send 64 bytes, read 64 back."""
+    from meshlink.transport.vchan import connect_vchan
+
+    stream = await connect_vchan(NAME, host_store=store)
+
+    async def call() -> None:
+        # Written without a schedule point when the ring has room (always,
+        # here): one trio pass per call, the fewest a trio client can take.
+        if stream.try_send(PAYLOAD) != len(PAYLOAD):
+            raise SystemExit("floor: the ring was full")
+        got = 0
+        while got < len(PAYLOAD):
+            got += len(await stream.receive_some())
+
+    for _ in range(WARMUP_CALLS):
+        await call()
+    print("READY", flush=True)
+    await trio.to_thread.run_sync(_wait_go)
+    passes = Passes()
+    trio.lowlevel.add_instrument(passes)
+    calls = 0
+    cpu0, t0 = _rusage_cpu(), time.perf_counter()
+    deadline = t0 + seconds
+    while time.perf_counter() < deadline:
+        await call()
+        calls += 1
+    elapsed = time.perf_counter() - t0
+    trio.lowlevel.remove_instrument(passes)
+    _report(calls, elapsed, cpu0, passes.count)
+    await stream.aclose()
+
+
 def zmq_server(endpoint: str) -> None:
     import zmq
 
@@ -219,6 +281,10 @@ def _run_role(role: str, rest: Sequence[str]) -> None:
                  rest[4] == "first")
     elif role == "blocking-client":
         blocking_client(rest[0], float(rest[1]))
+    elif role == "floor-server":
+        trio.run(floor_server, rest[0])
+    elif role == "floor-client":
+        trio.run(floor_client, rest[0], float(rest[1]))
     elif role == "zmq-server":
         zmq_server(rest[0])
     elif role == "zmq-client":
@@ -316,6 +382,10 @@ def measure(kind: str, clients: int, seconds: float, tmp: str) -> Figure:
                                clients, seconds)
     store = os.path.join(tmp, "store")
     os.makedirs(store, 0o700, exist_ok=True)
+    if kind == "floor":
+        with start("floor-server", store) as server:
+            return load_window(server, lambda _: ["floor-client", store, str(seconds)],
+                               clients, seconds)
     with start("server", store) as server:
         port = server.first_line.split()[1]
         if kind == "blocking":
@@ -372,7 +442,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="windows per figure, alternating (median kept)")
     ap.add_argument("--only", choices=KINDS, action="append",
-                    help="measure only this (repeatable; ratios need all four)")
+                    help="measure only this (repeatable; ratios need all five)")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
                     help="run the vchan load this long, sampling the server's RSS")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -399,12 +469,13 @@ def main() -> None:
     print(f"\n{'':28} {'calls/s':>10} {'server CPU/call':>20} {'clients CPU/call':>20}"
           f"  trio passes/call: server, client")
     for kind, label in (("pyzmq", "pyzmq ROUTER + REQ, ipc"), ("vchan", "meshlink vchan"),
-                        ("tcp", "meshlink TCP"), ("blocking", "meshlink vchan, blocking")):
+                        ("tcp", "meshlink TCP"), ("blocking", "meshlink vchan, blocking"),
+                        ("floor", "floor: trio, raw vchan")):
         if kind not in figs:
             continue
         f = figs[kind]
-        passes = (f"  {f.server_passes:5.2f} {f.client_passes:5.2f}" if kind in ("vchan", "tcp")
-                  else "")
+        passes = (f"  {f.server_passes:5.2f} {f.client_passes:5.2f}"
+                  if kind in ("vchan", "tcp", "floor") else "")
         print(f"{label:28} {f.calls_s:10,.0f} {f.cpu('server'):>20} {f.cpu('clients'):>20}"
               f"{passes}")
     if len(figs) < len(KINDS):
@@ -419,6 +490,11 @@ def main() -> None:
     blocking = figs["blocking"].calls_s
     print(f"{'vchan, blocking client / pyzmq ipc':40} {peer:10,.0f} {blocking:10,.0f} "
           f"{blocking / peer:6.2f}x  >= 1.0x")
+    floor = figs["floor"].calls_s
+    print(f"{'floor: trio, raw vchan / pyzmq ipc':40} {peer:10,.0f} {floor:10,.0f} "
+          f"{floor / peer:6.2f}x  (the floor of trio clients)")
+    print(f"{'vchan, trio client / floor':40} {floor:10,.0f} {vchan:10,.0f} "
+          f"{vchan / floor:6.2f}x  (what the bus and session keep)")
     print_load_average("end")
 
 
