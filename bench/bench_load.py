@@ -41,7 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -91,6 +91,23 @@ class Passes(trio.abc.Instrument):
         self.count += 1
 
 
+async def _timed_calls(call: Callable[[], Awaitable[object]],
+                       seconds: float) -> tuple[int, float, tuple[float, float], int]:
+    """Await ``call()`` in a loop for ``seconds``: (calls, elapsed seconds, the CPU
+    times at the start, trio scheduler passes), for :func:`_report`."""
+    passes = Passes()
+    trio.lowlevel.add_instrument(passes)
+    calls = 0
+    cpu0, t0 = _rusage_cpu(), time.perf_counter()
+    deadline = t0 + seconds
+    while time.perf_counter() < deadline:
+        await call()
+        calls += 1
+    elapsed = time.perf_counter() - t0
+    trio.lowlevel.remove_instrument(passes)
+    return calls, elapsed, cpu0, passes.count
+
+
 async def meshlink_server(store: str) -> None:
     import meshlink
     from meshlink.bus import Handlers
@@ -131,18 +148,10 @@ async def meshlink_client(kind: str, store: str, port: int, seconds: float,
         print("READY", flush=True)
         await trio.to_thread.run_sync(_wait_go)
         server0 = int(await conn.call("bench_passes")) if first else 0
-        passes = Passes()
-        trio.lowlevel.add_instrument(passes)
-        calls = 0
-        cpu0, t0 = _rusage_cpu(), time.perf_counter()
-        deadline = t0 + seconds
-        while time.perf_counter() < deadline:
-            await conn.call("echo", PAYLOAD)
-            calls += 1
-        elapsed = time.perf_counter() - t0
-        trio.lowlevel.remove_instrument(passes)
+        calls, elapsed, cpu0, passes = await _timed_calls(partial(conn.call, "echo", PAYLOAD),
+                                                          seconds)
         server1 = int(await conn.call("bench_passes")) if first else -1
-        _report(calls, elapsed, cpu0, passes.count, server1 - server0)
+        _report(calls, elapsed, cpu0, passes, server1 - server0)
 
 
 def blocking_client(store: str, seconds: float) -> None:
@@ -170,6 +179,7 @@ async def floor_server(store: str) -> None:
     no session, no framing: what trio clients and the ring alone cost per call,
     so that the trio clients' figure can be read against what any trio client
     could reach here."""
+    from meshlink.errors import ConnectionLost
     from meshlink.transport.vchan import open_vchan_listener
 
     listener = await open_vchan_listener(NAME, host_store=store)
@@ -179,11 +189,9 @@ async def floor_server(store: str) -> None:
         try:
             while data := await stream.receive_some():
                 await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                ConnectionLost):
             pass  # deliberate: the bench ends clients abruptly
-        except Exception as exc:  # ConnectionLost: a client exited
-            if type(exc).__name__ != "ConnectionLost":
-                raise
 
     async with trio.open_nursery() as nursery:
         while True:
@@ -209,17 +217,7 @@ async def floor_client(store: str, seconds: float) -> None:
         await call()
     print("READY", flush=True)
     await trio.to_thread.run_sync(_wait_go)
-    passes = Passes()
-    trio.lowlevel.add_instrument(passes)
-    calls = 0
-    cpu0, t0 = _rusage_cpu(), time.perf_counter()
-    deadline = t0 + seconds
-    while time.perf_counter() < deadline:
-        await call()
-        calls += 1
-    elapsed = time.perf_counter() - t0
-    trio.lowlevel.remove_instrument(passes)
-    _report(calls, elapsed, cpu0, passes.count)
+    _report(*await _timed_calls(call, seconds))
     await stream.aclose()
 
 
